@@ -1,0 +1,101 @@
+"""Data sets as in-memory tensors: images in [−1, 1], shape [N, C, H, W], with integer labels.
+
+- ``digits``: scikit-learn's handwritten digits (1,797 real 8×8 scans, 10 classes, bundled with
+  scikit-learn, no download), upsampled bilinearly to 16×16 (DESIGN.md §4).
+- a folder of images: one sub-folder per class (the torchvision ``ImageFolder`` layout), or a
+  flat folder for an unconditional data set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import FewstepError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+
+
+@dataclass
+class ImageData:
+    """Images in [−1, 1] with labels (all 0 for an unconditional set) and the class names."""
+
+    images: Tensor
+    labels: Tensor
+    class_names: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def split(self, holdout: float, seed: int = 0) -> tuple["ImageData", "ImageData"]:
+        """A seeded, stratified-by-shuffle train/held-out split."""
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        k = int(round(len(self) * (1 - holdout)))
+        a, b = perm[:k], perm[k:]
+        return (ImageData(self.images[a], self.labels[a], self.class_names, self.name + ":train"),
+                ImageData(self.images[b], self.labels[b], self.class_names, self.name + ":heldout"))
+
+
+def load_digits(size: int = 16) -> ImageData:
+    """scikit-learn's digits (values 0–16) scaled to [−1, 1] and resized to ``size``×``size``."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32))[:, None] / 16.0 * 2 - 1
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
+    return ImageData(x, torch.from_numpy(bunch.target.astype(np.int64)), [str(i) for i in range(10)], "digits")
+
+
+def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageData:
+    """Images under ``path``: class sub-folders give labels, a flat folder gives one class."""
+    from PIL import Image
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FewstepError(f"dataset folder {root} does not exist")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    groups = [(d.name, d) for d in subdirs] if subdirs else [(root.name, root)]
+    images, labels = [], []
+    mode = {1: "L", 3: "RGB"}[channels]
+    for label, (_, folder) in enumerate(groups):
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                im = Image.open(f).convert(mode).resize((size, size), Image.BICUBIC)
+            except OSError as e:
+                raise FewstepError(f"cannot read image {f}: {e}") from None
+            arr = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
+            images.append(torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1)
+            labels.append(label)
+    if not images:
+        raise FewstepError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+    return ImageData(torch.stack(images), torch.tensor(labels), [g[0] for g in groups], root.name)
+
+
+def load_dataset(name: str, size: int | None = None, channels: int = 1) -> ImageData:
+    """``digits`` or a path to an image folder."""
+    if name == "digits":
+        return load_digits(size or 16)
+    if Path(name).exists():
+        return load_image_folder(name, size or 32, channels)
+    raise FewstepError(f"unknown dataset {name!r}: use 'digits' or the path of an image folder")

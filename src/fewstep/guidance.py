@@ -1,0 +1,62 @@
+"""Classifier-free guidance (Ho & Salimans 2022), in the diffusers/Imagen convention.
+
+``guidance_scale`` s = 1 means no guidance; the guided prediction is
+    D = D_u + s·(D_c − D_u),
+which is the same whether written on ε or on x_0 (the map between them is affine in the model
+output). LCM and w-conditioned students use Meng et al.'s / Luo et al.'s w = s − 1
+(:func:`lcm_w`), kept here so the conversion lives in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Denoiser = Callable[..., Tensor]
+
+
+def guide(cond_out: Tensor, uncond_out: Tensor, guidance_scale: float | Tensor) -> Tensor:
+    """D_u + s·(D_c − D_u); ``guidance_scale`` may be a per-sample tensor broadcast over dims."""
+    if torch.is_tensor(guidance_scale) and guidance_scale.ndim == 1:
+        guidance_scale = guidance_scale.reshape(-1, *([1] * (cond_out.ndim - 1)))
+    return uncond_out + guidance_scale * (cond_out - uncond_out)
+
+
+def lcm_w(guidance_scale: float | Tensor) -> float | Tensor:
+    """LCM's / Meng et al.'s guidance weight w = s − 1 (Luo et al. 2023 eq. 10 writes ε_u + (1+w)(ε_c − ε_u))."""
+    return guidance_scale - 1
+
+
+def check_guidance_scale(guidance_scale: float) -> float:
+    """Reject what no sampler can serve, with a message a user can act on."""
+    if not guidance_scale >= 0:  # also catches NaN
+        raise ValueError(f"guidance scale must be >= 0 (1.0 = no guidance), got {guidance_scale}")
+    return float(guidance_scale)
+
+
+class CFGDenoiser:
+    """Wrap a denoiser so each call runs the conditional and unconditional passes as one batch.
+
+    ``uncond`` holds the conditioning of the unconditional branch (e.g. the null class label or
+    the empty prompt's embedding) with the same batch size as the conditional inputs.
+    With ``guidance_scale == 1`` only the conditional pass runs.
+    """
+
+    def __init__(self, denoiser: Denoiser, guidance_scale: float, uncond: dict[str, Tensor]) -> None:
+        self.denoiser = denoiser
+        self.guidance_scale = check_guidance_scale(guidance_scale)
+        self.uncond = uncond
+
+    @property
+    def passes(self) -> int:
+        """Network evaluations per call: 2 with guidance, 1 without."""
+        return 1 if self.guidance_scale == 1 else 2
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
+        if self.guidance_scale == 1:
+            return self.denoiser(x, sigma, **cond)
+        both = {k: torch.cat([v, self.uncond[k]]) for k, v in cond.items()}
+        d_cond, d_uncond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        return guide(d_cond, d_uncond, self.guidance_scale)

@@ -1,0 +1,48 @@
+"""Image grids as PNG (no torchvision), written atomically so a failed run leaves no partial file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .errors import FewstepError
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[N, C, H, W] in [−1, 1] → uint8 [N, H, W, C]."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: Tensor, nrow: int, pad: int = 1, scale: int = 1) -> Image.Image:
+    """Tile images row by row (``nrow`` per row) with ``pad`` pixels of padding; upscale by ``scale``."""
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    rows = (n + nrow - 1) // nrow
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, im in enumerate(arr):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = im
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Save as PNG via a temporary file and rename; a clear error if the path can't be written."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise FewstepError(f"output {path} must end in .png")
+    if not path.parent.is_dir():
+        raise FewstepError(f"cannot write {path}: folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FewstepError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
