@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import trange
@@ -125,6 +126,6 @@ def load_classifier(folder: str | Path) -> Classifier:
         config = ClassifierConfig(**json.loads((folder / "config.json").read_text()))
         model = Classifier(config)
         model.load_state_dict(load_file(folder / "model.safetensors"))
-    except (OSError, ValueError, TypeError, RuntimeError) as e:
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
         raise FewstepError(f"cannot load classifier {folder}: {e}") from None
     return model.eval()

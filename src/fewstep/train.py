@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -209,7 +210,7 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel, obj
         optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
         if hasattr(objective, "load_state_dict") and (path / "objective.safetensors").exists():
             objective.load_state_dict(load_file(path / "objective.safetensors"))
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
         raise FewstepError(f"cannot resume from checkpoint {path}: {e}. Delete it to resume from an earlier one.") from None
     return int(state["step"])
 
