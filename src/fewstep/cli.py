@@ -11,6 +11,13 @@ from pathlib import Path
 from .errors import FewstepError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit 2), like every other fewstep error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def shipped_models_dir() -> Path:
     """Where the shipped models live: $FEWSTEP_MODELS, else the repository's models/, else ./models."""
     import os
@@ -126,10 +133,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .solvers import SAMPLERS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fewstep",
         description="Make diffusion models fast: distill or train few-step generators, and run them.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="the teacher at 50 steps beside 1, 2 and 4 steps: grid + table",
                        description="Sample the shipped digits teacher at 50 DPM-Solver++ steps and at 1, 2 and 4 "

@@ -46,3 +46,19 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise FewstepError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def labeled_rows(rows: list[tuple[str, Image.Image]], margin: int = 150) -> Image.Image:
+    """Stack image rows vertically with a text label to the left of each."""
+    from PIL import ImageDraw
+
+    width = margin + max(im.width for _, im in rows)
+    height = sum(im.height for _, im in rows)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for label, im in rows:
+        canvas.paste(im.convert("RGB"), (margin, y))
+        draw.text((6, y + im.height // 2 - 6), label, fill="black")
+        y += im.height
+    return canvas
