@@ -189,3 +189,36 @@ def test_cm_multistep_matches_cm_scheduler(x_T):
     out = sample_consistency(f, x_T.clone() * ref.sigmas[0].double(), ref.sigmas.double(),
                              generator=torch.Generator().manual_seed(3), sigma_end=0.002)
     torch.testing.assert_close(out, x, **TOL)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_vp_adapter_on_real_unets_matches_diffusers_loop(prediction_type):
+    """VPDenoiser around real diffusers UNets (text-conditional and class-conditional) reproduces the
+    scheduler loop that calls the UNet directly, as a diffusers pipeline does."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    torch.manual_seed(0)
+    cond_unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                     block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=12,
+                                     attention_head_dim=4,
+                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    class_unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                             block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=3,
+                             down_block_types=("DownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    ours = VPSchedule(**SD)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for unet, cond in ((cond_unet, {"encoder_hidden_states": torch.randn(2, 5, 12)}),
+                       (class_unet, {"class_labels": torch.tensor([0, 2])})):
+        ref = DDIMScheduler(**SD, prediction_type=prediction_type, set_alpha_to_one=True, clip_sample=False,
+                            timestep_spacing="trailing")
+        ref.set_timesteps(4)
+        x = x_T.clone()
+        with torch.no_grad():
+            for t in ref.timesteps:
+                x = ref.step(unet(x, t, **cond).sample, t, x).prev_sample
+        out = sample_ddim(VPDenoiser(unet, ours, prediction_type),
+                          x_T / ours.alphas_cumprod[ref.timesteps[0]].sqrt().float(),
+                          append_zero(ours.sigmas[ref.timesteps]).float(), extra_args=cond)
+        torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-4)

@@ -123,6 +123,48 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} samples to {out}")
 
 
+def _step_list(text: str) -> list[int]:
+    try:
+        steps = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be at least 1, got {text!r}")
+    return steps
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    from .evaluate import eval_report, evaluate, ruler_for
+    from .images import labeled_rows, make_grid, save_png
+    from .models import load_model
+
+    for path in (args.json, args.grid):
+        if path and not Path(path).parent.is_dir():
+            raise FewstepError(f"cannot write {path}: folder {Path(path).parent} does not exist")
+    model = load_model(args.model)
+    ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
+    rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
+    report = eval_report(model, rows, args.num, args.seed)
+    print(f"{'steps':>5} {'NFE':>4} {'FID':>8} {'KID':>9} {'prec':>6} {'recall':>6} {'acc':>6} {'s/img':>8}")
+    for r in rows:
+        acc = "-" if r.cond_accuracy is None else f"{r.cond_accuracy:.3f}"
+        print(f"{r.steps:>5} {r.nfe:>4} {r.fid:>8.3f} {r.kid:>9.5f} {r.precision:>6.3f} {r.recall:>6.3f} "
+              f"{acc:>6} {r.seconds_per_image:>8.5f}")
+    if args.json:
+        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    if args.grid:
+        c = max(model.config.num_classes, 8)
+        save_png(labeled_rows([(f"{n} steps", make_grid(samples[n][: 2 * c], nrow=c, scale=3)) for n in args.steps],
+                              margin=70), args.grid)
+        print(f"wrote {args.grid}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -173,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("eval", help="FID, KID, precision/recall and conditional accuracy per step count",
+                       description="Sample a model with fixed seeds at each step count and score the samples "
+                                   "with the data set's shipped classifier against the whole data set: FID, KID "
+                                   "(± std), precision/recall (k=3), conditional accuracy, NFE and seconds/image.")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--steps", type=_step_list, default=[1, 2, 4], help="comma-separated step counts (default 1,2,4)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp-2m")
+    p.add_argument("--guidance-scale", type=float, default=None, help="1.0 = none (default: the model's)")
+    p.add_argument("--num", type=_positive_int, default=1000, help="samples per step count (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classifier", help="classifier folder (default: models/<dataset>-classifier)")
+    p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
+    p.add_argument("--json", help="write the results as one JSON object here")
+    p.add_argument("--grid", help="write a PNG of samples per step count here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="sample a grid of images from a model",
                        description="Sample any model fewstep can load and write a PNG grid. Without --label a "

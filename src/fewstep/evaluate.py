@@ -1,0 +1,111 @@
+"""The ruler every method is judged by: sample with fixed seeds, score with the data set's classifier.
+
+Quality (DESIGN.md §5) is measured on the penultimate features of the shipped classifier of the
+model's data set, against the whole data set: FID, KID (± std over subsets), precision/recall,
+and conditional accuracy (a sample drawn for class c is classified as c).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .classifier import Classifier, load_classifier
+from .data import ImageData, load_dataset
+from .errors import FewstepError
+from .metrics import feature_stats, frechet_distance, kid, precision_recall
+from .models import LoadedModel
+from .sampling import generate, nfe
+
+
+@dataclass
+class EvalResult:
+    """One row of ``fewstep eval --json`` (DESIGN.md §3): keys may be added, never renamed."""
+
+    steps: int
+    sampler: str
+    guidance_scale: float
+    nfe: int
+    fid: float
+    kid: float
+    kid_std: float
+    precision: float
+    recall: float
+    cond_accuracy: float | None
+    seconds_per_image: float
+
+
+class Ruler:
+    """A data set's reference features under its classifier, computed once, and the scoring of samples."""
+
+    def __init__(self, classifier: Classifier, data: ImageData, batch_size: int = 512) -> None:
+        self.classifier = classifier.eval()
+        self.data = data
+        self.batch_size = batch_size
+        self.real = self.features(data.images)
+        self.real_stats = feature_stats(self.real)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        return torch.cat([self.classifier.features(images[i:i + self.batch_size])
+                          for i in range(0, len(images), self.batch_size)]).double()
+
+    @torch.no_grad()
+    def score(self, images: Tensor, labels: Tensor | None = None, seed: int = 0) -> dict[str, float | None]:
+        """FID, KID, precision, recall against the data set; conditional accuracy when labels are given."""
+        fake = self.features(images)
+        mu, sigma = feature_stats(fake)
+        kid_mean, kid_std = kid(self.real, fake, num_subsets=100, subset_size=min(1000, len(fake), len(self.real)),
+                                seed=seed)
+        precision, recall = precision_recall(self.real, fake, k=3)
+        acc = None
+        if labels is not None:
+            acc = float((self.classifier.predict(images).argmax(-1) == labels).float().mean())
+        return {"fid": frechet_distance(*self.real_stats, mu, sigma), "kid": kid_mean, "kid_std": kid_std,
+                "precision": precision, "recall": recall, "cond_accuracy": acc}
+
+
+def ruler_for(model: LoadedModel, models_dir: Path, classifier: str | Path | None = None) -> Ruler:
+    """The ruler of a model's data set: its shipped classifier and the whole data set."""
+    name = model.config.dataset.split(":")[0]
+    path = Path(classifier) if classifier else models_dir / f"{name}-classifier"
+    if not path.is_dir():
+        raise FewstepError(f"no classifier for data set {name!r} at {path}; pass --classifier DIR")
+    clf = load_classifier(path)
+    return Ruler(clf, load_dataset(name, clf.config.image_size, clf.config.channels))
+
+
+def balanced_labels(model: LoadedModel, num: int) -> Tensor | None:
+    """``num`` labels cycling through the classes (None for an unconditional model)."""
+    c = model.config.num_classes
+    return torch.arange(num) % c if c else None
+
+
+def evaluate(model: LoadedModel, ruler: Ruler, steps: list[int], sampler: str = "dpmpp-2m",
+             guidance_scale: float | None = None, num: int = 1000, seed: int = 0, batch_size: int = 250,
+             progress: bool = True) -> tuple[list[EvalResult], dict[int, Tensor]]:
+    """Score ``model`` at each step count with the same labels and seed. Returns the rows and the samples."""
+    guidance = model.config.default_guidance_scale if guidance_scale is None else guidance_scale
+    labels = balanced_labels(model, num)
+    rows, samples = [], {}
+    for n in tqdm(steps, disable=not progress, desc="eval", leave=False):
+        start = time.perf_counter()
+        images = generate(model, labels, num=num, steps=n, sampler=sampler, guidance_scale=guidance, seed=seed,
+                          batch_size=batch_size)
+        seconds = time.perf_counter() - start
+        scores = ruler.score(images, labels, seed=seed)
+        rows.append(EvalResult(steps=n, sampler=sampler, guidance_scale=guidance,
+                               nfe=nfe(model, sampler, n, guidance), seconds_per_image=seconds / num, **scores))
+        samples[n] = images
+    return rows, samples
+
+
+def eval_report(model: LoadedModel, rows: list[EvalResult], num: int, seed: int) -> dict:
+    """The JSON object of ``fewstep eval --json`` (DESIGN.md §3)."""
+    return {"model": str(model.path), "dataset": model.config.dataset, "num_samples": num, "seed": seed,
+            "results": [asdict(r) for r in rows]}
