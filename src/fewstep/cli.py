@@ -28,8 +28,9 @@ def shipped_models_dir() -> Path:
     return repo if repo.is_dir() else Path("models")
 
 
-def _command_line() -> str:
-    return "fewstep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed, recorded in everything a command writes."""
+    return "fewstep " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def _positive_int(text: str) -> int:
@@ -77,7 +78,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
 
     data = load_dataset(args.dataset, args.image_size, args.channels)
     folder = train_teacher(data, args.out, _train_config(args), width=args.width,
-                           label_dropout=args.label_dropout, command=_command_line())
+                           label_dropout=args.label_dropout, command=_command_line(args))
     if folder is not None:
         print(f"saved teacher to {folder}")
 
@@ -89,7 +90,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
     data = load_dataset(args.dataset, args.image_size, args.channels)
     train_set, heldout = data.split(args.holdout, seed=args.seed)
     model = train_classifier(train_set, heldout, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
-    save_classifier(model, args.out, _command_line())
+    save_classifier(model, args.out, _command_line(args))
     print(f"saved classifier to {args.out}: held-out accuracy {model.config.heldout_accuracy:.4f} "
           f"on {len(heldout)} images")
 
@@ -165,6 +166,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.grid}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import BenchSettings, run_bench
+
+    settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
+    if args.num:
+        settings.num = args.num
+    settings.seed = args.seed
+    markdown = None if args.no_markdown else Path(args.markdown)
+    run_bench(Path(args.models or shipped_models_dir()), Path(args.out), settings, _command_line(args), markdown)
+    print(f"wrote {args.out}/bench.json and plots" + (f", and {markdown}" if markdown else ""))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -232,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="write a PNG of samples per step count here")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("bench", help="quality-vs-steps and speed tables for the teacher's solvers and distilled models",
+                       description="In one process: the teacher with DDIM, Euler, Heun and DPM-Solver++(2M) at 1-50 "
+                                   "steps and every distilled model, scored the same way; wall-clock per image at a "
+                                   "fixed batch with each sampler's overhead over its NFE x network-time floor; and "
+                                   "the speedup at matched FID. Writes JSON, PNG plots and BENCHMARKS.md.")
+    p.add_argument("--out", default="bench/results", help="folder for bench.json and the plots")
+    p.add_argument("--markdown", default="BENCHMARKS.md", help="the markdown table to (re)write")
+    p.add_argument("--no-markdown", action="store_true", help="do not write the markdown table")
+    p.add_argument("--quick", action="store_true", help="small sample counts and step sets (a smoke test)")
+    p.add_argument("--num", type=_positive_int, help="samples per quality point (default 1000; quick: 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("sample", help="sample a grid of images from a model",
                        description="Sample any model fewstep can load and write a PNG grid. Without --label a "
                                    "class-conditional model gives --num rows of one image per class.")
@@ -252,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except FewstepError as e:

@@ -16,13 +16,16 @@ from .schedules import EDMSchedule
 from .solvers import get_sampler
 
 
-def sampling_grid(model: LoadedModel, steps: int) -> Tensor:
-    """The default n-step σ grid of a model: Karras ρ=7 for EDM models, diffusers' "trailing"
-    timesteps for discrete VP models. Ends in 0."""
+def sampling_grid(model: LoadedModel, steps: int, sampler: str = "dpmpp-2m") -> Tensor:
+    """The default n-step σ grid of a model, ending in 0. EDM models: DDIM's uniform-timestep grid for
+    ``ddim`` (so it differs from Euler only in its discretization, as in Karras et al. 2022 Table 1),
+    the Karras ρ = 7 grid for every other sampler. Discrete VP models: diffusers' "trailing" timesteps."""
     if steps < 1:
         raise FewstepError(f"steps must be at least 1, got {steps}")
     schedule = model.schedule
-    return schedule.grid(steps) if isinstance(schedule, EDMSchedule) else schedule.grid(steps, "trailing")
+    if isinstance(schedule, EDMSchedule):
+        return schedule.ddim_grid(steps) if sampler == "ddim" else schedule.grid(steps)
+    return schedule.grid(steps, "trailing")
 
 
 def check_labels(model: LoadedModel, labels: Sequence[int] | Tensor | None) -> Tensor | None:
@@ -59,7 +62,7 @@ def generate(model: LoadedModel, labels: Sequence[int] | Tensor | None = None, n
     if not n or n < 1:
         raise FewstepError("nothing to sample: give labels or num >= 1")
     cfg = model.config
-    sigmas = sampling_grid(model, steps)
+    sigmas = sampling_grid(model, steps, sampler)
     device = next(model.denoiser.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     out = []

@@ -197,5 +197,18 @@ class EDMSchedule:
         return (torch.randn(n, generator=generator) * self.p_std + self.p_mean).exp()
 
     def grid(self, n: int, rho: float | None = None) -> Tensor:
-        """EDM eq. (5) grid of ``n`` noise levels from σmax to σmin, then 0."""
-        return append_zero(karras_sigmas(n, self.sigma_min, self.sigma_max, self.rho if rho is None else rho)).float()
+        """An ``n``-step sampling grid: the EDM eq. (5) grid of n+1 levels from σmax to σmin with its
+        last level (σmin) replaced by 0. Every step does work; the usual "n levels, then 0" wastes the
+        last step on σmin → 0, which matters at 1–4 steps."""
+        sigmas = karras_sigmas(n + 1, self.sigma_min, self.sigma_max, self.rho if rho is None else rho)
+        return append_zero(sigmas[:-1]).float()
+
+    def ddim_grid(self, n: int) -> Tensor:
+        """DDIM's own discretization, as Karras et al. 2022 (Table 1, "DDIM" column) define it for a
+        σ-space model: the σ of the 1000-step linear-β DDPM schedule at ``n`` uniformly spaced timesteps,
+        restricted to this schedule's [σmin, σmax], the last replaced by 0 (as in :meth:`grid`)."""
+        sigmas = VPSchedule("linear").sigmas
+        inside = ((sigmas >= self.sigma_min) & (sigmas <= self.sigma_max)).nonzero().flatten()
+        lo, hi = int(inside[0]), int(inside[-1])
+        idx = torch.linspace(hi, lo, n + 1, dtype=torch.float64).round().long()[:-1]
+        return append_zero(sigmas[idx]).float()

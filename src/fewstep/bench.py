@@ -1,0 +1,281 @@
+"""``fewstep bench``: quality versus steps and speed, side by side, in one process run.
+
+- Quality: the teacher with each ODE solver at 1 … 50 steps (classifier-free guidance on), and
+  every distilled model found beside it, scored by the same :class:`~fewstep.evaluate.Ruler`
+  with the same labels, seeds and sample count.
+- Speed: wall-clock per image at a fixed batch, measured in this process. The floor of a sampler
+  is (network evaluations) × (time of one guided network evaluation at that batch); the ratio
+  wall-clock / floor is the sampler's overhead.
+- Speedup at matched quality: for each distilled model, the teacher's cheapest configuration
+  that reaches the same FID, and the ratio of their wall-clock times.
+
+Writes ``bench.json``, ``BENCHMARKS.md`` (machine, date, command) and two plots.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .evaluate import EvalResult, evaluate, ruler_for
+from .guidance import CFGDenoiser
+from .models import LoadedModel, load_model
+from .sampling import generate
+from .solvers import get_sampler
+
+TEACHER_SAMPLERS = ("ddim", "euler", "heun", "dpmpp-2m")
+# Heun pays 2 evaluations per step but the last: these step counts give NFE ≈ 1, 3, 7, 15, 25, 49.
+STEPS = {"heun": (1, 2, 4, 8, 13, 25)}
+DEFAULT_STEPS = (1, 2, 4, 8, 16, 25, 50)
+
+
+@dataclass
+class BenchSettings:
+    teacher: str = "digits-teacher"
+    num: int = 1000             # samples per quality point
+    seed: int = 0
+    timing_batch: int = 64      # images per batch for the speed table
+    timing_repeats: int = 5     # median of this many timed runs
+    quick: bool = False
+
+    @classmethod
+    def quick_settings(cls) -> "BenchSettings":
+        return cls(num=100, timing_repeats=2, quick=True)
+
+
+@dataclass
+class SpeedRow:
+    model: str
+    sampler: str
+    steps: int
+    nfe: int
+    seconds_per_image: float
+    images_per_second: float
+    floor_seconds_per_image: float
+    overhead: float
+
+
+@dataclass
+class BenchReport:
+    settings: dict
+    machine: str
+    date: str
+    command: str
+    quality: dict[str, list[dict]] = field(default_factory=dict)   # "model/sampler" -> EvalResult rows
+    speed: list[dict] = field(default_factory=list)
+    speedup: list[dict] = field(default_factory=list)
+
+
+def distilled_models(models_dir: Path, teacher: LoadedModel) -> list[LoadedModel]:
+    """Every few-step model of the teacher's data set under ``models_dir`` (kind != "diffusion")."""
+    found = []
+    for cfg in sorted(models_dir.glob("*/fewstep.json")):
+        model = load_model(cfg.parent)
+        if model.config.kind != "diffusion" and model.config.dataset == teacher.config.dataset:
+            found.append(model)
+    return found
+
+
+def time_network(model: LoadedModel, batch: int, guidance: float, repeats: int) -> float:
+    """Median seconds of one (guided) network evaluation at ``batch`` images."""
+    cfg = model.config
+    x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size)
+    sigma = torch.full((batch,), 1.0)
+    labels = {"class_labels": torch.arange(batch) % cfg.num_classes} if cfg.class_names else {}
+    den = CFGDenoiser(model.denoiser, guidance, {"class_labels": torch.full((batch,), cfg.null_label)}) \
+        if cfg.class_names else model.denoiser
+    with torch.no_grad():
+        den(x, sigma, **labels)  # warm-up
+        times = []
+        for _ in range(max(3, repeats * 4)):
+            start = time.perf_counter()
+            den(x, sigma, **labels)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_sampler(model: LoadedModel, sampler: str, steps: int, batch: int, guidance: float, repeats: int) -> float:
+    """Median wall-clock seconds per image of a full batch sample."""
+    labels = torch.arange(batch) % model.config.num_classes if model.config.class_names else None
+    generate(model, labels, num=batch, steps=steps, sampler=sampler, guidance_scale=guidance, batch_size=batch)
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        generate(model, labels, num=batch, steps=steps, sampler=sampler, guidance_scale=guidance, seed=r,
+                 batch_size=batch)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / batch
+
+
+def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command: str = "fewstep bench",
+              write_markdown: Path | None = None) -> BenchReport:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher = load_model(models_dir / settings.teacher)
+    ruler = ruler_for(teacher, models_dir)
+    guidance = teacher.config.default_guidance_scale
+    report = BenchReport(settings=asdict(settings), machine=_machine(), command=command,
+                         date=datetime.date.today().isoformat())
+    step_sets = {s: STEPS.get(s, DEFAULT_STEPS) for s in TEACHER_SAMPLERS}
+    if settings.quick:
+        step_sets = {s: (1, 2) for s in TEACHER_SAMPLERS}
+    distilled = distilled_models(models_dir, teacher)
+
+    # quality
+    for sampler, steps in step_sets.items():
+        rows, _ = evaluate(teacher, ruler, list(steps), sampler, guidance, settings.num, settings.seed)
+        report.quality[f"{teacher.path.name}/{sampler}"] = [asdict(r) for r in rows]
+        _print_quality(teacher.path.name, rows)
+    for model in distilled:
+        rows, _ = evaluate(model, ruler, [1, 2, 4], model.config.default_sampler, None, settings.num, settings.seed)
+        report.quality[f"{model.path.name}/{model.config.default_sampler}"] = [asdict(r) for r in rows]
+        _print_quality(model.path.name, rows)
+
+    # speed, side by side at one batch size
+    net = time_network(teacher, settings.timing_batch, guidance, settings.timing_repeats)
+    for sampler, steps in step_sets.items():
+        for n in steps:
+            per_image = time_sampler(teacher, sampler, n, settings.timing_batch, guidance, settings.timing_repeats)
+            evals = get_sampler(sampler).nfe(n)
+            floor = evals * net / settings.timing_batch
+            report.speed.append(asdict(SpeedRow(teacher.path.name, sampler, n, 2 * evals, per_image, 1 / per_image,
+                                                floor, per_image / floor)))
+    for model in distilled:
+        mnet = time_network(model, settings.timing_batch, model.config.default_guidance_scale, settings.timing_repeats)
+        for n in (1, 2, 4):
+            sampler = model.config.default_sampler
+            per_image = time_sampler(model, sampler, n, settings.timing_batch, model.config.default_guidance_scale,
+                                     settings.timing_repeats)
+            evals = get_sampler(sampler).nfe(n)
+            floor = evals * mnet / settings.timing_batch
+            report.speed.append(asdict(SpeedRow(model.path.name, sampler, n, evals, per_image, 1 / per_image, floor,
+                                                per_image / floor)))
+    report.speedup = _speedups(report)
+
+    (out_dir / "bench.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
+    _plots(report, out_dir)
+    if write_markdown is not None:
+        _write_markdown(report, write_markdown, out_dir)
+    return report
+
+
+def _speedups(report: BenchReport) -> list[dict]:
+    """For each distilled row: the teacher's cheapest configuration reaching the same FID."""
+    speed = {(r["model"], r["sampler"], r["steps"]): r["seconds_per_image"] for r in report.speed}
+    teacher_rows = [(key.split("/")[1], row) for key, rows in report.quality.items() for row in rows
+                    if key.startswith(report.settings["teacher"] + "/")]
+    out = []
+    for key, rows in report.quality.items():
+        name, sampler = key.split("/")
+        if name == report.settings["teacher"]:
+            continue
+        for row in rows:
+            t = speed.get((name, sampler, row["steps"]))
+            matches = [(speed[(report.settings["teacher"], s, r["steps"])], s, r) for s, r in teacher_rows
+                       if r["fid"] <= row["fid"] and (report.settings["teacher"], s, r["steps"]) in speed]
+            if t is None or not matches:
+                out.append({"model": name, "steps": row["steps"], "fid": row["fid"], "teacher_match": None})
+                continue
+            tt, s, r = min(matches, key=lambda m: m[0])
+            out.append({"model": name, "steps": row["steps"], "fid": row["fid"], "teacher_match":
+                        f"{s} {r['steps']} steps", "teacher_fid": r["fid"], "speedup": tt / t})
+    return out
+
+
+def _print_quality(name: str, rows: list[EvalResult]) -> None:
+    for r in rows:
+        print(f"{name:<16} {r.sampler:<9} steps {r.steps:>3} NFE {r.nfe:>3}  FID {r.fid:8.3f}  "
+              f"acc {r.cond_accuracy if r.cond_accuracy is not None else float('nan'):.3f}", flush=True)
+
+
+def _plots(report: BenchReport, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = {(r["model"], r["sampler"], r["steps"]): r["seconds_per_image"] for r in report.speed}
+    for xkey, fname, xlabel in (("nfe", "fid_vs_nfe.png", "network evaluations per image (CFG counts 2)"),
+                                ("seconds", "fid_vs_seconds.png", "seconds per image (batch "
+                                 f"{report.settings['timing_batch']})")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for key, rows in report.quality.items():
+            name, sampler = key.split("/")
+            xs = [r["nfe"] if xkey == "nfe" else speed.get((name, sampler, r["steps"]), float("nan")) for r in rows]
+            ax.plot(xs, [r["fid"] for r in rows], marker="o", label=key)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("FID (classifier features)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+
+
+def _write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
+    s = report.settings
+    lines = [
+        "# Benchmarks", "",
+        f"Written by `{report.command}` on {report.date}, on {report.machine}. "
+        f"{s['num']} samples per point (labels cycling through the classes, seed {s['seed']}), scored against the "
+        f"whole data set with the shipped classifier's features (FID/KID/precision/recall) and its predictions "
+        f"(conditional accuracy). Timings: batch {s['timing_batch']}, median of {s['timing_repeats']} runs, in the "
+        "same process.", "",
+        "## Quality versus steps", "",
+        "| model | sampler | steps | NFE | FID | KID (×10³) | precision | recall | cond. acc. |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, rows in report.quality.items():
+        name, sampler = key.split("/")
+        for r in rows:
+            acc = "–" if r["cond_accuracy"] is None else f"{r['cond_accuracy']:.3f}"
+            lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | "
+                         f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['precision']:.3f} | "
+                         f"{r['recall']:.3f} | {acc} |")
+    lines += ["", f"![FID versus NFE]({_rel(out_dir / 'fid_vs_nfe.png', path)}) "
+                  f"![FID versus seconds]({_rel(out_dir / 'fid_vs_seconds.png', path)})", "",
+              "## Speed and sampler overhead", "",
+              "Floor = network evaluations × the time of one guided network evaluation (cond + uncond in one batch) "
+              "at the same batch; overhead = wall-clock / floor.", "",
+              "| model | sampler | steps | NFE | ms / image | images / s | floor ms / image | overhead |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report.speed:
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {1e3 * r['seconds_per_image']:.3f} "
+                     f"| {r['images_per_second']:.0f} | {1e3 * r['floor_seconds_per_image']:.3f} | "
+                     f"{r['overhead']:.3f}× |")
+    if report.speedup:
+        lines += ["", "## Speedup at matched quality", "",
+                  "| model | steps | FID | teacher's cheapest match | its FID | speedup |", "|---|---:|---:|---|---:|---:|"]
+        for r in report.speedup:
+            if r["teacher_match"] is None:
+                lines.append(f"| {r['model']} | {r['steps']} | {r['fid']:.3f} | none reaches it | – | – |")
+            else:
+                lines.append(f"| {r['model']} | {r['steps']} | {r['fid']:.3f} | {r['teacher_match']} | "
+                             f"{r['teacher_fid']:.3f} | {r['speedup']:.1f}× |")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def _rel(target: Path, md: Path) -> str:
+    return os.path.relpath(target.resolve(), md.resolve().parent)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
