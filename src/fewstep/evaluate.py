@@ -55,12 +55,17 @@ class Ruler:
         return torch.cat([self.classifier.features(images[i:i + self.batch_size])
                           for i in range(0, len(images), self.batch_size)]).double()
 
+    def fid(self, images: Tensor) -> float:
+        """FID alone (cheap): for sweeps and tests."""
+        return frechet_distance(*self.real_stats, *feature_stats(self.features(images)))
+
     @torch.no_grad()
     def score(self, images: Tensor, labels: Tensor | None = None, seed: int = 0) -> dict[str, float | None]:
         """FID, KID, precision, recall against the data set; conditional accuracy when labels are given."""
         fake = self.features(images)
         mu, sigma = feature_stats(fake)
-        kid_mean, kid_std = kid(self.real, fake, num_subsets=100, subset_size=min(1000, len(fake), len(self.real)),
+        # 50 subsets of 500 (the usual is 100 of 1000): the std stays informative at 1/8 of the cost.
+        kid_mean, kid_std = kid(self.real, fake, num_subsets=50, subset_size=min(500, len(fake), len(self.real)),
                                 seed=seed)
         precision, recall = precision_recall(self.real, fake, k=3)
         acc = None
