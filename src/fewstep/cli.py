@@ -33,6 +33,17 @@ def _command_line(args: argparse.Namespace) -> str:
     return "fewstep " + " ".join(shlex.quote(a) for a in args.argv)
 
 
+def _check_output(path: str | Path | None, suffix: str | None = None) -> None:
+    """Fail before any work if an output can't be written."""
+    if path is None:
+        return
+    path = Path(path)
+    if suffix and path.suffix.lower() != suffix:
+        raise FewstepError(f"output {path} must end in {suffix}")
+    if not path.parent.is_dir():
+        raise FewstepError(f"cannot write {path}: folder {path.parent} does not exist")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -105,8 +116,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .sampling import generate
 
     out = Path(args.out)
-    if not out.parent.is_dir():  # fail before any work
-        raise FewstepError(f"cannot write {out}: folder {out.parent} does not exist")
+    _check_output(out, ".png")
     model = load_model(args.model)
     cfg = model.config
     guidance = cfg.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
@@ -142,9 +152,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .images import labeled_rows, make_grid, save_png
     from .models import load_model
 
-    for path in (args.json, args.grid):
-        if path and not Path(path).parent.is_dir():
-            raise FewstepError(f"cannot write {path}: folder {Path(path).parent} does not exist")
+    _check_output(args.json)
+    _check_output(args.grid, ".png")
     model = load_model(args.model)
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
     rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
