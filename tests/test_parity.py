@@ -40,6 +40,18 @@ def vp_to_sigma_space(x_t, alpha_bar):
     return x_t / alpha_bar.sqrt()
 
 
+def compare_deterministic(x_T, ref, sampler, prediction_type):
+    """Run diffusers' scheduler loop and fewstep's sampler on the same grid; they must agree."""
+    net, ours = RandomNet(), VPSchedule(**SD)
+    x = x_T.clone()
+    for t in ref.timesteps:
+        x = ref.step(net(x, t), t, x).prev_sample
+    sigmas = append_zero(ours.sigmas[ref.timesteps])
+    out = sampler(VPDenoiser(net, ours, prediction_type),
+                  vp_to_sigma_space(x_T, ours.alphas_cumprod[ref.timesteps[0]]), sigmas)
+    torch.testing.assert_close(out, x, **TOL)
+
+
 @pytest.fixture
 def x_T():
     return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -80,18 +92,10 @@ def test_karras_grid_matches_diffusers():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("steps", [1, 4, 10])
 def test_ddim_matches_diffusers(x_T, prediction_type, steps):
-    net, ours = RandomNet(), VPSchedule(**SD)
     ref = DDIMScheduler(**SD, prediction_type=prediction_type, set_alpha_to_one=True, clip_sample=False,
                         timestep_spacing="trailing")
     ref.set_timesteps(steps)
-    x = x_T.clone()
-    for t in ref.timesteps:
-        x = ref.step(net(x, t), t, x).prev_sample
-
-    sigmas = append_zero(ours.sigmas[ref.timesteps])
-    den = VPDenoiser(net, ours, prediction_type)
-    out = sample_ddim(den, vp_to_sigma_space(x_T, ours.alphas_cumprod[ref.timesteps[0]]), sigmas)
-    torch.testing.assert_close(out, x, **TOL)
+    compare_deterministic(x_T, ref, sample_ddim, prediction_type)
 
 
 def test_stochastic_ddpm_matches_ddim_eta_1(x_T):
@@ -112,19 +116,11 @@ def test_stochastic_ddpm_matches_ddim_eta_1(x_T):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("steps", [1, 2, 5, 20])
 def test_dpmpp_2m_matches_diffusers(x_T, prediction_type, steps):
-    net, ours = RandomNet(), VPSchedule(**SD)
     ref = DPMSolverMultistepScheduler(**SD, prediction_type=prediction_type, algorithm_type="dpmsolver++",
                                       solver_order=2, solver_type="midpoint", lower_order_final=True,
                                       final_sigmas_type="zero")
     ref.set_timesteps(steps)
-    x = x_T.clone()
-    for t in ref.timesteps:
-        x = ref.step(net(x, t), t, x).prev_sample
-
-    sigmas = append_zero(ours.sigmas[ref.timesteps])
-    den = VPDenoiser(net, ours, prediction_type)
-    out = sample_dpmpp_2m(den, vp_to_sigma_space(x_T, ours.alphas_cumprod[ref.timesteps[0]]), sigmas)
-    torch.testing.assert_close(out, x, **TOL)
+    compare_deterministic(x_T, ref, sample_dpmpp_2m, prediction_type)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])

@@ -66,7 +66,7 @@ def generate(model: LoadedModel, labels: Sequence[int] | Tensor | None = None, n
     device = next(model.denoiser.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     out = []
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"{sampler} {steps} steps", leave=False):
+    for start in tqdm(range(0, n, batch_size), disable=not progress or n <= batch_size, desc="batches", leave=False):
         b = min(batch_size, n - start)
         x = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, generator=generator) * sigmas[0]
         extra, den = {}, model.denoiser
@@ -74,7 +74,8 @@ def generate(model: LoadedModel, labels: Sequence[int] | Tensor | None = None, n
             extra = {"class_labels": labels[start:start + b].to(device)}
             den = CFGDenoiser(model.denoiser, guidance_scale,
                               {"class_labels": torch.full((b,), cfg.null_label, dtype=torch.long, device=device)})
-        out.append(spec.fn(den, x.to(device), sigmas, extra_args=extra, generator=generator).clamp(-1, 1).cpu())
+        out.append(spec.fn(den, x.to(device), sigmas, extra_args=extra, generator=generator,
+                           disable=not progress).clamp(-1, 1).cpu())
     return torch.cat(out)
 
 
