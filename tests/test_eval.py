@@ -27,6 +27,9 @@ def models(tmp_path_factory) -> Path:
     config = ModelConfig(schedule=asdict(EDMSchedule()), image_size=16, channels=1,
                          class_names=[str(i) for i in range(10)], dataset="digits")
     save_model(root / "digits-teacher", tiny_unet(num_classes=10, size=16), config)
+    # a stand-in "distilled" model, so bench's per-model rows and matched-quality speedups run
+    student = ModelConfig(**{**asdict(config), "kind": "student-under-test", "default_sampler": "euler"})
+    save_model(root / "digits-student", tiny_unet(num_classes=10, size=16), student)
     return root
 
 
@@ -55,8 +58,12 @@ def test_bench_quick_writes_tables_json_and_plots(models, tmp_path, capsys):
                  "--markdown", str(md)])
     assert code == 0
     report = json.loads((tmp_path / "res" / "bench.json").read_text())
-    assert set(report["quality"]) == {f"digits-teacher/{s}" for s in ("ddim", "euler", "heun", "dpmpp-2m")}
+    assert set(report["quality"]) == {f"digits-teacher/{s}" for s in ("ddim", "euler", "heun", "dpmpp-2m")} | {
+        "digits-student/euler"}
+    assert [r["steps"] for r in report["quality"]["digits-student/euler"]] == [1, 2, 4]
     assert all(r["overhead"] > 0.5 for r in report["speed"])
+    assert {r["model"] for r in report["speed"]} == {"digits-teacher", "digits-student"}
+    assert len(report["speedup"]) == 3  # one per student row, matched or not
     text = md.read_text()
     assert "Quality versus steps" in text and "sampler overhead" in text and "fewstep bench --quick" in text
     assert (tmp_path / "res" / "fid_vs_nfe.png").exists() and (tmp_path / "res" / "fid_vs_seconds.png").exists()

@@ -37,7 +37,7 @@ def test_one_step_teacher_is_much_worse_than_fifty():
     ruler = Ruler(load_classifier(MODELS / "digits-classifier"), load_digits())
     labels = torch.arange(200) % 10
     fid = {n: ruler.fid(generate(model, labels, steps=n, guidance_scale=2.0, seed=0)) for n in (1, 50)}
-    assert fid[1] > 5 * fid[50], fid
+    assert fid[1] > 3 * fid[50], fid
 
 
 def test_demo_runs_and_writes_grid_and_table(tmp_path, capsys):
