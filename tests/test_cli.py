@@ -42,12 +42,15 @@ def assert_one_line_error(code, err, *fragments):
         assert f in lines[0], lines[0]
 
 
-def test_every_subcommand_has_help():
+def test_every_subcommand_has_help(capsys):
+    result = subprocess.run([sys.executable, "-m", "fewstep", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: fewstep" in result.stdout  # the installed entry point
     subcommands = build_parser()._subparsers._group_actions[0].choices
-    assert {"demo", "train-teacher", "train-classifier", "sample"} <= set(subcommands)
+    assert {"demo", "train-teacher", "train-classifier", "sample", "eval", "bench"} <= set(subcommands)
     for name in subcommands:
-        result = subprocess.run([sys.executable, "-m", "fewstep", name, "--help"], capture_output=True, text=True)
-        assert result.returncode == 0 and "usage: fewstep " + name in result.stdout
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([name, "--help"])
+        assert exit_.value.code == 0 and "usage: fewstep " + name in capsys.readouterr().out
 
 
 def test_sample_writes_reproducible_grid(tiny_model, tmp_path, capsys):
