@@ -29,7 +29,7 @@ def test_digits_teacher_samples_classify_as_their_label():
     assert accuracy(load_classifier(MODELS / "digits-classifier"), images, labels) >= 0.95
 
 
-def test_one_step_teacher_is_much_worse_than_fifty():
+def test_one_step_teacher_is_much_worse_than_twenty_five():
     """The problem fewstep solves: the teacher's FID at 1 step is far above its FID at 25 steps."""
     from fewstep.evaluate import Ruler
 
