@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 
 from fewstep.classifier import accuracy, load_classifier

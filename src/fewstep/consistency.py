@@ -13,7 +13,6 @@ noise level, so the boundary condition holds by construction:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .denoisers import VPDenoiser, append_dims
