@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_text
 from .evaluate import EvalResult, evaluate, ruler_for
-from .guidance import CFGDenoiser
 from .models import LoadedModel, load_model
-from .sampling import generate
+from .sampling import conditioned, generate, nfe
 from .solvers import get_sampler
 
 TEACHER_SAMPLERS = ("ddim", "euler", "heun", "dpmpp-2m")
@@ -89,22 +89,24 @@ def time_network(model: LoadedModel, batch: int, guidance: float, repeats: int) 
     cfg = model.config
     x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size)
     sigma = torch.full((batch,), 1.0)
-    labels = {"class_labels": torch.arange(batch) % cfg.num_classes} if cfg.class_names else {}
-    den = CFGDenoiser(model.denoiser, guidance, {"class_labels": torch.full((batch,), cfg.null_label)}) \
-        if cfg.class_names else model.denoiser
+    den, extra = conditioned(model, _timing_labels(model, batch), guidance)
     with torch.no_grad():
-        den(x, sigma, **labels)  # warm-up
+        den(x, sigma, **extra)  # warm-up
         times = []
         for _ in range(max(3, repeats * 4)):
             start = time.perf_counter()
-            den(x, sigma, **labels)
+            den(x, sigma, **extra)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
+def _timing_labels(model: LoadedModel, batch: int) -> torch.Tensor | None:
+    return torch.arange(batch) % model.config.num_classes if model.config.class_names else None
+
+
 def time_sampler(model: LoadedModel, sampler: str, steps: int, batch: int, guidance: float, repeats: int) -> float:
     """Median wall-clock seconds per image of a full batch sample."""
-    labels = torch.arange(batch) % model.config.num_classes if model.config.class_names else None
+    labels = _timing_labels(model, batch)
     generate(model, labels, num=batch, steps=steps, sampler=sampler, guidance_scale=guidance, batch_size=batch)
     times = []
     for r in range(repeats):
@@ -139,31 +141,30 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
         _print_quality(model.path.name, rows)
 
     # speed, side by side at one batch size
-    net = time_network(teacher, settings.timing_batch, guidance, settings.timing_repeats)
-    for sampler, steps in step_sets.items():
-        for n in steps:
-            per_image = time_sampler(teacher, sampler, n, settings.timing_batch, guidance, settings.timing_repeats)
-            evals = get_sampler(sampler).nfe(n)
-            floor = evals * net / settings.timing_batch
-            report.speed.append(asdict(SpeedRow(teacher.path.name, sampler, n, 2 * evals, per_image, 1 / per_image,
-                                                floor, per_image / floor)))
+    report.speed += _speed_rows(teacher, step_sets, settings)
     for model in distilled:
-        mnet = time_network(model, settings.timing_batch, model.config.default_guidance_scale, settings.timing_repeats)
-        for n in (1, 2, 4):
-            sampler = model.config.default_sampler
-            per_image = time_sampler(model, sampler, n, settings.timing_batch, model.config.default_guidance_scale,
-                                     settings.timing_repeats)
-            evals = get_sampler(sampler).nfe(n)
-            floor = evals * mnet / settings.timing_batch
-            report.speed.append(asdict(SpeedRow(model.path.name, sampler, n, evals, per_image, 1 / per_image, floor,
-                                                per_image / floor)))
+        report.speed += _speed_rows(model, {model.config.default_sampler: (1, 2, 4)}, settings)
     report.speedup = _speedups(report)
 
-    (out_dir / "bench.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
+    write_text(out_dir / "bench.json", json.dumps(asdict(report), indent=1) + "\n")
     _plots(report, out_dir)
     if write_markdown is not None:
         _write_markdown(report, write_markdown, out_dir)
     return report
+
+
+def _speed_rows(model: LoadedModel, step_sets: dict[str, tuple[int, ...]], settings: BenchSettings) -> list[dict]:
+    """Wall-clock per image of each (sampler, steps) and its overhead over the network-time floor."""
+    guidance, batch = model.config.default_guidance_scale, settings.timing_batch
+    net = time_network(model, batch, guidance, settings.timing_repeats)
+    rows = []
+    for sampler, steps in step_sets.items():
+        for n in steps:
+            per_image = time_sampler(model, sampler, n, batch, guidance, settings.timing_repeats)
+            floor = get_sampler(sampler).nfe(n) * net / batch  # guided calls × time of one guided call
+            rows.append(asdict(SpeedRow(model.path.name, sampler, n, nfe(model, sampler, n, guidance), per_image,
+                                        1 / per_image, floor, per_image / floor)))
+    return rows
 
 
 def _speedups(report: BenchReport) -> list[dict]:
@@ -260,9 +261,7 @@ def _write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
             else:
                 lines.append(f"| {r['model']} | {r['steps']} | {r['fid']:.3f} | {r['teacher_match']} | "
                              f"{r['teacher_fid']:.3f} | {r['speedup']:.1f}× |")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _rel(target: Path, md: Path) -> str:

@@ -5,8 +5,6 @@ class c classify as c, the CPU analogue of CLIP score) and gives the features fo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import trange
 
+from .atomic import atomic_path
 from .data import ImageData
 from .errors import FewstepError
 
@@ -104,19 +103,15 @@ def accuracy(model: Classifier, images: Tensor, labels: Tensor) -> float:
 
 def save_classifier(model: Classifier, folder: str | Path, command: str = "") -> Path:
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     model.config.training = {"command": command}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    (tmp / "config.json").write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-    (tmp / "README.md").write_text(
-        f"# {folder.name}\n\nA {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter CNN classifier on "
-        f"`{model.config.dataset}`; held-out accuracy {model.config.heldout_accuracy:.4f}.\n"
-        f"Used for conditional accuracy and as the FID/KID feature network.\n\nTrained with:\n\n```\n{command}\n```\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_path(folder, directory=True) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+        (tmp / "README.md").write_text(
+            f"# {folder.name}\n\nA {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k-parameter CNN classifier "
+            f"on `{model.config.dataset}`; held-out accuracy {model.config.heldout_accuracy:.4f}.\n"
+            f"Used for conditional accuracy and as the FID/KID feature network.\n\nTrained with:\n\n```\n{command}\n```\n")
     return folder
 
 

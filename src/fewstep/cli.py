@@ -33,17 +33,6 @@ def _command_line(args: argparse.Namespace) -> str:
     return "fewstep " + " ".join(shlex.quote(a) for a in args.argv)
 
 
-def _check_output(path: str | Path | None, suffix: str | None = None) -> None:
-    """Fail before any work if an output can't be written."""
-    if path is None:
-        return
-    path = Path(path)
-    if suffix and path.suffix.lower() != suffix:
-        raise FewstepError(f"output {path} must end in {suffix}")
-    if not path.parent.is_dir():
-        raise FewstepError(f"cannot write {path}: folder {path.parent} does not exist")
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -111,12 +100,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     import torch
 
+    from .atomic import check_writable
     from .images import make_grid, save_png
     from .models import load_model
     from .sampling import generate
 
-    out = Path(args.out)
-    _check_output(out, ".png")
+    out = check_writable(args.out, ".png")  # fail before any work
     model = load_model(args.model)
     cfg = model.config
     guidance = cfg.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
@@ -146,14 +135,15 @@ def _step_list(text: str) -> list[int]:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
-    import os
 
+    from .atomic import check_writable, write_text
     from .evaluate import eval_report, evaluate, ruler_for
     from .images import labeled_rows, make_grid, save_png
     from .models import load_model
 
-    _check_output(args.json)
-    _check_output(args.grid, ".png")
+    for path, suffix in ((args.json, None), (args.grid, ".png")):
+        if path:
+            check_writable(path, suffix)  # fail before any work
     model = load_model(args.model)
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
     rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
@@ -164,9 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{r.steps:>5} {r.nfe:>4} {r.fid:>8.3f} {r.kid:>9.5f} {r.precision:>6.3f} {r.recall:>6.3f} "
               f"{acc:>6} {r.seconds_per_image:>8.5f}")
     if args.json:
-        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.grid:
         c = max(model.config.num_classes, 8)

@@ -9,13 +9,13 @@ evaluations, seconds, FID and conditional accuracy (both from the shipped classi
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import write_text
 from .classifier import accuracy, load_classifier
 from .data import load_digits
 from .errors import FewstepError
@@ -70,9 +70,8 @@ def run_demo(models_dir: Path, out_dir: Path, per_class: int = 20, seed: int = 0
     print(f"\nFID: Fréchet distance of the shipped classifier's features of {len(labels)} samples to the whole "
           "data set (lower is better; small sample counts inflate it equally for every row).")
     png = save_png(labeled_rows(strips), out_dir / "demo.png")
-    tmp = out_dir / ".demo.json.tmp"
-    tmp.write_text(json.dumps({"seed": seed, "per_class": per_class, "results": [asdict(r) for r in rows]}, indent=2))
-    os.replace(tmp, out_dir / "demo.json")
+    write_text(out_dir / "demo.json",
+               json.dumps({"seed": seed, "per_class": per_class, "results": [asdict(r) for r in rows]}, indent=2))
     print(f"\nwrote {png} and {out_dir / 'demo.json'}")
     return rows
 

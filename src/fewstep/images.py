@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .atomic import atomic_path, check_writable
 from .errors import FewstepError
 
 
@@ -33,17 +33,11 @@ def make_grid(images: Tensor, nrow: int, pad: int = 1, scale: int = 1) -> Image.
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Save as PNG via a temporary file and rename; a clear error if the path can't be written."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise FewstepError(f"output {path} must end in .png")
-    if not path.parent.is_dir():
-        raise FewstepError(f"cannot write {path}: folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
+    path = check_writable(path, ".png")
     try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise FewstepError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 

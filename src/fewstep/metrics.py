@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .atomic import atomic_path
+
 Features = np.ndarray | Tensor
 
 
@@ -191,7 +193,6 @@ class FeatureStatsCache:
             return stored["mu"], stored["sigma"]
         mu, sigma = feature_stats(features() if callable(features) else features)
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")                  # no half-written file on a crash
-        save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous()}, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:                             # no half-written file on a crash
+            save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous()}, tmp)
         return mu, sigma

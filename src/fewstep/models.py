@@ -14,8 +14,6 @@ A model folder is safetensors + JSON, never pickles, and loading never executes 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
+from .atomic import atomic_path
 from .denoisers import EDMDenoiser, VPDenoiser
 from .errors import FewstepError
 from .schedules import EDMSchedule, VPSchedule
@@ -101,18 +100,14 @@ class LoadedModel:
 
 
 def save_model(folder: str | Path, unet: UNet2DModel, config: ModelConfig, readme: str = "") -> Path:
-    """Write a model folder atomically: into ``folder.tmp``, then renamed over ``folder``."""
+    """Write a model folder atomically (a temporary folder renamed over ``folder``)."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    (tmp / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n")
-    if readme:
-        (tmp / "README.md").write_text(readme)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder, directory=True) as tmp:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        (tmp / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n")
+        if readme:
+            (tmp / "README.md").write_text(readme)
     return folder
 
 

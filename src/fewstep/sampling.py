@@ -3,7 +3,7 @@ guidance scale, seed) into pixels, used by the CLI, the demo and evaluation."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +42,15 @@ def check_labels(model: LoadedModel, labels: Sequence[int] | Tensor | None) -> T
     return labels
 
 
+def conditioned(model: LoadedModel, labels: Tensor | None, guidance_scale: float) -> tuple[Callable[..., Tensor], dict]:
+    """The denoiser to sample with and its ``extra_args``: for a class-conditional model, CFG with the
+    null label as the unconditional branch; otherwise the bare denoiser."""
+    if labels is None:
+        return model.denoiser, {}
+    null = torch.full_like(labels, model.config.null_label)
+    return CFGDenoiser(model.denoiser, guidance_scale, {"class_labels": null}), {"class_labels": labels}
+
+
 @torch.no_grad()
 def generate(model: LoadedModel, labels: Sequence[int] | Tensor | None = None, num: int | None = None,
              steps: int = 50, sampler: str = "dpmpp-2m", guidance_scale: float = 1.0, seed: int = 0,
@@ -69,11 +78,7 @@ def generate(model: LoadedModel, labels: Sequence[int] | Tensor | None = None, n
     for start in tqdm(range(0, n, batch_size), disable=not progress or n <= batch_size, desc="batches", leave=False):
         b = min(batch_size, n - start)
         x = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, generator=generator) * sigmas[0]
-        extra, den = {}, model.denoiser
-        if labels is not None:
-            extra = {"class_labels": labels[start:start + b].to(device)}
-            den = CFGDenoiser(model.denoiser, guidance_scale,
-                              {"class_labels": torch.full((b,), cfg.null_label, dtype=torch.long, device=device)})
+        den, extra = conditioned(model, None if labels is None else labels[start:start + b].to(device), guidance_scale)
         out.append(spec.fn(den, x.to(device), sigmas, extra_args=extra, generator=generator,
                            disable=not progress).clamp(-1, 1).cpu())
     return torch.cat(out)

@@ -21,7 +21,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path
 from .errors import FewstepError, TrainingDiverged
 
 
@@ -173,24 +173,19 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMA
     """Write ``root/step-NNNNNNN`` atomically (temporary folder, then rename); keep the last K."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
-    ema_state = ema.state_dict()
-    save_file({f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
-              tmp / "ema.safetensors")
-    opt_state = optimizer.state_dict()
-    save_file({f"{i}.{k}": v.contiguous() for i, s in opt_state["state"].items() for k, v in s.items()},
-              tmp / "optimizer.safetensors")
-    if hasattr(objective, "state_dict"):
-        save_file(_contiguous(objective.state_dict()), tmp / "objective.safetensors")
-    state = {"step": step, "config": asdict(config), "ema": ema_state,
-             "optimizer_param_groups": opt_state["param_groups"]}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_path(final, directory=True) as tmp:
+        save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+        ema_state = ema.state_dict()
+        save_file({f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
+                  tmp / "ema.safetensors")
+        opt_state = optimizer.state_dict()
+        save_file({f"{i}.{k}": v.contiguous() for i, s in opt_state["state"].items() for k, v in s.items()},
+                  tmp / "optimizer.safetensors")
+        if hasattr(objective, "state_dict"):
+            save_file(_contiguous(objective.state_dict()), tmp / "objective.safetensors")
+        state = {"step": step, "config": asdict(config), "ema": ema_state,
+                 "optimizer_param_groups": opt_state["param_groups"]}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -config.keep_checkpoints]:
         shutil.rmtree(old)
     return final
