@@ -95,6 +95,28 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
           f"on {len(heldout)} images")
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .data import load_dataset
+    from .distill import CM_METHODS, ConsistencySettings, distill_consistency
+    from .models import load_model
+
+    if args.method not in CM_METHODS:
+        raise FewstepError(f"--method {args.method} is not available yet; choose one of {', '.join(CM_METHODS)}")
+    teacher = load_model(args.teacher) if args.teacher else None
+    dataset = args.dataset or (teacher.config.dataset if teacher else "digits")
+    data = load_dataset(dataset, args.image_size, args.channels)
+    classifier = args.classifier or (str(shipped_models_dir() / f"{data.name}-classifier")
+                                     if args.distance == "classifier" else None)
+    settings = ConsistencySettings(
+        method=args.method, distance=args.distance, solver=args.solver, guidance_scale=args.guidance_scale,
+        num_scales=args.num_scales, start_scales=args.start_scales, target_ema=args.target_ema, width=args.width,
+        classifier=classifier, lpips_weights=args.lpips_weights, gan_weight=args.gan_weight, d_lr=args.d_lr,
+        r1_gamma=args.r1_gamma, r1_interval=args.r1_interval, augment=args.augment)
+    folder = distill_consistency(data, args.out, _train_config(args), settings, teacher, command=_command_line(args))
+    if folder is not None:
+        print(f"saved {args.method} model to {folder}")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import math
 
@@ -109,6 +131,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     cfg = model.config
     guidance = cfg.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
+    args.sampler = args.sampler or cfg.default_sampler
+    args.steps = args.steps or cfg.default_steps
     if cfg.class_names:  # one row per label, --num images each
         labels = torch.tensor(args.label or list(range(cfg.num_classes))).repeat_interleave(args.num)
         images = generate(model, labels, steps=args.steps, sampler=args.sampler, guidance_scale=guidance,
@@ -145,6 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if path:
             check_writable(path, suffix)  # fail before any work
     model = load_model(args.model)
+    args.sampler = args.sampler or model.config.default_sampler
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
     rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
     report = eval_report(model, rows, args.num, args.seed)
@@ -181,6 +206,100 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.models or shipped_models_dir()), Path(args.out), per_class=args.per_class, seed=args.seed)
 
 
+# --- edit: zero-shot editing (logic in fewstep.editing) --------------------------------------------
+def _sigma_list(text: str) -> list[float]:
+    try:
+        sigmas = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated noise levels like 80,20,5, got {text!r}") from None
+    if not sigmas or min(sigmas) <= 0 or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise argparse.ArgumentTypeError(f"noise levels must be positive and strictly decreasing, got {text!r}")
+    return sigmas
+
+
+def _add_edit_parser(sub) -> None:
+    from .editing import TASKS
+
+    p = sub.add_parser("edit", help="zero-shot editing: inpaint, colorize, superres, denoise, interpolate, stroke",
+                       description="Edit images with no task training (Song et al. 2023, Algorithm 4): denoise with "
+                                   "the model, put back what is known of the input (its unmasked pixels, its "
+                                   "luminance, its patch means), re-noise to the next of --sigmas, repeat. "
+                                   "interpolate slerps two initial noises; stroke starts from a rough painting plus "
+                                   "noise (SDEdit). Writes a PNG with rows: reference, what the model is given, "
+                                   "result (interpolate: one row of frames per pair). Meant for consistency models; "
+                                   "a diffusion model works too, as a one-step denoiser (weaker).")
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--model", required=True, help="model folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input", nargs="+", metavar="PNG",
+                     help="image(s) of the model's size (superres also takes low-res ones, 1/--factor of it), "
+                          "converted to the model's L or RGB")
+    src.add_argument("--dataset", help="instead of --input: 'digits' or an image folder; --num images drawn with "
+                                       "--seed (stroke: their rough block strokes)")
+    p.add_argument("--num", type=_positive_int, default=8, help="images from --dataset, pairs for interpolate (default 8)")
+    p.add_argument("--out", default="edit.png", help="PNG file to write")
+    g = p.add_argument_group("task options")
+    mask = g.add_mutually_exclusive_group()
+    mask.add_argument("--mask", metavar="PNG", help="inpaint: a mask of the model's size, white = keep, black = generate")
+    mask.add_argument("--mask-half", choices=["bottom", "top", "left", "right"],
+                      help="inpaint: generate this half of each image (default bottom)")
+    g.add_argument("--factor", type=_positive_int, default=4, help="superres: upscaling factor (default 4)")
+    g.add_argument("--noise-sigma", type=float, default=0.5,
+                   help="denoise: std of the Gaussian noise added to the input, images in [-1, 1] (default 0.5)")
+    g.add_argument("--noisy-input", action="store_true", help="denoise: the input already has noise of std "
+                                                              "--noise-sigma; add none")
+    g.add_argument("--frames", type=_positive_int, default=8, help="interpolate: frames per pair (default 8)")
+    g.add_argument("--sigma-start", type=float, default=1.5,
+                   help="stroke: noise level to start from; higher is more realistic, less faithful (default 1.5)")
+    g.add_argument("--sigmas", type=_sigma_list,
+                   help="the loop's decreasing noise levels (default: the model's sigma_max,20,5,1.5,0.5); denoise: "
+                        "extra refinement levels below --noise-sigma (default none); stroke: levels after "
+                        "--sigma-start; interpolate: default sigma_max alone")
+    p.add_argument("--label", type=int, nargs="+", help="condition on a class, one or one per image/pair "
+                                                        "(default: unconditional)")
+    p.add_argument("--guidance-scale", type=float, help="with --label: classifier-free guidance, 1.0 = none "
+                                                        "(default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the grid (default 4)")
+    p.set_defaults(func=_cmd_edit)
+
+
+def _cmd_edit(args: argparse.Namespace) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from .atomic import check_writable
+    from .data import load_dataset
+    from .editing import half_mask, rough_strokes, run_task
+    from .images import labeled_rows, make_grid, read_png, save_png
+    from .models import load_model
+
+    out = check_writable(args.out, ".png")  # fail before any work
+    if (args.mask or args.mask_half) and args.task != "inpaint":
+        raise FewstepError("--mask and --mask-half apply to --task inpaint only")
+    model = load_model(args.model)
+    size, channels = model.config.image_size, model.config.channels
+    images = None
+    if args.input:  # superres also takes low-res inputs: nearest upsampling keeps their patch means
+        sizes = (size, size // args.factor) if args.task == "superres" else (size,)
+        images = torch.cat([F.interpolate(read_png(path, channels, sizes), size=(size, size), mode="nearest")
+                            for path in args.input])
+    elif args.dataset:
+        data = load_dataset(args.dataset, size, channels)
+        images = data.images[torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.num]]
+        images = rough_strokes(images) if args.task == "stroke" else images
+    elif args.task != "interpolate":
+        raise FewstepError(f"--task {args.task} needs --input PNG ... or --dataset NAME")
+    known = read_png(args.mask, 1, (size,))[0] > 0 if args.mask else None
+    known = half_mask(size, args.mask_half) if args.mask_half else known
+    rows = run_task(model, args.task, images, known=known, factor=args.factor, noise_sigma=args.noise_sigma,
+                    add_noise=not args.noisy_input, frames=args.frames, sigma_start=args.sigma_start, pairs=args.num,
+                    labels=args.label, sigmas=args.sigmas, guidance_scale=args.guidance_scale, seed=args.seed)
+    grid = labeled_rows([(name, make_grid(row, nrow=len(row), scale=args.scale)) for name, row in rows], margin=110)
+    save_png(grid, out)
+    print(f"wrote {args.task}: {len(rows)} rows of {len(rows[0][1])} images to {out}")
+
+
 # --- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from .solvers import SAMPLERS
@@ -213,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p, steps=4000, batch=128, lr=2e-4)
     p.set_defaults(func=cmd_train_teacher)
 
+    for name in ("distill", "train"):
+        _add_distill_parser(sub, name)
+
     p = sub.add_parser("train-classifier", help="train the small classifier used for accuracy and FID features",
                        description="Train the CNN that judges samples (conditional accuracy) and embeds them "
                                    "(FID/KID features); reports held-out accuracy.")
@@ -232,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(± std), precision/recall (k=3), conditional accuracy, NFE and seconds/image.")
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--steps", type=_step_list, default=[1, 2, 4], help="comma-separated step counts (default 1,2,4)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp-2m")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's")
     p.add_argument("--guidance-scale", type=float, default=None, help="1.0 = none (default: the model's)")
     p.add_argument("--num", type=_positive_int, default=1000, help="samples per step count (default 1000)")
     p.add_argument("--seed", type=int, default=0)
@@ -260,9 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample any model fewstep can load and write a PNG grid. Without --label a "
                                    "class-conditional model gives --num rows of one image per class.")
     p.add_argument("--model", required=True, help="model folder")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp-2m",
-                   help="ddim (= euler in σ space), euler, heun (2 evaluations/step), dpmpp-2m, ddpm (stochastic)")
-    p.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
+                   help="ddim (= euler in σ space), euler, heun (2 evaluations/step), dpmpp-2m, ddpm (stochastic), "
+                        "consistency (multistep consistency sampling); default: the model's (dpmpp-2m for a "
+                        "diffusion model, consistency for a consistency model)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="sampling steps (default: the model's, 50 for a diffusion model, 1 for a consistency model)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance, 1.0 = none (default: the model's, 2.0 for digits)")
     p.add_argument("--label", type=int, nargs="+", help="class labels to sample (default: every class)")
@@ -271,7 +396,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the grid (default 4)")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     p.set_defaults(func=cmd_sample)
+    _add_edit_parser(sub)
     return parser
+
+
+def _add_distill_parser(sub, name: str) -> None:
+    from .distances import DISTANCES
+
+    if name == "distill":
+        p = sub.add_parser("distill", help="make a few-step model: consistency distillation (cd) or training (ct, ict, act)",
+                           description="Distill a diffusion teacher into a consistency model (--method cd, Song et al. "
+                                       "2023: the student learns to map every point of the teacher's guided PF-ODE to its "
+                                       "origin, so 1-2 steps suffice), or train one from data alone (--method ct | ict | "
+                                       "act: consistency training, improved CT of Song & Dhariwal 2023, adversarial CT "
+                                       "of Kong et al. 2024). Runs under `accelerate launch`, resumes from --work-dir.")
+    else:
+        p = sub.add_parser("train", help="train a consistency model from data alone (ct, ict, act)",
+                           description="Train a consistency model without a teacher: the same as "
+                                       "`fewstep distill --method ct|ict|act`.")
+    methods = ["cd", "ct", "ict", "act"] if name == "distill" else ["ct", "ict", "act"]
+    p.add_argument("--method", choices=methods + (["lcd", "lcf", "lcm-lora", "guided", "progressive"] if name == "distill" else []),
+                   required=True, help="cd needs --teacher; ct, ict and act need only --dataset")
+    p.add_argument("--teacher", help="teacher model folder (cd), e.g. models/digits-teacher")
+    p.add_argument("--dataset", help="'digits' or an image folder (default: the teacher's data set, else digits)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--image-size", type=_positive_int, default=None)
+    p.add_argument("--channels", type=int, choices=[1, 3], default=1)
+    g = p.add_argument_group("consistency objective")
+    g.add_argument("--distance", choices=DISTANCES, default="l2",
+                   help="d(x, y) of the loss: l2, l1, pseudo-huber (iCT), classifier (features of the shipped "
+                        "classifier, a CPU stand-in for LPIPS), lpips (needs the lpips package and --lpips-weights)")
+    g.add_argument("--solver", choices=["euler", "heun"], default="heun", help="cd: the teacher's ODE step (default heun)")
+    g.add_argument("--guidance-scale", type=float, default=2.0,
+                   help="cd: the classifier-free guidance scale of the teacher ODE the student learns (default 2.0)")
+    g.add_argument("--num-scales", type=_positive_int, help="N: cd's grid (default 18); ct/ict's final N (150 / 1280)")
+    g.add_argument("--start-scales", type=_positive_int, help="ct/ict's first N (2 / 10)")
+    g.add_argument("--target-ema", type=float, help="cd's target EMA rate μ (default 0.95)")
+    g.add_argument("--width", type=_positive_int, default=32, help="ct/ict/act: UNet base width")
+    g.add_argument("--classifier", help="classifier folder for --distance classifier (default: models/<data>-classifier)")
+    g.add_argument("--lpips-weights", help="local LPIPS weights for --distance lpips")
+    g = p.add_argument_group("adversarial consistency training (act)")
+    g.add_argument("--gan-weight", type=float, default=0.3, help="λ in (1 − λ)·L_CT + λ·L_G (default 0.3)")
+    g.add_argument("--d-lr", type=float, default=1e-4, help="discriminator learning rate")
+    g.add_argument("--r1-gamma", type=float, default=10.0, help="R1 penalty weight γ (0: off; default 10)")
+    g.add_argument("--r1-interval", type=_positive_int, default=16, help="lazy R1: every k steps (default 16)")
+    g.add_argument("--augment", type=float, default=0.0, help="probability of each differentiable augmentation")
+    _train_args(p, steps=3000, batch=64, lr=1e-4)
+    p.set_defaults(func=cmd_distill)
 
 
 def main(argv: list[str] | None = None) -> int:

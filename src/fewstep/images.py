@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -56,3 +57,21 @@ def labeled_rows(rows: list[tuple[str, Image.Image]], margin: int = 150) -> Imag
         draw.text((6, y + im.height // 2 - 6), label, fill="black")
         y += im.height
     return canvas
+
+
+def read_png(path: str | Path, channels: int, sizes: Sequence[int] = ()) -> Tensor:
+    """An image file as [1, C, H, W] in [−1, 1], converted to L (``channels`` 1) or RGB (3). An image
+    that is not square of one of ``sizes`` (when given) is a clear error: fewstep never resizes silently."""
+    path = Path(path)
+    if not path.is_file():
+        raise FewstepError(f"input image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im = im.convert({1: "L", 3: "RGB"}[channels])
+    except OSError as e:
+        raise FewstepError(f"cannot read image {path}: {e}") from None
+    if sizes and (im.width != im.height or im.width not in sizes):
+        raise FewstepError(f"{path} is {im.width}x{im.height} pixels; this model needs "
+                           + " or ".join(f"{s}x{s}" for s in sizes))
+    arr = np.asarray(im, dtype=np.float32).reshape(im.height, im.width, channels)
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1

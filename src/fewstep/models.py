@@ -22,7 +22,10 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
+from functools import partial
+
 from .atomic import atomic_path
+from .consistency import cm_scalings
 from .denoisers import EDMDenoiser, VPDenoiser
 from .errors import FewstepError
 from .schedules import EDMSchedule, VPSchedule
@@ -34,8 +37,9 @@ CONFIG_NAME = "fewstep.json"
 class ModelConfig:
     """The contents of ``fewstep.json``."""
 
-    kind: str = "diffusion"                    # "diffusion" (a denoiser); later kinds add consistency models
-    parameterization: str = "edm"              # "edm" (Karras preconditioning) or "vp" (discrete ε/v/x0 UNet)
+    kind: str = "diffusion"                    # "diffusion" (a denoiser) or "consistency" (f(x, σ) → x_0 in one step)
+    parameterization: str = "edm"              # "edm" (Karras preconditioning), "cm" (consistency boundary
+                                               # condition, Song et al. 2023) or "vp" (discrete ε/v/x0 UNet)
     schedule: dict[str, Any] = field(default_factory=dict)  # EDMSchedule or VPSchedule fields
     prediction_type: str = "epsilon"           # for "vp"
     image_size: int = 16
@@ -45,6 +49,7 @@ class ModelConfig:
     default_sampler: str = "dpmpp-2m"
     default_steps: int = 50
     default_guidance_scale: float = 2.0
+    sampling_sigmas: dict[str, list[float]] = field(default_factory=dict)  # tuned n-step grids ("2": [80, 0.8, 0])
     training: dict[str, Any] = field(default_factory=dict)  # command, settings, final loss
     format_version: int = 1
 
@@ -74,13 +79,15 @@ def build_unet(image_size: int, channels: int, num_classes: int, width: int = 32
 
 
 def make_schedule(config: ModelConfig) -> EDMSchedule | VPSchedule:
-    return EDMSchedule(**config.schedule) if config.parameterization == "edm" else VPSchedule(**config.schedule)
+    return VPSchedule(**config.schedule) if config.parameterization == "vp" else EDMSchedule(**config.schedule)
 
 
 def make_denoiser(unet: nn.Module, config: ModelConfig) -> nn.Module:
     """Wrap a backbone according to the config's parameterization."""
-    if config.parameterization == "edm":
-        return EDMDenoiser(unet, sigma_data=config.schedule.get("sigma_data", 0.5))
+    if config.parameterization in ("edm", "cm"):
+        schedule = EDMSchedule(**config.schedule)
+        scalings = partial(cm_scalings, sigma_min=schedule.sigma_min) if config.parameterization == "cm" else None
+        return EDMDenoiser(unet, sigma_data=schedule.sigma_data, scalings=scalings)
     if config.parameterization == "vp":
         return VPDenoiser(unet, make_schedule(config), config.prediction_type)
     raise FewstepError(f"unknown parameterization {config.parameterization!r} in {CONFIG_NAME}")

@@ -17,11 +17,16 @@ from .solvers import get_sampler
 
 
 def sampling_grid(model: LoadedModel, steps: int, sampler: str = "dpmpp-2m") -> Tensor:
-    """The default n-step σ grid of a model, ending in 0. EDM models: DDIM's uniform-timestep grid for
-    ``ddim`` (so it differs from Euler only in its discretization, as in Karras et al. 2022 Table 1),
-    the Karras ρ = 7 grid for every other sampler. Discrete VP models: diffusers' "trailing" timesteps."""
+    """The default n-step σ grid of a model, ending in 0. A grid tuned for the model and stored in its
+    ``sampling_sigmas`` (e.g. by ``fewstep eval --tune-sigmas``) comes first. EDM models: DDIM's
+    uniform-timestep grid for ``ddim`` (so it differs from Euler only in its discretization, as in
+    Karras et al. 2022 Table 1), the Karras ρ = 7 grid for every other sampler (for multistep
+    consistency sampling: σmax, then the Karras levels). Discrete VP models: diffusers' "trailing" timesteps."""
     if steps < 1:
         raise FewstepError(f"steps must be at least 1, got {steps}")
+    tuned = model.config.sampling_sigmas.get(str(steps))
+    if tuned is not None and sampler == model.config.default_sampler:
+        return torch.tensor(tuned, dtype=torch.float32)
     schedule = model.schedule
     if isinstance(schedule, EDMSchedule):
         return schedule.ddim_grid(steps) if sampler == "ddim" else schedule.grid(steps)
@@ -80,8 +85,16 @@ def generate(model: LoadedModel, labels: Sequence[int] | Tensor | None = None, n
         x = torch.randn(b, cfg.channels, cfg.image_size, cfg.image_size, generator=generator) * sigmas[0]
         den, extra = conditioned(model, None if labels is None else labels[start:start + b].to(device), guidance_scale)
         out.append(spec.fn(den, x.to(device), sigmas, extra_args=extra, generator=generator,
-                           disable=not progress).clamp(-1, 1).cpu())
+                           disable=not progress, **sampler_options(model, sampler)).clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def sampler_options(model: LoadedModel, sampler: str) -> dict:
+    """Model-specific keyword arguments of a sampler: multistep consistency sampling re-noises to
+    √(σ'² − σmin²) for a CM (Song et al. 2023, Algorithm 1)."""
+    if sampler == "consistency" and model.config.parameterization == "cm":
+        return {"sigma_end": model.schedule.sigma_min}
+    return {}
 
 
 def nfe(model: LoadedModel, sampler: str, steps: int, guidance_scale: float) -> int:

@@ -186,6 +186,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "heun": SamplerSpec(sample_heun, lambda n: 2 * n - 1),
     "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, lambda n: n),
     "ddpm": SamplerSpec(sample_ddpm, lambda n: n, stochastic=True),
+    "consistency": SamplerSpec(sample_consistency, lambda n: n, stochastic=True),
 }
 
 

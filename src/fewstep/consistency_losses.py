@@ -1,0 +1,204 @@
+"""Consistency distillation and training losses (Song et al. 2023; Song & Dhariwal 2023), one callable.
+
+CD, CT and iCT are the same loss (Song et al. 2023, eq. 7 and 10),
+
+    E[ λ(σ_n, σ_{n+1}) · d( f_θ(x + σ_{n+1}·z, σ_{n+1}),  f_θ⁻(x̂_{σ_n}, σ_n) ) ],
+
+on adjacent levels σ_n < σ_{n+1} of an N-point Karras grid; they differ only in
+- how x̂_{σ_n} is made: one teacher ODE step (Euler or Heun) from x + σ_{n+1}·z (CD), or
+  x + σ_n·z with the same z (CT, iCT: the one-sample estimate of the score);
+- the curriculum N(k) and target EMA μ(k) (fixed for CD; CT's and iCT's schedules in
+  :mod:`fewstep.consistency`; iCT's μ = 0: the target is the online network under stop-gradient);
+- how the pair is drawn (uniform; iCT: discretized lognormal) and weighted (1; iCT: 1/(σ_{n+1} − σ_n));
+- the distance d (:mod:`fewstep.distances`).
+
+Structure follows openai/consistency_models ``cm/karras_diffusion.py: consistency_losses``: the same
+dropout mask for the online and target branches (the RNG state is restored before the target pass),
+the target network a separate EMA copy updated after each optimizer step (``after_step``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .consistency import ct_num_scales, ct_target_ema, ict_level_probs, ict_num_scales, karras_levels
+from .denoisers import append_dims
+from .distances import Distance
+from .objectives import unwrap
+from .schedules import EDMSchedule
+from .solvers import ddim_step, heun_step
+
+TeacherFn = Callable[[Tensor | None], tuple[Callable[..., Tensor], dict]]
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """N(k), μ(k), the level sampling and the weighting of one method."""
+
+    name: str                               # "cd" | "ct" | "ict"
+    total_steps: int
+    num_scales: int = 18                    # CD's fixed N (Song et al. 2023: 18 on CIFAR-10, 40 on ImageNet-64)
+    target_ema: float = 0.95                # CD's fixed μ
+    s0: int = 2                             # CT: N(0) and μ0's exponent; iCT: the first N (10)
+    s1: int = 150                           # CT/iCT: the final N (150; iCT 1280)
+    mu0: float = 0.9                        # CT's μ0
+    p_mean: float = -1.1                    # iCT's lognormal level distribution
+    p_std: float = 2.0
+
+    @classmethod
+    def for_method(cls, method: str, total_steps: int, **overrides) -> "Curriculum":
+        """The paper defaults of ``method`` (cd, ct, ict; act uses CT's), with explicit overrides."""
+        base = {"cd": {}, "ct": {"s0": 2, "s1": 150, "mu0": 0.9}, "act": {"s0": 2, "s1": 150, "mu0": 0.9},
+                "ict": {"s0": 10, "s1": 1280, "target_ema": 0.0}}[method]
+        name = "ct" if method == "act" else method
+        return cls(name=name, total_steps=total_steps, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def scales(self, step: int) -> int:
+        if self.name == "ct":
+            return ct_num_scales(step, self.total_steps, self.s0, self.s1)
+        if self.name == "ict":
+            return ict_num_scales(step, self.total_steps, self.s0, self.s1)
+        return self.num_scales
+
+    def ema(self, step: int) -> float:
+        return ct_target_ema(self.scales(step), self.s0, self.mu0) if self.name == "ct" else self.target_ema
+
+    def sample_pairs(self, n: int, step: int, schedule: EDMSchedule) -> tuple[Tensor, Tensor]:
+        """n pairs (σ_n, σ_{n+1}) of adjacent levels on the current grid."""
+        scales = self.scales(step)
+        if self.name == "ict":
+            index = torch.multinomial(ict_level_probs(scales, schedule.sigma_min, schedule.sigma_max, schedule.rho,
+                                                      self.p_mean, self.p_std), n, replacement=True)
+        else:
+            index = torch.randint(0, scales - 1, (n,))
+        lo, hi = (karras_levels(i, scales, schedule.sigma_min, schedule.sigma_max, schedule.rho).float()
+                  for i in (index, index + 1))
+        return lo, hi
+
+    def weight(self, lo: Tensor, hi: Tensor) -> Tensor:
+        return 1 / (hi - lo) if self.name == "ict" else torch.ones_like(lo)
+
+
+@dataclass
+class Pair:
+    """One batch's consistency pair: f_θ(x_{σ_{n+1}}), its target f_θ⁻(x̂_{σ_n}), the weights λ."""
+
+    online: Tensor
+    target: Tensor
+    weight: Tensor
+    sigma: Tensor          # σ_{n+1}, the online network's level
+    cond: dict
+
+    def loss(self, distance: Distance) -> Tensor:
+        return (self.weight * distance(self.online, self.target)).mean()
+
+
+class ConsistencyLoss:
+    """The CD / CT / iCT objective for :func:`fewstep.train.train` (see the module docstring).
+
+    ``teacher`` (CD only) maps a batch's labels to ``(denoiser, extra_args)`` of the teacher's
+    (guided) PF-ODE, e.g. ``lambda y: sampling.conditioned(teacher, y, 2.0)``; ``solver`` is its
+    one-step ODE solver. Class labels, when the data has them, condition the student as well.
+    """
+
+    def __init__(self, schedule: EDMSchedule, curriculum: Curriculum, distance: Distance,
+                 teacher: TeacherFn | None = None, solver: str = "heun", conditional: bool = True) -> None:
+        if solver not in ("euler", "heun"):
+            raise ValueError(f"unknown teacher solver {solver!r}; use euler or heun")
+        self.schedule = schedule
+        self.curriculum = curriculum
+        self.distance = distance
+        self.teacher = teacher
+        self.solver = solver
+        self.conditional = conditional
+        self.step = 0                         # optimizer steps done (set by after_step, saved in checkpoints)
+        self.target: nn.Module | None = None  # the EMA target f_θ⁻ (None while μ = 0 or before the first batch)
+        self._pending: dict[str, Tensor] | None = None
+
+    # --- the loss ------------------------------------------------------------------------------
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        pair = self.pair(model, batch)
+        return pair.loss(self.distance), self.logs()
+
+    def pair(self, model: nn.Module, batch: dict[str, Tensor]) -> "Pair":
+        """The online output at σ_{n+1} and its (stop-gradient) target at σ_n for one batch."""
+        x0 = batch["images"]
+        cond = {"class_labels": batch["labels"]} if self.conditional and "labels" in batch else {}
+        lo, hi = (s.to(x0.device) for s in self.curriculum.sample_pairs(len(x0), self.step, self.schedule))
+        noise = torch.randn_like(x0)
+        x_hi = x0 + append_dims(hi, x0.ndim) * noise
+        rng = _rng_state(x0.device)
+        online = model(x_hi, hi, **cond)
+        with torch.no_grad():
+            x_lo = self.teacher_step(x_hi, hi, lo, cond) if self.teacher else x0 + append_dims(lo, x0.ndim) * noise
+            _set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
+            target = self.target_network(model)(x_lo, lo, **cond)
+        return Pair(online, target.detach(), self.curriculum.weight(lo, hi), hi, cond)
+
+    def teacher_step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: dict) -> Tensor:
+        """One Euler or Heun step of the teacher's PF-ODE from σ_{n+1} down to σ_n (> 0)."""
+        den, extra = self.teacher(cond.get("class_labels"))
+        denoised = den(x, sigma, **extra)
+        if self.solver == "euler":
+            return ddim_step(x, denoised, append_dims(sigma, x.ndim), append_dims(sigma_next, x.ndim))
+        return heun_step(den, x, denoised, sigma, sigma_next, extra)
+
+    def target_network(self, model: nn.Module) -> nn.Module:
+        """f_θ⁻: the EMA copy, or the online network itself when μ = 0 (iCT's stop-gradient)."""
+        if self.curriculum.ema(self.step) == 0 and self.target is None:
+            return unwrap(model)
+        if self.target is None:
+            self.target = copy.deepcopy(unwrap(model)).requires_grad_(False)
+            if self._pending is not None:
+                self.target.load_state_dict(self._pending)
+                self._pending = None
+        return self.target
+
+    def logs(self) -> dict[str, float]:
+        return {"num_scales": self.curriculum.scales(self.step), "target_ema": self.curriculum.ema(self.step)}
+
+    # --- trainer hooks -------------------------------------------------------------------------
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ after each optimizer step (Song et al. 2023, Algorithm 2/3)."""
+        mu = self.curriculum.ema(self.step)
+        self.step = step
+        if self.target is None:
+            return
+        for t, p in zip(self.target.parameters(), unwrap(model).parameters()):
+            t.lerp_(p.detach(), 1 - mu)
+        for t, b in zip(self.target.buffers(), unwrap(model).buffers()):
+            t.copy_(b)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {"step": torch.tensor(self.step)}
+        if self.target is not None:
+            state.update({f"target.{k}": v for k, v in self.target.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.step = int(state["step"])
+        target = {k[len("target."):]: v for k, v in state.items() if k.startswith("target.")}
+        if target:
+            if self.target is not None:
+                self.target.load_state_dict(target)
+            else:
+                self._pending = target
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda, device
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda, device = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
