@@ -228,7 +228,9 @@ def _add_edit_parser(sub) -> None:
                                    "noise (SDEdit). Writes a PNG with rows: reference, what the model is given, "
                                    "result (interpolate: one row of frames per pair). Meant for consistency models; "
                                    "a diffusion model works too, as a one-step denoiser (weaker).")
-    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--task", choices=TASKS, required=True,
+                   help="inpaint (fill masked pixels), colorize (RGB from luminance), superres (from patch means), "
+                        "denoise, interpolate (between two noises), stroke (from a rough painting)")
     p.add_argument("--model", required=True, help="model folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", nargs="+", metavar="PNG",
