@@ -45,6 +45,7 @@ class BenchSettings:
     timing_batch: int = 64      # images per batch for the speed table
     timing_repeats: int = 5     # median of this many timed runs
     quick: bool = False
+    reuse: str | None = None    # a previous bench.json: its teacher quality rows are reused if num and seed match
 
     @classmethod
     def quick_settings(cls) -> "BenchSettings":
@@ -72,6 +73,7 @@ class BenchReport:
     quality: dict[str, list[dict]] = field(default_factory=dict)   # "model/sampler" -> EvalResult rows
     speed: list[dict] = field(default_factory=list)
     speedup: list[dict] = field(default_factory=list)
+    costs: dict[str, dict] = field(default_factory=dict)            # distilled model -> training cost
 
 
 def distilled_models(models_dir: Path, teacher: LoadedModel) -> list[LoadedModel]:
@@ -82,6 +84,17 @@ def distilled_models(models_dir: Path, teacher: LoadedModel) -> list[LoadedModel
         if model.config.kind != "diffusion" and model.config.dataset == teacher.config.dataset:
             found.append(model)
     return found
+
+
+def training_cost(model: LoadedModel) -> dict:
+    """What a model cost to make, from its folder's training record: method, steps × batch, and
+    core-minutes (wall-clock × torch threads) on the machine that trained it."""
+    t = model.config.training
+    cfg = t.get("config", {})
+    wall, threads = t.get("wall_seconds"), t.get("threads")
+    return {"method": t.get("method", model.config.kind), "steps": t.get("steps"), "batch": cfg.get("batch_size"),
+            "wall_minutes": None if wall is None else wall / 60,
+            "core_minutes": float("nan") if wall is None or threads is None else wall * threads / 60}
 
 
 def time_network(model: LoadedModel, batch: int, guidance: float, repeats: int) -> float:
@@ -131,11 +144,18 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     distilled = distilled_models(models_dir, teacher)
 
     # quality
+    previous = _reusable_quality(settings)
     for sampler, steps in step_sets.items():
+        key = f"{teacher.path.name}/{sampler}"
+        if key in previous and [r["steps"] for r in previous[key]] == list(steps):
+            report.quality[key] = previous[key]
+            print(f"{key}: reused from {settings.reuse}")
+            continue
         rows, _ = evaluate(teacher, ruler, list(steps), sampler, guidance, settings.num, settings.seed)
-        report.quality[f"{teacher.path.name}/{sampler}"] = [asdict(r) for r in rows]
+        report.quality[key] = [asdict(r) for r in rows]
         _print_quality(teacher.path.name, rows)
     for model in distilled:
+        report.costs[model.path.name] = training_cost(model)
         rows, _ = evaluate(model, ruler, [1, 2, 4], model.config.default_sampler, None, settings.num, settings.seed)
         report.quality[f"{model.path.name}/{model.config.default_sampler}"] = [asdict(r) for r in rows]
         _print_quality(model.path.name, rows)
@@ -151,6 +171,16 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     if write_markdown is not None:
         _write_markdown(report, write_markdown, out_dir)
     return report
+
+
+def _reusable_quality(settings: BenchSettings) -> dict[str, list[dict]]:
+    """Quality rows of a previous run with the same sample count and seed (``--reuse``): the teacher's
+    curves cost most of a bench and do not change when only distilled models are added."""
+    if not settings.reuse:
+        return {}
+    old = json.loads(Path(settings.reuse).read_text())
+    same = all(old["settings"].get(k) == getattr(settings, k) for k in ("teacher", "num", "seed"))
+    return old["quality"] if same else {}
 
 
 def _speed_rows(model: LoadedModel, step_sets: dict[str, tuple[int, ...]], settings: BenchSettings) -> list[dict]:
@@ -252,6 +282,7 @@ def _write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
         lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {1e3 * r['seconds_per_image']:.3f} "
                      f"| {r['images_per_second']:.0f} | {1e3 * r['floor_seconds_per_image']:.3f} | "
                      f"{r['overhead']:.3f}× |")
+    lines += _consistency_section(report)
     if report.speedup:
         lines += ["", "## Speedup at matched quality", "",
                   "| model | steps | FID | teacher's cheapest match | its FID | speedup |", "|---|---:|---:|---|---:|---:|"]
@@ -262,6 +293,32 @@ def _write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
                 lines.append(f"| {r['model']} | {r['steps']} | {r['fid']:.3f} | {r['teacher_match']} | "
                              f"{r['teacher_fid']:.3f} | {r['speedup']:.1f}× |")
     write_text(path, "\n".join(lines) + "\n")
+
+
+def _consistency_section(report: BenchReport) -> list[str]:
+    """Consistency models beside the teacher: FID at 1, 2, 4 steps, training cost, and the CD targets
+    (1-step ≤ 1.5×, 2-step ≤ 1.2× the teacher's best FID, its 50-step DPM-Solver++)."""
+    teacher = report.settings["teacher"]
+    dpm = {r["steps"]: r for r in report.quality.get(f"{teacher}/dpmpp-2m", [])}
+    best = dpm.get(50)
+    models = [(k.split("/")[0], rows) for k, rows in report.quality.items() if k.endswith("/consistency")]
+    if not models or best is None:
+        return []
+    lines = ["", "## Consistency models", "",
+             f"One network evaluation per step, no CFG pass (CD learns the teacher's guided ODE at s = "
+             f"{best['guidance_scale']:g}; CT/iCT/ACT are conditional models trained from the data alone). "
+             f"The teacher's best: FID {best['fid']:.3f} at 50 DPM-Solver++ steps (NFE {best['nfe']}).", "",
+             "| model | method | trained | cost (core-min) | FID 1 step | FID 2 steps | FID 4 steps | acc. 1 step | "
+             "1-step FID / teacher best |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines.append(f"| {teacher} (DPM-Solver++, CFG) | – | – | – | {dpm[1]['fid']:.3f} | {dpm[2]['fid']:.3f} | "
+                 f"{dpm[4]['fid']:.3f} | {dpm[1]['cond_accuracy']:.3f} | {dpm[1]['fid'] / best['fid']:.2f} |")
+    for name, rows in models:
+        by = {r["steps"]: r for r in rows}
+        t = report.costs.get(name, {})
+        lines.append(f"| {name} | {t.get('method', '?')} | {t.get('steps', '?')} × {t.get('batch', '?')} | "
+                     f"{t.get('core_minutes', float('nan')):.0f} | {by[1]['fid']:.3f} | {by[2]['fid']:.3f} | "
+                     f"{by[4]['fid']:.3f} | {by[1]['cond_accuracy']:.3f} | {by[1]['fid'] / best['fid']:.2f} |")
+    return lines
 
 
 def _rel(target: Path, md: Path) -> str:

@@ -171,6 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     args.sampler = args.sampler or model.config.default_sampler
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
+    if args.tune_sigmas:
+        _tune_sigmas(model, ruler, args)
     rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
     report = eval_report(model, rows, args.num, args.seed)
     print(f"{'steps':>5} {'NFE':>4} {'FID':>8} {'KID':>9} {'prec':>6} {'recall':>6} {'acc':>6} {'s/img':>8}")
@@ -188,6 +190,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.grid}")
 
 
+def _tune_sigmas(model, ruler, args: argparse.Namespace) -> None:
+    """``fewstep eval --tune-sigmas``: ternary-search each multi-step count's intermediate levels and use
+    them for the evaluation that follows; ``--save-sigmas`` also stores them in the model's fewstep.json."""
+    import json
+    from dataclasses import asdict
+
+    from .atomic import write_text
+    from .evaluate import tune_sigmas
+    from .models import CONFIG_NAME
+
+    for n in (n for n in args.steps if n >= 2):
+        grid, fid = tune_sigmas(model, ruler, n, num=min(args.num, 500), seed=args.seed, sampler=args.sampler,
+                                guidance_scale=args.guidance_scale)
+        model.config.sampling_sigmas[str(n)] = [round(s, 4) for s in grid]
+        print(f"{n} steps: best σ grid {', '.join(f'{s:.4g}' for s in grid)} (FID {fid:.3f} on {min(args.num, 500)} samples)")
+    if args.save_sigmas:
+        write_text(model.path / CONFIG_NAME, json.dumps(asdict(model.config), indent=2) + "\n")
+        print(f"saved the tuned grids to {model.path / CONFIG_NAME}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import BenchSettings, run_bench
 
@@ -195,6 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.num:
         settings.num = args.num
     settings.seed = args.seed
+    settings.reuse = args.reuse
     markdown = None if args.no_markdown else Path(args.markdown)
     run_bench(Path(args.models or shipped_models_dir()), Path(args.out), settings, _command_line(args), markdown)
     print(f"wrote {args.out}/bench.json and plots" + (f", and {markdown}" if markdown else ""))
@@ -364,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
     p.add_argument("--json", help="write the results as one JSON object here")
     p.add_argument("--grid", help="write a PNG of samples per step count here")
+    p.add_argument("--tune-sigmas", action="store_true",
+                   help="first ternary-search the intermediate noise levels of each multi-step count for the "
+                        "lowest FID (Song et al. 2023; for consistency models), then evaluate with them")
+    p.add_argument("--save-sigmas", action="store_true", help="with --tune-sigmas: store the grids in the model folder")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="quality-vs-steps and speed tables for the teacher's solvers and distilled models",
@@ -376,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-markdown", action="store_true", help="do not write the markdown table")
     p.add_argument("--quick", action="store_true", help="small sample counts and step sets (a smoke test)")
     p.add_argument("--num", type=_positive_int, help="samples per quality point (default 1000; quick: 100)")
+    p.add_argument("--reuse", help="a previous bench.json whose teacher quality rows are reused when its sample "
+                                   "count and seed match (timings are always re-measured side by side)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
     p.set_defaults(func=cmd_bench)

@@ -41,6 +41,7 @@ class DemoRow:
 # (model folder name, sampler, step counts): later methods add their distilled models here.
 DEMO_RUNS: list[tuple[str, str, tuple[int, ...]]] = [
     ("digits-teacher", "dpmpp-2m", (50, 4, 2, 1)),
+    ("digits-cd", "consistency", (1, 2)),       # consistency distillation (Song et al. 2023), guidance built in
 ]
 
 

@@ -102,7 +102,8 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
         channels=data.channels, class_names=data.class_names, dataset=data.name, default_sampler="consistency",
         default_steps=1, default_guidance_scale=1.0,
         training={"command": command, "method": method, "steps": result.step, "final_loss": result.last_loss,
-                  "distilled_guidance_scale": guidance, "teacher": str(teacher.path) if teacher else None,
+                  "distilled_guidance_scale": guidance, "wall_seconds": round(result.seconds, 1),
+                  "threads": torch.get_num_threads(), "teacher": str(teacher.path) if teacher else None,
                   "parameters": sum(p.numel() for p in unet.parameters()), "config": asdict(config)})
     return save_model(out, result.ema.net, model_config, _readme(out, method, data, result.step, guidance, command))
 

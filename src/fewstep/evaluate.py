@@ -7,6 +7,7 @@ and conditional accuracy (a sample drawn for class c is classified as c).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from .data import ImageData, load_dataset
 from .errors import FewstepError
 from .metrics import feature_stats, frechet_distance, kid, precision_recall
 from .models import LoadedModel
-from .sampling import generate, nfe
+from .sampling import generate, nfe, sampling_grid
 
 
 @dataclass
@@ -114,3 +115,43 @@ def eval_report(model: LoadedModel, rows: list[EvalResult], num: int, seed: int)
     """The JSON object of ``fewstep eval --json`` (DESIGN.md §3)."""
     return {"model": str(model.path), "dataset": model.config.dataset, "num_samples": num, "seed": seed,
             "results": [asdict(r) for r in rows]}
+
+
+def tune_sigmas(model: LoadedModel, ruler: Ruler, steps: int = 2, num: int = 500, seed: int = 0, iters: int = 10,
+                sampler: str = "consistency", guidance_scale: float | None = None,
+                progress: bool = True) -> tuple[list[float], float]:
+    """The intermediate noise levels of n-step (consistency) sampling that minimize FID.
+
+    Song et al. 2023 (§6, "we use ternary search to optimize the intermediate time points"): a
+    ternary search over ln σ for each intermediate level in turn (greedy: level k is searched in
+    (σmin, level k−1) with the earlier ones fixed), scoring the n-step grid σmax > τ_1 > … > τ_k > 0 by
+    FID on ``num`` samples with a fixed seed. Returns the grid (ending in 0) and its FID.
+    """
+    if steps < 2:
+        raise FewstepError("tuning needs at least 2 steps: a 1-step grid has no intermediate level")
+    guidance = model.config.default_guidance_scale if guidance_scale is None else guidance_scale
+    labels = balanced_labels(model, num)
+    sigma_min = getattr(model.schedule, "sigma_min", 0.002)
+    levels = [float(sampling_grid(model, 1, sampler)[0])]
+
+    def fid_at(u: float) -> float:
+        grid = torch.tensor(levels + [math.exp(u), 0.0])
+        return ruler.fid(generate(model, labels, num=num, sampler=sampler, guidance_scale=guidance, seed=seed,
+                                  sigmas=grid))
+
+    bar = tqdm(total=(steps - 1) * iters, disable=not progress, desc="ternary search", leave=False)
+    for _ in range(steps - 1):
+        lo, hi = math.log(sigma_min), math.log(levels[-1])
+        for _ in range(iters):
+            a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+            if fid_at(a) < fid_at(b):
+                hi = b
+            else:
+                lo = a
+            bar.update(1)
+        levels.append(math.exp((lo + hi) / 2))
+    bar.close()
+    grid = levels + [0.0]
+    best = ruler.fid(generate(model, labels, num=num, sampler=sampler, guidance_scale=guidance, seed=seed,
+                              sigmas=torch.tensor(grid)))
+    return grid, best

@@ -59,12 +59,12 @@ def conditioned(model: LoadedModel, labels: Tensor | None, guidance_scale: float
 @torch.no_grad()
 def generate(model: LoadedModel, labels: Sequence[int] | Tensor | None = None, num: int | None = None,
              steps: int = 50, sampler: str = "dpmpp-2m", guidance_scale: float = 1.0, seed: int = 0,
-             batch_size: int = 256, progress: bool = False) -> Tensor:
+             batch_size: int = 256, progress: bool = False, sigmas: Tensor | None = None) -> Tensor:
     """Sample images in [−1, 1], shape [N, C, H, W].
 
     ``labels`` (one per image) for a class-conditional model, else ``num`` images. The initial
     noise and any sampler noise come from one generator seeded with ``seed``, batch by batch, so
-    the same call gives the same images.
+    the same call gives the same images. ``sigmas`` overrides the step grid (``steps`` is then ignored).
     """
     spec = get_sampler(sampler)
     try:
@@ -76,7 +76,7 @@ def generate(model: LoadedModel, labels: Sequence[int] | Tensor | None = None, n
     if not n or n < 1:
         raise FewstepError("nothing to sample: give labels or num >= 1")
     cfg = model.config
-    sigmas = sampling_grid(model, steps, sampler)
+    sigmas = sampling_grid(model, steps, sampler) if sigmas is None else sigmas
     device = next(model.denoiser.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     out = []

@@ -73,6 +73,7 @@ class TrainResult:
     ema: nn.Module         # the EMA weights
     step: int
     last_loss: float
+    seconds: float = 0.0   # wall-clock of the whole run, resumed parts included
 
 
 def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], config: TrainConfig,
@@ -91,10 +92,10 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], confi
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
     ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=config.ema_warmup)
-    step = 0
+    step, elapsed = 0, 0.0
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
-        step = _load_checkpoint(latest, model, optimizer, ema, objective)
+        step, elapsed = _load_checkpoint(latest, model, optimizer, ema, objective)
     ddp_model, optimizer = acc.prepare(model, optimizer)
 
     log_path = out / "metrics.jsonl"
@@ -147,7 +148,8 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], confi
                 f.write(json.dumps(record) + "\n")
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             if acc.is_main_process:
-                save_checkpoint(ckpt_root, step, acc.unwrap_model(ddp_model), optimizer, ema, objective, config)
+                save_checkpoint(ckpt_root, step, acc.unwrap_model(ddp_model), optimizer, ema, objective, config,
+                                elapsed + time.time() - t0)
             acc.wait_for_everyone()
     bar.close()
 
@@ -156,7 +158,7 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], confi
     names = {id(p): n for n, p in trained.named_parameters()}
     ema_named = dict(ema_model.named_parameters())
     ema.copy_to([ema_named[names[id(p)]] for p in params])
-    return TrainResult(trained, ema_model, step, loss_value)
+    return TrainResult(trained, ema_model, step, loss_value, elapsed + time.time() - t0)
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMAModel, objective,
-                    config: TrainConfig) -> Path:
+                    config: TrainConfig, elapsed: float = 0.0) -> Path:
     """Write ``root/step-NNNNNNN`` atomically (temporary folder, then rename); keep the last K."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -183,7 +185,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMA
                   tmp / "optimizer.safetensors")
         if hasattr(objective, "state_dict"):
             save_file(_contiguous(objective.state_dict()), tmp / "objective.safetensors")
-        state = {"step": step, "config": asdict(config), "ema": ema_state,
+        state = {"step": step, "elapsed_seconds": elapsed, "config": asdict(config), "ema": ema_state,
                  "optimizer_param_groups": opt_state["param_groups"]}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -config.keep_checkpoints]:
@@ -191,7 +193,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMA
     return final
 
 
-def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel, objective) -> int:
+def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel, objective) -> tuple[int, float]:
     try:
         state = json.loads((path / "state.json").read_text())
         model.load_state_dict(load_file(path / "model.safetensors"))
@@ -207,7 +209,7 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel, obj
             objective.load_state_dict(load_file(path / "objective.safetensors"))
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
         raise FewstepError(f"cannot resume from checkpoint {path}: {e}. Delete it to resume from an earlier one.") from None
-    return int(state["step"])
+    return int(state["step"]), float(state.get("elapsed_seconds", 0.0))
 
 
 # --- helpers -----------------------------------------------------------------------------------
