@@ -109,6 +109,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
                                      if args.distance == "classifier" else None)
     settings = ConsistencySettings(
         method=args.method, distance=args.distance, solver=args.solver, guidance_scale=args.guidance_scale,
+        label_dropout=args.label_dropout,
         num_scales=args.num_scales, start_scales=args.start_scales, target_ema=args.target_ema, width=args.width,
         classifier=classifier, lpips_weights=args.lpips_weights, gan_weight=args.gan_weight, d_lr=args.d_lr,
         r1_gamma=args.r1_gamma, r1_interval=args.r1_interval, augment=args.augment)
@@ -460,6 +461,9 @@ def _add_distill_parser(sub, name: str) -> None:
     g.add_argument("--solver", choices=["euler", "heun"], default="heun", help="cd: the teacher's ODE step (default heun)")
     g.add_argument("--guidance-scale", type=float, default=2.0,
                    help="cd: the classifier-free guidance scale of the teacher ODE the student learns (default 2.0)")
+    g.add_argument("--label-dropout", type=float, default=0.1,
+                   help="share of training labels replaced by the null label, so the model also works without a "
+                        "label (unconditional generation and editing; default 0.1)")
     g.add_argument("--num-scales", type=_positive_int, help="N: cd's grid (default 18); ct/ict's final N (150 / 1280)")
     g.add_argument("--start-scales", type=_positive_int, help="ct/ict's first N (2 / 10)")
     g.add_argument("--target-ema", type=float, help="cd's target EMA rate μ (default 0.95)")

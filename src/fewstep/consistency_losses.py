@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .consistency import ct_num_scales, ct_target_ema, ict_level_probs, ict_num_scales, karras_levels
 from .denoisers import append_dims
 from .distances import Distance
-from .objectives import unwrap
+from .objectives import drop_labels, unwrap
 from .schedules import EDMSchedule
 from .solvers import ddim_step, heun_step
 
@@ -103,11 +103,14 @@ class ConsistencyLoss:
 
     ``teacher`` (CD only) maps a batch's labels to ``(denoiser, extra_args)`` of the teacher's
     (guided) PF-ODE, e.g. ``lambda y: sampling.conditioned(teacher, y, 2.0)``; ``solver`` is its
-    one-step ODE solver. Class labels, when the data has them, condition the student as well.
+    one-step ODE solver. Class labels, when the data has them, condition the student as well; with
+    ``label_dropout`` some are replaced by ``null_label`` so that the student also learns the
+    unconditional ODE (for zero-shot editing without a label).
     """
 
     def __init__(self, schedule: EDMSchedule, curriculum: Curriculum, distance: Distance,
-                 teacher: TeacherFn | None = None, solver: str = "heun", conditional: bool = True) -> None:
+                 teacher: TeacherFn | None = None, solver: str = "heun", conditional: bool = True,
+                 null_label: int | None = None, label_dropout: float = 0.0) -> None:
         if solver not in ("euler", "heun"):
             raise ValueError(f"unknown teacher solver {solver!r}; use euler or heun")
         self.schedule = schedule
@@ -116,6 +119,8 @@ class ConsistencyLoss:
         self.teacher = teacher
         self.solver = solver
         self.conditional = conditional
+        self.null_label = null_label
+        self.label_dropout = label_dropout
         self.step = 0                         # optimizer steps done (set by after_step, saved in checkpoints)
         self.target: nn.Module | None = None  # the EMA target f_θ⁻ (None while μ = 0 or before the first batch)
         self._pending: dict[str, Tensor] | None = None
@@ -128,7 +133,9 @@ class ConsistencyLoss:
     def pair(self, model: nn.Module, batch: dict[str, Tensor]) -> "Pair":
         """The online output at σ_{n+1} and its (stop-gradient) target at σ_n for one batch."""
         x0 = batch["images"]
-        cond = {"class_labels": batch["labels"]} if self.conditional and "labels" in batch else {}
+        cond = {}
+        if self.conditional and "labels" in batch:  # a null label makes the teacher's CFG collapse to D_u
+            cond["class_labels"] = drop_labels(batch["labels"], self.null_label, self.label_dropout)
         lo, hi = (s.to(x0.device) for s in self.curriculum.sample_pairs(len(x0), self.step, self.schedule))
         noise = torch.randn_like(x0)
         x_hi = x0 + append_dims(hi, x0.ndim) * noise

@@ -40,6 +40,7 @@ class ConsistencySettings:
     distance: str = "l2"                # l2 | l1 | pseudo-huber | classifier | lpips (fewstep.distances)
     solver: str = "heun"                # CD's teacher ODE step: euler | heun
     guidance_scale: float = 2.0         # CD: the teacher's CFG scale that the student learns (1 = none)
+    label_dropout: float = 0.1          # share of null labels: the student learns the unconditional ODE too
     num_scales: int | None = None       # CD: N (default 18); CT/iCT: the final N (s1)
     start_scales: int | None = None     # CT/iCT: the first N (s0)
     target_ema: float | None = None     # CD: μ (default 0.95)
@@ -85,7 +86,8 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
                                        target_ema=settings.target_ema)
     distance = get_distance(settings.distance, settings.classifier, settings.lpips_weights)
     objective = ConsistencyLoss(schedule, curriculum, distance, teacher=teacher_fn, solver=settings.solver,
-                                conditional=bool(data.num_classes))
+                                conditional=bool(data.num_classes), null_label=data.num_classes or None,
+                                label_dropout=settings.label_dropout if data.num_classes else 0.0)
     if method == "act":
         from .adversarial import AdversarialConsistencyLoss, Discriminator
         disc = Discriminator(data.image_size, data.channels, data.num_classes, width=settings.width)
