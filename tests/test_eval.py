@@ -66,6 +66,15 @@ def test_bench_quick_writes_tables_json_and_plots(models, tmp_path, capsys):
     assert len(report["speedup"]) == 3  # one per student row, matched or not
     text = md.read_text()
     assert "Quality versus steps" in text and "sampler overhead" in text and "fewstep bench --quick" in text
+    assert "Zero-shot editing" in text and set(report["editing"]) == {"digits-teacher"}
+    assert report["costs"]["digits-student"]["method"] == "student-under-test"
+
+    # a second run reuses the teacher's quality rows from the first (same sample count and seed)
+    code = main(["bench", "--quick", "--num", "40", "--models", str(models), "--out", str(tmp_path / "res2"),
+                 "--no-markdown", "--reuse", str(tmp_path / "res" / "bench.json")])
+    assert code == 0 and "reused from" in capsys.readouterr().out
+    again = json.loads((tmp_path / "res2" / "bench.json").read_text())
+    assert again["quality"]["digits-teacher/heun"] == report["quality"]["digits-teacher/heun"]
     assert (tmp_path / "res" / "fid_vs_nfe.png").exists() and (tmp_path / "res" / "fid_vs_seconds.png").exists()
 
 
