@@ -76,6 +76,16 @@ def test_eval_tune_sigmas_saves_the_grid(distilled, tmp_path, capsys):
     assert set(json.loads((folder / "fewstep.json").read_text())["sampling_sigmas"]) == {"2"}
 
 
+def test_sample_cli_uses_the_models_defaults_and_chosen_levels(distilled, tmp_path, capsys):
+    out = tmp_path / "s.png"
+    assert main(["sample", "--model", str(distilled / "digits-cd"), "--label", "3", "--num", "2", "--out", str(out)]) == 0
+    assert main(["sample", "--model", str(distilled / "digits-cd"), "--sigmas", "80,0.8", "--label", "3", "--num", "2",
+                 "--out", str(out)]) == 0 and out.exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--model", str(distilled / "digits-cd"), "--sigmas", "0.8,80", "--out", str(out)])
+    assert exit_.value.code == 2 and "strictly decreasing" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "cd"], "needs a teacher"),
     (["--method", "lcd", "--teacher", "X"], "not available yet"),

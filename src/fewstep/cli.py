@@ -112,7 +112,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         label_dropout=args.label_dropout,
         num_scales=args.num_scales, start_scales=args.start_scales, target_ema=args.target_ema, width=args.width,
         classifier=classifier, lpips_weights=args.lpips_weights, gan_weight=args.gan_weight, d_lr=args.d_lr,
-        r1_gamma=args.r1_gamma, r1_interval=args.r1_interval, augment=args.augment)
+        r1_gamma=args.r1_gamma, r1_interval=args.r1_interval, augment=args.augment, gan_weighting=args.gan_weighting)
     folder = distill_consistency(data, args.out, _train_config(args), settings, teacher, command=_command_line(args))
     if folder is not None:
         print(f"saved {args.method} model to {folder}")
@@ -134,15 +134,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
     guidance = cfg.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
     args.sampler = args.sampler or cfg.default_sampler
     args.steps = args.steps or cfg.default_steps
+    sigmas = None if args.sigmas is None else torch.tensor(args.sigmas + [0.0])
     if cfg.class_names:  # one row per label, --num images each
         labels = torch.tensor(args.label or list(range(cfg.num_classes))).repeat_interleave(args.num)
         images = generate(model, labels, steps=args.steps, sampler=args.sampler, guidance_scale=guidance,
-                          seed=args.seed, progress=True)
+                          seed=args.seed, progress=True, sigmas=sigmas)
         nrow = args.num
     else:
         if args.label:
             raise FewstepError(f"{args.model} is unconditional; it takes no --label")
-        images = generate(model, num=args.num, steps=args.steps, sampler=args.sampler, seed=args.seed, progress=True)
+        images = generate(model, num=args.num, steps=args.steps, sampler=args.sampler, seed=args.seed, progress=True,
+                          sigmas=sigmas)
         nrow = math.ceil(math.sqrt(args.num))
     save_png(make_grid(images, nrow=nrow, scale=args.scale), out)
     print(f"wrote {len(images)} samples to {out}")
@@ -422,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling steps (default: the model's, 50 for a diffusion model, 1 for a consistency model)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance, 1.0 = none (default: the model's, 2.0 for digits)")
+    p.add_argument("--sigmas", type=_sigma_list,
+                   help="the noise levels of each step, e.g. 80,0.8 for 2-step consistency sampling with the "
+                        "intermediate level 0.8 (σ = 0 is appended; overrides --steps)")
     p.add_argument("--label", type=int, nargs="+", help="class labels to sample (default: every class)")
     p.add_argument("--num", type=_positive_int, default=8, help="images per label (default 8)")
     p.add_argument("--seed", type=int, default=0)
@@ -472,6 +477,8 @@ def _add_distill_parser(sub, name: str) -> None:
     g.add_argument("--lpips-weights", help="local LPIPS weights for --distance lpips")
     g = p.add_argument_group("adversarial consistency training (act)")
     g.add_argument("--gan-weight", type=float, default=0.3, help="λ in (1 − λ)·L_CT + λ·L_G (default 0.3)")
+    g.add_argument("--gan-weighting", choices=["none", "edm"], default="none",
+                   help="w(σ) of the adversarial term: none (ACT's default) or edm, (σ² + σd²)/(σ·σd)²")
     g.add_argument("--d-lr", type=float, default=1e-4, help="discriminator learning rate")
     g.add_argument("--r1-gamma", type=float, default=10.0, help="R1 penalty weight γ (0: off; default 10)")
     g.add_argument("--r1-interval", type=_positive_int, default=16, help="lazy R1: every k steps (default 16)")

@@ -48,7 +48,8 @@ class ConsistencySettings:
     classifier: str | None = None       # for distance "classifier"
     lpips_weights: str | None = None    # for distance "lpips"
     # ACT (Kong et al. 2024)
-    gan_weight: float = 0.3             # λ in (1 − λ)·L_CT + λ·L_G
+    gan_weight: float = 0.3             # λ in (1 − λ)·L_CT + λ·w(σ)·L_G
+    gan_weighting: str = "none"         # w(σ): "none" (ACT's default) | "edm"
     d_lr: float = 1e-4
     r1_gamma: float = 10.0              # kong13661/ACT's defaults
     r1_interval: int = 16               # lazy R1: every k steps, scaled by k (StyleGAN2)
@@ -92,7 +93,8 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
         from .adversarial import AdversarialConsistencyLoss, Discriminator
         disc = Discriminator(data.image_size, data.channels, data.num_classes, width=settings.width)
         objective = AdversarialConsistencyLoss(objective, disc, settings.gan_weight, settings.d_lr,
-                                               settings.r1_gamma, settings.r1_interval, settings.augment)
+                                               settings.r1_gamma, settings.r1_interval, settings.augment,
+                                               settings.gan_weighting)
     config = replace(config, extra={**asdict(settings), "dataset": data.name, "curriculum": asdict(curriculum)})
     result = train(student, objective, {"images": data.images, "labels": data.labels}, config, accelerator)
 
