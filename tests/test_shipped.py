@@ -39,10 +39,35 @@ def test_one_step_teacher_is_much_worse_than_twenty_five():
     assert fid[1] > 3 * fid[25], fid
 
 
+def test_cd_model_in_one_step_beats_the_teacher_in_one_step():
+    """The shipped consistency-distilled model: one network evaluation, samples of the asked label, and
+    closer to the data than the teacher's one-step (two-evaluation) sample (BENCHMARKS.md: 1,000 samples)."""
+    from fewstep.evaluate import Ruler
+
+    teacher, student = load_model(MODELS / "digits-teacher"), load_model(MODELS / "digits-cd")
+    ruler = Ruler(load_classifier(MODELS / "digits-classifier"), load_digits())
+    labels = torch.arange(200) % 10
+    cd = generate(student, labels, steps=1, sampler="consistency", guidance_scale=1.0, seed=0)
+    fid_teacher = ruler.fid(generate(teacher, labels, steps=1, guidance_scale=2.0, seed=0))
+    assert ruler.fid(cd) < 0.5 * fid_teacher
+    assert accuracy(ruler.classifier, cd, labels) >= 0.95
+
+
+def test_shipped_consistency_models_keep_the_boundary_condition_and_their_recipe():
+    for name in ("digits-cd", "digits-ct", "digits-ict", "digits-act"):
+        model = load_model(MODELS / name)
+        x = torch.randn(3, 1, 16, 16)
+        assert torch.equal(model.denoiser(x, torch.full((3,), 0.002), class_labels=torch.arange(3)), x)
+        assert model.config.training["command"].startswith("fewstep ") and model.config.training["wall_seconds"] > 0
+
+
 def test_demo_runs_and_writes_grid_and_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--per-class", "2"]) == 0
     rows = json.loads((tmp_path / "demo.json").read_text())["results"]
-    assert [r["steps"] for r in rows] == [50, 4, 2, 1]
-    assert rows[0]["nfe"] == 100 and rows[-1]["nfe"] == 2  # CFG: two evaluations per step
+    assert [(r["model"], r["steps"]) for r in rows] == [("digits-teacher", 50), ("digits-teacher", 4),
+                                                         ("digits-teacher", 2), ("digits-teacher", 1),
+                                                         ("digits-cd", 1), ("digits-cd", 2)]
+    assert rows[0]["nfe"] == 100 and rows[3]["nfe"] == 2  # CFG: two evaluations per step
+    assert rows[4]["nfe"] == 1                            # the CD student: guidance built in, one evaluation
     assert (tmp_path / "demo.png").stat().st_size > 1000
     assert "cond. acc." in capsys.readouterr().out
