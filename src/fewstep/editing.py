@@ -54,13 +54,14 @@ Half = Literal["bottom", "top", "left", "right"]
 
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
 
-# The noise levels t_2 > … > t_N of the loop when none are given, after t_1 = σmax (5 evaluations).
-# On the 16×16 digits, with the shipped teacher standing in for f, half-digit inpainting accuracy
-# is flat within the ±3% noise of 200 images from these 5 levels (0.56 / 0.66 with the bottom /
-# right half generated) to a 40-level Karras grid (0.66 / 0.67), so the cheap list; most levels
-# sit below σ ≈ 5, where the known part starts to show through the noise. (The reference code
-# indexes its editing levels into a 40-point Karras grid, ``steps=40``, at 64–256 px.)
-DEFAULT_SIGMAS = (20.0, 5.0, 1.5, 0.5)
+# The noise levels t_2 > … > t_N of the loop when none are given, after t_1 = σmax: 40 levels spaced
+# evenly in ln σ from 10^0.5 ≈ 3.2 down to 0.1 (41 evaluations). The replacement only constrains the
+# generated part where the known part shows through the noise (σ ≲ 5), so that is where the levels
+# go; measured on 200 digits with the shipped digits-cd (bench, seed 0), against the earlier
+# 5-level list (σmax, 20, 5, 1.5, 0.5): half-digit inpainting accuracy 0.72 vs 0.51 (bottom half
+# generated) and 0.69 vs 0.60 (right half), 4× super-resolution 21.9 vs 17.0 dB. (The reference
+# code indexes its editing levels into a 40-point Karras grid, ``steps=40``, at 64–256 px.)
+DEFAULT_SIGMAS = tuple(10 ** (0.5 - 1.5 * i / 39) for i in range(40))
 
 # ITU-R BT.601 luma weights, as the reference's ``iterative_colorization`` uses.
 LUMA = (0.2989, 0.5870, 0.1140)
