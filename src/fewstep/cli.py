@@ -280,7 +280,8 @@ def _add_edit_parser(sub) -> None:
     g.add_argument("--sigma-start", type=float, default=1.5,
                    help="stroke: noise level to start from; higher is more realistic, less faithful (default 1.5)")
     g.add_argument("--sigmas", type=_sigma_list,
-                   help="the loop's decreasing noise levels (default: the model's sigma_max,20,5,1.5,0.5); denoise: "
+                   help="the loop's decreasing noise levels (default: the model's sigma_max, then 40 levels evenly "
+                        "spaced in log from 3.16 to 0.1); denoise: "
                         "extra refinement levels below --noise-sigma (default none); stroke: levels after "
                         "--sigma-start; interpolate: default sigma_max alone")
     p.add_argument("--label", type=int, nargs="+", help="condition on a class, one or one per image/pair "

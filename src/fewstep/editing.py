@@ -270,8 +270,10 @@ def stroke(model: LoadedModel, strokes: Tensor, sigma_start: float, *, sigmas: S
            seed: Seed = 0) -> Tensor:
     """Stroke-guided editing (SDEdit, Meng et al. 2022, as in §6): noise a rough stroke painting to
     σ_start and run multistep consistency sampling from there. ``sigmas`` are the levels after
-    σ_start (default: those of :data:`DEFAULT_SIGMAS` below it)."""
-    after = [s for s in DEFAULT_SIGMAS if s < sigma_start] if sigmas is None else list(sigmas)
+    σ_start (default: those of 5, 1.5, 0.5 below it). Nothing is held fixed here, so a short chain
+    is kept: on digits-cd the 25 levels of :data:`DEFAULT_SIGMAS` below 1.5 drift away from the strokes
+    (accuracy 0.49 against 0.90 with the one level 0.5)."""
+    after = [s for s in (5.0, 1.5, 0.5) if s < sigma_start] if sigmas is None else list(sigmas)
     return edit(model, strokes, [sigma_start, *after], labels=labels, guidance_scale=guidance_scale, seed=seed)
 
 
