@@ -330,7 +330,10 @@ def _consistency_section(report: BenchReport) -> list[str]:
     lines = ["", "## Consistency models", "",
              f"One network evaluation per step, no CFG pass (CD learns the teacher's guided ODE at s = "
              f"{best['guidance_scale']:g}; CT/iCT/ACT are conditional models trained from the data alone). "
-             f"The teacher's best: FID {best['fid']:.3f} at 50 DPM-Solver++ steps (NFE {best['nfe']}).", "",
+             f"The teacher's best: FID {best['fid']:.3f} at 50 DPM-Solver++ steps (NFE {best['nfe']}). Cost: the "
+             "training run's wall-clock × its torch threads, from the model folder; runs here shared the 2 cores with "
+             "each other, so these are upper bounds. 2- and 4-step rows use the model's own grid (tuned by "
+             "`fewstep eval --tune-sigmas` where it has one).", "",
              "| model | method | trained (steps × batch) | cost (core-min) | FID 1 step | FID 2 steps | FID 4 steps | "
              "acc. 1 step | 1-step FID / teacher best | 2-step FID / teacher best |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -355,7 +358,8 @@ def _editing_section(report: BenchReport) -> list[str]:
              "task training, no label given (the label is what inpainting is judged by). The teacher row uses the "
              "diffusion teacher as a one-step denoiser in the same loop, for comparison. Accuracy: the shipped "
              "classifier recovers the original label; blur fill: the hole filled by repeated 3×3 box blurs of the "
-             "known part; bicubic: the same 4×4 patch means upsampled.", "",
+             "known part; bicubic: the same 4×4 patch means upsampled. Colorization needs RGB data (the digits are "
+             "gray): that it keeps luminance exactly is checked in `tests/test_editing.py` (error ~1e-7).", "",
              "| model | inpaint bottom half: acc. (blur fill) | masked MSE (blur fill) | inpaint right half: acc. "
              "(blur fill) | 4× super-res PSNR dB (bicubic) | patch-mean error | denoise σ=0.3 PSNR (noisy) | "
              "interpolation min. confidence (uncond. / cond.) | stroke edit acc. (strokes) |",
