@@ -53,6 +53,17 @@ def test_cd_model_in_one_step_beats_the_teacher_in_one_step():
     assert accuracy(ruler.classifier, cd, labels) >= 0.95
 
 
+def test_cd_model_infers_the_label_of_half_a_digit():
+    """Label-free inpainting's first step: the model's own reconstruction error of the known half
+    picks the right class for most digits (BENCHMARKS.md: 200 digits)."""
+    from fewstep.editing import half_mask, infer_labels
+
+    data = load_digits()
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:30]
+    guess = infer_labels(load_model(MODELS / "digits-cd"), data.images[idx], half_mask(16, "bottom"), repeats=2)
+    assert (guess == data.labels[idx]).float().mean() >= 0.7
+
+
 def test_shipped_consistency_models_keep_the_boundary_condition_and_their_recipe():
     for name in ("digits-cd", "digits-ct", "digits-ict", "digits-act"):
         model = load_model(MODELS / name)

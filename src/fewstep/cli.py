@@ -284,6 +284,9 @@ def _add_edit_parser(sub) -> None:
                         "spaced in log from 3.16 to 0.1); denoise: "
                         "extra refinement levels below --noise-sigma (default none); stroke: levels after "
                         "--sigma-start; interpolate: default sigma_max alone")
+    p.add_argument("--infer-label", action="store_true",
+                   help="inpaint: let the model infer each image's class from its known part (the label c whose "
+                        "f(known + noise; c) reconstructs it best), then inpaint conditioned on it")
     p.add_argument("--label", type=int, nargs="+", help="condition on a class, one or one per image/pair "
                                                         "(default: unconditional)")
     p.add_argument("--guidance-scale", type=float, help="with --label: classifier-free guidance, 1.0 = none "
@@ -321,6 +324,12 @@ def _cmd_edit(args: argparse.Namespace) -> None:
         raise FewstepError(f"--task {args.task} needs --input PNG ... or --dataset NAME")
     known = read_png(args.mask, 1, (size,))[0] > 0 if args.mask else None
     known = half_mask(size, args.mask_half) if args.mask_half else known
+    if args.infer_label:
+        if args.task != "inpaint" or args.label:
+            raise FewstepError("--infer-label applies to --task inpaint without --label")
+        from .editing import infer_labels
+        args.label = infer_labels(model, images, half_mask(size, "bottom") if known is None else known, seed=args.seed)
+        print(f"inferred labels: {' '.join(str(int(c)) for c in args.label)}")
     rows = run_task(model, args.task, images, known=known, factor=args.factor, noise_sigma=args.noise_sigma,
                     add_noise=not args.noisy_input, frames=args.frames, sigma_start=args.sigma_start, pairs=args.num,
                     labels=args.label, sigmas=args.sigmas, guidance_scale=args.guidance_scale, seed=args.seed)
