@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fewstep.cli import build_parser, main
+from fewstep.cli import build_parser
 from fewstep.models import ModelConfig, load_model, save_model
 from fewstep.schedules import EDMSchedule
 
-from helpers import tiny_unet
+from helpers import run_cli as run, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +23,6 @@ def tiny_model(tmp_path_factory) -> Path:
     config = ModelConfig(schedule=asdict(EDMSchedule()), image_size=8, channels=1, class_names=["a", "b", "c"],
                          dataset="random")
     return save_model(tmp_path_factory.mktemp("models") / "tiny", tiny_unet(), config)
-
-
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code, err, *fragments):

@@ -152,7 +152,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, method):
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
 
 
-def test_act_discriminator_learns_and_r1_runs():
+def test_act_discriminator_step_with_r1_is_finite():
     model, loss, data = _setup("act")
     batch = {k: v[:8] for k, v in data.items()}
     value, logs = loss(model, batch)

@@ -3,7 +3,6 @@ condition, samples in 1-2 steps with tuned grids, and bad input gets one clear l
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,22 +12,17 @@ from fewstep.cli import main, shipped_models_dir
 from fewstep.evaluate import Ruler, tune_sigmas
 from fewstep.classifier import load_classifier
 from fewstep.data import load_digits
-from fewstep.models import ModelConfig, load_model, save_model
+from fewstep.models import load_model
 from fewstep.sampling import generate, sampling_grid
-from fewstep.schedules import EDMSchedule
 
-from helpers import tiny_unet
+from helpers import run_cli, tiny_digits_models
 
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory) -> Path:
     """A tiny 'teacher' and the CD student distilled from it in 3 steps through the CLI."""
     root = tmp_path_factory.mktemp("models")
-    shutil.copytree(shipped_models_dir() / "digits-classifier", root / "digits-classifier")
-    torch.manual_seed(0)
-    config = ModelConfig(schedule=asdict(EDMSchedule()), image_size=16, channels=1,
-                         class_names=[str(i) for i in range(10)], dataset="digits")
-    save_model(root / "digits-teacher", tiny_unet(num_classes=10, size=16), config)
+    tiny_digits_models(root)
     code = main(["distill", "--method", "cd", "--teacher", str(root / "digits-teacher"), "--out", str(root / "digits-cd"),
                  "--work-dir", str(root / "run"), "--steps", "3", "--batch", "8", "--no-progress"])
     assert code == 0
@@ -81,9 +75,8 @@ def test_sample_cli_uses_the_models_defaults_and_chosen_levels(distilled, tmp_pa
     assert main(["sample", "--model", str(distilled / "digits-cd"), "--label", "3", "--num", "2", "--out", str(out)]) == 0
     assert main(["sample", "--model", str(distilled / "digits-cd"), "--sigmas", "80,0.8", "--label", "3", "--num", "2",
                  "--out", str(out)]) == 0 and out.exists()
-    with pytest.raises(SystemExit) as exit_:
-        main(["sample", "--model", str(distilled / "digits-cd"), "--sigmas", "0.8,80", "--out", str(out)])
-    assert exit_.value.code == 2 and "strictly decreasing" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "sample", "--model", str(distilled / "digits-cd"), "--sigmas", "0.8,80", "--out", str(out))
+    assert code == 2 and "strictly decreasing" in err
 
 
 @pytest.mark.parametrize("argv, message", [

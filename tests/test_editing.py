@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fewstep import editing as E
-from fewstep.cli import build_parser, main
+from fewstep.cli import build_parser
 from fewstep.models import LoadedModel, ModelConfig, make_denoiser, save_model
 from fewstep.oracle import ExactDenoiser
 from fewstep.schedules import EDMSchedule
 
-from helpers import tiny_unet
+from helpers import run_cli as run, tiny_unet
 
 SIGMAS = [80.0, 5.0, 0.5]  # 3 evaluations keep the tests fast
 
@@ -164,15 +164,6 @@ def _png(path: Path, size: int, value: int = 255) -> Path:
     arr[: size // 2] = value
     Image.fromarray(arr).save(path)
     return path
-
-
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_edit_help(capsys):

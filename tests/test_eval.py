@@ -1,7 +1,6 @@
 """fewstep eval and fewstep bench on a tiny stand-in teacher, scored by the shipped digits classifier."""
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,9 +9,8 @@ import torch
 
 from fewstep.cli import main, shipped_models_dir
 from fewstep.models import ModelConfig, save_model
-from fewstep.schedules import EDMSchedule
 
-from helpers import tiny_unet
+from helpers import tiny_digits_models, tiny_unet
 
 EVAL_KEYS = {"steps", "sampler", "guidance_scale", "nfe", "fid", "kid", "kid_std", "precision", "recall",
              "cond_accuracy", "seconds_per_image"}
@@ -22,11 +20,7 @@ EVAL_KEYS = {"steps", "sampler", "guidance_scale", "nfe", "fid", "kid", "kid_std
 def models(tmp_path_factory) -> Path:
     """A models folder: a tiny untrained 'digits-teacher' beside the shipped digits classifier."""
     root = tmp_path_factory.mktemp("models")
-    shutil.copytree(shipped_models_dir() / "digits-classifier", root / "digits-classifier")
-    torch.manual_seed(0)
-    config = ModelConfig(schedule=asdict(EDMSchedule()), image_size=16, channels=1,
-                         class_names=[str(i) for i in range(10)], dataset="digits")
-    save_model(root / "digits-teacher", tiny_unet(num_classes=10, size=16), config)
+    config = tiny_digits_models(root)
     # a stand-in "distilled" model, so bench's per-model rows and matched-quality speedups run
     student = ModelConfig(**{**asdict(config), "kind": "student-under-test", "default_sampler": "euler"})
     save_model(root / "digits-student", tiny_unet(num_classes=10, size=16), student)

@@ -163,7 +163,7 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
         report.quality[f"{model.path.name}/{model.config.default_sampler}"] = [asdict(r) for r in rows]
         _print_quality(model.path.name, rows)
 
-    report.editing = _editing(models_dir, teacher, ruler, settings)
+    report.editing = _editing([teacher, *(m for m in distilled if m.path.name in settings.edit_models)], ruler, settings)
 
     # speed, side by side at one batch size
     report.speed += _speed_rows(teacher, step_sets, settings)
@@ -178,20 +178,20 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     return report
 
 
-def _editing(models_dir: Path, teacher: LoadedModel, ruler, settings: BenchSettings) -> dict[str, dict]:
+def _editing(models: list[LoadedModel], ruler, settings: BenchSettings) -> dict[str, dict]:
     """Zero-shot editing measurements (Song et al. 2023 §6) on the same random real images for each
-    model in ``settings.edit_models`` and, as the baseline, the teacher used as a one-step denoiser."""
+    model (the teacher first, as a one-step-denoiser baseline, then those in ``settings.edit_models``)."""
     from .editing import edit_metrics
 
     g = torch.Generator().manual_seed(settings.seed)
     idx = torch.randperm(len(ruler.data), generator=g)[: settings.edit_num]
     images, labels = ruler.data.images[idx], ruler.data.labels[idx]
     out = {}
-    for name in (teacher.path.name, *settings.edit_models):
-        if (models_dir / name).is_dir():
-            out[name] = edit_metrics(load_model(models_dir / name), ruler.classifier, images, labels, seed=settings.seed)
-            print(f"editing {name}: inpaint acc {out[name]['inpaint_bottom']['accuracy']:.3f}, "
-                  f"superres PSNR {out[name]['superres_4x']['psnr']:.2f} dB", flush=True)
+    for model in models:
+        name = model.path.name
+        out[name] = edit_metrics(model, ruler.classifier, images, labels, seed=settings.seed)
+        print(f"editing {name}: inpaint acc {out[name]['inpaint_bottom']['accuracy']:.3f}, "
+              f"superres PSNR {out[name]['superres_4x']['psnr']:.2f} dB", flush=True)
     return out
 
 

@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -33,7 +33,6 @@ super-resolution PSNR against bicubic, luminance error of colorization, interpol
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 

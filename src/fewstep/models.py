@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import UNet2DModel
 from torch import nn
-
-from functools import partial
 
 from .atomic import atomic_path
 from .consistency import cm_scalings
