@@ -50,6 +50,10 @@ class ModelConfig:
     default_guidance_scale: float = 2.0
     sampling_sigmas: dict[str, list[float]] = field(default_factory=dict)  # tuned n-step grids ("2": [80, 0.8, 0])
     training: dict[str, Any] = field(default_factory=dict)  # command, settings, final loss
+    guidance_embedding: dict[str, Any] = field(default_factory=dict)  # w-conditioned student (fewstep.guided):
+                                               # embedding_dim and the trained guidance-scale range; empty: none
+    serves_steps: list[int] = field(default_factory=list)  # step counts a progressive student was distilled for
+                                               # (fewstep.progressive; sampling_sigmas holds their grids); empty: any
     format_version: int = 1
 
     @property
@@ -140,5 +144,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
     except Exception as e:  # diffusers raises OSError/ValueError/safetensors errors for bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FewstepError(f"cannot load the weights in {folder / 'unet'} (missing or corrupt): {first}") from None
+    if config.guidance_embedding:  # the guidance scale is an input (Meng et al. 2023 stage 1)
+        from .guided import GuidedUNet
+        unet = GuidedUNet.from_unet_folder(unet, folder / "unet", int(config.guidance_embedding["embedding_dim"]))
     denoiser = make_denoiser(unet, config).to(device).eval()
     return LoadedModel(denoiser, config, folder)

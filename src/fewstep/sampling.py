@@ -50,6 +50,9 @@ def check_labels(model: LoadedModel, labels: Sequence[int] | Tensor | None) -> T
 def conditioned(model: LoadedModel, labels: Tensor | None, guidance_scale: float) -> tuple[Callable[..., Tensor], dict]:
     """The denoiser to sample with and its ``extra_args``: for a class-conditional model, CFG with the
     null label as the unconditional branch; otherwise the bare denoiser."""
+    if model.config.guidance_embedding:  # a guided student: s is an input, one pass (fewstep.guided)
+        from .guided import w_conditioned
+        return w_conditioned(model, labels, guidance_scale)
     if labels is None:
         return model.denoiser, {}
     null = torch.full_like(labels, model.config.null_label)
@@ -72,6 +75,9 @@ def generate(model: LoadedModel, labels: Sequence[int] | Tensor | None = None, n
     except ValueError as e:
         raise FewstepError(str(e)) from None
     labels = check_labels(model, labels)
+    if model.config.serves_steps:  # a progressive student folder: the student of this step count
+        from .progressive import serving_model
+        model = serving_model(model, steps if sigmas is None else len(sigmas) - 1)
     n = len(labels) if labels is not None else num
     if not n or n < 1:
         raise FewstepError("nothing to sample: give labels or num >= 1")
@@ -99,5 +105,5 @@ def sampler_options(model: LoadedModel, sampler: str) -> dict:
 
 def nfe(model: LoadedModel, sampler: str, steps: int, guidance_scale: float) -> int:
     """Network evaluations per image (CFG's two passes count as two)."""
-    per = 2 if (model.config.class_names and guidance_scale != 1) else 1
+    per = 2 if (model.config.class_names and guidance_scale != 1 and not model.config.guidance_embedding) else 1
     return get_sampler(sampler).nfe(steps) * per

@@ -83,6 +83,15 @@ def ancestral_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tenso
     return ddim_step(x, denoised, sigma, sigma_down) + _bcast(sigma_up, x) * noise
 
 
+def stochastic_ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, sigma_skip: Tensor,
+                         noise: Tensor) -> Tensor:
+    """Meng et al. 2023's stochastic step (§3.3, "N-step stochastic sampling"): a DDIM step of twice the
+    length, σ → σ_skip (the level after σ'), then noise back up to σ': x' = DDIM(x; σ → σ_skip) +
+    √(σ'² − σ_skip²)·z, the forward process from σ_skip to σ' in σ space."""
+    back = (_as_tensor(sigma_next, x) ** 2 - _as_tensor(sigma_skip, x) ** 2).clamp(min=0).sqrt()
+    return ddim_step(x, denoised, sigma, sigma_skip) + _bcast(back, x) * noise
+
+
 def consistency_step(denoised: Tensor, sigma_next: Tensor, noise: Tensor, sigma_end: float = 0.0) -> Tensor:
     """Multistep consistency sampling's re-noising (Song et al. 2023, Algorithm 1):
     x' = f(x, σ) + √(σ'² − σ_end²)·z; σ_end = σmin for CM, 0 for LCM (Luo et al. 2023, Algorithm 3)."""
@@ -171,6 +180,24 @@ def sample_consistency(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict
     return x
 
 
+@torch.no_grad()
+def sample_ddim_stochastic(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
+                           callback: Callback | None = None, disable: bool | None = None,
+                           generator: torch.Generator | None = None) -> Tensor:
+    """Meng et al. 2023's stochastic N-step sampler for (progressively) distilled models: every step but
+    the last is :func:`stochastic_ddim_step` (DDIM to σ_{i+2}, noise back to σ_{i+1}); the last step,
+    with no level after σ_{N} = 0 to skip to, is plain DDIM. One evaluation per step, as DDIM."""
+    sigmas = sigmas.to(x.device, x.dtype)
+    n = len(sigmas) - 1
+    for i in _range(sigmas, disable):
+        denoised = _denoise(model, x, sigmas, i, extra_args, callback)
+        if i + 2 > n:
+            x = ddim_step(x, denoised, sigmas[i], sigmas[i + 1])
+        else:
+            x = stochastic_ddim_step(x, denoised, sigmas[i], sigmas[i + 1], sigmas[i + 2], _randn(x, generator))
+    return x
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     """A sampler by name, with its cost: network evaluations for an n-step grid ending in 0."""
@@ -186,6 +213,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "heun": SamplerSpec(sample_heun, lambda n: 2 * n - 1),
     "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, lambda n: n),
     "ddpm": SamplerSpec(sample_ddpm, lambda n: n, stochastic=True),
+    "ddim-stochastic": SamplerSpec(sample_ddim_stochastic, lambda n: n, stochastic=True),
     "consistency": SamplerSpec(sample_consistency, lambda n: n, stochastic=True),
 }
 
@@ -205,6 +233,10 @@ def _bcast(v: Tensor | float, x: Tensor) -> Tensor | float:
     if not torch.is_tensor(v) or v.ndim == 0:
         return v
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def _as_tensor(v: Tensor | float, x: Tensor) -> Tensor:
+    return v if torch.is_tensor(v) else torch.tensor(v, dtype=x.dtype, device=x.device)
 
 
 def _is_zero(sigma: Tensor | float) -> bool:

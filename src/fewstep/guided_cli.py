@@ -1,0 +1,58 @@
+"""``fewstep distill --method guided | progressive``: the options and the glue (Meng et al. 2023).
+
+Kept out of :mod:`fewstep.cli` so that file only routes to it."""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import FewstepError
+
+
+def _step_set(text: str) -> list[int]:
+    try:
+        steps = sorted({int(v) for v in text.split(",") if v.strip()}, reverse=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts like 4,2,1, got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be at least 1, got {text!r}")
+    return steps
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guided distillation (guided: stage 1; progressive: stage 2; Meng et al. 2023)")
+    g.add_argument("--min-guidance-scale", type=float, default=1.0,
+                   help="guided: lowest guidance scale s the student learns (w = s - 1 ~ U[w_min, w_max]; default 1)")
+    g.add_argument("--max-guidance-scale", type=float, default=4.0, help="guided: highest guidance scale (default 4)")
+    g.add_argument("--start-steps", type=int, default=16,
+                   help="progressive: step count of the first student; its teacher (--teacher, the stage-1 student) "
+                        "takes twice as many DDIM steps (default 16)")
+    g.add_argument("--final-steps", type=int, default=1, help="progressive: halve down to this step count (default 1)")
+    g.add_argument("--keep-steps", type=_step_set, default=[4, 2, 1],
+                   help="progressive: the students saved in the model folder (default 4,2,1; the largest is the default)")
+
+
+def run(args: argparse.Namespace, train_config, command: str) -> None:
+    from .data import load_dataset
+    from .models import load_model
+
+    if not args.teacher:
+        raise FewstepError(f"--method {args.method} needs --teacher DIR "
+                           + ("(e.g. models/digits-teacher)" if args.method == "guided"
+                              else "(a stage-1 student made with --method guided, e.g. models/digits-guided)"))
+    teacher = load_model(args.teacher)
+    data = load_dataset(args.dataset or teacher.config.dataset or "digits", args.image_size, args.channels)
+    if args.method == "guided":
+        from .guided import GuidedSettings, distill_guided
+
+        settings = GuidedSettings(min_guidance_scale=args.min_guidance_scale, max_guidance_scale=args.max_guidance_scale,
+                                  label_dropout=args.label_dropout)
+        folder = distill_guided(data, args.out, train_config, settings, teacher, command=command)
+    else:
+        from .progressive import ProgressiveSettings, distill_progressive
+
+        settings = ProgressiveSettings(start_steps=args.start_steps, final_steps=args.final_steps,
+                                       keep_steps=args.keep_steps, label_dropout=args.label_dropout)
+        folder = distill_progressive(data, args.out, train_config, settings, teacher, command=command)
+    if folder is not None:
+        print(f"saved {args.method} model to {folder}")

@@ -1,0 +1,247 @@
+"""Guided distillation (Meng et al. 2023): the w-conditioned student, the stage-1 loss against an exact
+CFG oracle, progressive distillation's closed-form target against two teacher DDIM steps, the stochastic
+N-step sampler against its definition, per-round resume, and the CLI end to end on tiny models."""
+
+import json
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.data import load_digits
+from fewstep.denoisers import EDMDenoiser, edm_scalings
+from fewstep.errors import FewstepError
+from fewstep.guidance import guide
+from fewstep.guided import (GuidedDistillationLoss, GuidedSettings, GuidedUNet, embedding_record,
+                            guidance_scale_embedding)
+from fewstep.models import ModelConfig, load_model, save_model
+from fewstep.oracle import ExactDenoiser
+from fewstep.progressive import (ProgressiveLoss, ProgressiveSettings, ddim_target, distill_progressive, rounds,
+                                 teacher_two_steps)
+from fewstep.sampling import generate, nfe
+from fewstep.schedules import EDMSchedule
+from fewstep.solvers import SAMPLERS, ddim_step, sample_ddim, sample_ddim_stochastic
+from fewstep.train import TrainConfig
+
+from helpers import run_cli, tiny_digits_models, tiny_unet
+
+
+class OracleCFG:
+    """The exact w-conditioned student: the teacher's CFG of a finite data set's exact denoiser."""
+
+    def __init__(self, oracle: ExactDenoiser) -> None:
+        self.oracle = oracle
+
+    def scalings(self, sigma):
+        return edm_scalings(sigma)
+
+    def __call__(self, x, sigma, class_labels, guidance_scale):
+        null = torch.full_like(class_labels, self.oracle.null_label)
+        return guide(self.oracle(x, sigma, class_labels), self.oracle(x, sigma, null), guidance_scale)
+
+
+def _oracle_data(n: int = 12):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 4, 4, generator=g) * 2 - 1, torch.arange(n) % 3
+
+
+# --- the w-conditioned student ---------------------------------------------------------------------
+def test_guidance_embedding_is_diffusers():
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = torch.tensor([0.0, 0.5, 1.0, 3.0])
+    for dim in (256, 33):
+        ours = guidance_scale_embedding(w, dim)
+        theirs = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_student_starts_as_the_teachers_conditional_output_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    unet = tiny_unet(num_classes=3).eval()
+    teacher = EDMDenoiser(unet)
+    student = EDMDenoiser(GuidedUNet(unet, 32)).eval()
+    x, sigma, y = torch.randn(6, 1, 8, 8), torch.rand(6) * 5 + 0.01, torch.tensor([0, 1, 2, 3, 0, 1])
+    with torch.no_grad():
+        for s in (1.0, 2.5, torch.linspace(1, 4, 6)):
+            torch.testing.assert_close(student(x, sigma, class_labels=y, guidance_scale=s), teacher(x, sigma, class_labels=y),
+                                       rtol=0, atol=0)
+        torch.nn.init.normal_(student.net.cond_proj.weight)
+        a = student(x, sigma, class_labels=y, guidance_scale=1.0)
+        b = student(x, sigma, class_labels=y, guidance_scale=3.0)
+        assert (a - b).abs().max() > 1e-4                       # the scale now matters ...
+        torch.testing.assert_close(teacher(x, sigma, class_labels=y), teacher(x, sigma, class_labels=y))
+    assert not unet.time_embedding._forward_pre_hooks          # ... and no hook outlives a call
+    config = ModelConfig(schedule=asdict(EDMSchedule()), image_size=8, channels=1, class_names=["a", "b", "c"],
+                         guidance_embedding=embedding_record(GuidedSettings(embedding_dim=32)))
+    save_model(tmp_path / "g", student.net, config)
+    loaded = load_model(tmp_path / "g")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.denoiser(x, sigma, class_labels=y, guidance_scale=3.0), b)
+    (tmp_path / "g" / "unet" / "guidance_embedding.safetensors").write_bytes(b"junk")
+    with pytest.raises(FewstepError, match="guidance embedding"):
+        load_model(tmp_path / "g")
+
+
+def test_guided_loss_vanishes_on_the_exact_cfg_student():
+    data, labels = _oracle_data()
+    oracle = ExactDenoiser(data, labels)
+    loss = GuidedDistillationLoss(oracle, EDMSchedule(), oracle.null_label, GuidedSettings(label_dropout=0.3))
+    batch = {"images": data, "labels": labels}
+    torch.manual_seed(0)
+    exact, _ = loss(OracleCFG(oracle), batch)
+    assert exact.item() < 1e-10
+
+    class ConditionalOnly(OracleCFG):  # the teacher's conditional denoiser, ignoring s: what the student starts as
+        def __call__(self, x, sigma, class_labels, guidance_scale):
+            return super().__call__(x, sigma, class_labels, torch.ones_like(guidance_scale))
+
+    torch.manual_seed(0)
+    wrong, _ = loss(ConditionalOnly(oracle), batch)
+    assert wrong.item() > 1e-3
+
+
+# --- progressive distillation ----------------------------------------------------------------------
+def test_student_grid_is_every_other_level_of_the_teacher_grid():
+    schedule = EDMSchedule()
+    for n in (1, 2, 4, 16):
+        torch.testing.assert_close(schedule.grid(2 * n)[::2], schedule.grid(n))
+    assert rounds(16, 1) == [16, 8, 4, 2, 1] and rounds(4, 4) == [4]
+    with pytest.raises(FewstepError, match="halve"):
+        rounds(12, 1)
+
+
+def test_one_ddim_step_with_the_target_lands_where_two_teacher_steps_land():
+    data, labels = _oracle_data()
+    teacher = OracleCFG(ExactDenoiser(data, labels))
+    grid = EDMSchedule().grid(8).double()
+    objective = ProgressiveLoss(teacher, grid, 3, (1.0, 4.0))
+    torch.manual_seed(0)
+    x0 = data.double().repeat(2, 1, 1, 1)
+    for i in range(4):                                      # every student step, the last one (to σ = 0) included
+        sigmas = tuple(torch.full((len(x0),), float(grid[2 * i + k]), dtype=torch.float64) for k in range(3))
+        cond = {"class_labels": labels.repeat(2), "guidance_scale": torch.rand(len(x0), dtype=torch.float64) * 3 + 1}
+        x = x0 + sigmas[0].reshape(-1, 1, 1, 1) * torch.randn_like(x0)
+        two = teacher_two_steps(teacher, x, sigmas, cond)
+        target = objective.target(x, sigmas, cond)
+        torch.testing.assert_close(ddim_step(x, target, sigmas[0], sigmas[2]), two, rtol=0, atol=1e-9)
+        if i == 3:
+            torch.testing.assert_close(target, two)          # σ'' = 0: the target is the teacher's sample itself
+    torch.testing.assert_close(ddim_target(x, ddim_step(x, x0, sigmas[0], sigmas[2]), sigmas[0], sigmas[2]), x0)
+
+
+def test_progressive_loss_vanishes_when_the_student_is_the_two_step_teacher():
+    data, labels = _oracle_data()
+    teacher = OracleCFG(ExactDenoiser(data, labels))
+    grid = EDMSchedule().grid(4)
+    objective = ProgressiveLoss(teacher, grid, 3, (1.0, 4.0), label_dropout=0.2)
+
+    class TwoSteps(OracleCFG):  # D̃(x, σ_{2i}) that makes one DDIM step equal the teacher's two
+        def __call__(self, x, sigma, class_labels, guidance_scale):
+            i = (grid[None, :] - sigma[:, None]).abs().argmin(1)
+            s = (sigma, grid[i + 1], grid[i + 2])
+            cond = {"class_labels": class_labels, "guidance_scale": guidance_scale}
+            return ddim_target(x, teacher_two_steps(teacher, x, s, cond), s[0], s[2])
+
+    loss, logs = objective(TwoSteps(teacher.oracle), {"images": data, "labels": labels})
+    assert loss.item() < 1e-8 and logs["student_steps"] == 2
+
+
+# --- the stochastic sampler ------------------------------------------------------------------------
+def test_stochastic_sampler_is_ddim_to_the_skipped_level_then_noise_back():
+    data, labels = _oracle_data()
+    oracle = ExactDenoiser(data, labels)
+    model = lambda x, s, class_labels: oracle(x, s, class_labels)  # noqa: E731
+    sigmas = EDMSchedule().grid(4)
+    x_start = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    extra = {"class_labels": torch.arange(6) % 3}
+    out = sample_ddim_stochastic(model, x_start, sigmas, extra_args=extra, generator=torch.Generator().manual_seed(7))
+    g, x = torch.Generator().manual_seed(7), x_start.clone()      # the definition, written out
+    for i in range(4):
+        d = oracle(x, sigmas[i].expand(6), **extra)
+        if i < 3:
+            x = d + sigmas[i + 2] * (x - d) / sigmas[i]
+            x = x + (sigmas[i + 1] ** 2 - sigmas[i + 2] ** 2).sqrt() * torch.randn(x.shape, generator=g)
+        else:
+            x = d
+    torch.testing.assert_close(out, x)
+    one = sigmas[[0, -1]]                                           # one step: plain DDIM
+    torch.testing.assert_close(sample_ddim_stochastic(model, x_start, one, extra_args=extra),
+                               sample_ddim(model, x_start, one, extra_args=extra))
+    assert SAMPLERS["ddim-stochastic"].nfe(4) == 4 and SAMPLERS["ddim-stochastic"].stochastic
+
+
+# --- the rounds: resume, folder, bad input -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_guided(tmp_path_factory) -> Path:
+    """A tiny teacher and a 2-optimizer-step stage-1 student of it, through the CLI."""
+    root = tmp_path_factory.mktemp("models")
+    tiny_digits_models(root)
+    from fewstep.cli import main
+
+    assert main(["distill", "--method", "guided", "--teacher", str(root / "digits-teacher"), "--out",
+                 str(root / "digits-guided"), "--work-dir", str(root / "run-guided"), "--steps", "2", "--batch", "8",
+                 "--max-guidance-scale", "3", "--no-progress"]) == 0
+    return root
+
+
+def test_progressive_rounds_resume_per_round(tiny_guided, tmp_path):
+    data = load_digits()
+    data = replace(data, images=data.images[:64], labels=data.labels[:64])
+    teacher = load_model(tiny_guided / "digits-guided")
+    config = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=2, batch_size=8, checkpoint_every=1, progress=False)
+    settings = ProgressiveSettings(start_steps=4, final_steps=1, keep_steps=[2, 1])
+    out = distill_progressive(data, tmp_path / "p", config, settings, teacher, command="test")
+    first = {n: (tmp_path / "run" / f"round-{n:04d}" / "student" / "unet" / "diffusion_pytorch_model.safetensors")
+             for n in (4, 2, 1)}
+    stamps = {n: f.stat().st_mtime_ns for n, f in first.items()}
+    weights = {n: f.read_bytes() for n, f in first.items()}
+    # the last round was "cut" after its final checkpoint but before its student was written
+    shutil.rmtree(tmp_path / "run" / "round-0001" / "student")
+    shutil.rmtree(out)
+    distill_progressive(data, tmp_path / "p", config, settings, teacher, command="test")
+    assert first[4].stat().st_mtime_ns == stamps[4] and first[2].stat().st_mtime_ns == stamps[2]  # not redone
+    assert first[1].read_bytes() == weights[1]          # resumed from its checkpoint: the same weights
+    model = load_model(out)
+    assert (model.config.serves_steps, model.config.default_steps, model.config.default_sampler) == ([1, 2], 2, "ddim")
+    assert (out / "students" / "1" / "fewstep.json").exists() and not (out / "students" / "2").exists()
+    assert model.config.training["rounds"]["1"]["teacher_steps"] == 2
+
+
+def test_cli_end_to_end_one_pass_per_step_and_bad_input(tiny_guided, capsys, tmp_path):
+    root = tiny_guided
+    guided = load_model(root / "digits-guided")
+    g = guided.config.guidance_embedding
+    assert (g["min_guidance_scale"], g["max_guidance_scale"]) == (1.0, 3.0)
+    assert "fewstep distill --method guided" in guided.config.training["command"]
+    calls = []
+    guided.denoiser.net.unet.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    generate(guided, torch.arange(5), steps=3, sampler="dpmpp-2m", guidance_scale=2.5)
+    assert calls == [5, 5, 5] and nfe(guided, "dpmpp-2m", 3, 2.5) == 3    # one pass per step, CFG included
+
+    code, out, err = run_cli(capsys, "distill", "--method", "progressive", "--teacher", str(root / "digits-guided"),
+                             "--out", str(tmp_path / "p"), "--work-dir", str(tmp_path / "run"), "--start-steps", "2",
+                             "--keep-steps", "2,1", "--steps", "2", "--batch", "8", "--no-progress")
+    assert code == 0, err
+    for args in (["--steps", "1"], ["--steps", "2", "--sampler", "ddim-stochastic"]):
+        code, out, err = run_cli(capsys, "sample", "--model", str(tmp_path / "p"), "--guidance-scale", "3", "--num", "2",
+                                 "--out", str(tmp_path / "s.png"), *args)
+        assert code == 0, err
+    code, out, err = run_cli(capsys, "sample", "--model", str(tmp_path / "p"), "--steps", "3", "--out", str(tmp_path / "x.png"))
+    assert code == 2 and "distilled for 1, 2 step(s)" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(capsys, "sample", "--model", str(root / "digits-guided"), "--guidance-scale", "5",
+                             "--out", str(tmp_path / "x.png"))
+    assert code == 2 and "guidance scales 1..3" in err and not (tmp_path / "x.png").exists()
+    code, out, err = run_cli(capsys, "distill", "--method", "progressive", "--teacher", str(root / "digits-teacher"),
+                             "--out", str(tmp_path / "q"), "--steps", "1")
+    assert code == 2 and "--method guided" in err
+    code, out, err = run_cli(capsys, "distill", "--method", "progressive", "--teacher", str(root / "digits-guided"),
+                             "--out", str(tmp_path / "q"), "--start-steps", "4", "--keep-steps", "3", "--steps", "1")
+    assert code == 2 and "not among the rounds" in err
+    code, out, err = run_cli(capsys, "eval", "--model", str(tmp_path / "p"), "--steps", "1,2", "--num", "20",
+                             "--models", str(root), "--guidance-scale", "2", "--json", str(tmp_path / "e.json"))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "e.json").read_text())["results"]
+    assert [(r["steps"], r["nfe"]) for r in rows] == [(1, 1), (2, 2)]
