@@ -100,6 +100,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from .distill import CM_METHODS, ConsistencySettings, distill_consistency
     from .models import load_model
 
+    if args.method in ("guided", "progressive"):  # Meng et al. 2023 (fewstep.guided_cli)
+        from .guided_cli import run
+        return run(args, _train_config(args), _command_line(args))
     if args.method not in CM_METHODS:
         raise FewstepError(f"--method {args.method} is not available yet; choose one of {', '.join(CM_METHODS)}")
     teacher = load_model(args.teacher) if args.teacher else None
@@ -493,6 +496,9 @@ def _add_distill_parser(sub, name: str) -> None:
     g.add_argument("--r1-gamma", type=float, default=10.0, help="R1 penalty weight γ (0: off; default 10)")
     g.add_argument("--r1-interval", type=_positive_int, default=16, help="lazy R1: every k steps (default 16)")
     g.add_argument("--augment", type=float, default=0.0, help="probability of each differentiable augmentation")
+    if name == "distill":
+        from .guided_cli import add_arguments
+        add_arguments(p)
     _train_args(p, steps=3000, batch=64, lr=1e-4)
     p.set_defaults(func=cmd_distill)
 
