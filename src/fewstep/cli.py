@@ -77,6 +77,13 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
     from .teacher import train_teacher
 
     data = load_dataset(args.dataset, args.image_size, args.channels)
+    if data.captions is not None:  # a text-to-image set: a Stable-Diffusion-format pipeline
+        from .sd_teacher import train_sd_teacher
+
+        folder = train_sd_teacher(data, args.out, _train_config(args), vae_steps=args.vae_steps, vae_lr=args.vae_lr,
+                                  caption_dropout=args.label_dropout, command=_command_line(args))
+        print(f"saved text-to-image teacher (diffusers pipeline) to {folder}")
+        return
     folder = train_teacher(data, args.out, _train_config(args), width=args.width,
                            label_dropout=args.label_dropout, command=_command_line(args))
     if folder is not None:
@@ -259,7 +266,8 @@ def _add_edit_parser(sub) -> None:
                                    "a diffusion model works too, as a one-step denoiser (weaker).")
     p.add_argument("--task", choices=TASKS, required=True,
                    help="inpaint (fill masked pixels), colorize (RGB from luminance), superres (from patch means), "
-                        "denoise, interpolate (between two noises), stroke (from a rough painting)")
+                        "denoise, interpolate (between two noises), stroke (from a rough painting), img2img (SDEdit "
+                        "in --steps sampler steps at --strength)")
     p.add_argument("--model", required=True, help="model folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", nargs="+", metavar="PNG",
@@ -287,6 +295,12 @@ def _add_edit_parser(sub) -> None:
                         "spaced in log from 3.16 to 0.1); denoise: "
                         "extra refinement levels below --noise-sigma (default none); stroke: levels after "
                         "--sigma-start; interpolate: default sigma_max alone")
+    g.add_argument("--strength", type=float, default=0.5,
+                   help="img2img: how much of the --steps grid to run from the noised input, in (0, 1] (SDEdit; "
+                        "default 0.5)")
+    g.add_argument("--steps", type=_positive_int,
+                   help="img2img, and inpaint with a diffusion model: sampler steps on the model's own grid "
+                        "(a guided or progressive student: 2-4); default: the model's")
     p.add_argument("--infer-label", action="store_true",
                    help="inpaint: let the model infer each image's class from its known part (the label c whose "
                         "f(known + noise; c) reconstructs it best), then inpaint conditioned on it")
@@ -335,7 +349,8 @@ def _cmd_edit(args: argparse.Namespace) -> None:
         print(f"inferred labels: {' '.join(str(int(c)) for c in args.label)}")
     rows = run_task(model, args.task, images, known=known, factor=args.factor, noise_sigma=args.noise_sigma,
                     add_noise=not args.noisy_input, frames=args.frames, sigma_start=args.sigma_start, pairs=args.num,
-                    labels=args.label, sigmas=args.sigmas, guidance_scale=args.guidance_scale, seed=args.seed)
+                    labels=args.label, sigmas=args.sigmas, guidance_scale=args.guidance_scale, seed=args.seed,
+                    steps=args.steps, strength=args.strength)
     grid = labeled_rows([(name, make_grid(row, nrow=len(row), scale=args.scale)) for name, row in rows], margin=110)
     save_png(grid, out)
     print(f"wrote {args.task}: {len(rows)} rows of {len(rows[0][1])} images to {out}")
@@ -360,16 +375,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train-teacher", help="train a class-conditional diffusion teacher",
+    p = sub.add_parser("train-teacher", help="train a diffusion teacher (class-conditional, or text-to-image for emoji)",
                        description="Train a class-conditional EDM diffusion model (diffusers UNet2DModel, label "
                                    "dropout for classifier-free guidance) and save its EMA weights as a model folder. "
+                                   "On a captioned set (--dataset emoji) train a tiny Stable-Diffusion-format pipeline "
+                                   "instead: AutoencoderKL (--vae-steps first), then CLIPTextModel + UNet2DConditionModel "
+                                   "on its latents (--steps), saved in diffusers' layout. "
                                    "Runs unchanged under `accelerate launch` and resumes from --work-dir.")
-    p.add_argument("--dataset", default="digits", help="'digits' or an image folder (class sub-folders)")
+    p.add_argument("--dataset", default="digits", help="'digits', 'emoji' or an image folder (class sub-folders)")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--image-size", type=_positive_int, default=None, help="resize images (digits: 16)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="for image folders: 1 (L) or 3 (RGB)")
     p.add_argument("--width", type=_positive_int, default=32, help="UNet base width (32: 1.6M parameters)")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null label (for CFG)")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="probability of the null label / empty caption (for CFG)")
+    p.add_argument("--vae-steps", type=_positive_int, default=1000, help="text-to-image: AutoencoderKL steps")
+    p.add_argument("--vae-lr", type=float, default=1e-3, help="text-to-image: AutoencoderKL learning rate")
     _train_args(p, steps=4000, batch=128, lr=2e-4)
     p.set_defaults(func=cmd_train_teacher)
 

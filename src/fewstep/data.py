@@ -2,6 +2,9 @@
 
 - ``digits``: scikit-learn's handwritten digits (1,797 real 8×8 scans, 10 classes, bundled with
   scikit-learn, no download), upsampled bilinearly to 16×16 (DESIGN.md §4).
+- ``emoji``: 3,655 real emoji (Noto Color Emoji, drawn by ``scripts/build_emoji.py``) at 32×32 RGB,
+  each captioned with its Unicode name and labelled with its Unicode group (9 classes), shipped as
+  ``fewstep/assets/emoji.npz`` (licences in ``EMOJI-LICENSE.md`` beside it). The text-to-image set.
 - a folder of images: one sub-folder per class (the torchvision ``ImageFolder`` layout), or a
   flat folder for an unconditional data set.
 """
@@ -23,12 +26,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
 @dataclass
 class ImageData:
-    """Images in [−1, 1] with labels (all 0 for an unconditional set) and the class names."""
+    """Images in [−1, 1] with labels (all 0 for an unconditional set), the class names and, for a
+    text-to-image set, one caption per image."""
 
     images: Tensor
     labels: Tensor
     class_names: list[str]
     name: str
+    captions: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -50,8 +55,12 @@ class ImageData:
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         k = int(round(len(self) * (1 - holdout)))
         a, b = perm[:k], perm[k:]
-        return (ImageData(self.images[a], self.labels[a], self.class_names, self.name + ":train"),
-                ImageData(self.images[b], self.labels[b], self.class_names, self.name + ":heldout"))
+        return self.subset(a, ":train"), self.subset(b, ":heldout")
+
+    def subset(self, index: Tensor, suffix: str = "") -> "ImageData":
+        """The images at ``index`` (captions kept)."""
+        captions = None if self.captions is None else [self.captions[i] for i in index.tolist()]
+        return ImageData(self.images[index], self.labels[index], self.class_names, self.name + suffix, captions)
 
 
 def load_digits(size: int = 16) -> ImageData:
@@ -63,6 +72,19 @@ def load_digits(size: int = 16) -> ImageData:
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
     return ImageData(x, torch.from_numpy(bunch.target.astype(np.int64)), [str(i) for i in range(10)], "digits")
+
+
+EMOJI_FILE = Path(__file__).parent / "assets" / "emoji.npz"
+
+
+def load_emoji(size: int = 32) -> ImageData:
+    """The embedded emoji set: RGB in [−1, 1], Unicode-group labels, Unicode-name captions."""
+    raw = np.load(EMOJI_FILE)
+    x = torch.from_numpy(raw["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+    return ImageData(x, torch.from_numpy(raw["labels"]), [str(c) for c in raw["class_names"]], "emoji",
+                     [str(c) for c in raw["captions"]])
 
 
 def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageData:
@@ -93,9 +115,11 @@ def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageDa
 
 
 def load_dataset(name: str, size: int | None = None, channels: int = 1) -> ImageData:
-    """``digits`` or a path to an image folder."""
+    """``digits``, ``emoji`` or a path to an image folder."""
     if name == "digits":
         return load_digits(size or 16)
+    if name == "emoji":
+        return load_emoji(size or 32)
     if Path(name).exists():
         return load_image_folder(name, size or 32, channels)
-    raise FewstepError(f"unknown dataset {name!r}: use 'digits' or the path of an image folder")
+    raise FewstepError(f"unknown dataset {name!r}: use 'digits', 'emoji' or the path of an image folder")
