@@ -245,3 +245,26 @@ def test_cli_end_to_end_one_pass_per_step_and_bad_input(tiny_guided, capsys, tmp
     assert code == 0, err
     rows = json.loads((tmp_path / "e.json").read_text())["results"]
     assert [(r["steps"], r["nfe"]) for r in rows] == [(1, 1), (2, 2)]
+
+
+def test_editing_in_a_few_steps_with_the_students(tiny_guided, capsys, tmp_path):
+    from fewstep import sampler_editing
+    from fewstep.editing import half_mask
+
+    root = tiny_guided
+    guided = load_model(root / "digits-guided")
+    images = load_digits().images[:4]
+    known = half_mask(16, "bottom")
+    out = sampler_editing.inpaint(guided, images, known, steps=3, labels=[1], guidance_scale=2.0)
+    assert torch.equal(out[..., :8, :], images[..., :8, :]) and out.abs().max() <= 1   # known pixels kept exactly
+    calls = []
+    guided.denoiser.net.unet.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    sampler_editing.img2img(guided, images, strength=0.5, steps=4, sampler="ddim", guidance_scale=3.0)
+    assert calls == [4, 4]                                  # round(0.5·4) steps from σ_2 of the 4-step grid, one pass each
+    with pytest.raises(FewstepError, match="strength"):
+        sampler_editing.start_index(4, 0.1)
+    assert sampler_editing.start_index(4, 1.0) == 0 and sampler_editing.start_index(2, 0.5) == 1
+    for task in (["img2img", "--strength", "0.5"], ["inpaint", "--mask-half", "right"]):
+        code, _, err = run_cli(capsys, "edit", "--task", *task, "--model", str(root / "digits-guided"), "--steps", "2",
+                               "--dataset", "digits", "--num", "3", "--out", str(tmp_path / f"{task[0]}.png"))
+        assert code == 0, err

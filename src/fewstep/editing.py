@@ -51,7 +51,7 @@ Transform = Callable[[Tensor], Tensor]
 Seed = int | torch.Generator
 Half = Literal["bottom", "top", "left", "right"]
 
-TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke")
+TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "stroke", "img2img")
 
 # The noise levels t_2 > … > t_N of the loop when none are given, after t_1 = σmax: 40 levels spaced
 # evenly in ln σ from 10^0.5 ≈ 3.2 down to 0.1 (41 evaluations). The replacement only constrains the
@@ -348,7 +348,7 @@ def run_task(model: LoadedModel, task: str, images: Tensor | None, *, known: Ten
              factor: int = 4, noise_sigma: float = 0.5, add_noise: bool = True, frames: int = 8,
              sigma_start: float = 1.5, pairs: int = 1, labels: Tensor | Sequence[int] | None = None,
              sigmas: Sequence[float] | None = None, guidance_scale: float | None = None,
-             seed: int = 0) -> list[tuple[str, Tensor]]:
+             seed: int = 0, steps: int | None = None, strength: float = 0.5) -> list[tuple[str, Tensor]]:
     """Run one task by name; return the rows of its picture as (name, images): the reference, what
     the model is given, the result. ``interpolate`` ignores ``images`` and gives one row of frames
     per pair (``pairs``, or one per label). This is what ``fewstep edit`` draws."""
@@ -362,6 +362,15 @@ def run_task(model: LoadedModel, task: str, images: Tensor | None, *, known: Ten
         return [(f"pair {i}", row) for i, row in enumerate(out)]
     if images is None:
         raise FewstepError(f"task {task} needs input images")
+    if task == "img2img" or (task == "inpaint" and steps is not None and model.config.kind == "diffusion"):
+        from . import sampler_editing  # N sampler steps on the model's grid (guided/progressive students)
+        if task == "img2img":
+            return [("input", images), (f"strength {strength:g}", sampler_editing.img2img(
+                model, images, strength, steps, labels=labels, guidance_scale=guidance_scale, seed=seed))]
+        known = half_mask(images.shape[-1], "bottom") if known is None else known
+        return [("reference", images), ("known part", inpainting(known).degrade(images)),
+                (f"inpainted, {steps} steps", sampler_editing.inpaint(model, images, known, steps, labels=labels,
+                                                                      guidance_scale=guidance_scale, seed=seed))]
     if task == "inpaint":
         constraint = inpainting(half_mask(images.shape[-1], "bottom") if known is None else known)
         return [("reference", images), ("known part", constraint.degrade(images)),
