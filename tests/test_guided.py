@@ -117,14 +117,19 @@ def test_one_ddim_step_with_the_target_lands_where_two_teacher_steps_land():
     data, labels = _oracle_data()
     teacher = OracleCFG(ExactDenoiser(data, labels))
     grid = EDMSchedule().grid(8).double()
-    objective = ProgressiveLoss(teacher, grid, 3, (1.0, 4.0))
     torch.manual_seed(0)
     x0 = data.double().repeat(2, 1, 1, 1)
-    for i in range(4):                                      # every student step, the last one (to σ = 0) included
+    for i, solver in [(i, s) for i in range(4) for s in ("ddim", "heun")]:  # every student step, the last included
+        objective = ProgressiveLoss(teacher, grid, 3, (1.0, 4.0), solver=solver)
         sigmas = tuple(torch.full((len(x0),), float(grid[2 * i + k]), dtype=torch.float64) for k in range(3))
         cond = {"class_labels": labels.repeat(2), "guidance_scale": torch.rand(len(x0), dtype=torch.float64) * 3 + 1}
         x = x0 + sigmas[0].reshape(-1, 1, 1, 1) * torch.randn_like(x0)
-        two = teacher_two_steps(teacher, x, sigmas, cond)
+        two = teacher_two_steps(teacher, x, sigmas, cond, solver)
+        if solver == "ddim":                                  # written out: x' = D + σ'·(x − D)/σ, twice
+            d = teacher(x, sigmas[0], **cond)
+            x1 = d + (sigmas[1] / sigmas[0]).reshape(-1, 1, 1, 1) * (x - d)
+            d = teacher(x1, sigmas[1], **cond)
+            torch.testing.assert_close(two, d + (sigmas[2] / sigmas[1]).reshape(-1, 1, 1, 1) * (x1 - d))
         target = objective.target(x, sigmas, cond)
         torch.testing.assert_close(ddim_step(x, target, sigmas[0], sigmas[2]), two, rtol=0, atol=1e-9)
         if i == 3:

@@ -26,8 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-guidance-scale", type=float, default=4.0, help="guided: highest guidance scale (default 4)")
     g.add_argument("--start-steps", type=int, default=16,
                    help="progressive: step count of the first student; its teacher (--teacher, the stage-1 student) "
-                        "takes twice as many DDIM steps (default 16)")
+                        "takes twice as many steps (default 16); --steps is the optimizer steps of each round")
     g.add_argument("--final-steps", type=int, default=1, help="progressive: halve down to this step count (default 1)")
+    g.add_argument("--first-solver", choices=["ddim", "heun"], default="ddim",
+                   help="progressive: the first round's teacher step, ddim (Salimans & Ho) or heun (2nd order, twice "
+                        "the evaluations; the stage-1 student's ODE is solved better); later rounds always use ddim")
     g.add_argument("--keep-steps", type=_step_set, default=[4, 2, 1],
                    help="progressive: the students saved in the model folder (default 4,2,1; the largest is the default)")
 
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace, train_config, command: str) -> None:
         from .progressive import ProgressiveSettings, distill_progressive
 
         settings = ProgressiveSettings(start_steps=args.start_steps, final_steps=args.final_steps,
-                                       keep_steps=args.keep_steps, label_dropout=args.label_dropout)
+                                       keep_steps=args.keep_steps, label_dropout=args.label_dropout,
+                                       first_solver=args.first_solver)
         folder = distill_progressive(data, args.out, train_config, settings, teacher, command=command)
     if folder is not None:
         print(f"saved {args.method} model to {folder}")
