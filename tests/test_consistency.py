@@ -92,7 +92,7 @@ def test_cd_loss_vanishes_on_the_exact_consistency_function(solver):
     data = torch.randn(8, 2, generator=g, dtype=torch.float64)
     den = ExactDenoiser(data)
     cur = Curriculum(name="cd", total_steps=1, num_scales=18, target_ema=0.0)
-    loss_fn = ConsistencyLoss(EDMSchedule(), cur, l2, teacher=lambda labels: (den, {}), solver=solver,
+    loss_fn = ConsistencyLoss(EDMSchedule(), cur, l2, teacher=lambda cond: (den, {}), solver=solver,
                               conditional=False)
     batch = {"images": data[torch.randint(0, 8, (64,), generator=g)]}
     torch.manual_seed(1)
@@ -127,7 +127,7 @@ def _setup(method):
     teacher_net = EDMDenoiser(tiny_unet()).eval().requires_grad_(False)
     loss = ConsistencyLoss(EDMSchedule(), Curriculum.for_method("ct" if method == "act" else method, 4),
                            pseudo_huber if method == "ict" else l2,
-                           teacher=(lambda y: (teacher_net, {"class_labels": y})) if method == "cd" else None)
+                           teacher=(lambda c: (teacher_net, {"class_labels": c["class_labels"]})) if method == "cd" else None)
     if method == "act":
         disc = Discriminator(8, 1, 3, width=8)
         loss = AdversarialConsistencyLoss(loss, disc, r1_interval=2)

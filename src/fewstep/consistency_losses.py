@@ -12,6 +12,12 @@ on adjacent levels σ_n < σ_{n+1} of an N-point Karras grid; they differ only i
 - how the pair is drawn (uniform; iCT: discretized lognormal) and weighted (1; iCT: 1/(σ_{n+1} − σ_n));
 - the distance d (:mod:`fewstep.distances`).
 
+Latent consistency distillation and fine-tuning (Luo et al. 2023, Algorithm 1; LCF §4.5) are the same
+loss again, on the discrete VP grid: levels k timesteps apart on the skipped grid {k−1, 2k−1, …, T−1}
+(the "lcm" curriculum), a teacher step with DDIM / DPM-Solver / DPM-Solver++ on the
+classifier-free-guided ODE at a per-sample guidance scale that the student also takes as input
+(see :mod:`fewstep.lcm`), and a fixed target EMA μ = 0.95.
+
 Structure follows openai/consistency_models ``cm/karras_diffusion.py: consistency_losses``: the same
 dropout mask for the online and target branches (the RNG state is restored before the target pass),
 the target network a separate EMA copy updated after each optimizer step (``after_step``).
@@ -30,17 +36,18 @@ from .consistency import ct_num_scales, ct_target_ema, ict_level_probs, ict_num_
 from .denoisers import append_dims
 from .distances import Distance
 from .objectives import drop_labels, unwrap
-from .schedules import EDMSchedule
-from .solvers import ddim_step, heun_step
+from .schedules import EDMSchedule, VPSchedule
+from .solvers import ODE_SOLVERS, ode_step
 
-TeacherFn = Callable[[Tensor | None], tuple[Callable[..., Tensor], dict]]
+TeacherFn = Callable[[dict], tuple[Callable[..., Tensor], dict]]    # cond → (denoiser, extra_args)
+ConditionFn = Callable[[dict], dict]                                # batch → the student's conditioning
 
 
 @dataclass(frozen=True)
 class Curriculum:
     """N(k), μ(k), the level sampling and the weighting of one method."""
 
-    name: str                               # "cd" | "ct" | "ict"
+    name: str                               # "cd" | "ct" | "ict" | "lcm"
     total_steps: int
     num_scales: int = 18                    # CD's fixed N (Song et al. 2023: 18 on CIFAR-10, 40 on ImageNet-64)
     target_ema: float = 0.95                # CD's fixed μ
@@ -49,13 +56,15 @@ class Curriculum:
     mu0: float = 0.9                        # CT's μ0
     p_mean: float = -1.1                    # iCT's lognormal level distribution
     p_std: float = 2.0
+    skip: int = 20                          # LCM's skipping step k (Luo et al. 2023 §4.3: 20 of 1000)
 
     @classmethod
     def for_method(cls, method: str, total_steps: int, **overrides) -> "Curriculum":
-        """The paper defaults of ``method`` (cd, ct, ict; act uses CT's), with explicit overrides."""
+        """The paper defaults of ``method`` (cd, ct, ict; act uses CT's; lcd and lcf the LCM grid with
+        diffusers' μ = 0.95), with explicit overrides."""
         base = {"cd": {}, "ct": {"s0": 2, "s1": 150, "mu0": 0.9}, "act": {"s0": 2, "s1": 150, "mu0": 0.9},
-                "ict": {"s0": 10, "s1": 1280, "target_ema": 0.0}}[method]
-        name = "ct" if method == "act" else method
+                "ict": {"s0": 10, "s1": 1280, "target_ema": 0.0}, "lcd": {}, "lcf": {}}[method]
+        name = {"act": "ct", "lcd": "lcm", "lcf": "lcm"}.get(method, method)
         return cls(name=name, total_steps=total_steps, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def scales(self, step: int) -> int:
@@ -68,8 +77,12 @@ class Curriculum:
     def ema(self, step: int) -> float:
         return ct_target_ema(self.scales(step), self.s0, self.mu0) if self.name == "ct" else self.target_ema
 
-    def sample_pairs(self, n: int, step: int, schedule: EDMSchedule) -> tuple[Tensor, Tensor]:
-        """n pairs (σ_n, σ_{n+1}) of adjacent levels on the current grid."""
+    def sample_pairs(self, n: int, step: int, schedule: EDMSchedule | VPSchedule) -> tuple[Tensor, Tensor]:
+        """n pairs (σ_n, σ_{n+1}) of adjacent levels on the current grid. "lcm": t_{n+k} uniform on the
+        skipped grid {k−1, 2k−1, …, T−1}, t_n = max(t_{n+k} − k, 0) (diffusers' ``train_lcm_distill_sd_wds.py``)."""
+        if self.name == "lcm":
+            hi_t = (torch.randint(1, schedule.num_train_timesteps // self.skip + 1, (n,)) * self.skip - 1)
+            return schedule.sigmas[(hi_t - self.skip).clamp(min=0)].float(), schedule.sigmas[hi_t].float()
         scales = self.scales(step)
         if self.name == "ict":
             index = torch.multinomial(ict_level_probs(scales, schedule.sigma_min, schedule.sigma_max, schedule.rho,
@@ -101,18 +114,19 @@ class Pair:
 class ConsistencyLoss:
     """The CD / CT / iCT objective for :func:`fewstep.train.train` (see the module docstring).
 
-    ``teacher`` (CD only) maps a batch's labels to ``(denoiser, extra_args)`` of the teacher's
-    (guided) PF-ODE, e.g. ``lambda y: sampling.conditioned(teacher, y, 2.0)``; ``solver`` is its
-    one-step ODE solver. Class labels, when the data has them, condition the student as well; with
-    ``label_dropout`` some are replaced by ``null_label`` so that the student also learns the
-    unconditional ODE (for zero-shot editing without a label).
+    ``condition`` maps a batch to the student's conditioning; by default class labels, when the data
+    has them, with ``label_dropout`` of them replaced by ``null_label`` so that the student also
+    learns the unconditional ODE (for zero-shot editing without a label). ``teacher`` (distillation
+    only) maps that conditioning to ``(denoiser, extra_args)`` of the teacher's (guided) PF-ODE, e.g.
+    ``lambda c: sampling.conditioned(teacher, c.get("class_labels"), 2.0)``; ``solver`` is its one-step
+    ODE solver (:data:`fewstep.solvers.ODE_SOLVERS`).
     """
 
-    def __init__(self, schedule: EDMSchedule, curriculum: Curriculum, distance: Distance,
+    def __init__(self, schedule: EDMSchedule | VPSchedule, curriculum: Curriculum, distance: Distance,
                  teacher: TeacherFn | None = None, solver: str = "heun", conditional: bool = True,
-                 null_label: int | None = None, label_dropout: float = 0.0) -> None:
-        if solver not in ("euler", "heun"):
-            raise ValueError(f"unknown teacher solver {solver!r}; use euler or heun")
+                 null_label: int | None = None, label_dropout: float = 0.0, condition: ConditionFn | None = None) -> None:
+        if solver not in ODE_SOLVERS:
+            raise ValueError(f"unknown teacher solver {solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
         self.schedule = schedule
         self.curriculum = curriculum
         self.distance = distance
@@ -121,6 +135,7 @@ class ConsistencyLoss:
         self.conditional = conditional
         self.null_label = null_label
         self.label_dropout = label_dropout
+        self.condition = condition or self.class_condition
         self.step = 0                         # optimizer steps done (set by after_step, saved in checkpoints)
         self.target: nn.Module | None = None  # the EMA target f_θ⁻ (None while μ = 0 or before the first batch)
         self._pending: dict[str, Tensor] | None = None
@@ -133,9 +148,7 @@ class ConsistencyLoss:
     def pair(self, model: nn.Module, batch: dict[str, Tensor]) -> "Pair":
         """The online output at σ_{n+1} and its (stop-gradient) target at σ_n for one batch."""
         x0 = batch["images"]
-        cond = {}
-        if self.conditional and "labels" in batch:  # a null label makes the teacher's CFG collapse to D_u
-            cond["class_labels"] = drop_labels(batch["labels"], self.null_label, self.label_dropout)
+        cond = self.condition(batch)
         lo, hi = (s.to(x0.device) for s in self.curriculum.sample_pairs(len(x0), self.step, self.schedule))
         noise = torch.randn_like(x0)
         x_hi = x0 + append_dims(hi, x0.ndim) * noise
@@ -147,13 +160,16 @@ class ConsistencyLoss:
             target = self.target_network(model)(x_lo, lo, **cond)
         return Pair(online, target.detach(), self.curriculum.weight(lo, hi), hi, cond)
 
+    def class_condition(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Class labels, some dropped to the null label (which makes the teacher's CFG collapse to D_u)."""
+        if not (self.conditional and "labels" in batch):
+            return {}
+        return {"class_labels": drop_labels(batch["labels"], self.null_label, self.label_dropout)}
+
     def teacher_step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: dict) -> Tensor:
-        """One Euler or Heun step of the teacher's PF-ODE from σ_{n+1} down to σ_n (> 0)."""
-        den, extra = self.teacher(cond.get("class_labels"))
-        denoised = den(x, sigma, **extra)
-        if self.solver == "euler":
-            return ddim_step(x, denoised, append_dims(sigma, x.ndim), append_dims(sigma_next, x.ndim))
-        return heun_step(den, x, denoised, sigma, sigma_next, extra)
+        """One step of the teacher's PF-ODE from σ_{n+1} down to σ_n (> 0) with ``self.solver``."""
+        den, extra = self.teacher(cond)
+        return ode_step(self.solver, den, x, sigma, sigma_next, extra)
 
     def target_network(self, model: nn.Module) -> nn.Module:
         """f_θ⁻: the EMA copy, or the online network itself when μ = 0 (iCT's stop-gradient)."""

@@ -76,8 +76,8 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
         teacher.denoiser.requires_grad_(False).eval().to(accelerator.device)
         unet = copy.deepcopy(teacher.denoiser.net).requires_grad_(True).train()
         guidance = settings.guidance_scale
-        teacher_fn = partial(conditioned, teacher, guidance_scale=guidance) if data.num_classes else (
-            lambda labels: (teacher.denoiser, {}))
+        def teacher_fn(cond: dict) -> tuple:
+            return conditioned(teacher, cond.get("class_labels"), guidance) if data.num_classes else (teacher.denoiser, {})
     else:
         unet = build_unet(data.image_size, data.channels, data.num_classes, width=settings.width)
         teacher_fn, guidance = None, 1.0

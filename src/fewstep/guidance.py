@@ -41,21 +41,22 @@ class CFGDenoiser:
 
     ``uncond`` holds the conditioning of the unconditional branch (e.g. the null class label or
     the empty prompt's embedding) with the same batch size as the conditional inputs.
-    With ``guidance_scale == 1`` only the conditional pass runs.
+    ``guidance_scale`` is a number, or one per sample (a ``[batch]`` tensor, as a w-conditioned
+    student's distillation draws them). With a number equal to 1 only the conditional pass runs.
     """
 
-    def __init__(self, denoiser: Denoiser, guidance_scale: float, uncond: dict[str, Tensor]) -> None:
+    def __init__(self, denoiser: Denoiser, guidance_scale: float | Tensor, uncond: dict[str, Tensor]) -> None:
         self.denoiser = denoiser
-        self.guidance_scale = check_guidance_scale(guidance_scale)
+        self.guidance_scale = guidance_scale if torch.is_tensor(guidance_scale) else check_guidance_scale(guidance_scale)
         self.uncond = uncond
 
     @property
     def passes(self) -> int:
         """Network evaluations per call: 2 with guidance, 1 without."""
-        return 1 if self.guidance_scale == 1 else 2
+        return 1 if not torch.is_tensor(self.guidance_scale) and self.guidance_scale == 1 else 2
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
-        if self.guidance_scale == 1:
+        if self.passes == 1:
             return self.denoiser(x, sigma, **cond)
         both = {k: torch.cat([v, self.uncond[k]]) for k, v in cond.items()}
         d_cond, d_uncond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)

@@ -52,6 +52,53 @@ def heun_step(model: Model, x: Tensor, denoised: Tensor, sigma: Tensor, sigma_ne
     return x + _bcast(sigma_next - sigma, x) * (d + d_next) / 2
 
 
+def dpm_solver_2_step(model: Model, x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor,
+                      extra_args: dict | None = None) -> Tensor:
+    """DPM-Solver-2 (Lu et al. 2022a, Algorithm 1 with r₁ = ½; noise prediction). In σ space the
+    exponential integrator of the ε form has no linear part, so it is Euler through the λ-midpoint
+    σ_s = √(σσ') (λ = −ln σ): u = x + (σ_s − σ)·ε(x, σ), x' = x + (σ' − σ)·ε(u, σ_s), ε = (x − D)/σ.
+    k-diffusion's ``sample_dpm_2`` takes the same midpoint. Euler when σ' = 0."""
+    if _is_zero(sigma_next):
+        return denoised
+    sigma_mid = (sigma * sigma_next).sqrt()
+    u = x + _bcast(sigma_mid - sigma, x) * to_d(x, sigma, denoised)
+    eps_mid = to_d(u, sigma_mid, model(u, sigma_mid, **(extra_args or {})))
+    return x + _bcast(sigma_next - sigma, x) * eps_mid
+
+
+def dpmpp_2s_step(model: Model, x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor,
+                  extra_args: dict | None = None) -> Tensor:
+    """DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1 with r = ½; data prediction), the single-step
+    second-order solver (k-diffusion ``sample_dpmpp_2s_ancestral`` with η = 0), h = λ' − λ:
+        u = (σ_s/σ)·x − (e^{−h/2} − 1)·D(x, σ),   x' = (σ'/σ)·x − (e^{−h} − 1)·D(u, σ_s),  σ_s = √(σσ').
+    Returns D when σ' = 0."""
+    if _is_zero(sigma_next):
+        return denoised
+    h = torch.log(sigma) - torch.log(sigma_next)
+    sigma_mid = (sigma * sigma_next).sqrt()
+    u = _bcast(sigma_mid / sigma, x) * x - _bcast(torch.expm1(-h / 2), x) * denoised
+    denoised_mid = model(u, sigma_mid, **(extra_args or {}))
+    return _bcast(sigma_next / sigma, x) * x - _bcast(torch.expm1(-h), x) * denoised_mid
+
+
+def ode_step(solver: str, model: Model, x: Tensor, sigma: Tensor, sigma_next: Tensor,
+             extra_args: dict | None = None, denoised: Tensor | None = None) -> Tensor:
+    """One teacher ODE step σ → σ' with a named one-step solver, as consistency distillation uses it
+    (Song et al. 2023: Euler/Heun; Luo et al. 2023 §4.2: DDIM, DPM-Solver, DPM-Solver++).
+    ``sigma``/``sigma_next`` are ``[batch]``; ``denoised`` = D(x; σ) if already known."""
+    if solver not in ODE_SOLVERS:
+        raise ValueError(f"unknown teacher solver {solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
+    if denoised is None:
+        denoised = model(x, sigma, **(extra_args or {}))
+    if solver in ("ddim", "euler"):
+        return ddim_step(x, denoised, sigma, sigma_next)
+    return ODE_SOLVERS[solver](model, x, denoised, sigma, sigma_next, extra_args)
+
+
+ODE_SOLVERS: dict[str, Callable[..., Tensor] | None] = {
+    "ddim": None, "euler": None, "heun": heun_step, "dpm-solver": dpm_solver_2_step, "dpm-solver++": dpmpp_2s_step}
+
+
 def dpmpp_2m_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor,
                   old_denoised: Tensor | None = None, sigma_prev: Tensor | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2, "midpoint" form as in diffusers and

@@ -1,0 +1,196 @@
+"""Latent consistency models (Luo et al. 2023, arXiv 2310.04378): the w-conditioned student, latent
+consistency distillation (LCD) and fine-tuning (LCF), saved as a diffusers LCM pipeline.
+
+The student is f_θ(z, c, w, t) = c_skip(t)·z_t + c_out(t)·ẑ_0(ε_θ(z_t, t, c, ψ(w)))   (eq. 9 + §4.2)
+on a UNet2DConditionModel built from the teacher's config with ``time_cond_proj_dim`` set: the guidance
+weight w = guidance_scale − 1 enters through diffusers' guidance-scale embedding ψ(w) as
+``timestep_cond``, exactly as ``LatentConsistencyModelPipeline`` feeds it, so the saved folder runs
+there unchanged. The scalings are :class:`fewstep.consistency.LCMConsistency` (one copy of the math).
+
+LCD is :class:`fewstep.consistency_losses.ConsistencyLoss` with the "lcm" curriculum (skipping step
+k on the 1000-step grid), the teacher's classifier-free-guided ODE at a per-sample guidance scale
+s ~ U[s_min, s_max] (eq. 10–11: both branches in one batch), a one-step DDIM / DPM-Solver /
+DPM-Solver++ teacher step (Algorithm 1) and a fixed EMA target (μ = 0.95, as diffusers'
+``train_lcm_distill_sd_wds.py``). LCF (§4.5) is the same with no teacher: the pair is the data
+noised to both levels with the same noise (CT in latent space).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .consistency import LCMConsistency
+from .consistency_losses import ConsistencyLoss, Curriculum
+from .data import ImageData
+from .denoisers import VPDenoiser
+from .distances import get_distance
+from .errors import FewstepError
+from .guidance import CFGDenoiser, lcm_w
+from .guided import guidance_scale_embedding
+from .schedules import VPSchedule
+from .sd import LatentModel, save_pipeline
+from .train import TrainConfig, train
+
+LCM_METHODS = ("lcd", "lcf")
+
+
+@dataclass
+class LCMSettings:
+    """The method's own settings (recorded in the model folder)."""
+
+    method: str = "lcd"                     # lcd (distil a teacher) | lcf (fine-tune an LCM on data, no teacher)
+    skip: int = 20                          # k: teacher step t_{n+k} → t_n (Luo et al. §4.3; diffusers' default 20)
+    solver: str = "ddim"                    # ddim | dpm-solver | dpm-solver++ (the teacher's one-step ψ)
+    guidance_min: float = 2.0               # s ~ U[s_min, s_max] (w = s − 1; the paper's w ∈ [2, 14] for SD)
+    guidance_max: float = 8.0
+    distance: str = "l2"                    # l2 | pseudo-huber (as diffusers' --loss_type huber, with iCT's c)
+    target_ema: float = 0.95                # μ of the target network (diffusers' --ema_decay)
+    cond_proj_dim: int = 256                # width of ψ(w) (diffusers' --unet_time_cond_proj_dim)
+    timestep_scaling: float = 10.0          # LCMScheduler's timestep_scaling in c_skip/c_out
+    gradient_checkpointing: bool = False    # trade compute for memory on big UNets (GPU users)
+
+
+class LCMStudent(nn.Module):
+    """f_θ(x, σ, c, s) in σ space: ``model(x, sigma, encoder_hidden_states=c, guidance_scale=s)``."""
+
+    def __init__(self, unet: nn.Module, schedule: VPSchedule, prediction_type: str = "epsilon",
+                 timestep_scaling: float = 10.0) -> None:
+        super().__init__()
+        self.consistency = LCMConsistency(VPDenoiser(unet, schedule, prediction_type), timestep_scaling)
+
+    @classmethod
+    def of(cls, model: LatentModel, unet: nn.Module | None = None) -> "LCMStudent":
+        """The consistency function of a loaded LCM pipeline (or of ``unet`` on that pipeline's schedule)."""
+        return cls(unet if unet is not None else model.unet, model.schedule, model.prediction_type,
+                   model.scheduler_config.get("timestep_scaling", 10.0))
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.consistency.denoiser.net
+
+    def forward(self, x: Tensor, sigma: Tensor, encoder_hidden_states: Tensor,
+                guidance_scale: Tensor | float = 1.0) -> Tensor:
+        s = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        w_embedding = guidance_scale_embedding(lcm_w(s), self.unet.config.time_cond_proj_dim).to(x.dtype)
+        return self.consistency(x, sigma, encoder_hidden_states=encoder_hidden_states, timestep_cond=w_embedding)
+
+
+def student_unet(teacher_unet: nn.Module, cond_proj_dim: int = 256) -> nn.Module:
+    """The teacher's UNet with a ψ(w) input: built from its config with ``time_cond_proj_dim`` and loaded
+    with its weights (diffusers' LCD script). The new projection is zero-initialised (our choice; the
+    script leaves it random) so the student starts as the teacher's conditional ε-prediction."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config({**teacher_unet.config, "time_cond_proj_dim": cond_proj_dim})
+    missing, unexpected = unet.load_state_dict(teacher_unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
+        raise FewstepError(f"the teacher's UNet does not fit the student built from its config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    nn.init.zeros_(unet.time_embedding.cond_proj.weight)
+    return unet
+
+
+def lcm_condition(settings: LCMSettings):
+    """batch → the student's conditioning: the cached prompt embedding and s ~ U[s_min, s_max]."""
+    def condition(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        c = batch["prompt_embeds"]
+        s = torch.rand(len(c), device=c.device) * (settings.guidance_max - settings.guidance_min) + settings.guidance_min
+        return {"encoder_hidden_states": c, "guidance_scale": s}
+    return condition
+
+
+def cfg_teacher(denoiser: nn.Module, uncond_embedding: Tensor):
+    """cond → the teacher's guided ODE at each sample's own scale: ε_u + s·(ε_c − ε_u), one batch."""
+    def teacher(cond: dict[str, Tensor]) -> tuple[CFGDenoiser, dict]:
+        c = cond["encoder_hidden_states"]
+        uncond = {"encoder_hidden_states": uncond_embedding.to(c).expand_as(c)}
+        return CFGDenoiser(denoiser, cond["guidance_scale"], uncond), {"encoder_hidden_states": c}
+    return teacher
+
+
+def check_settings(settings: LCMSettings, num_train_timesteps: int) -> None:
+    if settings.method not in LCM_METHODS:
+        raise FewstepError(f"unknown latent consistency method {settings.method!r}; choose lcd or lcf")
+    if settings.solver not in ("ddim", "dpm-solver", "dpm-solver++"):
+        raise FewstepError(f"unknown teacher solver {settings.solver!r} for lcd; choose ddim, dpm-solver or dpm-solver++")
+    if not 1 <= settings.skip < num_train_timesteps or num_train_timesteps % settings.skip:
+        raise FewstepError(f"skipping step {settings.skip} must divide the teacher's {num_train_timesteps} timesteps")
+    if not 1 <= settings.guidance_min <= settings.guidance_max:
+        raise FewstepError(f"guidance range [{settings.guidance_min}, {settings.guidance_max}] must satisfy "
+                           f"1 <= min <= max (1 = no guidance)")
+    if settings.distance not in ("l2", "pseudo-huber"):
+        raise FewstepError(f"distance {settings.distance!r}: lcd/lcf take l2 or pseudo-huber")
+
+
+def latent_training_data(model: LatentModel, data: ImageData) -> dict[str, Tensor]:
+    """VAE latents (posterior means × scaling factor) and prompt embeddings, computed once."""
+    if data.captions is None:
+        raise FewstepError(f"{data.name} has no captions; lcd/lcf need a captioned set (emoji, an image folder "
+                           f"with metadata.jsonl, a saved HF dataset or webdataset shards)")
+    size = model.vae.config.sample_size
+    if data.image_size != size or data.channels != model.vae.config.in_channels:
+        raise FewstepError(f"the data is {data.channels}×{data.image_size}² but {model.path}'s VAE takes "
+                           f"{model.vae.config.in_channels}×{size}² images; resize the data set")
+    embeds = torch.cat([model.encode_prompts(data.captions[i:i + 256]) for i in range(0, len(data), 256)])
+    return {"images": model.encode_images(data.images), "prompt_embeds": embeds}
+
+
+def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: TrainConfig, settings: LCMSettings,
+                command: str = "", accelerator=None) -> Path | None:
+    """LCD (``teacher`` a diffusion pipeline) or LCF (``teacher`` an LCM pipeline to fine-tune) on ``data``;
+    saves a LatentConsistencyModelPipeline folder at ``out`` (the student's EMA weights)."""
+    from accelerate import Accelerator
+
+    schedule = teacher.schedule
+    check_settings(settings, schedule.num_train_timesteps)
+    if settings.method == "lcd" and teacher.info.get("kind") == "lcm":
+        raise FewstepError(f"{teacher.path} is already an LCM; distil a diffusion teacher, or fine-tune it with --method lcf")
+    if settings.method == "lcf" and not teacher.unet.config.time_cond_proj_dim:
+        raise FewstepError(f"lcf fine-tunes an LCM (a UNet with time_cond_proj_dim); {teacher.path} is not one: "
+                           f"distil it first with --method lcd")
+    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    tensors = latent_training_data(teacher, data)
+    torch.manual_seed(config.seed)
+    if settings.method == "lcd":
+        unet = student_unet(teacher.unet, settings.cond_proj_dim)
+        teacher.to(accelerator.device)
+        teacher_fn = cfg_teacher(teacher.denoiser, teacher.encode_prompts([""])[0])
+    else:
+        unet, teacher_fn = copy.deepcopy(teacher.unet), None
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    student = LCMStudent(unet.requires_grad_(True).train(), schedule, teacher.prediction_type, settings.timestep_scaling)
+    curriculum = Curriculum.for_method(settings.method, config.max_steps, skip=settings.skip,
+                                       target_ema=settings.target_ema)
+    objective = ConsistencyLoss(schedule, curriculum, get_distance(settings.distance), teacher=teacher_fn,
+                                solver=settings.solver, condition=lcm_condition(settings))
+    config = replace(config, extra={**asdict(settings), "dataset": data.name})
+    result = train(student, objective, tensors, config, accelerator)
+
+    from accelerate.state import PartialState
+    if not PartialState().is_main_process:
+        return None
+    original_steps = schedule.num_train_timesteps // settings.skip
+    info = {"kind": "lcm", "dataset": data.name, "class_names": data.class_names, "default_sampler": "consistency",
+            "default_steps": 4, "default_guidance_scale": round((settings.guidance_min + settings.guidance_max) / 2, 2),
+            "guidance_range": [settings.guidance_min, settings.guidance_max], "original_inference_steps": original_steps,
+            "training": {"command": command, "method": settings.method, "teacher": str(teacher.path),
+                         "steps": result.step, "final_loss": result.last_loss, "wall_seconds": round(result.seconds, 1),
+                         "threads": torch.get_num_threads(), "config": asdict(config)}}
+    scheduler_config = {**teacher.scheduler_config, "original_inference_steps": original_steps,
+                        "timestep_scaling": settings.timestep_scaling}
+    ema_unet = result.ema.unet
+    readme = (f"# {Path(out).name}\n\nA latent consistency model ({settings.method.upper()}, Luo et al. 2023) of "
+              f"`{teacher.path}` on `{data.name}`: 1–8 steps, guidance scale {settings.guidance_min:g}–"
+              f"{settings.guidance_max:g} as an input (one network evaluation per step). Runs in diffusers:\n\n"
+              f"```python\nfrom diffusers import LatentConsistencyModelPipeline\n"
+              f"pipe = LatentConsistencyModelPipeline.from_pretrained('{out}')\n"
+              f"image = pipe('grinning face', num_inference_steps=4, guidance_scale=4.0, height=32, width=32).images[0]\n"
+              f"```\n\nTrained with:\n\n```\n{command}\n```\n")
+    return save_pipeline(out, ema_unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, info,
+                         scheduler="LCMScheduler", scheduler_config=scheduler_config, readme=readme)
