@@ -273,3 +273,26 @@ def test_editing_in_a_few_steps_with_the_students(tiny_guided, capsys, tmp_path)
         code, _, err = run_cli(capsys, "edit", "--task", *task, "--model", str(root / "digits-guided"), "--steps", "2",
                                "--dataset", "digits", "--num", "3", "--out", str(tmp_path / f"{task[0]}.png"))
         assert code == 0, err
+
+
+def test_bench_guided_section_merges_into_a_previous_report(tiny_guided, capsys, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(tiny_guided, root, ignore=shutil.ignore_patterns("run*"))
+    code, _, err = run_cli(capsys, "distill", "--method", "progressive", "--teacher", str(root / "digits-guided"),
+                           "--out", str(root / "digits-progressive"), "--work-dir", str(tmp_path / "run"),
+                           "--start-steps", "4", "--keep-steps", "4,2", "--steps", "1", "--batch", "8", "--no-progress")
+    assert code == 0, err
+    old = {"settings": {"teacher": "digits-teacher", "num": 1000, "seed": 0, "timing_batch": 64, "timing_repeats": 5,
+                        "edit_num": 200}, "machine": "m", "date": "d", "command": "fewstep bench",
+           "quality": {"digits-teacher/dpmpp-2m": []}, "speed": [], "speedup": [], "costs": {}, "editing": {}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    code, out, err = run_cli(capsys, "bench", "--only", "guided", "--quick", "--num", "10", "--reuse",
+                             str(tmp_path / "old.json"), "--models", str(root), "--out", str(tmp_path / "res"),
+                             "--markdown", str(tmp_path / "B.md"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "res" / "bench.json").read_text())
+    assert report["command"] == "fewstep bench" and report["guided"]["num"] == 10   # the old report, one section added
+    assert [r["nfe"] for r in report["guided"]["quality"]["digits-guided/dpmpp-2m"]] == [4, 8, 50]
+    assert [r["steps"] for r in report["guided"]["quality"]["digits-progressive/ddim-stochastic"]] == [2, 4]
+    md = (tmp_path / "B.md").read_text()
+    assert "## Guided distillation" in md and "s = 3: FID / acc." in md and "digits-progressive/2" in md

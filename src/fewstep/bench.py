@@ -77,6 +77,7 @@ class BenchReport:
     speedup: list[dict] = field(default_factory=list)
     costs: dict[str, dict] = field(default_factory=dict)            # distilled model -> training cost
     editing: dict[str, dict] = field(default_factory=dict)          # model -> fewstep.editing.edit_metrics
+    guided: dict = field(default_factory=dict)                      # fewstep.guided_bench: Meng et al. 2023
 
 
 def distilled_models(models_dir: Path, teacher: LoadedModel) -> list[LoadedModel]:
@@ -164,6 +165,8 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
         _print_quality(model.path.name, rows)
 
     report.editing = _editing([teacher, *(m for m in distilled if m.path.name in settings.edit_models)], ruler, settings)
+    from .guided_bench import measure
+    report.guided = measure(models_dir, teacher, ruler, settings, report.quality)
 
     # speed, side by side at one batch size
     report.speed += _speed_rows(teacher, step_sets, settings)
@@ -306,6 +309,8 @@ def _write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
                      f"{r['overhead']:.3f}× |")
     lines += _consistency_section(report)
     lines += _editing_section(report)
+    from .guided_bench import section
+    lines += section(report)
     if report.speedup:
         lines += ["", "## Speedup at matched quality", "",
                   "| model | steps | FID | teacher's cheapest match | its FID | speedup |", "|---|---:|---:|---|---:|---:|"]

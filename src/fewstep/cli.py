@@ -110,6 +110,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     if args.method in ("guided", "progressive"):  # Meng et al. 2023 (fewstep.guided_cli)
         from .guided_cli import run
         return run(args, _train_config(args), _command_line(args))
+    if args.method in ("lcd", "lcf"):  # Luo et al. 2023 (fewstep.latent_cli)
+        from .latent_cli import run_distill
+        return run_distill(args, _train_config(args), _command_line(args))
     if args.method not in CM_METHODS:
         raise FewstepError(f"--method {args.method} is not available yet; choose one of {', '.join(CM_METHODS)}")
     teacher = load_model(args.teacher) if args.teacher else None
@@ -118,7 +121,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     classifier = args.classifier or (str(shipped_models_dir() / f"{data.name}-classifier")
                                      if args.distance == "classifier" else None)
     settings = ConsistencySettings(
-        method=args.method, distance=args.distance, solver=args.solver, guidance_scale=args.guidance_scale,
+        method=args.method, distance=args.distance, solver=args.solver or "heun", guidance_scale=args.guidance_scale,
         label_dropout=args.label_dropout,
         num_scales=args.num_scales, start_scales=args.start_scales, target_ema=args.target_ema, width=args.width,
         classifier=classifier, lpips_weights=args.lpips_weights, gan_weight=args.gan_weight, d_lr=args.d_lr,
@@ -138,6 +141,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .models import load_model
     from .sampling import generate
 
+    from .sd import is_pipeline_folder
+
+    if is_pipeline_folder(args.model):  # a diffusers text-to-image pipeline (fewstep.latent_cli)
+        from .latent_cli import run_sample
+        return run_sample(args)
+    if args.prompt:
+        raise FewstepError(f"{args.model} is not a text-to-image pipeline; it takes --label, not --prompt")
     out = check_writable(args.out, ".png")  # fail before any work
     model = load_model(args.model)
     cfg = model.config
@@ -232,6 +242,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     settings.seed = args.seed
     settings.reuse = args.reuse
     markdown = None if args.no_markdown else Path(args.markdown)
+    if args.only == "guided":  # just the guided-distillation section, merged into --reuse's report
+        from .guided_bench import run_only
+        run_only(Path(args.models or shipped_models_dir()), Path(args.out), settings, _command_line(args), markdown)
+        print(f"wrote the guided section into {args.out}/bench.json" + (f" and {markdown}" if markdown else ""))
+        return
     run_bench(Path(args.models or shipped_models_dir()), Path(args.out), settings, _command_line(args), markdown)
     print(f"wrote {args.out}/bench.json and plots" + (f", and {markdown}" if markdown else ""))
 
@@ -301,6 +316,7 @@ def _add_edit_parser(sub) -> None:
     g.add_argument("--steps", type=_positive_int,
                    help="img2img, and inpaint with a diffusion model: sampler steps on the model's own grid "
                         "(a guided or progressive student: 2-4); default: the model's")
+    p.add_argument("--prompt", action="append", help="img2img on a text-to-image pipeline: the target prompt(s)")
     p.add_argument("--infer-label", action="store_true",
                    help="inpaint: let the model infer each image's class from its known part (the label c whose "
                         "f(known + noise; c) reconstructs it best), then inpaint conditioned on it")
@@ -323,6 +339,11 @@ def _cmd_edit(args: argparse.Namespace) -> None:
     from .images import labeled_rows, make_grid, read_png, save_png
     from .models import load_model
 
+    from .sd import is_pipeline_folder
+
+    if is_pipeline_folder(args.model):  # a diffusers text-to-image pipeline (fewstep.latent_cli)
+        from .latent_cli import run_img2img
+        return run_img2img(args)
     out = check_writable(args.out, ".png")  # fail before any work
     if (args.mask or args.mask_half) and args.task != "inpaint":
         raise FewstepError("--mask and --mask-half apply to --task inpaint only")
@@ -444,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "count and seed match (timings are always re-measured side by side)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
+    p.add_argument("--only", choices=["guided"], help="run one section and merge it into the --reuse report: "
+                                                     "guided (guided and progressive distillation)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sample", help="sample a grid of images from a model",
@@ -462,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the noise levels of each step, e.g. 80,0.8 for 2-step consistency sampling with the "
                         "intermediate level 0.8 (σ = 0 is appended; overrides --steps)")
     p.add_argument("--label", type=int, nargs="+", help="class labels to sample (default: every class)")
+    p.add_argument("--prompt", action="append",
+                   help="text-to-image pipelines (emoji-sd, emoji-lcm): a prompt, one row of --num images each; "
+                        "repeat for more rows (prompts longer than the tokenizer's limit are cut with a warning)")
     p.add_argument("--num", type=_positive_int, default=8, help="images per label (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the grid (default 4)")
@@ -488,8 +514,10 @@ def _add_distill_parser(sub, name: str) -> None:
     methods = ["cd", "ct", "ict", "act"] if name == "distill" else ["ct", "ict", "act"]
     p.add_argument("--method", choices=methods + (["lcd", "lcf", "lcm-lora", "guided", "progressive"] if name == "distill" else []),
                    required=True, help="cd needs --teacher; ct, ict and act need only --dataset")
-    p.add_argument("--teacher", help="teacher model folder (cd), e.g. models/digits-teacher")
-    p.add_argument("--dataset", help="'digits' or an image folder (default: the teacher's data set, else digits)")
+    p.add_argument("--teacher", help="teacher model folder: cd/guided a fewstep model (models/digits-teacher); lcd "
+                                     "any local diffusers SD 1.x/2.x folder (models/emoji-sd); lcf an LCM folder")
+    p.add_argument("--dataset", help="'digits', 'emoji', an image folder (lcd/lcf: with metadata.jsonl captions), a "
+                                     "saved HF dataset or webdataset .tar shards (default: the teacher's data set)")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--image-size", type=_positive_int, default=None)
     p.add_argument("--channels", type=int, choices=[1, 3], default=1)
@@ -497,7 +525,9 @@ def _add_distill_parser(sub, name: str) -> None:
     g.add_argument("--distance", choices=DISTANCES, default="l2",
                    help="d(x, y) of the loss: l2, l1, pseudo-huber (iCT), classifier (features of the shipped "
                         "classifier, a CPU stand-in for LPIPS), lpips (needs the lpips package and --lpips-weights)")
-    g.add_argument("--solver", choices=["euler", "heun"], default="heun", help="cd: the teacher's ODE step (default heun)")
+    g.add_argument("--solver", choices=["euler", "heun", "ddim", "dpm-solver", "dpm-solver++"], default=None,
+                   help="the teacher's one-step ODE solver: cd euler | heun (default heun); lcd ddim | dpm-solver | "
+                        "dpm-solver++ (2nd-order DPM-Solver-2 / DPM-Solver++(2S); default ddim)")
     g.add_argument("--guidance-scale", type=float, default=2.0,
                    help="cd: the classifier-free guidance scale of the teacher ODE the student learns (default 2.0)")
     g.add_argument("--label-dropout", type=float, default=0.1,
@@ -519,7 +549,9 @@ def _add_distill_parser(sub, name: str) -> None:
     g.add_argument("--augment", type=float, default=0.0, help="probability of each differentiable augmentation")
     if name == "distill":
         from .guided_cli import add_arguments
+        from .latent_cli import add_arguments as add_latent_arguments
         add_arguments(p)
+        add_latent_arguments(p)
     _train_args(p, steps=3000, batch=64, lr=1e-4)
     p.set_defaults(func=cmd_distill)
 
