@@ -103,3 +103,119 @@ def test_student_starts_as_the_teacher_for_every_guidance_scale(tiny_sd):
     for w in (0.0, 3.0, 11.0):
         out = student(x, t, encoder_hidden_states=c, timestep_cond=guidance_scale_embedding(torch.full((3,), w), 64)).sample
         assert torch.allclose(out, ref, atol=1e-5)
+
+
+def _caption_folder(root, n: int = 12):
+    """An image folder with a metadata.jsonl (the HF imagefolder convention) and the same pairs as
+    webdataset shards."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    lines, tar_path = [], root.parent / f"{root.name}-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i in range(n):
+            arr = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / f"{i}.png")
+            lines.append(json.dumps({"file_name": f"{i}.png", "text": CAPTIONS[i % len(CAPTIONS)]}))
+            for name, data in ((f"s{i:03d}.png", (root / f"{i}.png").read_bytes()),
+                               (f"s{i:03d}.txt", CAPTIONS[i % len(CAPTIONS)].encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root, tar_path
+
+
+def test_captioned_sets_from_metadata_jsonl_and_webdataset_shards_agree(tmp_path):
+    from fewstep.data import load_captioned
+
+    folder, shard = _caption_folder(tmp_path / "pics")
+    a, b = load_captioned(str(folder), 32), load_captioned(str(shard), 32)
+    assert a.images.shape == (12, 3, 32, 32) and a.captions == b.captions == [CAPTIONS[i % 6] for i in range(12)]
+    assert torch.equal(a.images, b.images)
+    (folder / "metadata.jsonl").write_text('{"file_name": "0.png"}\n')
+    with pytest.raises(FewstepError, match="no caption field"):
+        load_captioned(str(folder), 32)
+
+
+def test_cli_lcd_then_sample_and_img2img(tiny_sd, tmp_path, capsys):
+    from helpers import run_cli
+
+    folder, _ = _caption_folder(tmp_path / "pics")
+    out = tmp_path / "lcm"
+    run_cli(capsys, "distill", "--method", "lcd", "--teacher", str(tiny_sd), "--dataset", str(folder), "--out", str(out),
+            "--steps", "2", "--batch", "4", "--solver", "dpm-solver++", "--skip", "50", "--no-progress",
+            "--work-dir", str(tmp_path / "work"))
+    model = load_latent_model(out)
+    assert model.is_lcm and model.info["original_inference_steps"] == 20
+    assert model.info["training"]["config"]["extra"]["solver"] == "dpm-solver++"
+    from PIL import Image
+
+    rc, _, _ = run_cli(capsys, "sample", "--model", str(out), "--prompt", "red apple", "--prompt", "flag: Japan",
+                       "--steps", "2", "--num", "3", "--out", str(tmp_path / "s.png"))
+    assert rc == 0 and (tmp_path / "s.png").exists()
+    Image.open(folder / "0.png").resize((32, 32)).save(tmp_path / "in.png")
+    rc, _, err = run_cli(capsys, "edit", "--task", "img2img", "--model", str(out), "--input", str(tmp_path / "in.png"),
+                         "--prompt", "green apple", "--prompt", "red apple", "--steps", "2", "--strength", "0.6",
+                         "--out", str(tmp_path / "e.png"))
+    assert rc == 0 and Image.open(tmp_path / "e.png").size[0] > Image.open(tmp_path / "e.png").size[1], err
+    rc, _, err = run_cli(capsys, "edit", "--task", "img2img", "--model", str(out), "--input", str(folder / "0.png"),
+                         "--out", str(tmp_path / "bad.png"))
+    assert rc != 0 and "40x40" in err and not (tmp_path / "bad.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["distill", "--method", "lcd", "--teacher", "models/digits-teacher", "--out", "X"], "not a diffusers pipeline"),
+    (["distill", "--method", "lcd", "--out", "X"], "needs --teacher"),
+])
+def test_cli_bad_teacher_is_one_clear_line(argv, message, capsys):
+    from helpers import run_cli
+
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc != 0 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_mismatched_pipeline_parts_and_bad_settings_are_clear_errors(tiny_sd, tmp_path):
+    import json
+    import shutil
+
+    from fewstep.lcm import LCMSettings, check_settings
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    cfg = json.loads((broken / "vae" / "config.json").read_text())
+    (broken / "vae" / "config.json").write_text(json.dumps({**cfg, "latent_channels": 8}))
+    with pytest.raises(FewstepError, match="latents but the UNet takes"):
+        load_latent_model(broken)
+    for bad, match in [(LCMSettings(solver="heun"), "unknown teacher solver"), (LCMSettings(skip=30), "must divide"),
+                       (LCMSettings(guidance_min=5, guidance_max=2), "guidance range")]:
+        with pytest.raises(FewstepError, match=match):
+            check_settings(bad, 1000)
+
+
+def test_long_prompts_are_truncated_with_a_warning(tiny_sd):
+    model = load_latent_model(tiny_sd)
+    with pytest.warns(UserWarning, match="truncated"):
+        ids = model.tokenize(["red apple " * 40])
+    assert ids.shape == (1, TINY.max_length)
+
+
+def test_second_order_teacher_steps_beat_ddim_on_the_exact_gaussian_ode():
+    """One skipping step of DPM-Solver-2 / DPM-Solver++(2S) against the closed-form PF-ODE of Gaussian
+    data (x_0 ~ N(0, s²): x(σ') = x·√(s² + σ'²)/√(s² + σ²)): second order is far closer than DDIM."""
+    from fewstep.solvers import ode_step
+
+    s = 0.5
+    def denoiser(x, sigma):
+        return x * s**2 / (s**2 + sigma.reshape(-1, 1) ** 2)
+    x, sigma, sigma_next = torch.randn(64, 2, dtype=torch.float64) * math.sqrt(s**2 + 4.0), torch.full((64,), 2.0,
+                                                                                                        dtype=torch.float64), torch.full((64,), 1.0, dtype=torch.float64)
+    exact = x * math.sqrt(s**2 + 1.0) / math.sqrt(s**2 + 4.0)
+    err = {name: (ode_step(name, denoiser, x, sigma, sigma_next) - exact).abs().max().item()
+           for name in ("ddim", "dpm-solver", "dpm-solver++", "heun")}
+    assert err["dpm-solver"] < err["ddim"] / 5 and err["dpm-solver++"] < err["ddim"] / 5, err

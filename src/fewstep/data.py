@@ -123,3 +123,112 @@ def load_dataset(name: str, size: int | None = None, channels: int = 1) -> Image
     if Path(name).exists():
         return load_image_folder(name, size or 32, channels)
     raise FewstepError(f"unknown dataset {name!r}: use 'digits', 'emoji' or the path of an image folder")
+
+
+# --- captioned sets (text-to-image) -----------------------------------------------------------------
+CAPTION_KEYS = ("text", "caption", "prompt")
+
+
+def load_captioned(name: str, size: int) -> ImageData:
+    """A captioned RGB set at ``size``×``size``: ``emoji``; an image folder with a ``metadata.jsonl`` of
+    ``{"file_name": ..., "text": ...}`` lines (Hugging Face's imagefolder convention); a folder saved
+    by ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package) with an image and a text
+    column; or webdataset shards (a ``.tar`` file, or a folder of them, holding ``KEY.png|jpg`` +
+    ``KEY.txt`` pairs). Every image is resized (bicubic) to ``size``."""
+    if name == "emoji":
+        return load_emoji(size)
+    path = Path(name)
+    if not path.exists():
+        raise FewstepError(f"unknown captioned dataset {name!r}: use 'emoji', an image folder with metadata.jsonl, "
+                           f"a saved HF dataset folder or webdataset .tar shards")
+    if path.is_dir() and (path / "metadata.jsonl").exists():
+        pairs = _imagefolder_pairs(path)
+    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        pairs = _hf_dataset_pairs(path)
+    elif path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
+        pairs = _webdataset_pairs(sorted(path.glob("*.tar")) if path.is_dir() else [path])
+    else:
+        raise FewstepError(f"{path} has no captions: add a metadata.jsonl ({{\"file_name\": ..., \"text\": ...}} per "
+                           f"line), or give a saved HF dataset or webdataset .tar shards")
+    if not pairs:
+        raise FewstepError(f"no captioned images found in {path}")
+    images = torch.stack([_to_tensor(im, size) for im, _ in pairs])
+    return ImageData(images, torch.zeros(len(pairs), dtype=torch.long), [path.name], path.name, [c for _, c in pairs])
+
+
+def _caption(record: dict, where: str) -> str:
+    for key in CAPTION_KEYS:
+        if key in record:
+            return str(record[key])
+    raise FewstepError(f"{where} has no caption field ({', '.join(CAPTION_KEYS)})")
+
+
+def _to_tensor(im, size: int) -> Tensor:
+    from PIL import Image
+
+    arr = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+
+
+def _open_image(source, where: str):
+    from PIL import Image
+
+    try:
+        im = Image.open(source)
+        im.load()
+        return im
+    except OSError as e:
+        raise FewstepError(f"cannot read image {where}: {e}") from None
+
+
+def _imagefolder_pairs(root: Path) -> list:
+    import json
+
+    pairs = []
+    for n, line in enumerate((root / "metadata.jsonl").read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise FewstepError(f"{root / 'metadata.jsonl'} line {n} is not JSON") from None
+        where = f"{root / 'metadata.jsonl'} line {n}"
+        if "file_name" not in record:
+            raise FewstepError(f"{where} has no file_name")
+        pairs.append((_open_image(root / record["file_name"], str(root / record["file_name"])), _caption(record, where)))
+    return pairs
+
+
+def _hf_dataset_pairs(root: Path) -> list:
+    try:
+        import datasets
+    except ImportError:
+        raise FewstepError(f"{root} is a saved Hugging Face dataset: `pip install datasets` to read it") from None
+    ds = datasets.load_from_disk(str(root))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    image_key = next((k for k in ("image", "img", "jpg", "png") if k in ds.column_names), None)
+    if image_key is None:
+        raise FewstepError(f"{root} has no image column (image, img, jpg or png): {ds.column_names}")
+    return [(row[image_key], _caption(row, f"{root} row {i}")) for i, row in enumerate(ds)]
+
+
+def _webdataset_pairs(shards: list[Path]) -> list:
+    import io
+    import tarfile
+
+    pairs = []
+    for shard in shards:
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+        for key, parts in samples.items():
+            image = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+            text = parts.get("txt") or parts.get("caption")
+            if image is not None and text is not None:
+                pairs.append((_open_image(io.BytesIO(image), f"{shard}:{key}"), text.decode("utf-8").strip()))
+    return pairs
+

@@ -212,6 +212,7 @@ def load_latent_model(folder: str | Path, device: str | torch.device = "cpu") ->
     if (folder / "text_encoder_2").is_dir():
         raise FewstepError(f"{folder} is an SDXL-style pipeline (two text encoders); fewstep's latent methods "
                            f"take SD 1.x/2.x-style folders so far")
+    _check_parts_fit(folder)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
@@ -221,17 +222,26 @@ def load_latent_model(folder: str | Path, device: str | torch.device = "cpu") ->
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FewstepError(f"cannot load the pipeline in {folder} (missing or corrupt weights): {first}") from None
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    if vae.config.latent_channels != unet.config.in_channels:
-        raise FewstepError(f"{folder}: the VAE makes {vae.config.latent_channels}-channel latents but the UNet takes "
-                           f"{unet.config.in_channels} channels; the parts do not belong together")
-    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-        raise FewstepError(f"{folder}: the text encoder's width {text_encoder.config.hidden_size} is not the UNet's "
-                           f"cross_attention_dim {unet.config.cross_attention_dim}")
     info = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).exists() else {}
     model = LatentModel(unet, vae, text_encoder, tokenizer, scheduler_config, folder, info)
     for part in (unet, vae, text_encoder):
         part.requires_grad_(False).eval()
     return model.to(device)
+
+
+def _check_parts_fit(folder: Path) -> None:
+    """The parts' configs agree (read before any weights, so the error names the real problem)."""
+    try:
+        unet, vae, text = (json.loads((folder / part / "config.json").read_text())
+                           for part in ("unet", "vae", "text_encoder"))
+    except (OSError, ValueError) as e:
+        raise FewstepError(f"{folder}: a part's config.json is missing or corrupt: {e}") from None
+    if vae.get("latent_channels") != unet.get("in_channels"):
+        raise FewstepError(f"{folder}: the VAE makes {vae.get('latent_channels')}-channel latents but the UNet takes "
+                           f"{unet.get('in_channels')} channels; the parts do not belong together")
+    if text.get("hidden_size") != unet.get("cross_attention_dim"):
+        raise FewstepError(f"{folder}: the text encoder's width {text.get('hidden_size')} is not the UNet's "
+                           f"cross_attention_dim {unet.get('cross_attention_dim')}")
 
 
 def save_pipeline(folder: str | Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer,

@@ -1,0 +1,84 @@
+"""The CLI glue of the latent (Stable-Diffusion-format) family: ``fewstep distill --method lcd | lcf``,
+``fewstep sample --prompt`` and ``fewstep edit --task img2img`` on a diffusers pipeline folder.
+
+Kept out of :mod:`fewstep.cli` so that file only routes to it."""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import FewstepError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latent consistency (lcd: distil an SD-format teacher; lcf: fine-tune an LCM; "
+                             "Luo et al. 2023). The guidance range is --min/--max-guidance-scale")
+    g.add_argument("--skip", type=int, default=20,
+                   help="lcd/lcf: skipping step k, the teacher steps from t+k to t on the 1000-step grid (default 20; "
+                        "the LCM samples on the grid of 1000/k timesteps)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet activations in the backward pass (less memory on big UNets)")
+
+
+def run_distill(args: argparse.Namespace, train_config, command: str) -> None:
+    from .data import load_captioned
+    from .lcm import LCMSettings, distill_lcm
+    from .sd import load_latent_model
+
+    if not args.teacher:
+        raise FewstepError(f"--method {args.method} needs --teacher DIR: a diffusers Stable-Diffusion-style folder "
+                           + ("(e.g. models/emoji-sd)" if args.method == "lcd" else "holding an LCM (e.g. models/emoji-lcm)"))
+    teacher = load_latent_model(args.teacher)
+    data = load_captioned(args.dataset or teacher.info.get("dataset") or "emoji", teacher.vae.config.sample_size)
+    settings = LCMSettings(method=args.method, skip=args.skip, solver=args.solver or "ddim",
+                           guidance_min=args.min_guidance_scale, guidance_max=args.max_guidance_scale,
+                           distance=args.distance, target_ema=args.target_ema or 0.95,
+                           gradient_checkpointing=args.gradient_checkpointing)
+    folder = distill_lcm(teacher, data, args.out, train_config, settings, command=command)
+    if folder is not None:
+        print(f"saved {args.method} model (diffusers LatentConsistencyModelPipeline folder) to {folder}")
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    from .atomic import check_writable
+    from .images import make_grid, save_png
+    from .latent_sampling import generate_latent
+    from .sd import load_latent_model
+
+    out = check_writable(args.out, ".png")
+    if args.label:
+        raise FewstepError(f"{args.model} is a text-to-image pipeline: give --prompt TEXT, not --label")
+    model = load_latent_model(args.model)
+    prompts = [p for p in (args.prompt or ["grinning face"]) for _ in range(args.num)]
+    images = generate_latent(model, prompts, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
+                             seed=args.seed, progress=True)
+    save_png(make_grid(images, nrow=args.num, scale=args.scale), out)
+    print(f"wrote {len(images)} samples to {out}")
+
+
+def run_img2img(args: argparse.Namespace) -> None:
+    """``fewstep edit --task img2img --model PIPELINE --input PNG... --prompt TEXT``: one row per input,
+    the input first, then one result per prompt (SDEdit in --steps steps at --strength)."""
+    import torch
+
+    from .atomic import check_writable
+    from .images import make_grid, read_png, save_png
+    from .latent_sampling import generate_latent
+    from .sd import load_latent_model
+
+    out = check_writable(args.out, ".png")
+    if args.task != "img2img":
+        raise FewstepError(f"{args.model} is a text-to-image pipeline; its editing task is img2img (--task img2img)")
+    if not args.input:
+        raise FewstepError("img2img needs --input PNG (the picture to transform) and --prompt TEXT")
+    model = load_latent_model(args.model)
+    size = model.vae.config.sample_size
+    images = torch.cat([read_png(f, 3, sizes=[size]) for f in args.input])
+    prompts = list(args.prompt or [""])
+    inputs = images.repeat_interleave(len(prompts), dim=0)
+    results = generate_latent(model, prompts * len(images), steps=args.steps, guidance_scale=args.guidance_scale,
+                              seed=args.seed, init_images=inputs, strength=args.strength)
+    rows = torch.cat([torch.cat([images[i:i + 1], results[i * len(prompts):(i + 1) * len(prompts)]])
+                      for i in range(len(images))])
+    save_png(make_grid(rows, nrow=len(prompts) + 1, scale=args.scale), out)
+    print(f"wrote {len(images)} input(s) and their img2img results (strength {args.strength}) to {out}")
