@@ -219,3 +219,18 @@ def test_second_order_teacher_steps_beat_ddim_on_the_exact_gaussian_ode():
     err = {name: (ode_step(name, denoiser, x, sigma, sigma_next) - exact).abs().max().item()
            for name in ("ddim", "dpm-solver", "dpm-solver++", "heun")}
     assert err["dpm-solver"] < err["ddim"] / 5 and err["dpm-solver++"] < err["ddim"] / 5, err
+
+
+def test_latent_eval_scores_caption_classes_and_counts_cfg_passes(tiny_sd, tiny_lcm):
+    from fewstep.classifier import Classifier, ClassifierConfig
+    from fewstep.evaluate import Ruler, eval_prompts, evaluate_latent
+
+    data = tiny_data()
+    prompts, labels = eval_prompts(data, 30, seed=0)
+    assert len(prompts) == 30 and all(data.labels[data.captions.index(p)] == y for p, y in zip(prompts, labels.tolist()))
+    torch.manual_seed(0)
+    ruler = Ruler(Classifier(ClassifierConfig(channels=3, image_size=32, num_classes=3, width=8)), data)
+    teacher_rows, _ = evaluate_latent(load_latent_model(tiny_sd), ruler, [2], "ddim", 3.0, num=8, progress=False)
+    lcm_rows, samples = evaluate_latent(load_latent_model(tiny_lcm), ruler, [1, 2], None, 3.0, num=8, progress=False)
+    assert teacher_rows[0].nfe == 4 and [r.nfe for r in lcm_rows] == [1, 2]
+    assert samples[2].shape == (8, 3, 32, 32) and 0 <= lcm_rows[0].cond_accuracy <= 1

@@ -184,19 +184,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from .atomic import check_writable, write_text
-    from .evaluate import eval_report, evaluate, ruler_for
+    from .evaluate import eval_report, evaluate, evaluate_latent, ruler_for
     from .images import labeled_rows, make_grid, save_png
     from .models import load_model
+    from .sd import is_pipeline_folder, load_latent_model
 
     for path, suffix in ((args.json, None), (args.grid, ".png")):
         if path:
             check_writable(path, suffix)  # fail before any work
-    model = load_model(args.model)
-    args.sampler = args.sampler or model.config.default_sampler
+    latent = is_pipeline_folder(args.model)
+    if latent and args.tune_sigmas:
+        raise FewstepError("--tune-sigmas is for pixel-space consistency models; an LCM samples on its skipped grid")
+    model = load_latent_model(args.model) if latent else load_model(args.model)
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
-    if args.tune_sigmas:
-        _tune_sigmas(model, ruler, args)
-    rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
+    if latent:
+        rows, samples = evaluate_latent(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
+    else:
+        args.sampler = args.sampler or model.config.default_sampler
+        if args.tune_sigmas:
+            _tune_sigmas(model, ruler, args)
+        rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
     report = eval_report(model, rows, args.num, args.seed)
     print(f"{'steps':>5} {'NFE':>4} {'FID':>8} {'KID':>9} {'prec':>6} {'recall':>6} {'acc':>6} {'s/img':>8}")
     for r in rows:
@@ -207,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         write_text(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.grid:
-        c = max(model.config.num_classes, 8)
+        c = max(len(ruler.data.class_names), 8)
         save_png(labeled_rows([(f"{n} steps", make_grid(samples[n][: 2 * c], nrow=c, scale=3)) for n in args.steps],
                               margin=70), args.grid)
         print(f"wrote {args.grid}")

@@ -22,6 +22,7 @@ from .errors import FewstepError
 from .metrics import feature_stats, frechet_distance, kid, precision_recall
 from .models import LoadedModel
 from .sampling import generate, nfe, sampling_grid
+from .solvers import get_sampler
 
 
 @dataclass
@@ -76,9 +77,13 @@ class Ruler:
                 "precision": precision, "recall": recall, "cond_accuracy": acc}
 
 
-def ruler_for(model: LoadedModel, models_dir: Path, classifier: str | Path | None = None) -> Ruler:
-    """The ruler of a model's data set: its shipped classifier and the whole data set."""
-    name = model.config.dataset.split(":")[0]
+def ruler_for(model, models_dir: Path, classifier: str | Path | None = None) -> Ruler:
+    """The ruler of a model's data set (a :class:`LoadedModel` or a latent pipeline): its shipped
+    classifier and the whole data set."""
+    dataset = model.config.dataset if isinstance(model, LoadedModel) else model.info.get("dataset", "")
+    name = dataset.split(":")[0]
+    if not name:
+        raise FewstepError(f"{model.path} does not say which data set it models; pass --classifier DIR")
     path = Path(classifier) if classifier else models_dir / f"{name}-classifier"
     if not path.is_dir():
         raise FewstepError(f"no classifier for data set {name!r} at {path}; pass --classifier DIR")
@@ -111,9 +116,41 @@ def evaluate(model: LoadedModel, ruler: Ruler, steps: list[int], sampler: str = 
     return rows, samples
 
 
-def eval_report(model: LoadedModel, rows: list[EvalResult], num: int, seed: int) -> dict:
+def eval_prompts(data: ImageData, num: int, seed: int = 0) -> tuple[list[str], Tensor]:
+    """``num`` captions of a text-to-image set (a seeded shuffle, cycled) and their class labels: the
+    prompts text-to-image models are scored on, and the labels their samples should classify as."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).repeat(num // len(data) + 1)[:num]
+    return [data.captions[i] for i in order.tolist()], data.labels[order]
+
+
+def evaluate_latent(model, ruler: Ruler, steps: list[int], sampler: str | None = None,
+                    guidance_scale: float | None = None, num: int = 1000, seed: int = 0, batch_size: int = 250,
+                    progress: bool = True) -> tuple[list[EvalResult], dict[int, Tensor]]:
+    """:func:`evaluate` for a text-to-image pipeline (:class:`fewstep.sd.LatentModel`): prompts are the data
+    set's own captions (:func:`eval_prompts`), conditional accuracy is "the sample's class is its
+    caption's class" (the CPU analogue of a CLIP score)."""
+    from .latent_sampling import generate_latent
+
+    prompts, labels = eval_prompts(ruler.data, num, seed)
+    sampler = sampler or ("consistency" if model.is_lcm else model.info.get("default_sampler", "dpmpp-2m"))
+    guidance = model.info.get("default_guidance_scale", 3.0) if guidance_scale is None else guidance_scale
+    per = 1 if (model.is_lcm or guidance == 1) else 2
+    rows, samples = [], {}
+    for n in tqdm(steps, disable=not progress, desc="eval", leave=False):
+        start = time.perf_counter()
+        images = generate_latent(model, prompts, steps=n, sampler=sampler, guidance_scale=guidance, seed=seed,
+                                 batch_size=batch_size)
+        seconds = time.perf_counter() - start
+        rows.append(EvalResult(steps=n, sampler=sampler, guidance_scale=guidance, nfe=get_sampler(sampler).nfe(n) * per,
+                               seconds_per_image=seconds / num, **ruler.score(images, labels, seed=seed)))
+        samples[n] = images
+    return rows, samples
+
+
+def eval_report(model, rows: list[EvalResult], num: int, seed: int) -> dict:
     """The JSON object of ``fewstep eval --json`` (DESIGN.md §3)."""
-    return {"model": str(model.path), "dataset": model.config.dataset, "num_samples": num, "seed": seed,
+    dataset = model.config.dataset if isinstance(model, LoadedModel) else model.info.get("dataset", "")
+    return {"model": str(model.path), "dataset": dataset, "num_samples": num, "seed": seed,
             "results": [asdict(r) for r in rows]}
 
 
