@@ -78,6 +78,7 @@ class BenchReport:
     costs: dict[str, dict] = field(default_factory=dict)            # distilled model -> training cost
     editing: dict[str, dict] = field(default_factory=dict)          # model -> fewstep.editing.edit_metrics
     guided: dict = field(default_factory=dict)                      # fewstep.guided_bench: Meng et al. 2023
+    latent: dict = field(default_factory=dict)                      # fewstep.latent_bench: Luo et al. 2023
 
 
 def distilled_models(models_dir: Path, teacher: LoadedModel) -> list[LoadedModel]:
@@ -167,6 +168,8 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     report.editing = _editing([teacher, *(m for m in distilled if m.path.name in settings.edit_models)], ruler, settings)
     from .guided_bench import measure
     report.guided = measure(models_dir, teacher, ruler, settings, report.quality)
+    from . import latent_bench
+    report.latent = latent_bench.measure(models_dir, settings, command)
 
     # speed, side by side at one batch size
     report.speed += _speed_rows(teacher, step_sets, settings)
@@ -311,6 +314,8 @@ def _write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
     lines += _editing_section(report)
     from .guided_bench import section
     lines += section(report)
+    from . import latent_bench
+    lines += latent_bench.section(report)
     if report.speedup:
         lines += ["", "## Speedup at matched quality", "",
                   "| model | steps | FID | teacher's cheapest match | its FID | speedup |", "|---|---:|---:|---|---:|---:|"]
