@@ -1,9 +1,10 @@
-"""``fewstep demo``: the problem fewstep solves, on the shipped digits teacher.
+"""``fewstep demo``: the problem fewstep solves, on the shipped teachers and their distilled students.
 
 A diffusion teacher is good at 50 steps and degrades at 1, 2 and 4 (few-step samples are blurred
 posterior means: still recognisable, far from the data distribution): the demo samples the same
-labels with the same seed at each step count and shows the grid and a table of steps, network
-evaluations, seconds, FID and conditional accuracy (both from the shipped classifier).
+labels (digits) or captions (emoji, text-to-image) with the same seed at each step count and shows
+the grid and a table of steps, network evaluations, seconds, FID and conditional accuracy (both
+from the shipped classifier of the data set), for the teachers and the few-step students beside them.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from pathlib import Path
 import torch
 
 from .atomic import write_text
-from .classifier import accuracy, load_classifier
-from .data import load_digits
+from .classifier import accuracy
 from .errors import FewstepError
-from .evaluate import Ruler
+from .evaluate import eval_prompts, ruler_for
 from .images import labeled_rows, make_grid, save_png
 from .models import load_model
 from .sampling import generate, nfe
+from .sd import is_pipeline_folder, load_latent_model
 
 
 @dataclass
@@ -42,6 +43,8 @@ class DemoRow:
 DEMO_RUNS: list[tuple[str, str, tuple[int, ...]]] = [
     ("digits-teacher", "dpmpp-2m", (50, 4, 2, 1)),
     ("digits-cd", "consistency", (1, 2)),       # consistency distillation (Song et al. 2023), guidance built in
+    ("emoji-sd", "dpmpp-2m", (25, 4)),          # the text-to-image teacher (a diffusers SD pipeline), CFG
+    ("emoji-lcm", "consistency", (4, 2, 1)),    # latent consistency distillation (Luo et al. 2023)
 ]
 
 
@@ -49,32 +52,50 @@ def run_demo(models_dir: Path, out_dir: Path, per_class: int = 20, seed: int = 0
     if not (models_dir / "digits-classifier").is_dir():
         raise FewstepError(f"no shipped models under {models_dir}: set FEWSTEP_MODELS or pass --models")
     out_dir.mkdir(parents=True, exist_ok=True)
-    classifier = load_classifier(models_dir / "digits-classifier")
-    ruler = Ruler(classifier, load_digits())
+    rulers: dict = {}
     rows, strips = [], []
     for name, sampler, step_counts in DEMO_RUNS:
-        model = load_model(models_dir / name)
-        labels = torch.arange(model.config.num_classes).repeat(per_class)
-        guidance = model.config.default_guidance_scale
+        if not (models_dir / name).is_dir():
+            continue
+        latent = is_pipeline_folder(models_dir / name)
+        model = load_latent_model(models_dir / name) if latent else load_model(models_dir / name)
+        ruler = rulers.setdefault(model.info["dataset"] if latent else model.config.dataset,
+                                  ruler_for(model, models_dir))
+        num_classes = len(ruler.data.class_names)
+        guidance = model.info.get("default_guidance_scale", 3.0) if latent else model.config.default_guidance_scale
         for steps in step_counts:
             start = time.perf_counter()
-            images = generate(model, labels, steps=steps, sampler=sampler, guidance_scale=guidance, seed=seed)
+            images, labels, evals = _sample(model, latent, ruler, per_class * num_classes, steps, sampler, guidance, seed)
             seconds = time.perf_counter() - start
-            row = DemoRow(name, sampler, steps, guidance, nfe(model, sampler, steps, guidance), round(seconds, 3),
+            row = DemoRow(name, sampler, steps, guidance, evals, round(seconds, 3),
                           round(seconds / len(labels), 5), round(ruler.fid(images), 3),
-                          round(accuracy(classifier, images, labels), 4))
+                          round(accuracy(ruler.classifier, images, labels), 4))
             rows.append(row)
             print(_format_row(row) if len(rows) > 1 else _header() + "\n" + _format_row(row), flush=True)
             strips.append((f"{name}\n{sampler}, {steps} step{'s' * (steps > 1)}\nFID {row.fid:.2f}, "
                            f"acc {row.cond_accuracy:.0%}",
-                           make_grid(images[: 2 * model.config.num_classes], nrow=model.config.num_classes, scale=3)))
-    print(f"\nFID: Fréchet distance of the shipped classifier's features of {len(labels)} samples to the whole "
-          "data set (lower is better; small sample counts inflate it equally for every row).")
+                           make_grid(images[: 2 * num_classes], nrow=num_classes, scale=3 if not latent else 2)))
+    print(f"\nFID: Fréchet distance of the data set's classifier features of the samples ({per_class} per class or "
+          "caption group) to the whole data set (lower is better; small sample counts inflate it equally for every row). "
+          "emoji: prompts are the emoji's own captions, accuracy = classified into the caption's Unicode group.")
     png = save_png(labeled_rows(strips), out_dir / "demo.png")
     write_text(out_dir / "demo.json",
                json.dumps({"seed": seed, "per_class": per_class, "results": [asdict(r) for r in rows]}, indent=2))
     print(f"\nwrote {png} and {out_dir / 'demo.json'}")
     return rows
+
+
+def _sample(model, latent: bool, ruler, num: int, steps: int, sampler: str, guidance: float, seed: int):
+    """(images, the labels they should classify as, network evaluations per image)."""
+    if latent:
+        from .latent_sampling import generate_latent
+
+        prompts, labels = eval_prompts(ruler.data, num, seed)
+        images = generate_latent(model, prompts, steps=steps, sampler=sampler, guidance_scale=guidance, seed=seed)
+        return images, labels, steps * (1 if model.is_lcm or guidance == 1 else 2)
+    labels = torch.arange(model.config.num_classes).repeat(num // model.config.num_classes)
+    images = generate(model, labels, steps=steps, sampler=sampler, guidance_scale=guidance, seed=seed)
+    return images, labels, nfe(model, sampler, steps, guidance)
 
 
 def _header() -> str:
