@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -234,3 +235,23 @@ def test_latent_eval_scores_caption_classes_and_counts_cfg_passes(tiny_sd, tiny_
     lcm_rows, samples = evaluate_latent(load_latent_model(tiny_lcm), ruler, [1, 2], None, 3.0, num=8, progress=False)
     assert teacher_rows[0].nfe == 4 and [r.nfe for r in lcm_rows] == [1, 2]
     assert samples[2].shape == (8, 3, 32, 32) and 0 <= lcm_rows[0].cond_accuracy <= 1
+
+
+def test_lcd_runs_under_accelerate_launch_with_two_processes(tiny_sd, tmp_path):
+    """`accelerate launch` (2 CPU processes, DESIGN.md §7) runs `fewstep distill --method lcd` unchanged."""
+    import os
+    import subprocess
+    import sys
+
+    folder, _ = _caption_folder(tmp_path / "pics", n=8)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",
+           "-m", "fewstep", "distill", "--method", "lcd", "--teacher", str(tiny_sd), "--dataset", str(folder),
+           "--out", str(tmp_path / "lcm"), "--work-dir", str(tmp_path / "work"), "--steps", "2", "--batch", "4",
+           "--no-progress"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = load_latent_model(tmp_path / "lcm")
+    assert model.is_lcm and model.info["training"]["processes"] == 2
+    assert json.loads((tmp_path / "work" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2

@@ -181,7 +181,8 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
             "guidance_range": [settings.guidance_min, settings.guidance_max], "original_inference_steps": original_steps,
             "training": {"command": command, "method": settings.method, "teacher": str(teacher.path),
                          "steps": result.step, "final_loss": result.last_loss, "wall_seconds": round(result.seconds, 1),
-                         "threads": torch.get_num_threads(), "config": asdict(config)}}
+                         "threads": torch.get_num_threads(), "processes": accelerator.num_processes,
+                         "config": asdict(config)}}
     scheduler_config = {**teacher.scheduler_config, "original_inference_steps": original_steps,
                         "timestep_scaling": settings.timestep_scaling}
     ema_unet = result.ema.unet
