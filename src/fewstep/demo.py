@@ -88,11 +88,11 @@ def run_demo(models_dir: Path, out_dir: Path, per_class: int = 20, seed: int = 0
 def _sample(model, latent: bool, ruler, num: int, steps: int, sampler: str, guidance: float, seed: int):
     """(images, the labels they should classify as, network evaluations per image)."""
     if latent:
-        from .latent_sampling import generate_latent
+        from .latent_sampling import generate_latent, latent_nfe
 
         prompts, labels = eval_prompts(ruler.data, num, seed)
         images = generate_latent(model, prompts, steps=steps, sampler=sampler, guidance_scale=guidance, seed=seed)
-        return images, labels, steps * (1 if model.is_lcm or guidance == 1 else 2)
+        return images, labels, latent_nfe(model, sampler, steps, guidance)
     labels = torch.arange(model.config.num_classes).repeat(num // model.config.num_classes)
     images = generate(model, labels, steps=steps, sampler=sampler, guidance_scale=guidance, seed=seed)
     return images, labels, nfe(model, sampler, steps, guidance)

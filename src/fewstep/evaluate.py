@@ -22,7 +22,6 @@ from .errors import FewstepError
 from .metrics import feature_stats, frechet_distance, kid, precision_recall
 from .models import LoadedModel
 from .sampling import generate, nfe, sampling_grid
-from .solvers import get_sampler
 
 
 @dataclass
@@ -129,19 +128,18 @@ def evaluate_latent(model, ruler: Ruler, steps: list[int], sampler: str | None =
     """:func:`evaluate` for a text-to-image pipeline (:class:`fewstep.sd.LatentModel`): prompts are the data
     set's own captions (:func:`eval_prompts`), conditional accuracy is "the sample's class is its
     caption's class" (the CPU analogue of a CLIP score)."""
-    from .latent_sampling import generate_latent
+    from .latent_sampling import generate_latent, latent_nfe
 
     prompts, labels = eval_prompts(ruler.data, num, seed)
     sampler = sampler or ("consistency" if model.is_lcm else model.info.get("default_sampler", "dpmpp-2m"))
     guidance = model.info.get("default_guidance_scale", 3.0) if guidance_scale is None else guidance_scale
-    per = 1 if (model.is_lcm or guidance == 1) else 2
     rows, samples = [], {}
     for n in tqdm(steps, disable=not progress, desc="eval", leave=False):
         start = time.perf_counter()
         images = generate_latent(model, prompts, steps=n, sampler=sampler, guidance_scale=guidance, seed=seed,
                                  batch_size=batch_size)
         seconds = time.perf_counter() - start
-        rows.append(EvalResult(steps=n, sampler=sampler, guidance_scale=guidance, nfe=get_sampler(sampler).nfe(n) * per,
+        rows.append(EvalResult(steps=n, sampler=sampler, guidance_scale=guidance, nfe=latent_nfe(model, sampler, n, guidance),
                                seconds_per_image=seconds / num, **ruler.score(images, labels, seed=seed)))
         samples[n] = images
     return rows, samples

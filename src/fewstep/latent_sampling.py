@@ -59,10 +59,18 @@ def latent_denoiser(model: LatentModel, prompts: Sequence[str], guidance_scale: 
     """(denoiser, extra_args) for ``prompts``: the LCM's consistency function with s as an input, or the
     teacher with classifier-free guidance against the empty prompt."""
     c = model.encode_prompts(prompts)
-    if model.is_lcm:
+    if model.is_lcm and model.takes_guidance:
         return LCMStudent.of(model), {"encoder_hidden_states": c, "guidance_scale": torch.full((len(c),), guidance_scale)}
+    # a diffusion model, or an LCM-LoRA: CFG around it (diffusers' pipelines do the same with LCMScheduler)
     uncond = model.encode_prompts([""]).expand_as(c)
-    return CFGDenoiser(model.denoiser, guidance_scale, {"encoder_hidden_states": uncond}), {"encoder_hidden_states": c}
+    den = LCMStudent.of(model) if model.is_lcm else model.denoiser
+    return CFGDenoiser(den, guidance_scale, {"encoder_hidden_states": uncond}), {"encoder_hidden_states": c}
+
+
+def latent_nfe(model: LatentModel, sampler: str, steps: int, guidance_scale: float) -> int:
+    """UNet evaluations per image: CFG's two passes count as two; an LCD student's guidance is free."""
+    one_pass = (model.is_lcm and model.takes_guidance) or guidance_scale == 1
+    return get_sampler(sampler).nfe(steps) * (1 if one_pass else 2)
 
 
 @torch.no_grad()

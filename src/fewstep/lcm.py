@@ -36,14 +36,15 @@ from .schedules import VPSchedule
 from .sd import LatentModel, save_pipeline
 from .train import TrainConfig, train
 
-LCM_METHODS = ("lcd", "lcf")
+LCM_METHODS = ("lcd", "lcf", "lcm-lora")
 
 
 @dataclass
 class LCMSettings:
     """The method's own settings (recorded in the model folder)."""
 
-    method: str = "lcd"                     # lcd (distil a teacher) | lcf (fine-tune an LCM on data, no teacher)
+    method: str = "lcd"                     # lcd (distil a teacher) | lcf (fine-tune an LCM on data, no teacher) |
+                                            # lcm-lora (LCD training only LoRA weights; Luo et al. 2023b)
     skip: int = 20                          # k: teacher step t_{n+k} → t_n (Luo et al. §4.3; diffusers' default 20)
     solver: str = "ddim"                    # ddim | dpm-solver | dpm-solver++ (the teacher's one-step ψ)
     guidance_min: float = 2.0               # s ~ U[s_min, s_max] (w = s − 1; the paper's w ∈ [2, 14] for SD)
@@ -53,6 +54,7 @@ class LCMSettings:
     cond_proj_dim: int = 256                # width of ψ(w) (diffusers' --unet_time_cond_proj_dim)
     timestep_scaling: float = 10.0          # LCMScheduler's timestep_scaling in c_skip/c_out
     gradient_checkpointing: bool = False    # trade compute for memory on big UNets (GPU users)
+    lora_rank: int = 8                      # lcm-lora: rank of the adapters (the paper's SD runs use 64)
 
 
 class LCMStudent(nn.Module):
@@ -75,8 +77,11 @@ class LCMStudent(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, encoder_hidden_states: Tensor,
                 guidance_scale: Tensor | float = 1.0) -> Tensor:
+        dim = self.unet.config.time_cond_proj_dim
+        if not dim:  # an LCM-LoRA student: no w input (guidance, if any, is CFG around it)
+            return self.consistency(x, sigma, encoder_hidden_states=encoder_hidden_states)
         s = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).expand(x.shape[0])
-        w_embedding = guidance_scale_embedding(lcm_w(s), self.unet.config.time_cond_proj_dim).to(x.dtype)
+        w_embedding = guidance_scale_embedding(lcm_w(s), dim).to(x.dtype)
         return self.consistency(x, sigma, encoder_hidden_states=encoder_hidden_states, timestep_cond=w_embedding)
 
 
@@ -93,6 +98,21 @@ def student_unet(teacher_unet: nn.Module, cond_proj_dim: int = 256) -> nn.Module
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     nn.init.zeros_(unet.time_embedding.cond_proj.weight)
     return unet
+
+
+class AdaptersOff:
+    """The base model under a LoRA: ``denoiser`` called with ``unet``'s adapters disabled, so LCM-LoRA's
+    teacher and student share one UNet in memory (diffusers' ``train_lcm_distill_lora_sd_wds.py``)."""
+
+    def __init__(self, denoiser: nn.Module, unet: nn.Module) -> None:
+        self.denoiser, self.unet = denoiser, unet
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        self.unet.disable_adapters()
+        try:
+            return self.denoiser(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
 
 
 def lcm_condition(settings: LCMSettings):
@@ -115,7 +135,7 @@ def cfg_teacher(denoiser: nn.Module, uncond_embedding: Tensor):
 
 def check_settings(settings: LCMSettings, num_train_timesteps: int) -> None:
     if settings.method not in LCM_METHODS:
-        raise FewstepError(f"unknown latent consistency method {settings.method!r}; choose lcd or lcf")
+        raise FewstepError(f"unknown latent consistency method {settings.method!r}; choose lcd, lcf or lcm-lora")
     if settings.solver not in ("ddim", "dpm-solver", "dpm-solver++"):
         raise FewstepError(f"unknown teacher solver {settings.solver!r} for lcd; choose ddim, dpm-solver or dpm-solver++")
     if not 1 <= settings.skip < num_train_timesteps or num_train_timesteps % settings.skip:
@@ -148,7 +168,7 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
 
     schedule = teacher.schedule
     check_settings(settings, schedule.num_train_timesteps)
-    if settings.method == "lcd" and teacher.info.get("kind") == "lcm":
+    if settings.method != "lcf" and teacher.info.get("kind") == "lcm":
         raise FewstepError(f"{teacher.path} is already an LCM; distil a diffusion teacher, or fine-tune it with --method lcf")
     if settings.method == "lcf" and not teacher.unet.config.time_cond_proj_dim:
         raise FewstepError(f"lcf fine-tunes an LCM (a UNet with time_cond_proj_dim); {teacher.path} is not one: "
@@ -156,26 +176,38 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     tensors = latent_training_data(teacher, data)
     torch.manual_seed(config.seed)
+    teacher.to(accelerator.device)
+    empty = teacher.encode_prompts([""])[0]
+    params = None
     if settings.method == "lcd":
-        unet = student_unet(teacher.unet, settings.cond_proj_dim)
-        teacher.to(accelerator.device)
-        teacher_fn = cfg_teacher(teacher.denoiser, teacher.encode_prompts([""])[0])
+        unet = student_unet(teacher.unet, settings.cond_proj_dim).requires_grad_(True)
+        teacher_fn = cfg_teacher(teacher.denoiser, empty)
+    elif settings.method == "lcm-lora":
+        from .lora import add_lora
+
+        unet = teacher.unet                      # one UNet: the adapters are the student, the base is the teacher
+        params = add_lora(unet, settings.lora_rank)
+        teacher_fn = cfg_teacher(AdaptersOff(teacher.denoiser, unet), empty)
     else:
-        unet, teacher_fn = copy.deepcopy(teacher.unet), None
+        unet, teacher_fn = copy.deepcopy(teacher.unet).requires_grad_(True), None
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    student = LCMStudent(unet.requires_grad_(True).train(), schedule, teacher.prediction_type, settings.timestep_scaling)
-    curriculum = Curriculum.for_method(settings.method, config.max_steps, skip=settings.skip,
-                                       target_ema=settings.target_ema)
+    student = LCMStudent(unet.train(), schedule, teacher.prediction_type, settings.timestep_scaling)
+    # LCM-LoRA's target is the online student under stop-gradient (μ = 0), as in diffusers' LoRA script
+    curriculum = Curriculum.for_method("lcd" if settings.method == "lcm-lora" else settings.method, config.max_steps,
+                                       skip=settings.skip,
+                                       target_ema=0.0 if settings.method == "lcm-lora" else settings.target_ema)
     objective = ConsistencyLoss(schedule, curriculum, get_distance(settings.distance), teacher=teacher_fn,
                                 solver=settings.solver, condition=lcm_condition(settings))
     config = replace(config, extra={**asdict(settings), "dataset": data.name})
-    result = train(student, objective, tensors, config, accelerator)
+    result = train(student, objective, tensors, config, accelerator, params=params)
 
     from accelerate.state import PartialState
     if not PartialState().is_main_process:
         return None
     original_steps = schedule.num_train_timesteps // settings.skip
+    if settings.method == "lcm-lora":
+        return _save_lcm_lora(out, result, teacher, data, settings, original_steps, command)
     info = {"kind": "lcm", "dataset": data.name, "class_names": data.class_names, "default_sampler": "consistency",
             "default_steps": 4, "default_guidance_scale": round((settings.guidance_min + settings.guidance_max) / 2, 2),
             "guidance_range": [settings.guidance_min, settings.guidance_max], "original_inference_steps": original_steps,
@@ -195,3 +227,27 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
               f"```\n\nTrained with:\n\n```\n{command}\n```\n")
     return save_pipeline(out, ema_unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, info,
                          scheduler="LCMScheduler", scheduler_config=scheduler_config, readme=readme)
+
+
+def _save_lcm_lora(out, result, teacher: LatentModel, data: ImageData, settings: LCMSettings, original_steps: int,
+                   command: str) -> Path:
+    """An LCM-LoRA folder: the acceleration vector τ_LCM in diffusers' LoRA format + what it is."""
+    from .lora import save_lora, trainable_fraction
+
+    lora, base = trainable_fraction(result.ema.unet)
+    info = {"kind": "lcm-lora", "base": str(teacher.path), "dataset": data.name, "rank": settings.lora_rank,
+            "original_inference_steps": original_steps, "guidance_range": [settings.guidance_min, settings.guidance_max],
+            "trainable_parameters": lora, "base_parameters": base,
+            "training": {"command": command, "method": "lcm-lora", "steps": result.step, "final_loss": result.last_loss,
+                         "wall_seconds": round(result.seconds, 1), "threads": torch.get_num_threads()}}
+    readme = (f"# {Path(out).name}\n\nAn LCM-LoRA (Luo et al. 2023b) for `{teacher.path}`: rank {settings.lora_rank}, "
+              f"{lora:,} parameters ({100 * lora / base:.1f}% of the UNet). Plug it into the base model (or a "
+              f"fine-tuned one) and sample in 2–8 steps with LCMScheduler:\n\n```python\n"
+              f"from diffusers import StableDiffusionPipeline, LCMScheduler\n"
+              f"pipe = StableDiffusionPipeline.from_pretrained('{teacher.path}')\n"
+              f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps={original_steps})\n"
+              f"pipe.load_lora_weights('{out}')\n"
+              f"image = pipe('red apple', num_inference_steps=4, guidance_scale=1.0, height=32, width=32).images[0]\n"
+              f"```\n\nor `fewstep sample --model {teacher.path} --lora {out} --steps 4`. Trained with:\n\n"
+              f"```\n{command}\n```\n")
+    return save_lora(out, result.ema.unet, info, readme)

@@ -150,8 +150,13 @@ class LatentModel:
 
     @property
     def is_lcm(self) -> bool:
-        """A w-conditioned consistency student (Luo et al. 2023): its UNet takes ``timestep_cond``."""
-        return bool(self.unet.config.time_cond_proj_dim) and self.info.get("kind") == "lcm"
+        """A latent consistency model (Luo et al. 2023): LCD-made, or a base model with an LCM-LoRA."""
+        return self.info.get("kind") == "lcm"
+
+    @property
+    def takes_guidance(self) -> bool:
+        """An LCD student takes the guidance scale as an input (``timestep_cond``); an LCM-LoRA does not."""
+        return bool(self.unet.config.time_cond_proj_dim)
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
         """Token ids padded to the tokenizer's length; a longer prompt is cut, with a warning

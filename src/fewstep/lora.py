@@ -1,0 +1,162 @@
+"""LoRA adapters on a pipeline's UNet (peft), in the formats people exchange (diffusers, peft, kohya).
+
+- :func:`add_lora`: peft LoRA on the reference set of LCM-LoRA modules (diffusers'
+  ``train_lcm_distill_lora_sd_wds.py``: attention projections, feed-forward, resnet convolutions,
+  down/up-samplers, the resnets' time-embedding projections).
+- :func:`save_lora`: diffusers' ``pytorch_lora_weights.safetensors`` (what ``pipe.load_lora_weights``
+  takes) plus ``fewstep.json`` saying what the adapter is (an LCM acceleration vector, a style).
+- :func:`apply_loras`: θ' = θ + Σ λ_i·τ_i (Luo et al. 2023b, eq. 1–2: θ_pre + λ1·τ_style + λ2·τ_LCM):
+  each file through diffusers' loader (which reads diffusers, peft and kohya/A1111 key layouts),
+  combined with ``set_adapters`` weights, optionally fused into the UNet. Every file is first tried
+  on a copy of the UNet, so a LoRA for another base model is a clear error before any weight changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .atomic import atomic_path
+from .errors import FewstepError
+from .sd import CONFIG_NAME, LatentModel
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+def add_lora(unet: nn.Module, rank: int = 8, alpha: float | None = None,
+             targets: Sequence[str] = LORA_TARGETS, adapter_name: str = "default") -> list[nn.Parameter]:
+    """Add a peft LoRA adapter (B zero-initialised: the model is unchanged until it trains) and
+    freeze everything else; returns the adapter's parameters."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise FewstepError(f"LoRA rank must be at least 1, got {rank}")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                target_modules=list(targets)), adapter_name=adapter_name)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    if not params:
+        raise FewstepError(f"no module of the UNet matches the LoRA targets {', '.join(targets)}")
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def save_lora(folder: str | Path, unet: nn.Module, info: dict, readme: str = "") -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers' layout) and ``fewstep.json`` atomically."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder, directory=True) as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
+        (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        if readme:
+            (tmp / "README.md").write_text(readme)
+    return folder
+
+
+def lora_info(path: str | Path) -> dict:
+    """The adapter's ``fewstep.json`` (empty for a LoRA file made elsewhere)."""
+    path = Path(path)
+    info = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    return json.loads(info.read_text()) if info.exists() else {}
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """``PATH[:WEIGHT]`` → (path, λ); the weight defaults to 1."""
+    path, sep, weight = spec.rpartition(":")
+    if not sep or "/" in weight:
+        path, weight = spec, "1"
+    try:
+        value = float(weight)
+    except ValueError:
+        raise FewstepError(f"LoRA weight {weight!r} in {spec!r} is not a number; write PATH:WEIGHT, e.g. "
+                           f"models/emoji-lcm-lora:1.0") from None
+    if not Path(path).exists():
+        raise FewstepError(f"LoRA {path} does not exist (a folder with {LORA_FILE}, or a .safetensors file)")
+    return Path(path), value
+
+
+def _pipeline(model: LatentModel):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _load(pipe, path: Path, name: str) -> None:
+    kwargs = {"weight_name": path.name} if path.is_file() else {}
+    source = path.parent if path.is_file() else path
+    pipe.load_lora_weights(str(source), adapter_name=name, **kwargs)
+
+
+def check_lora_fits(model: LatentModel, path: Path) -> None:
+    """Load ``path`` into a copy of the UNet: a LoRA made for another base model (other shapes or module
+    names) fails here, with the original untouched."""
+    import warnings
+
+    trial = copy.copy(model)
+    trial.unet = copy.deepcopy(model.unet)
+    pipe = _pipeline(trial)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _load(pipe, path, "trial")
+    except Exception as e:  # diffusers/peft raise ValueError/RuntimeError/KeyError on a mismatch
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FewstepError(f"LoRA {path} does not fit {model.path} (made for another base model?): {first[:300]}") from None
+    if not any("lora_" in n for n, _ in trial.unet.named_parameters()):
+        raise FewstepError(f"LoRA {path} has no weights for {model.path}'s UNet (made for another base model?)")
+    unexpected = [w for w in caught if "unexpected" in str(w.message).lower()]
+    if unexpected:
+        raise FewstepError(f"LoRA {path} has keys {model.path}'s UNet lacks (made for another base model?): "
+                           f"{str(unexpected[0].message)[:300]}")
+
+
+def apply_loras(model: LatentModel, loras: Sequence[tuple[Path, float]], fuse: bool = True) -> LatentModel:
+    """θ' = θ + Σ λ_i·τ_i on ``model``'s UNet (in place; every file is checked on a copy first). With
+    ``fuse`` the sum is folded into the weights and the adapters dropped; otherwise they stay as
+    named peft adapters with their weights. An LCM acceleration vector among them makes the
+    result an LCM (sampled on its skipped grid)."""
+    for path, _ in loras:
+        check_lora_fits(model, path)
+    pipe = _pipeline(model)
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, (path, _) in zip(names, loras):
+        _load(pipe, path, name)
+    pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+    if fuse:
+        pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        pipe.unload_lora_weights()
+    infos = [lora_info(p) for p, _ in loras]
+    accel = next((i for i in infos if i.get("kind") == "lcm-lora"), None)
+    model.info = {**model.info, "loras": [{"path": str(p), "weight": w, "kind": i.get("kind", "lora")}
+                                          for (p, w), i in zip(loras, infos)]}
+    if accel is not None:
+        model.info.update(kind="lcm", default_sampler="consistency", default_steps=4, default_guidance_scale=1.0,
+                          original_inference_steps=accel["original_inference_steps"])
+        model.scheduler_config = {**model.scheduler_config, "original_inference_steps": accel["original_inference_steps"]}
+    model.unet.requires_grad_(False).eval()
+    return model
+
+
+def trainable_fraction(unet: nn.Module) -> tuple[int, int]:
+    """(LoRA parameters, base UNet parameters)."""
+    lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+    return lora, sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
+
+
+def lora_parameters(unet: nn.Module) -> list[torch.Tensor]:
+    return [p for n, p in unet.named_parameters() if "lora_" in n]
