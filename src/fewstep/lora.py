@@ -52,10 +52,12 @@ def add_lora(unet: nn.Module, rank: int = 8, alpha: float | None = None,
 def save_lora(folder: str | Path, unet: nn.Module, info: dict, readme: str = "") -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (diffusers' layout) and ``fewstep.json`` atomically."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # peft's key names (…to_q.lora_A.weight) under diffusers' "unet." prefix: what load_lora_weights reads
+    # natively. (convert_state_dict_to_diffusers' older "…to_q.lora.down" names are silently skipped by
+    # diffusers ≥ 0.3x for attention layers: the adapter would load without its attention part.)
+    state = get_peft_model_state_dict(unet)
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder, directory=True) as tmp:

@@ -1,0 +1,118 @@
+"""LCM-LoRA and LoRA arithmetic: diffusers' LoRA format, kohya loading, merging, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewstep.errors import FewstepError
+from fewstep.sd import load_latent_model
+from test_lcm import TINY, tiny_data, tiny_sd  # noqa: F401  (the module-scoped tiny pipeline fixture)
+
+
+@pytest.fixture(scope="module")
+def tiny_lcm_lora(tiny_sd, tmp_path_factory):  # noqa: F811
+    from fewstep.lcm import LCMSettings, distill_lcm
+    from fewstep.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("lcm-lora")
+    config = TrainConfig(out_dir=str(root / "work"), max_steps=3, batch_size=8, lr=1e-2, progress=False, checkpoint_every=3)
+    return distill_lcm(load_latent_model(tiny_sd), tiny_data(), root / "tiny-lcm-lora", config,
+                       LCMSettings(method="lcm-lora", lora_rank=2, guidance_min=2, guidance_max=4), command="test")
+
+
+def test_lcm_lora_is_a_small_diffusers_lora_that_trained(tiny_sd, tiny_lcm_lora):  # noqa: F811
+    from safetensors.torch import load_file
+
+    from fewstep.lora import LORA_FILE, lora_info
+
+    info = lora_info(tiny_lcm_lora)
+    assert info["kind"] == "lcm-lora" and info["original_inference_steps"] == 50
+    assert info["trainable_parameters"] < 0.1 * info["base_parameters"]
+    state = load_file(tiny_lcm_lora / LORA_FILE)
+    assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in state)
+    up = [v for k, v in state.items() if "lora_B" in k]
+    assert up and any(v.abs().max() > 0 for v in up)                             # B left zero-init: it trained
+    assert any("time_emb_proj" in k for k in state) and any("conv1" in k for k in state)
+
+
+def test_lcm_lora_gives_diffusers_images_with_lcm_scheduler(tiny_sd, tiny_lcm_lora):  # noqa: F811
+    """fewstep (LoRA fused into the base) and diffusers (StableDiffusionPipeline + load_lora_weights +
+    LCMScheduler) agree for the same seed."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from fewstep.latent_sampling import generate_latent
+    from fewstep.lora import apply_loras
+
+    model = apply_loras(load_latent_model(tiny_sd), [(tiny_lcm_lora, 1.0)])
+    assert model.is_lcm and not model.takes_guidance
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=50)
+    pipe.load_lora_weights(str(tiny_lcm_lora))
+    for steps in (1, 4):
+        ours = generate_latent(model, ["red apple", "flag: Japan"], steps=steps, guidance_scale=1.0, seed=3)
+        theirs = pipe(["red apple", "flag: Japan"], num_inference_steps=steps, guidance_scale=1.0, height=32, width=32,
+                      output_type="pt", generator=torch.Generator().manual_seed(3)).images * 2 - 1
+        assert torch.allclose(ours, theirs.clamp(-1, 1), atol=2e-3), (steps, (ours - theirs).abs().max())
+
+
+def test_kohya_layout_loads_to_the_same_model(tiny_sd, tiny_lcm_lora, tmp_path):  # noqa: F811
+    """The same adapter renamed to kohya/A1111 keys (lora_unet_…, lora_down/lora_up, .alpha) gives the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    from fewstep.lora import LORA_FILE, apply_loras
+
+    state = load_file(tiny_lcm_lora / LORA_FILE)
+    kohya = {}
+    for k, v in state.items():
+        for marker, kind in ((".lora_A.", "down"), (".lora.down.", "down"), (".lora_B.", "up"), (".lora.up.", "up")):
+            if marker in k:
+                module = k[len("unet."):k.index(marker)]
+                break
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{kind}.weight"] = v
+        kohya[f"{name}.alpha"] = torch.tensor(float(v.shape[0] if kind == "down" else v.shape[1]))
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    a = apply_loras(load_latent_model(tiny_sd), [(tiny_lcm_lora, 1.0)]).unet.state_dict()
+    b = apply_loras(load_latent_model(tiny_sd), [(tmp_path / "kohya.safetensors", 1.0)]).unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_weights_scale_the_acceleration_vector(tiny_sd, tiny_lcm_lora):  # noqa: F811
+    from fewstep.lora import apply_loras
+
+    base = load_latent_model(tiny_sd).unet.state_dict()
+    full = apply_loras(load_latent_model(tiny_sd), [(tiny_lcm_lora, 1.0)]).unet.state_dict()
+    half = apply_loras(load_latent_model(tiny_sd), [(tiny_lcm_lora, 0.5)]).unet.state_dict()
+    changed = [k for k in base if not torch.equal(base[k], full[k])]
+    assert any("attn1.to_q" in k for k in changed) and any("conv1" in k for k in changed)  # every part loaded
+    for k in changed:   # θ + 0.5·τ is halfway between θ and θ + τ
+        assert torch.allclose(half[k], (base[k] + full[k]) / 2, atol=1e-5)
+
+
+def test_lora_for_another_base_model_fails_before_any_weight_changes(tiny_lcm_lora, tmp_path):
+    from fewstep.lora import apply_loras
+    from fewstep.sd import build_cond_unet, build_text_encoder, build_tokenizer, build_vae, save_pipeline
+    from test_lcm import CAPTIONS
+
+    other = TINY.__class__(**{**TINY.__dict__, "unet_channels": (32, 32, 64)})
+    tok = build_tokenizer(CAPTIONS, other.vocab_size, other.max_length)
+    folder = save_pipeline(tmp_path / "other", build_cond_unet(other), build_vae(other), build_text_encoder(other, tok),
+                           tok, {"kind": "diffusion"})
+    model = load_latent_model(folder)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    with pytest.raises(FewstepError, match="does not fit|another base model"):
+        apply_loras(model, [(tiny_lcm_lora, 1.0)])
+    after = model.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lora_specs_are_checked(tiny_lcm_lora, tmp_path):
+    from fewstep.lora import parse_lora_spec
+
+    assert parse_lora_spec(f"{tiny_lcm_lora}:0.5") == (tiny_lcm_lora, 0.5)
+    assert parse_lora_spec(str(tiny_lcm_lora)) == (tiny_lcm_lora, 1.0)
+    with pytest.raises(FewstepError, match="not a number"):
+        parse_lora_spec(f"{tiny_lcm_lora}:strong")
+    with pytest.raises(FewstepError, match="does not exist"):
+        parse_lora_spec(f"{tmp_path / 'missing'}:1")
