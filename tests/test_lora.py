@@ -116,3 +116,38 @@ def test_lora_specs_are_checked(tiny_lcm_lora, tmp_path):
         parse_lora_spec(f"{tiny_lcm_lora}:strong")
     with pytest.raises(FewstepError, match="does not exist"):
         parse_lora_spec(f"{tmp_path / 'missing'}:1")
+
+
+def test_cli_style_lora_plus_lcm_lora_merge_and_sample(tiny_sd, tiny_lcm_lora, tmp_path, capsys):  # noqa: F811
+    """train-lora → lora merge (style + acceleration) → an LCM pipeline that samples in 2 steps; the same
+    combination on the fly with sample --lora; a non-number weight is one clear line."""
+    from helpers import run_cli
+    from test_lcm import _caption_folder
+
+    folder, _ = _caption_folder(tmp_path / "pics", n=8)
+    rc, _, err = run_cli(capsys, "train-lora", "--base", str(tiny_sd), "--dataset", str(folder), "--out",
+                         str(tmp_path / "style"), "--rank", "2", "--steps", "2", "--batch", "4", "--no-progress",
+                         "--work-dir", str(tmp_path / "work"))
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "lora", "merge", "--base", str(tiny_sd), "--lora", f"{tmp_path / 'style'}:0.8",
+                         "--lora", f"{tiny_lcm_lora}:1", "--out", str(tmp_path / "merged"))
+    assert rc == 0, err
+    merged = load_latent_model(tmp_path / "merged")
+    assert merged.is_lcm and [d["weight"] for d in merged.info["loras"]] == [0.8, 1.0]
+    assert not any("lora" in n for n, _ in merged.unet.named_parameters())          # fused: a plain UNet
+    from diffusers import StableDiffusionPipeline
+    assert type(StableDiffusionPipeline.from_pretrained(tmp_path / "merged").scheduler).__name__ == "LCMScheduler"
+    rc, _, err = run_cli(capsys, "sample", "--model", str(tmp_path / "merged"), "--prompt", "red apple", "--steps", "2",
+                         "--num", "2", "--out", str(tmp_path / "a.png"))
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "sample", "--model", str(tiny_sd), "--lora", f"{tmp_path / 'style'}:0.8",
+                         "--lora", str(tiny_lcm_lora), "--prompt", "red apple", "--steps", "2", "--num", "2",
+                         "--out", str(tmp_path / "b.png"))
+    assert rc == 0, err
+    from PIL import Image
+    import numpy as np
+    assert np.abs(np.asarray(Image.open(tmp_path / "a.png"), dtype=float)
+                  - np.asarray(Image.open(tmp_path / "b.png"), dtype=float)).max() <= 2   # same model, same images
+    rc, _, err = run_cli(capsys, "sample", "--model", str(tiny_sd), "--lora", f"{tiny_lcm_lora}:fast",
+                         "--prompt", "x", "--out", str(tmp_path / "c.png"))
+    assert rc == 2 and "not a number" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "c.png").exists()

@@ -110,7 +110,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     if args.method in ("guided", "progressive"):  # Meng et al. 2023 (fewstep.guided_cli)
         from .guided_cli import run
         return run(args, _train_config(args), _command_line(args))
-    if args.method in ("lcd", "lcf"):  # Luo et al. 2023 (fewstep.latent_cli)
+    if args.method in ("lcd", "lcf", "lcm-lora"):  # Luo et al. 2023a/b (fewstep.latent_cli)
         from .latent_cli import run_distill
         return run_distill(args, _train_config(args), _command_line(args))
     if args.method not in CM_METHODS:
@@ -131,6 +131,16 @@ def cmd_distill(args: argparse.Namespace) -> None:
         print(f"saved {args.method} model to {folder}")
 
 
+def _cmd_train_lora(args: argparse.Namespace) -> None:
+    from .latent_cli import run_train_lora
+    run_train_lora(args, _train_config(args), _command_line(args))
+
+
+def _cmd_lora_merge(args: argparse.Namespace) -> None:
+    from .latent_cli import run_lora_merge
+    run_lora_merge(args, _command_line(args))
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import math
 
@@ -146,8 +156,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if is_pipeline_folder(args.model):  # a diffusers text-to-image pipeline (fewstep.latent_cli)
         from .latent_cli import run_sample
         return run_sample(args)
-    if args.prompt:
-        raise FewstepError(f"{args.model} is not a text-to-image pipeline; it takes --label, not --prompt")
+    if args.prompt or args.lora:
+        raise FewstepError(f"{args.model} is not a text-to-image pipeline; --prompt and --lora apply to those")
     out = check_writable(args.out, ".png")  # fail before any work
     model = load_model(args.model)
     cfg = model.config
@@ -187,7 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import eval_report, evaluate, evaluate_latent, ruler_for
     from .images import labeled_rows, make_grid, save_png
     from .models import load_model
-    from .sd import is_pipeline_folder, load_latent_model
+    from .sd import is_pipeline_folder
 
     for path, suffix in ((args.json, None), (args.grid, ".png")):
         if path:
@@ -195,7 +205,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     latent = is_pipeline_folder(args.model)
     if latent and args.tune_sigmas:
         raise FewstepError("--tune-sigmas is for pixel-space consistency models; an LCM samples on its skipped grid")
-    model = load_latent_model(args.model) if latent else load_model(args.model)
+    if args.lora and not latent:
+        raise FewstepError(f"{args.model} is not a text-to-image pipeline; --lora applies to those")
+    if latent:
+        from .latent_cli import load_with_loras
+        model = load_with_loras(args.model, args.lora)
+    else:
+        model = load_model(args.model)
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
     if latent:
         rows, samples = evaluate_latent(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
@@ -430,6 +446,34 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("distill", "train"):
         _add_distill_parser(sub, name)
 
+    p = sub.add_parser("train-lora", help="fine-tune a style LoRA on a text-to-image pipeline",
+                       description="Train LoRA adapters on a diffusers pipeline's UNet with the ordinary diffusion loss "
+                                   "on a captioned data set (emoji, optionally one --group of it; an image folder with "
+                                   "metadata.jsonl; a saved HF dataset; webdataset shards). The result is a diffusers "
+                                   "LoRA that `fewstep sample --lora` and `fewstep lora merge` combine with an LCM-LoRA "
+                                   "(Luo et al. 2023b: θ_pre + λ1·τ_style + λ2·τ_LCM, no further training).")
+    p.add_argument("--base", required=True, help="the pipeline folder to adapt, e.g. models/emoji-sd")
+    p.add_argument("--dataset", default="emoji", help="captioned data (default emoji)")
+    p.add_argument("--group", help="only the images of this class/group, e.g. 'Animals & Nature'")
+    p.add_argument("--out", required=True, help="LoRA folder to write")
+    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    _train_args(p, steps=1000, batch=64, lr=1e-3)
+    p.set_defaults(func=_cmd_train_lora)
+
+    p = sub.add_parser("lora", help="LoRA arithmetic: merge adapters into a pipeline",
+                       description="Combine LoRAs with a base pipeline with no training.")
+    lora_sub = p.add_subparsers(dest="lora_command", metavar="ACTION", required=True, parser_class=_Parser)
+    m = lora_sub.add_parser("merge", help="θ' = θ_base + Σ λ_i·τ_i, fused, written as a new pipeline folder",
+                            description="Fuse LoRAs (diffusers, peft or kohya files, or fewstep LoRA folders) with weights "
+                                        "into --base and write a diffusers pipeline folder. With an LCM-LoRA among them the "
+                                        "result is an LCM (LCMScheduler, 2–8 steps). Each LoRA is checked against the base "
+                                        "before any weight changes.")
+    m.add_argument("--base", required=True, help="pipeline folder, e.g. models/emoji-sd")
+    m.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]",
+                   help="a LoRA and its weight λ (default 1); repeat, e.g. --lora style:1.0 --lora models/emoji-lcm-lora:1.0")
+    m.add_argument("--out", required=True, help="pipeline folder to write")
+    m.set_defaults(func=_cmd_lora_merge)
+
     p = sub.add_parser("train-classifier", help="train the small classifier used for accuracy and FID features",
                        description="Train the CNN that judges samples (conditional accuracy) and embeds them "
                                    "(FID/KID features); reports held-out accuracy.")
@@ -461,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first ternary-search the intermediate noise levels of each multi-step count for the "
                         "lowest FID (Song et al. 2023; for consistency models), then evaluate with them")
     p.add_argument("--save-sigmas", action="store_true", help="with --tune-sigmas: store the grids in the model folder")
+    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                   help="text-to-image pipelines: fuse this LoRA with weight λ first (repeatable)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="quality-vs-steps and speed tables for the teacher's solvers and distilled models",
@@ -501,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append",
                    help="text-to-image pipelines (emoji-sd, emoji-lcm): a prompt, one row of --num images each; "
                         "repeat for more rows (prompts longer than the tokenizer's limit are cut with a warning)")
+    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                   help="text-to-image pipelines: fuse a LoRA (diffusers, peft or kohya file, or a fewstep LoRA folder) "
+                        "with weight λ (default 1) before sampling; repeat to combine, e.g. a style LoRA and an "
+                        "LCM-LoRA (then sample in 2–8 steps)")
     p.add_argument("--num", type=_positive_int, default=8, help="images per label (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the grid (default 4)")

@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the LCM samples on the grid of 1000/k timesteps)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet activations in the backward pass (less memory on big UNets)")
+    g.add_argument("--lora-rank", type=int, default=8,
+                   help="lcm-lora: rank of the LoRA adapters (default 8; the paper uses 64 on SD-size UNets)")
 
 
 def run_distill(args: argparse.Namespace, train_config, command: str) -> None:
@@ -27,28 +29,39 @@ def run_distill(args: argparse.Namespace, train_config, command: str) -> None:
 
     if not args.teacher:
         raise FewstepError(f"--method {args.method} needs --teacher DIR: a diffusers Stable-Diffusion-style folder "
-                           + ("(e.g. models/emoji-sd)" if args.method == "lcd" else "holding an LCM (e.g. models/emoji-lcm)"))
+                           + ("holding an LCM (e.g. models/emoji-lcm)" if args.method == "lcf" else "(e.g. models/emoji-sd)"))
     teacher = load_latent_model(args.teacher)
     data = load_captioned(args.dataset or teacher.info.get("dataset") or "emoji", teacher.vae.config.sample_size)
     settings = LCMSettings(method=args.method, skip=args.skip, solver=args.solver or "ddim",
                            guidance_min=args.min_guidance_scale, guidance_max=args.max_guidance_scale,
                            distance=args.distance, target_ema=args.target_ema or 0.95,
-                           gradient_checkpointing=args.gradient_checkpointing)
+                           gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank)
     folder = distill_lcm(teacher, data, args.out, train_config, settings, command=command)
     if folder is not None:
-        print(f"saved {args.method} model (diffusers LatentConsistencyModelPipeline folder) to {folder}")
+        what = ("LoRA (diffusers pytorch_lora_weights.safetensors)" if args.method == "lcm-lora"
+                else "model (diffusers LatentConsistencyModelPipeline folder)")
+        print(f"saved {args.method} {what} to {folder}")
+
+
+def load_with_loras(path: str, loras: list[str] | None):
+    """A pipeline folder with ``--lora PATH[:WEIGHT]`` adapters fused in (each checked first)."""
+    from .lora import apply_loras, parse_lora_spec
+    from .sd import load_latent_model
+
+    specs = [parse_lora_spec(s) for s in loras or []]   # bad specs fail before any loading
+    model = load_latent_model(path)
+    return apply_loras(model, specs) if specs else model
 
 
 def run_sample(args: argparse.Namespace) -> None:
     from .atomic import check_writable
     from .images import make_grid, save_png
     from .latent_sampling import generate_latent
-    from .sd import load_latent_model
 
     out = check_writable(args.out, ".png")
     if args.label:
         raise FewstepError(f"{args.model} is a text-to-image pipeline: give --prompt TEXT, not --label")
-    model = load_latent_model(args.model)
+    model = load_with_loras(args.model, args.lora)
     prompts = [p for p in (args.prompt or ["grinning face"]) for _ in range(args.num)]
     images = generate_latent(model, prompts, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
                              seed=args.seed, progress=True)
@@ -82,3 +95,36 @@ def run_img2img(args: argparse.Namespace) -> None:
                       for i in range(len(images))])
     save_png(make_grid(rows, nrow=len(prompts) + 1, scale=args.scale), out)
     print(f"wrote {len(images)} input(s) and their img2img results (strength {args.strength}) to {out}")
+
+
+def run_lora_merge(args: argparse.Namespace, command: str) -> None:
+    """``fewstep lora merge --base DIR --lora A:λ1 --lora B:λ2 --out DIR``: θ_pre + Σ λ_i·τ_i fused into a
+    new pipeline folder (a LatentConsistencyModelPipeline-compatible one when an LCM-LoRA is among them)."""
+    from .sd import save_pipeline
+
+    model = load_with_loras(args.base, args.lora)
+    lcm = model.is_lcm
+    scheduler_config = model.scheduler_config
+    readme = (f"# {args.out}\n\n`{args.base}` with LoRAs fused in: "
+              + ", ".join(f"`{d['path']}` × {d['weight']:g}" for d in model.info["loras"]) + ".\n")
+    info = {**model.info, "training": {**model.info.get("training", {}), "merge_command": command}}
+    folder = save_pipeline(args.out, model.unet, model.vae, model.text_encoder, model.tokenizer, info,
+                           scheduler="LCMScheduler" if lcm else "DDIMScheduler", scheduler_config=scheduler_config,
+                           readme=readme)
+    print(f"wrote the merged pipeline to {folder}" + (" (an LCM: sample it in 2–8 steps)" if lcm else ""))
+
+
+def run_train_lora(args: argparse.Namespace, train_config, command: str) -> None:
+    from .data import load_captioned
+    from .lora import train_style_lora
+    from .sd import load_latent_model
+
+    base = load_latent_model(args.base)
+    data = load_captioned(args.dataset, base.vae.config.sample_size)
+    if args.group:
+        if args.group not in data.class_names:
+            raise FewstepError(f"--group {args.group!r} is not one of {data.name}'s groups: {', '.join(data.class_names)}")
+        data = data.subset((data.labels == data.class_names.index(args.group)).nonzero().flatten(), f":{args.group}")
+    folder = train_style_lora(base, data, args.out, train_config, rank=args.rank, command=command)
+    if folder is not None:
+        print(f"saved the style LoRA to {folder}")

@@ -162,3 +162,38 @@ def trainable_fraction(unet: nn.Module) -> tuple[int, int]:
 
 def lora_parameters(unet: nn.Module) -> list[torch.Tensor]:
     return [p for n, p in unet.named_parameters() if "lora_" in n]
+
+
+def train_style_lora(base: LatentModel, data, out: str | Path, config, rank: int = 8, caption_dropout: float = 0.1,
+                     command: str = "") -> Path | None:
+    """A style LoRA τ_style: the ordinary ε-prediction diffusion loss (:class:`fewstep.objectives.DenoisingLoss`)
+    on ``data``'s VAE latents and cached prompt embeddings, only the adapters trained (the text encoder
+    and VAE frozen), captions dropped to the empty prompt so CFG keeps working. Saved like any LoRA."""
+    from dataclasses import asdict, replace
+
+    from .denoisers import VPDenoiser
+    from .lcm import latent_training_data
+    from .objectives import DenoisingLoss
+    from .train import train
+
+    tensors = latent_training_data(base, data)
+    empty = base.encode_prompts([""])[0]
+    params = add_lora(base.unet, rank)
+    model = VPDenoiser(base.unet.train(), base.schedule, base.prediction_type)
+    objective = DenoisingLoss(base.schedule, null_label=empty, label_dropout=caption_dropout,
+                              batch_key="prompt_embeds", cond_key="encoder_hidden_states")
+    config = replace(config, extra={"rank": rank, "caption_dropout": caption_dropout, "dataset": data.name})
+    result = train(model, objective, tensors, config, params=params)
+    from accelerate.state import PartialState
+    if not PartialState().is_main_process:
+        return None
+    lora, total = trainable_fraction(result.ema.net)
+    info = {"kind": "style", "base": str(base.path), "dataset": data.name, "rank": rank, "trainable_parameters": lora,
+            "base_parameters": total,
+            "training": {"command": command, "steps": result.step, "final_loss": result.last_loss,
+                         "wall_seconds": round(result.seconds, 1), "config": asdict(config)}}
+    readme = (f"# {Path(out).name}\n\nA style LoRA for `{base.path}` fine-tuned on `{data.name}` ({len(data)} images), "
+              f"rank {rank}. Combine it with an LCM-LoRA and sample in 4 steps with no further training:\n\n"
+              f"```\nfewstep sample --model {base.path} --lora {out}:1.0 --lora models/emoji-lcm-lora:1.0 --steps 4\n```\n\n"
+              f"Trained with:\n\n```\n{command}\n```\n")
+    return save_lora(out, result.ema.net, info, readme)
