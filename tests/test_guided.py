@@ -135,6 +135,18 @@ def test_one_ddim_step_with_the_target_lands_where_two_teacher_steps_land():
         if i == 3:
             torch.testing.assert_close(target, two)          # σ'' = 0: the target is the teacher's sample itself
     torch.testing.assert_close(ddim_target(x, ddim_step(x, x0, sigmas[0], sigmas[2]), sigmas[0], sigmas[2]), x0)
+    for solver in ("ddim", "heun"):                         # per-sample levels, mixed, the last step included
+        objective = ProgressiveLoss(teacher, grid, 3, (1.0, 4.0), solver=solver)
+        i = torch.arange(len(x0)) % 4
+        sigmas = tuple(grid[2 * i + k] for k in range(3))
+        x = x0 + sigmas[0].reshape(-1, 1, 1, 1) * torch.randn_like(x0)
+        cond = {"class_labels": labels.repeat(2), "guidance_scale": torch.full((len(x0),), 2.0, dtype=torch.float64)}
+        two = teacher_two_steps(teacher, x, sigmas, cond, solver)
+        for k in range(4):                                  # equal to the same steps taken one level at a time
+            m = i == k
+            one = teacher_two_steps(teacher, x[m], tuple(s[m] for s in sigmas), {c: v[m] for c, v in cond.items()}, solver)
+            torch.testing.assert_close(two[m], one)
+        assert torch.isfinite(objective.target(x, sigmas, cond)).all()
 
 
 def test_progressive_loss_vanishes_when_the_student_is_the_two_step_teacher():
@@ -296,3 +308,20 @@ def test_bench_guided_section_merges_into_a_previous_report(tiny_guided, capsys,
     assert [r["steps"] for r in report["guided"]["quality"]["digits-progressive/ddim-stochastic"]] == [2, 4]
     md = (tmp_path / "B.md").read_text()
     assert "## Guided distillation" in md and "s = 3: FID / acc." in md and "digits-progressive/2" in md
+
+
+@pytest.mark.slow
+def test_shipped_progressive_student_at_4_steps_beats_the_teacher_at_4_steps():
+    """Stage 2's point: the 4-step student (DDIM, one evaluation per step, s = 2 as an input) has a lower FID
+    than the teacher at 4 DPM-Solver++ steps with CFG (eight evaluations), on the same labels and seed."""
+    from fewstep.classifier import load_classifier
+    from fewstep.cli import shipped_models_dir
+    from fewstep.evaluate import Ruler
+
+    models = shipped_models_dir()
+    ruler = Ruler(load_classifier(models / "digits-classifier"), load_digits())
+    labels = torch.arange(1000) % 10
+    teacher, student = load_model(models / "digits-teacher"), load_model(models / "digits-progressive")
+    fid_teacher = ruler.fid(generate(teacher, labels, steps=4, sampler="dpmpp-2m", guidance_scale=2.0, seed=0))
+    fid_student = ruler.fid(generate(student, labels, steps=4, sampler="ddim", guidance_scale=2.0, seed=0))
+    assert fid_student < fid_teacher, (fid_student, fid_teacher)

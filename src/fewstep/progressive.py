@@ -94,10 +94,21 @@ def teacher_two_steps(teacher: nn.Module, x: Tensor, sigmas: tuple[Tensor, Tenso
     Heun (:func:`fewstep.solvers.heun_step`) for a first teacher that is a diffusion model."""
     s0, s1, s2 = sigmas
     if solver == "heun":
-        x1 = heun_step(teacher, x, teacher(x, s0, **cond), s0, s1, cond)
-        return heun_step(teacher, x1, teacher(x1, s1, **cond), s1, s2, cond)
+        x1 = _heun(teacher, x, teacher(x, s0, **cond), s0, s1, cond)
+        return _heun(teacher, x1, teacher(x1, s1, **cond), s1, s2, cond)
     x1 = ddim_step(x, teacher(x, s0, **cond), s0, s1)
     return ddim_step(x1, teacher(x1, s1, **cond), s1, s2)
+
+
+def _heun(teacher: nn.Module, x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, cond: dict) -> Tensor:
+    """:func:`fewstep.solvers.heun_step` for per-sample levels: samples whose step ends at σ' = 0 take the
+    Euler (= DDIM) step, as Heun does there, and the model is never evaluated at σ = 0."""
+    euler = ddim_step(x, denoised, sigma, sigma_next)
+    last = sigma_next == 0
+    if last.all():
+        return euler
+    heun = heun_step(teacher, x, denoised, sigma, torch.where(last, sigma, sigma_next), cond)
+    return torch.where(append_dims(last, x.ndim), euler, heun)
 
 
 class ProgressiveLoss:
