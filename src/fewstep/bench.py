@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .atomic import write_text
+from .errors import FewstepError
 from .evaluate import EvalResult, evaluate, ruler_for
 from .models import LoadedModel, load_model
 from .sampling import conditioned, generate, nfe
@@ -79,12 +80,15 @@ class BenchReport:
     editing: dict[str, dict] = field(default_factory=dict)          # model -> fewstep.editing.edit_metrics
     guided: dict = field(default_factory=dict)                      # fewstep.guided_bench: Meng et al. 2023
     latent: dict = field(default_factory=dict)                      # fewstep.latent_bench: Luo et al. 2023
+    lora: dict = field(default_factory=dict)                        # fewstep.lora_bench: Luo et al. 2023b
 
 
 def distilled_models(models_dir: Path, teacher: LoadedModel) -> list[LoadedModel]:
     """Every few-step model of the teacher's data set under ``models_dir`` (kind != "diffusion")."""
     found = []
     for cfg in sorted(models_dir.glob("*/fewstep.json")):
+        if not (cfg.parent / "unet" / "config.json").exists() or (cfg.parent / "model_index.json").exists():
+            continue  # a diffusers pipeline (emoji-sd, emoji-lcm) or a LoRA: the latent sections measure those
         model = load_model(cfg.parent)
         if model.config.kind != "diffusion" and model.config.dataset == teacher.config.dataset:
             found.append(model)
@@ -168,8 +172,9 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     report.editing = _editing([teacher, *(m for m in distilled if m.path.name in settings.edit_models)], ruler, settings)
     from .guided_bench import measure
     report.guided = measure(models_dir, teacher, ruler, settings, report.quality)
-    from . import latent_bench
+    from . import latent_bench, lora_bench
     report.latent = latent_bench.measure(models_dir, settings, command)
+    report.lora = lora_bench.measure(models_dir, settings, command, _teacher_rows(report.latent))
 
     # speed, side by side at one batch size
     report.speed += _speed_rows(teacher, step_sets, settings)
@@ -182,6 +187,31 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     if write_markdown is not None:
         _write_markdown(report, write_markdown, out_dir)
     return report
+
+
+def _teacher_rows(latent: dict) -> dict:
+    """The emoji teacher's quality rows by sampler, from the latent section (so the LoRA section reuses them)."""
+    return {k.split("/", 1)[1]: v for k, v in latent.get("quality", {}).items() if k.startswith("emoji-sd/")}
+
+
+def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
+                     markdown: Path | None) -> None:
+    """``fewstep bench --only latent|lora``: one section measured alone and merged into the ``--reuse``
+    report (its other sections, command and date stay as they were)."""
+    from . import latent_bench, lora_bench
+
+    if not settings.reuse or not Path(settings.reuse).exists():
+        raise FewstepError(f"--only {name} merges into a previous report: give --reuse OLD/bench.json")
+    old = json.loads(Path(settings.reuse).read_text())
+    report = BenchReport(**{k: v for k, v in old.items() if k in BenchReport.__dataclass_fields__})
+    if name == "latent":
+        report.latent = latent_bench.measure(models_dir, settings, command)
+    else:
+        report.lora = lora_bench.measure(models_dir, settings, command, _teacher_rows(report.latent))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "bench.json", json.dumps(asdict(report), indent=1) + "\n")
+    if markdown is not None:
+        _write_markdown(report, markdown, out_dir)
 
 
 def _editing(models: list[LoadedModel], ruler, settings: BenchSettings) -> dict[str, dict]:
@@ -314,8 +344,9 @@ def _write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
     lines += _editing_section(report)
     from .guided_bench import section
     lines += section(report)
-    from . import latent_bench
+    from . import latent_bench, lora_bench
     lines += latent_bench.section(report)
+    lines += lora_bench.section(report)
     if report.speedup:
         lines += ["", "## Speedup at matched quality", "",
                   "| model | steps | FID | teacher's cheapest match | its FID | speedup |", "|---|---:|---:|---|---:|---:|"]

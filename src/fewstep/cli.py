@@ -270,10 +270,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         run_only(Path(args.models or shipped_models_dir()), Path(args.out), settings, _command_line(args), markdown)
         print(f"wrote the guided section into {args.out}/bench.json" + (f" and {markdown}" if markdown else ""))
         return
-    if args.only == "latent":  # just the latent-consistency section, merged into --reuse's report
-        from .latent_bench import run_only
-        run_only(Path(args.models or shipped_models_dir()), Path(args.out), settings, _command_line(args), markdown)
-        print(f"wrote the latent section into {args.out}/bench.json" + (f" and {markdown}" if markdown else ""))
+    if args.only in ("latent", "lora"):  # one section, merged into --reuse's report
+        from .bench import run_section_only
+        run_section_only(args.only, Path(args.models or shipped_models_dir()), Path(args.out), settings,
+                         _command_line(args), markdown)
+        print(f"wrote the {args.only} section into {args.out}/bench.json" + (f" and {markdown}" if markdown else ""))
         return
     run_bench(Path(args.models or shipped_models_dir()), Path(args.out), settings, _command_line(args), markdown)
     print(f"wrote {args.out}/bench.json and plots" + (f", and {markdown}" if markdown else ""))
@@ -523,9 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "count and seed match (timings are always re-measured side by side)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
-    p.add_argument("--only", choices=["guided", "latent"], help="run one section and merge it into the --reuse report: "
+    p.add_argument("--only", choices=["guided", "latent", "lora"], help="run one section and merge it into the --reuse report: "
                                                      "guided (guided and progressive distillation), latent (the "
-                                                     "emoji LCM beside its teacher)")
+                                                     "emoji LCM beside its teacher), lora (LCM-LoRA and style "
+                                                     "arithmetic)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sample", help="sample a grid of images from a model",

@@ -101,23 +101,6 @@ def measure(models_dir: Path, settings, command: str = "") -> dict:
     return out
 
 
-def run_only(models_dir: Path, out_dir: Path, settings, command: str, markdown: Path | None) -> None:
-    """``fewstep bench --only latent``: this section alone, merged into the previous report."""
-    from .atomic import write_text
-    from .bench import BenchReport, _write_markdown
-    from .errors import FewstepError
-
-    if not settings.reuse or not Path(settings.reuse).exists():
-        raise FewstepError("--only latent merges into a previous report: give --reuse OLD/bench.json")
-    old = json.loads(Path(settings.reuse).read_text())
-    report = BenchReport(**{k: v for k, v in old.items() if k in BenchReport.__dataclass_fields__})
-    report.latent = measure(models_dir, settings, command)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "bench.json", json.dumps(asdict(report), indent=1) + "\n")
-    if markdown is not None:
-        _write_markdown(report, markdown, out_dir)
-
-
 def section(report) -> list[str]:
     """The BENCHMARKS.md section."""
     g = getattr(report, "latent", None) or {}
