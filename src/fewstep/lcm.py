@@ -209,7 +209,7 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
     if settings.method == "lcm-lora":
         return _save_lcm_lora(out, result, teacher, data, settings, original_steps, command)
     info = {"kind": "lcm", "dataset": data.name, "class_names": data.class_names, "default_sampler": "consistency",
-            "default_steps": 4, "default_guidance_scale": round((settings.guidance_min + settings.guidance_max) / 2, 2),
+            "default_steps": 4, "default_guidance_scale": _default_guidance(teacher, settings),
             "guidance_range": [settings.guidance_min, settings.guidance_max], "original_inference_steps": original_steps,
             "training": {"command": command, "method": settings.method, "teacher": str(teacher.path),
                          "steps": result.step, "final_loss": result.last_loss, "wall_seconds": round(result.seconds, 1),
@@ -227,6 +227,12 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
               f"```\n\nTrained with:\n\n```\n{command}\n```\n")
     return save_pipeline(out, ema_unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, info,
                          scheduler="LCMScheduler", scheduler_config=scheduler_config, readme=readme)
+
+
+def _default_guidance(teacher: LatentModel, settings: LCMSettings) -> float:
+    """The teacher's own default scale when the student learned it, else the middle of the range."""
+    s = float(teacher.info.get("default_guidance_scale", 0))
+    return s if settings.guidance_min <= s <= settings.guidance_max else (settings.guidance_min + settings.guidance_max) / 2
 
 
 def _save_lcm_lora(out, result, teacher: LatentModel, data: ImageData, settings: LCMSettings, original_steps: int,
