@@ -566,19 +566,25 @@ def _add_distill_parser(sub, name: str) -> None:
     from .distances import DISTANCES
 
     if name == "distill":
-        p = sub.add_parser("distill", help="make a few-step model: consistency distillation (cd) or training (ct, ict, act)",
-                           description="Distill a diffusion teacher into a consistency model (--method cd, Song et al. "
-                                       "2023: the student learns to map every point of the teacher's guided PF-ODE to its "
-                                       "origin, so 1-2 steps suffice), or train one from data alone (--method ct | ict | "
-                                       "act: consistency training, improved CT of Song & Dhariwal 2023, adversarial CT "
-                                       "of Kong et al. 2024). Runs under `accelerate launch`, resumes from --work-dir.")
+        p = sub.add_parser("distill", help="make a few-step model: cd, ct, ict, act, lcd, lcf, lcm-lora, guided, progressive",
+                           description="Distill a diffusion teacher into a few-step model, or train one from data. "
+                                       "Pixel space (fewstep model folders): --method cd (consistency distillation, Song "
+                                       "et al. 2023: the student maps every point of the teacher's guided PF-ODE to its "
+                                       "origin, so 1-2 steps suffice), ct | ict | act (consistency training from data "
+                                       "alone; improved CT of Song & Dhariwal 2023; adversarial CT of Kong et al. 2024), "
+                                       "guided | progressive (Meng et al. 2023: a w-conditioned student, then halving "
+                                       "its DDIM steps). Latent space (any diffusers SD 1.x/2.x pipeline folder): --method "
+                                       "lcd (latent consistency distillation, Luo et al. 2023), lcf (fine-tune an LCM on "
+                                       "new data with no teacher), lcm-lora (LCD training only LoRA weights, Luo et al. "
+                                       "2023b). Runs under `accelerate launch`, resumes from --work-dir.")
     else:
         p = sub.add_parser("train", help="train a consistency model from data alone (ct, ict, act)",
                            description="Train a consistency model without a teacher: the same as "
                                        "`fewstep distill --method ct|ict|act`.")
     methods = ["cd", "ct", "ict", "act"] if name == "distill" else ["ct", "ict", "act"]
     p.add_argument("--method", choices=methods + (["lcd", "lcf", "lcm-lora", "guided", "progressive"] if name == "distill" else []),
-                   required=True, help="cd needs --teacher; ct, ict and act need only --dataset")
+                   required=True, help="cd, guided, progressive, lcd, lcf and lcm-lora need --teacher; ct, ict and "
+                                       "act need only --dataset")
     p.add_argument("--teacher", help="teacher model folder: cd/guided a fewstep model (models/digits-teacher); lcd "
                                      "any local diffusers SD 1.x/2.x folder (models/emoji-sd); lcf an LCM folder")
     p.add_argument("--dataset", help="'digits', 'emoji', an image folder (lcd/lcf: with metadata.jsonl captions), a "
