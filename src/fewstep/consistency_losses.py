@@ -183,7 +183,9 @@ class ConsistencyLoss:
         return self.target
 
     def logs(self) -> dict[str, float]:
-        return {"num_scales": self.curriculum.scales(self.step), "target_ema": self.curriculum.ema(self.step)}
+        grid = {"skip": self.curriculum.skip} if self.curriculum.name == "lcm" else {
+            "num_scales": self.curriculum.scales(self.step)}
+        return {**grid, "target_ema": self.curriculum.ema(self.step)}
 
     # --- trainer hooks -------------------------------------------------------------------------
     @torch.no_grad()
