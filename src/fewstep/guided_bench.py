@@ -81,7 +81,7 @@ def _progressive_cost(model: LoadedModel) -> dict:
     first = next(iter(rounds.values()), {})
     cfg = first.get("config", {})
     wall = model.config.training.get("wall_seconds")
-    threads = first.get("threads")
+    threads = model.config.training.get("threads", first.get("threads"))
     return {"method": "progressive", "rounds": len(rounds), "steps": cfg.get("max_steps"), "batch": cfg.get("batch_size"),
             "core_minutes": float("nan") if wall is None or threads is None else wall * threads / 60}
 

@@ -195,7 +195,8 @@ def distill_progressive(data: ImageData, out: str | Path, config: TrainConfig, s
         done[n] = current
     if not PartialState().is_main_process:
         return None
-    return save_students(out, {n: done[n] for n in settings.keep_steps}, teacher, settings, command)
+    return save_students(out, {n: done[n] for n in settings.keep_steps}, teacher, settings, command,
+                         {str(n): m.config.training for n, m in done.items()})
 
 
 def _train_round(teacher: LoadedModel, folder: Path, n: int, data: ImageData, schedule: EDMSchedule,
@@ -226,15 +227,17 @@ def student_config(base: ModelConfig, serves: list[int], schedule: EDMSchedule, 
 
 
 def save_students(out: str | Path, students: dict[int, LoadedModel], teacher: LoadedModel,
-                  settings: ProgressiveSettings, command: str) -> Path:
-    """Write the shipped folder atomically: ``unet/`` = the default (largest) student, ``students/N/`` the others."""
+                  settings: ProgressiveSettings, command: str, rounds_record: dict[str, dict] | None = None) -> Path:
+    """Write the shipped folder atomically: ``unet/`` = the default (largest) student, ``students/N/`` the others.
+    ``rounds_record``: every round's training record (default: the kept students'), for the total cost."""
     out = Path(out)
     schedule = EDMSchedule(**teacher.config.schedule)
     default = max(students)
-    rounds_record = {str(n): m.config.training for n, m in students.items()}
+    rounds_record = rounds_record or {str(n): m.config.training for n, m in students.items()}
     training = {"command": command, "method": "progressive", "teacher": str(teacher.path), "settings": asdict(settings),
                 "rounds": rounds_record,
-                "wall_seconds": round(sum(m.config.training.get("wall_seconds", 0) for m in students.values()), 1)}
+                "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in rounds_record.values()), 1),
+                "threads": max((r.get("threads", 1) for r in rounds_record.values()), default=1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, directory=True) as tmp:
         for n, m in students.items():
