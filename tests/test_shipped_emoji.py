@@ -1,0 +1,43 @@
+"""The shipped emoji pipeline and its few-step students: they load in diffusers unchanged and do what
+BENCHMARKS.md says (the full-size figures come from `fewstep bench`; these are small re-checks)."""
+
+import pytest
+import torch
+
+from fewstep.cli import shipped_models_dir
+from fewstep.data import load_emoji
+from fewstep.evaluate import eval_prompts, ruler_for
+from fewstep.latent_sampling import generate_latent
+from fewstep.sd import load_latent_model
+
+MODELS = shipped_models_dir()
+pytestmark = pytest.mark.skipif(not (MODELS / "emoji-lcm").is_dir(), reason="emoji models not shipped yet")
+
+
+def test_emoji_data_is_the_documented_set():
+    data = load_emoji()
+    assert data.images.shape == (3655, 3, 32, 32) and len(data.class_names) == 9
+    assert data.captions[data.captions.index("thumbs up: medium skin tone")] and data.images.min() >= -1
+
+
+def test_shipped_folders_run_in_diffusers_pipelines():
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+    sd = StableDiffusionPipeline.from_pretrained(MODELS / "emoji-sd")
+    assert sd("red apple", num_inference_steps=2, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
+    lcm = LatentConsistencyModelPipeline.from_pretrained(MODELS / "emoji-lcm")
+    assert type(lcm.scheduler).__name__ == "LCMScheduler"
+    assert lcm("red apple", num_inference_steps=2, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_lcm_at_two_steps_beats_the_teacher_at_two_steps():
+    """At the same guidance scale and step count (2), the distilled LCM is far closer to the data than its
+    teacher with DPM-Solver++ (at 4 steps the tiny teacher's latent ODE is already easy: see BENCHMARKS.md)."""
+    teacher, lcm = load_latent_model(MODELS / "emoji-sd"), load_latent_model(MODELS / "emoji-lcm")
+    ruler = ruler_for(teacher, MODELS)
+    prompts, _ = eval_prompts(ruler.data, 300)
+    s = lcm.info["default_guidance_scale"]
+    fid_teacher = ruler.fid(generate_latent(teacher, prompts, steps=2, sampler="dpmpp-2m", guidance_scale=s))
+    fid_lcm = ruler.fid(generate_latent(lcm, prompts, steps=2, guidance_scale=s))
+    assert fid_lcm < 0.8 * fid_teacher, (fid_lcm, fid_teacher)
