@@ -205,19 +205,27 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
     from accelerate.state import PartialState
     if not PartialState().is_main_process:
         return None
-    original_steps = schedule.num_train_timesteps // settings.skip
-    if settings.method == "lcm-lora":
-        return _save_lcm_lora(out, result, teacher, data, settings, original_steps, command)
+    record = {"command": command, "method": settings.method, "teacher": str(teacher.path), "steps": result.step,
+              "final_loss": result.last_loss, "wall_seconds": round(result.seconds, 1),
+              "threads": torch.get_num_threads(), "processes": accelerator.num_processes, "config": asdict(config)}
+    save = _save_lcm_lora if settings.method == "lcm-lora" else _save_lcm
+    return save(out, result.ema.unet, teacher, data, settings, record)
+
+
+def _original_steps(teacher: LatentModel, settings: LCMSettings) -> int:
+    """The grid the student was distilled on, as LCMScheduler's ``original_inference_steps``: T / k."""
+    return teacher.schedule.num_train_timesteps // settings.skip
+
+
+def _save_lcm(out, unet: nn.Module, teacher: LatentModel, data: ImageData, settings: LCMSettings, record: dict) -> Path:
+    """An LCM folder: a LatentConsistencyModelPipeline (LCMScheduler with the distilled grid) + what it is."""
+    original_steps, command = _original_steps(teacher, settings), record["command"]
     info = {"kind": "lcm", "dataset": data.name, "class_names": data.class_names, "default_sampler": "consistency",
             "default_steps": 4, "default_guidance_scale": _default_guidance(teacher, settings),
             "guidance_range": [settings.guidance_min, settings.guidance_max], "original_inference_steps": original_steps,
-            "training": {"command": command, "method": settings.method, "teacher": str(teacher.path),
-                         "steps": result.step, "final_loss": result.last_loss, "wall_seconds": round(result.seconds, 1),
-                         "threads": torch.get_num_threads(), "processes": accelerator.num_processes,
-                         "config": asdict(config)}}
+            "training": record}
     scheduler_config = {**teacher.scheduler_config, "original_inference_steps": original_steps,
                         "timestep_scaling": settings.timestep_scaling}
-    ema_unet = result.ema.unet
     readme = (f"# {Path(out).name}\n\nA latent consistency model ({settings.method.upper()}, Luo et al. 2023) of "
               f"`{teacher.path}` on `{data.name}`: 1–8 steps, guidance scale {settings.guidance_min:g}–"
               f"{settings.guidance_max:g} as an input (one network evaluation per step). Runs in diffusers:\n\n"
@@ -225,7 +233,7 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
               f"pipe = LatentConsistencyModelPipeline.from_pretrained('{out}')\n"
               f"image = pipe('grinning face', num_inference_steps=4, guidance_scale=4.0, height=32, width=32).images[0]\n"
               f"```\n\nTrained with:\n\n```\n{command}\n```\n")
-    return save_pipeline(out, ema_unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, info,
+    return save_pipeline(out, unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, info,
                          scheduler="LCMScheduler", scheduler_config=scheduler_config, readme=readme)
 
 
@@ -235,17 +243,16 @@ def _default_guidance(teacher: LatentModel, settings: LCMSettings) -> float:
     return s if settings.guidance_min <= s <= settings.guidance_max else (settings.guidance_min + settings.guidance_max) / 2
 
 
-def _save_lcm_lora(out, result, teacher: LatentModel, data: ImageData, settings: LCMSettings, original_steps: int,
-                   command: str) -> Path:
+def _save_lcm_lora(out, unet: nn.Module, teacher: LatentModel, data: ImageData, settings: LCMSettings,
+                   record: dict) -> Path:
     """An LCM-LoRA folder: the acceleration vector τ_LCM in diffusers' LoRA format + what it is."""
     from .lora import save_lora, trainable_fraction
 
-    lora, base = trainable_fraction(result.ema.unet)
+    original_steps, command = _original_steps(teacher, settings), record["command"]
+    lora, base = trainable_fraction(unet)
     info = {"kind": "lcm-lora", "base": str(teacher.path), "dataset": data.name, "rank": settings.lora_rank,
             "original_inference_steps": original_steps, "guidance_range": [settings.guidance_min, settings.guidance_max],
-            "trainable_parameters": lora, "base_parameters": base,
-            "training": {"command": command, "method": "lcm-lora", "steps": result.step, "final_loss": result.last_loss,
-                         "wall_seconds": round(result.seconds, 1), "threads": torch.get_num_threads()}}
+            "trainable_parameters": lora, "base_parameters": base, "training": record}
     readme = (f"# {Path(out).name}\n\nAn LCM-LoRA (Luo et al. 2023b) for `{teacher.path}`: rank {settings.lora_rank}, "
               f"{lora:,} parameters ({100 * lora / base:.1f}% of the UNet). Plug it into the base model (or a "
               f"fine-tuned one) and sample in 2–8 steps with LCMScheduler:\n\n```python\n"
@@ -256,4 +263,4 @@ def _save_lcm_lora(out, result, teacher: LatentModel, data: ImageData, settings:
               f"image = pipe('red apple', num_inference_steps=4, guidance_scale=1.0, height=32, width=32).images[0]\n"
               f"```\n\nor `fewstep sample --model {teacher.path} --lora {out} --steps 4`. Trained with:\n\n"
               f"```\n{command}\n```\n")
-    return save_lora(out, result.ema.unet, info, readme)
+    return save_lora(out, unet, info, readme)
