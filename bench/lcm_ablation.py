@@ -33,12 +33,12 @@ from fewstep.train import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 MODELS, WORK = ROOT / "models", ROOT / "runs" / "lcm-ablation"
 OUT = ROOT / "bench" / "results" / "lcm_ablation.json"
-STEPS, BATCH, NUM, GUIDANCE = 300, 64, 500, 3.0
+STEPS, BATCH, NUM, GUIDANCE = 200, 64, 500, 3.0
 BASE = dict(skip=20, solver="ddim", guidance_min=1.0, guidance_max=6.0)
 RUNS = {f"k{k}": {"skip": k} for k in (1, 5, 10, 20, 50)}
 RUNS |= {"dpm-solver": {"solver": "dpm-solver"}, "dpm-solver++": {"solver": "dpm-solver++"},
          "w-narrow": {"guidance_min": 2.0, "guidance_max": 4.0}}
-LCF_GROUP, LCF_STEPS = "Food & Drink", 300
+LCF_GROUP, LCF_STEPS = "Food & Drink", 200
 
 
 def settings_of(name: str) -> LCMSettings:
@@ -58,7 +58,7 @@ def train_runs(names: list[str]) -> None:
         print(f"{name}: trained", flush=True)
     if "lcf" in names and not (WORK / "lcf" / "model_index.json").exists():
         lcm = load_latent_model(MODELS / "emoji-lcm")
-        config = TrainConfig(out_dir=str(WORK / "lcf-work"), max_steps=LCF_STEPS, batch_size=BATCH, lr=1e-5,
+        config = TrainConfig(out_dir=str(WORK / "lcf-work"), max_steps=LCF_STEPS, batch_size=BATCH, lr=5e-5,
                              warmup_steps=50, checkpoint_every=100, progress=False)
         settings = LCMSettings(method="lcf", guidance_min=lcm.info["guidance_range"][0],
                                guidance_max=lcm.info["guidance_range"][1])

@@ -194,6 +194,15 @@ def _teacher_rows(latent: dict) -> dict:
     return {k.split("/", 1)[1]: v for k, v in latent.get("quality", {}).items() if k.startswith("emoji-sd/")}
 
 
+def render_report(bench_json: Path, markdown: Path, out_dir: Path) -> None:
+    """BENCHMARKS.md from a saved bench.json, measuring nothing."""
+    if not bench_json.exists():
+        raise FewstepError(f"no report at {bench_json}: run fewstep bench first, or pass --reuse OLD/bench.json")
+    old = json.loads(bench_json.read_text())
+    _write_markdown(BenchReport(**{k: v for k, v in old.items() if k in BenchReport.__dataclass_fields__}),
+                    markdown, out_dir)
+
+
 def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
                      markdown: Path | None) -> None:
     """``fewstep bench --only latent|lora``: one section measured alone and merged into the ``--reuse``

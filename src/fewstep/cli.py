@@ -270,6 +270,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         run_only(Path(args.models or shipped_models_dir()), Path(args.out), settings, _command_line(args), markdown)
         print(f"wrote the guided section into {args.out}/bench.json" + (f" and {markdown}" if markdown else ""))
         return
+    if args.render_only:  # no measuring: BENCHMARKS.md again from --reuse's bench.json (e.g. after an ablation)
+        from .bench import render_report
+        render_report(Path(args.reuse or Path(args.out) / "bench.json"), Path(args.markdown), Path(args.out))
+        print(f"wrote {args.markdown}")
+        return
     if args.only in ("latent", "lora"):  # one section, merged into --reuse's report
         from .bench import run_section_only
         run_section_only(args.only, Path(args.models or shipped_models_dir()), Path(args.out), settings,
@@ -524,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "count and seed match (timings are always re-measured side by side)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: rewrite the markdown from --reuse's bench.json (picks up "
+                        "bench/results/lcm_ablation.json after bench/lcm_ablation.py)")
     p.add_argument("--only", choices=["guided", "latent", "lora"], help="run one section and merge it into the --reuse report: "
                                                      "guided (guided and progressive distillation), latent (the "
                                                      "emoji LCM beside its teacher), lora (LCM-LoRA and style "

@@ -8,8 +8,9 @@ the bench's sample count and seed, prompts = the emoji's own captions:
 - wall-clock per image, side by side in this process at one batch: the LCM at 4 steps against the
   teacher's cheapest DPM-Solver++ setting that matches its FID (or the teacher's 25 steps if none does),
   end to end (text encoder + sampling + VAE decoder) and for the UNet sampling alone;
-- LCD ablations and LCF when their results exist (``bench/results/lcm_ablation.json``, written by
-  ``bench/lcm_ablation.py``): FID at 4 steps per skipping step k, teacher solver and guidance range.
+- LCD ablations and LCF, rendered from ``bench/results/lcm_ablation.json`` when ``bench/lcm_ablation.py``
+  has written it (its own command, budget and sample count): FID at 4 steps per skipping step k,
+  teacher solver and guidance range.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 TEACHER, LCM = "emoji-sd", "emoji-lcm"
 TEACHER_STEPS = (1, 2, 4, 8, 25)
 LCM_STEPS = (1, 2, 4, 8)
+ABLATION = Path(__file__).resolve().parents[2] / "bench" / "results" / "lcm_ablation.json"  # bench/lcm_ablation.py
 
 
 def _rows(model, ruler, steps, sampler, guidance: float, num: int, seed: int) -> list[dict]:
@@ -95,9 +97,6 @@ def measure(models_dir: Path, settings, command: str = "") -> dict:
                              "lcm_steps": 4, "lcm_fid": lcm4["fid"], "lcm_seconds": t_lcm, "speedup": t_teacher / t_lcm})
         print(f"speed ({out['speed'][-1]['what']}): teacher DPM++ {match['steps']} steps {1e3 * t_teacher:.2f} ms/img, "
               f"LCM 4 steps {1e3 * t_lcm:.2f} ms/img: {t_teacher / t_lcm:.1f}×", flush=True)
-    ablation = Path("bench/results/lcm_ablation.json")
-    if ablation.exists():
-        out["ablation"] = json.loads(ablation.read_text())
     return out
 
 
@@ -142,7 +141,7 @@ def section(report) -> list[str]:
         lines.append(f"| {r['what']} | {r['batch']} | DPM-Solver++ {r['teacher_steps']}, {r['teacher_fid']:.3f} | "
                      f"{1e3 * r['teacher_seconds']:.2f} | {r['lcm_steps']}, {r['lcm_fid']:.3f} | {1e3 * r['lcm_seconds']:.2f} | "
                      f"{r['speedup']:.1f}× |")
-    lines += ablation_section(g.get("ablation"))
+    lines += ablation_section(json.loads(ABLATION.read_text()) if ABLATION.exists() else None)
     return lines
 
 
