@@ -325,3 +325,20 @@ def test_shipped_progressive_student_at_4_steps_beats_the_teacher_at_4_steps():
     fid_teacher = ruler.fid(generate(teacher, labels, steps=4, sampler="dpmpp-2m", guidance_scale=2.0, seed=0))
     fid_student = ruler.fid(generate(student, labels, steps=4, sampler="ddim", guidance_scale=2.0, seed=0))
     assert fid_student < fid_teacher, (fid_student, fid_teacher)
+
+
+def test_shipped_guided_and_progressive_folders():
+    """The shipped students load with no network, record their commands, and serve what they say."""
+    from fewstep.cli import shipped_models_dir
+
+    models = shipped_models_dir()
+    guided, prog = load_model(models / "digits-guided"), load_model(models / "digits-progressive")
+    assert guided.config.training["command"].startswith("fewstep distill --method guided")
+    assert prog.config.training["command"].startswith("fewstep distill --method progressive")
+    assert (prog.config.serves_steps, prog.config.default_steps, prog.config.default_sampler) == ([1, 2, 4], 4, "ddim")
+    assert prog.config.guidance_embedding == guided.config.guidance_embedding
+    for n in (1, 2, 4):
+        images = generate(prog, torch.arange(10), steps=n, guidance_scale=3.0)
+        assert images.shape == (10, 1, 16, 16) and nfe(prog, "ddim", n, 3.0) == n
+    with pytest.raises(FewstepError, match="use --steps 1 or 2 or 4"):
+        generate(prog, torch.arange(2), steps=8)

@@ -43,6 +43,7 @@ class DemoRow:
 DEMO_RUNS: list[tuple[str, str, tuple[int, ...]]] = [
     ("digits-teacher", "dpmpp-2m", (50, 4, 2, 1)),
     ("digits-cd", "consistency", (1, 2)),       # consistency distillation (Song et al. 2023), guidance built in
+    ("digits-progressive", "ddim", (4, 2)),     # guided + progressive distillation (Meng et al. 2023), s an input
     ("emoji-sd", "dpmpp-2m", (25, 4)),          # the text-to-image teacher (a diffusers SD pipeline), CFG
     ("emoji-lcm", "consistency", (4, 2, 1)),    # latent consistency distillation (Luo et al. 2023)
 ]

@@ -64,7 +64,9 @@ def guidance_scale_embedding(w: Tensor, embedding_dim: int = 256) -> Tensor:
 class GuidedUNet(nn.Module):
     """A diffusers UNet that takes the guidance scale as an input (see the module docstring).
 
-    ``forward(sample, timestep, guidance_scale=s, **cond)``. For a UNet2DModel (no ``timestep_cond``)
+    ``forward(sample, timestep, guidance_scale=s, **cond)``; without ``guidance_scale`` it is s = 1, the
+    plain conditional denoiser (so code written for any denoiser, e.g. label inference, still works).
+    For a UNet2DModel (no ``timestep_cond``)
     the projected w-features are added to the input of ``unet.time_embedding`` by a forward pre-hook
     that lives only for the duration of the call (no state kept between calls); a UNet built with
     ``time_cond_proj_dim`` gets the raw embedding as ``timestep_cond`` and this module has no weights.
@@ -91,7 +93,7 @@ class GuidedUNet(nn.Module):
 
     def forward(self, sample: Tensor, timestep: Tensor, guidance_scale: Tensor | float | None = None, **cond):
         if guidance_scale is None:
-            raise ValueError("a guidance-conditioned UNet needs guidance_scale= (1.0 = no guidance)")
+            guidance_scale = 1.0
         w = lcm_w(torch.as_tensor(guidance_scale, dtype=torch.float32, device=sample.device).reshape(-1))
         emb = guidance_scale_embedding(w.expand(sample.shape[0]), self.embedding_dim).to(sample.dtype)
         if self.native:

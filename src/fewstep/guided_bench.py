@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import evaluate
+from .evaluate import balanced_labels, evaluate
 from .models import LoadedModel, load_model
 
 GUIDED, PROGRESSIVE = "digits-guided", "digits-progressive"
@@ -33,11 +33,17 @@ SWEEP = (1.0, 2.0, 3.0, 4.0)
 
 
 def _rows(model: LoadedModel, ruler, steps: list[int], sampler: str, guidance: float, num: int, seed: int) -> list[dict]:
-    rows, _ = evaluate(model, ruler, steps, sampler, guidance, num, seed)
+    """Evaluation rows, plus the classifier's mean probability of the requested label ("confidence"), which
+    keeps moving with s after accuracy saturates at 1."""
+    rows, samples = evaluate(model, ruler, steps, sampler, guidance, num, seed)
+    labels = balanced_labels(model, num)
+    out = []
     for r in rows:
+        probs = ruler.classifier.predict(samples[r.steps].clamp(-1, 1))
+        out.append({**asdict(r), "confidence": float(probs.gather(1, labels[:, None]).mean())})
         print(f"{model.path.name:<20} {sampler:<15} s={guidance:g} steps {r.steps:>3} NFE {r.nfe:>3}  FID {r.fid:7.3f}  "
-              f"acc {r.cond_accuracy:.3f}", flush=True)
-    return [asdict(r) for r in rows]
+              f"acc {r.cond_accuracy:.3f}  conf {out[-1]['confidence']:.4f}", flush=True)
+    return out
 
 
 def measure(models_dir: Path, teacher: LoadedModel, ruler, settings, quality: dict[str, list[dict]],
@@ -89,7 +95,7 @@ def _progressive_cost(model: LoadedModel) -> dict:
 @torch.no_grad()
 def _editing(models_dir: Path, prog: LoadedModel, ruler, settings) -> dict:
     from . import sampler_editing
-    from .editing import _accuracy, half_mask, inpaint_metrics, rough_strokes, stroke
+    from .editing import _accuracy, half_mask, infer_labels, inpaint_metrics, rough_strokes, stroke
 
     g = torch.Generator().manual_seed(settings.seed)
     idx = torch.randperm(len(ruler.data), generator=g)[: settings.edit_num]
@@ -97,15 +103,22 @@ def _editing(models_dir: Path, prog: LoadedModel, ruler, settings) -> dict:
     known, strokes = half_mask(images.shape[-1], "bottom"), rough_strokes(images)
     clf = ruler.classifier
     out = {}
+    guess = infer_labels(prog, images, known, seed=settings.seed)  # the 4-step student as its own classifier (s = 1)
     for n in sorted(prog.config.serves_steps):
         if n < 2:
             continue
         out[f"{PROGRESSIVE}/{n}"] = {
             "inpaint_accuracy": _accuracy(clf, sampler_editing.inpaint(prog, images, known, n, seed=settings.seed), labels),
+            "label_inference_accuracy": float((guess == labels).float().mean()),
+            "inpaint_accuracy_inferred_label": _accuracy(clf, sampler_editing.inpaint(
+                prog, images, known, n, labels=guess, seed=settings.seed), labels),
             "img2img_accuracy": _accuracy(clf, sampler_editing.img2img(prog, strokes, 0.5, n, seed=settings.seed), labels)}
     if (models_dir / "digits-cd").is_dir():
         cd = load_model(models_dir / "digits-cd")
-        out["digits-cd/zero-shot"] = {"inpaint_accuracy": inpaint_metrics(cd, clf, images, labels, seed=settings.seed)["accuracy"],
+        m = inpaint_metrics(cd, clf, images, labels, seed=settings.seed)
+        out["digits-cd/zero-shot"] = {"inpaint_accuracy": m["accuracy"],
+                                      "label_inference_accuracy": m["label_inference_accuracy"],
+                                      "inpaint_accuracy_inferred_label": m["accuracy_inferred_label"],
                                       "img2img_accuracy": _accuracy(clf, stroke(cd, strokes, 1.5, seed=settings.seed), labels)}
     out["strokes"] = {"img2img_accuracy": _accuracy(clf, strokes, labels)}
     for k, v in out.items():
@@ -178,24 +191,29 @@ def section(report) -> list[str]:
 
     lines += ["", f"Guidance after distillation: FID and conditional accuracy against s, {max(g['num'] // 2, 10)} samples "
               "per point (teacher and stage 1 at DPM-Solver++ 8 steps, the 4-step student with DDIM).", "",
-              "| model | " + " | ".join(f"s = {v:g}: FID / acc." for v in g["sweep_scales"]) + " |",
+              "| model | " + " | ".join(f"s = {v:g}: FID / acc. / conf." for v in g["sweep_scales"]) + " |",
               "|---|" + "---|" * len(g["sweep_scales"])]
     for key, rows in g["sweep"].items():
         name, sampler, steps = key.split("/")
         lines.append(f"| {name} ({sampler}, {steps} steps) | " +
-                     " | ".join(f"{r['fid']:.3f} / {r['cond_accuracy']:.3f}" for r in rows) + " |")
+                     " | ".join(f"{r['fid']:.3f} / {r['cond_accuracy']:.3f} / {r.get('confidence', float('nan')):.4f}"
+                                for r in rows) + " |")
 
     e = g["editing"]
     lines += ["", f"Editing in a few steps (`fewstep edit --task inpaint|img2img --steps N`), {g['edit_num']} "
               "real digits, no label given: classifier accuracy on the original label after generating the bottom half "
               "(inpainting: the known half replaced into each x0-estimate before the DDIM step) and after SDEdit img2img "
               "of rough 2×2-block strokes at strength 0.5 (from σ at the middle of the N-step grid). digits-cd: its "
-              "zero-shot loop (41 evaluations for inpainting; stroke editing from σ = 1.5).", "",
-              "| model | inpaint acc. | img2img from strokes acc. |", "|---|---:|---:|"]
+              "zero-shot loop (41 evaluations for inpainting; stroke editing from σ = 1.5). Label inference: the "
+              "class whose one-step reconstruction of the known half is best (5 levels × 4 noises × 10 classes = 200 "
+              "evaluations per image, `fewstep edit --infer-label`), then inpainting conditioned on it at s = 2.", "",
+              "| model | inpaint acc. | label inferred by the model: inference acc. / inpaint acc. | "
+              "img2img from strokes acc. |", "|---|---:|---|---:|"]
     for k, v in e.items():
         if k != "strokes":
-            lines.append(f"| {k} | {v['inpaint_accuracy']:.3f} | {v['img2img_accuracy']:.3f} |")
-    lines.append(f"| the strokes themselves | – | {e['strokes']['img2img_accuracy']:.3f} |")
+            lines.append(f"| {k} | {v['inpaint_accuracy']:.3f} | {v.get('label_inference_accuracy', float('nan')):.3f} / "
+                         f"{v.get('inpaint_accuracy_inferred_label', float('nan')):.3f} | {v['img2img_accuracy']:.3f} |")
+    lines.append(f"| the strokes themselves | – | – | {e['strokes']['img2img_accuracy']:.3f} |")
 
     lines += ["", "Speed, measured side by side in this process (batch "
               f"{report.settings['timing_batch']}):", "",
