@@ -281,6 +281,8 @@ def test_editing_in_a_few_steps_with_the_students(tiny_guided, capsys, tmp_path)
     with pytest.raises(FewstepError, match="strength"):
         sampler_editing.start_index(4, 0.1)
     assert sampler_editing.start_index(4, 1.0) == 0 and sampler_editing.start_index(2, 0.5) == 1
+    from fewstep.editing import infer_labels                # code written for any denoiser: s defaults to 1
+    assert infer_labels(guided, images, known, sigmas=(1.0,), repeats=1).shape == (4,)
     for task in (["img2img", "--strength", "0.5"], ["inpaint", "--mask-half", "right"]):
         code, _, err = run_cli(capsys, "edit", "--task", *task, "--model", str(root / "digits-guided"), "--steps", "2",
                                "--dataset", "digits", "--num", "3", "--out", str(tmp_path / f"{task[0]}.png"))
