@@ -81,7 +81,7 @@ def test_sample_cli_uses_the_models_defaults_and_chosen_levels(distilled, tmp_pa
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "cd"], "needs a teacher"),
-    (["--method", "lcd", "--teacher", "X"], "not available yet"),
+    (["--method", "lcd", "--teacher", "TEACHER_IS_CM"], "not a diffusers pipeline folder"),
     (["--method", "cd", "--teacher", "TEACHER_IS_CM"], "CD needs an EDM diffusion teacher"),
     (["--method", "ct", "--distance", "classifier", "--classifier", "/nonexistent"], "classifier"),
     (["--method", "cd", "--teacher", "/nonexistent"], "does not exist"),
