@@ -205,15 +205,20 @@ def render_report(bench_json: Path, markdown: Path, out_dir: Path) -> None:
 
 def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
                      markdown: Path | None) -> None:
-    """``fewstep bench --only latent|lora``: one section measured alone and merged into the ``--reuse``
-    report (its other sections, command and date stay as they were)."""
-    from . import latent_bench, lora_bench
+    """``fewstep bench --only guided|latent|lora``: one section measured alone and merged into the
+    ``--reuse`` report (its other sections, command and date stay as they were)."""
+    from . import guided_bench, latent_bench, lora_bench
 
     if not settings.reuse or not Path(settings.reuse).exists():
         raise FewstepError(f"--only {name} merges into a previous report: give --reuse OLD/bench.json")
     old = json.loads(Path(settings.reuse).read_text())
     report = BenchReport(**{k: v for k, v in old.items() if k in BenchReport.__dataclass_fields__})
-    if name == "latent":
+    if name == "guided":
+        teacher = load_model(models_dir / settings.teacher)
+        same = all(report.settings.get(k) == getattr(settings, k) for k in ("teacher", "num", "seed"))
+        report.guided = guided_bench.measure(models_dir, teacher, ruler_for(teacher, models_dir), settings,
+                                             report.quality if same else {}, command)
+    elif name == "latent":
         report.latent = latent_bench.measure(models_dir, settings, command)
     else:
         report.lora = lora_bench.measure(models_dir, settings, command, _teacher_rows(report.latent))

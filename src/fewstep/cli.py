@@ -263,17 +263,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     settings.seed = args.seed
     settings.reuse = args.reuse
     markdown = None if args.no_markdown else Path(args.markdown)
-    if args.only == "guided":  # just the guided-distillation section, merged into --reuse's report
-        from .guided_bench import run_only
-        run_only(Path(args.models or shipped_models_dir()), Path(args.out), settings, _command_line(args), markdown)
-        print(f"wrote the guided section into {args.out}/bench.json" + (f" and {markdown}" if markdown else ""))
-        return
     if args.render_only:  # no measuring: BENCHMARKS.md again from --reuse's bench.json (e.g. after an ablation)
         from .bench import render_report
         render_report(Path(args.reuse or Path(args.out) / "bench.json"), Path(args.markdown), Path(args.out))
         print(f"wrote {args.markdown}")
         return
-    if args.only in ("latent", "lora"):  # one section, merged into --reuse's report
+    if args.only:  # one section, merged into --reuse's report
         from .bench import run_section_only
         run_section_only(args.only, Path(args.models or shipped_models_dir()), Path(args.out), settings,
                          _command_line(args), markdown)

@@ -19,7 +19,6 @@ previous report (its other sections and their command/date stay as they were).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,27 +123,6 @@ def _editing(models_dir: Path, prog: LoadedModel, ruler, settings) -> dict:
     for k, v in out.items():
         print(f"editing {k}: {v}", flush=True)
     return out
-
-
-def run_only(models_dir: Path, out_dir: Path, settings, command: str, markdown: Path | None) -> None:
-    """``fewstep bench --only guided``: this section alone, merged into the previous report."""
-    from .atomic import write_text
-    from .bench import BenchReport, _write_markdown
-    from .errors import FewstepError
-    from .evaluate import ruler_for
-
-    if not settings.reuse or not Path(settings.reuse).exists():
-        raise FewstepError("--only guided merges into a previous report: give --reuse OLD/bench.json")
-    old = json.loads(Path(settings.reuse).read_text())
-    report = BenchReport(**{k: v for k, v in old.items() if k in BenchReport.__dataclass_fields__})
-    teacher = load_model(models_dir / settings.teacher)
-    ruler = ruler_for(teacher, models_dir)
-    same = all(report.settings.get(k) == getattr(settings, k) for k in ("teacher", "num", "seed"))
-    report.guided = measure(models_dir, teacher, ruler, settings, report.quality if same else {}, command)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "bench.json", json.dumps(asdict(report), indent=1) + "\n")
-    if markdown is not None:
-        _write_markdown(report, markdown, out_dir)
 
 
 def section(report) -> list[str]:
