@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
+from fewstep.data import ImageData
 from fewstep.denoisers import EDMDenoiser
 from fewstep.objectives import DenoisingLoss
 from fewstep.schedules import EDMSchedule
+from fewstep.sd import TinySDConfig
 
 
 def tiny_unet(num_classes: int = 3, channels: int = 1, size: int = 8, dropout: float = 0.1) -> UNet2DModel:
@@ -52,3 +54,42 @@ def tiny_digits_models(root: Path):
                          class_names=[str(i) for i in range(10)], dataset="digits")
     save_model(root / "digits-teacher", tiny_unet(num_classes=10, size=16), config)
     return config
+
+
+# --- the latent family: a tiny text-to-image set and pipeline -------------------------------------------
+CAPTIONS = ["grinning face", "red apple", "thumbs up: medium skin tone", "flag: Japan", "green apple", "smiling cat"]
+TINY = TinySDConfig(vae_channels=(8, 16, 16), vocab_size=300, max_length=16, text_width=32, text_layers=1,
+                    unet_channels=(16, 32, 32), head_dim=16)
+
+
+def tiny_data(n: int = 24) -> ImageData:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % len(CAPTIONS)
+    images = (torch.rand(len(CAPTIONS), 3, 32, 32, generator=g) * 2 - 1)[labels]
+    return ImageData(images, labels % 3, ["faces", "food", "flags"], "tiny", [CAPTIONS[i] for i in labels])
+
+
+def caption_folder(root, n: int = 12):
+    """An image folder with a metadata.jsonl (the HF imagefolder convention) and the same pairs as
+    webdataset shards."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    lines, tar_path = [], root.parent / f"{root.name}-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i in range(n):
+            arr = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / f"{i}.png")
+            lines.append(json.dumps({"file_name": f"{i}.png", "text": CAPTIONS[i % len(CAPTIONS)]}))
+            for name, data in ((f"s{i:03d}.png", (root / f"{i}.png").read_bytes()),
+                               (f"s{i:03d}.txt", CAPTIONS[i % len(CAPTIONS)].encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root, tar_path

@@ -9,34 +9,10 @@ import pytest
 import torch
 
 from fewstep.consistency_losses import Curriculum
-from fewstep.data import ImageData
 from fewstep.errors import FewstepError
 from fewstep.schedules import VPSchedule, lcm_timesteps
-from fewstep.sd import SD_SCHEDULER, TinySDConfig, load_latent_model
-
-CAPTIONS = ["grinning face", "red apple", "thumbs up: medium skin tone", "flag: Japan", "green apple", "smiling cat"]
-TINY = TinySDConfig(vae_channels=(8, 16, 16), vocab_size=300, max_length=16, text_width=32, text_layers=1,
-                    unet_channels=(16, 32, 32), head_dim=16)
-
-
-def tiny_data(n: int = 24) -> ImageData:
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(n) % len(CAPTIONS)
-    images = (torch.rand(len(CAPTIONS), 3, 32, 32, generator=g) * 2 - 1)[labels]
-    return ImageData(images, labels % 3, ["faces", "food", "flags"], "tiny", [CAPTIONS[i] for i in labels])
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    """A random-weight SD-format pipeline folder (no training): a stand-in teacher."""
-    from fewstep.sd import build_cond_unet, build_text_encoder, build_tokenizer, build_vae, save_pipeline
-
-    torch.manual_seed(0)
-    tok = build_tokenizer(CAPTIONS, TINY.vocab_size, TINY.max_length)
-    folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    return save_pipeline(folder, build_cond_unet(TINY), build_vae(TINY), build_text_encoder(TINY, tok), tok,
-                         {"kind": "diffusion", "dataset": "tiny", "default_steps": 4})
-
+from fewstep.sd import SD_SCHEDULER, load_latent_model
+from helpers import CAPTIONS, TINY, caption_folder, tiny_data
 
 @pytest.fixture(scope="module")
 def tiny_lcm(tiny_sd, tmp_path_factory):
@@ -106,36 +82,10 @@ def test_student_starts_as_the_teacher_for_every_guidance_scale(tiny_sd):
         assert torch.allclose(out, ref, atol=1e-5)
 
 
-def _caption_folder(root, n: int = 12):
-    """An image folder with a metadata.jsonl (the HF imagefolder convention) and the same pairs as
-    webdataset shards."""
-    import io
-    import json
-    import tarfile
-
-    from PIL import Image
-
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(1)
-    lines, tar_path = [], root.parent / f"{root.name}-000.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for i in range(n):
-            arr = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(root / f"{i}.png")
-            lines.append(json.dumps({"file_name": f"{i}.png", "text": CAPTIONS[i % len(CAPTIONS)]}))
-            for name, data in ((f"s{i:03d}.png", (root / f"{i}.png").read_bytes()),
-                               (f"s{i:03d}.txt", CAPTIONS[i % len(CAPTIONS)].encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root, tar_path
-
-
 def test_captioned_sets_from_metadata_jsonl_and_webdataset_shards_agree(tmp_path):
     from fewstep.data import load_captioned
 
-    folder, shard = _caption_folder(tmp_path / "pics")
+    folder, shard = caption_folder(tmp_path / "pics")
     a, b = load_captioned(str(folder), 32), load_captioned(str(shard), 32)
     assert a.images.shape == (12, 3, 32, 32) and a.captions == b.captions == [CAPTIONS[i % 6] for i in range(12)]
     assert torch.equal(a.images, b.images)
@@ -147,7 +97,7 @@ def test_captioned_sets_from_metadata_jsonl_and_webdataset_shards_agree(tmp_path
 def test_cli_lcd_then_sample_and_img2img(tiny_sd, tmp_path, capsys):
     from helpers import run_cli
 
-    folder, _ = _caption_folder(tmp_path / "pics")
+    folder, _ = caption_folder(tmp_path / "pics")
     out = tmp_path / "lcm"
     run_cli(capsys, "distill", "--method", "lcd", "--teacher", str(tiny_sd), "--dataset", str(folder), "--out", str(out),
             "--steps", "2", "--batch", "4", "--solver", "dpm-solver++", "--skip", "50", "--no-progress",
@@ -243,7 +193,7 @@ def test_lcd_runs_under_accelerate_launch_with_two_processes(tiny_sd, tmp_path):
     import subprocess
     import sys
 
-    folder, _ = _caption_folder(tmp_path / "pics", n=8)
+    folder, _ = caption_folder(tmp_path / "pics", n=8)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",

@@ -7,11 +7,11 @@ import torch
 
 from fewstep.errors import FewstepError
 from fewstep.sd import load_latent_model
-from test_lcm import TINY, tiny_data, tiny_sd  # noqa: F401  (the module-scoped tiny pipeline fixture)
+from helpers import CAPTIONS, TINY, caption_folder, tiny_data
 
 
 @pytest.fixture(scope="module")
-def tiny_lcm_lora(tiny_sd, tmp_path_factory):  # noqa: F811
+def tiny_lcm_lora(tiny_sd, tmp_path_factory):
     from fewstep.lcm import LCMSettings, distill_lcm
     from fewstep.train import TrainConfig
 
@@ -21,7 +21,7 @@ def tiny_lcm_lora(tiny_sd, tmp_path_factory):  # noqa: F811
                        LCMSettings(method="lcm-lora", lora_rank=2, guidance_min=2, guidance_max=4), command="test")
 
 
-def test_lcm_lora_is_a_small_diffusers_lora_that_trained(tiny_sd, tiny_lcm_lora):  # noqa: F811
+def test_lcm_lora_is_a_small_diffusers_lora_that_trained(tiny_sd, tiny_lcm_lora):
     from safetensors.torch import load_file
 
     from fewstep.lora import LORA_FILE, lora_info
@@ -36,7 +36,7 @@ def test_lcm_lora_is_a_small_diffusers_lora_that_trained(tiny_sd, tiny_lcm_lora)
     assert any("time_emb_proj" in k for k in state) and any("conv1" in k for k in state)
 
 
-def test_lcm_lora_gives_diffusers_images_with_lcm_scheduler(tiny_sd, tiny_lcm_lora):  # noqa: F811
+def test_lcm_lora_gives_diffusers_images_with_lcm_scheduler(tiny_sd, tiny_lcm_lora):
     """fewstep (LoRA fused into the base) and diffusers (StableDiffusionPipeline + load_lora_weights +
     LCMScheduler) agree for the same seed."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
@@ -56,7 +56,7 @@ def test_lcm_lora_gives_diffusers_images_with_lcm_scheduler(tiny_sd, tiny_lcm_lo
         assert torch.allclose(ours, theirs.clamp(-1, 1), atol=2e-3), (steps, (ours - theirs).abs().max())
 
 
-def test_kohya_layout_loads_to_the_same_model(tiny_sd, tiny_lcm_lora, tmp_path):  # noqa: F811
+def test_kohya_layout_loads_to_the_same_model(tiny_sd, tiny_lcm_lora, tmp_path):
     """The same adapter renamed to kohya/A1111 keys (lora_unet_…, lora_down/lora_up, .alpha) gives the same weights."""
     from safetensors.torch import load_file, save_file
 
@@ -78,7 +78,7 @@ def test_kohya_layout_loads_to_the_same_model(tiny_sd, tiny_lcm_lora, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_weights_scale_the_acceleration_vector(tiny_sd, tiny_lcm_lora):  # noqa: F811
+def test_weights_scale_the_acceleration_vector(tiny_sd, tiny_lcm_lora):
     from fewstep.lora import apply_loras
 
     base = load_latent_model(tiny_sd).unet.state_dict()
@@ -93,7 +93,6 @@ def test_weights_scale_the_acceleration_vector(tiny_sd, tiny_lcm_lora):  # noqa:
 def test_lora_for_another_base_model_fails_before_any_weight_changes(tiny_lcm_lora, tmp_path):
     from fewstep.lora import apply_loras
     from fewstep.sd import build_cond_unet, build_text_encoder, build_tokenizer, build_vae, save_pipeline
-    from test_lcm import CAPTIONS
 
     other = TINY.__class__(**{**TINY.__dict__, "unet_channels": (32, 32, 64)})
     tok = build_tokenizer(CAPTIONS, other.vocab_size, other.max_length)
@@ -118,13 +117,12 @@ def test_lora_specs_are_checked(tiny_lcm_lora, tmp_path):
         parse_lora_spec(f"{tmp_path / 'missing'}:1")
 
 
-def test_cli_style_lora_plus_lcm_lora_merge_and_sample(tiny_sd, tiny_lcm_lora, tmp_path, capsys):  # noqa: F811
+def test_cli_style_lora_plus_lcm_lora_merge_and_sample(tiny_sd, tiny_lcm_lora, tmp_path, capsys):
     """train-lora → lora merge (style + acceleration) → an LCM pipeline that samples in 2 steps; the same
     combination on the fly with sample --lora; a non-number weight is one clear line."""
     from helpers import run_cli
-    from test_lcm import _caption_folder
 
-    folder, _ = _caption_folder(tmp_path / "pics", n=8)
+    folder, _ = caption_folder(tmp_path / "pics", n=8)
     rc, _, err = run_cli(capsys, "train-lora", "--base", str(tiny_sd), "--dataset", str(folder), "--out",
                          str(tmp_path / "style"), "--rank", "2", "--steps", "2", "--batch", "4", "--no-progress",
                          "--work-dir", str(tmp_path / "work"))

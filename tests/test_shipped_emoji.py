@@ -2,7 +2,6 @@
 BENCHMARKS.md says (the full-size figures come from `fewstep bench`; these are small re-checks)."""
 
 import pytest
-import torch
 
 from fewstep.cli import shipped_models_dir
 from fewstep.data import load_emoji
