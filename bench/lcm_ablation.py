@@ -48,7 +48,7 @@ def settings_of(name: str) -> LCMSettings:
 def train_runs(names: list[str]) -> None:
     teacher = load_latent_model(MODELS / "emoji-sd")
     data = load_emoji()
-    for name in names:
+    for name in (n for n in names if n in RUNS):
         if (WORK / name / "model_index.json").exists():
             print(f"{name}: done already")
             continue
