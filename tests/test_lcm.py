@@ -70,7 +70,7 @@ def test_skipping_step_pairs_are_k_apart_on_the_skipped_grid():
 
 
 def test_student_starts_as_the_teacher_for_every_guidance_scale(tiny_sd):
-    from fewstep.guided import guidance_scale_embedding
+    from fewstep.guidance import guidance_scale_embedding
     from fewstep.lcm import student_unet
 
     teacher = load_latent_model(tiny_sd)

@@ -9,10 +9,11 @@ output). LCM and w-conditioned students use Meng et al.'s / Luo et al.'s w = s �
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Denoiser = Callable[..., Tensor]
 
@@ -27,6 +28,17 @@ def guide(cond_out: Tensor, uncond_out: Tensor, guidance_scale: float | Tensor) 
 def lcm_w(guidance_scale: float | Tensor) -> float | Tensor:
     """LCM's / Meng et al.'s guidance weight w = s − 1 (Luo et al. 2023 eq. 10 writes ε_u + (1+w)(ε_c − ε_u))."""
     return guidance_scale - 1
+
+
+def guidance_scale_embedding(w: Tensor, embedding_dim: int = 256) -> Tensor:
+    """Sinusoidal features of w (diffusers' ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``,
+    after VDM's ``get_timestep_embedding``; w is scaled by 1000). Tested equal to diffusers'."""
+    w = w.float() * 1000.0
+    half = embedding_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    emb = torch.cat([emb.sin(), emb.cos()], dim=1)
+    return nn.functional.pad(emb, (0, 1)) if embedding_dim % 2 else emb
 
 
 def check_guidance_scale(guidance_scale: float) -> float:

@@ -30,7 +30,6 @@ units of σ_d) and EDM's lognormal σ, the distribution the teacher was trained 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -41,24 +40,13 @@ from torch import Tensor, nn
 from .data import ImageData
 from .denoisers import EDMDenoiser, append_dims
 from .errors import FewstepError
-from .guidance import guide, lcm_w
+from .guidance import guidance_scale_embedding, guide, lcm_w
 from .models import LoadedModel, ModelConfig, save_model
 from .objectives import drop_labels, unwrap
 from .schedules import EDMSchedule
 from .train import TrainConfig, train
 
 GUIDANCE_WEIGHTS = "guidance_embedding.safetensors"  # beside diffusion_pytorch_model.safetensors in unet/
-
-
-def guidance_scale_embedding(w: Tensor, embedding_dim: int = 256) -> Tensor:
-    """Sinusoidal features of w (diffusers' ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``,
-    after VDM's ``get_timestep_embedding``; w is scaled by 1000). Tested equal to diffusers'."""
-    w = w.float() * 1000.0
-    half = embedding_dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
-    emb = w[:, None] * freqs[None, :]
-    emb = torch.cat([emb.sin(), emb.cos()], dim=1)
-    return nn.functional.pad(emb, (0, 1)) if embedding_dim % 2 else emb
 
 
 class GuidedUNet(nn.Module):

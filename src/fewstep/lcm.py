@@ -30,8 +30,7 @@ from .data import ImageData
 from .denoisers import VPDenoiser
 from .distances import get_distance
 from .errors import FewstepError
-from .guidance import CFGDenoiser, lcm_w
-from .guided import guidance_scale_embedding
+from .guidance import CFGDenoiser, guidance_scale_embedding, lcm_w
 from .schedules import VPSchedule
 from .sd import LatentModel, save_pipeline
 from .train import TrainConfig, train
