@@ -413,10 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make diffusion models fast: distill or train few-step generators, and run them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("demo", help="the teacher at 50 steps beside 1, 2 and 4 steps: grid + table",
-                       description="Sample the shipped digits teacher at 50 DPM-Solver++ steps and at 1, 2 and 4 "
-                                   "steps, with classifier-free guidance, and show what few-step sampling costs in "
-                                   "quality: a PNG grid and a table of steps, seconds and conditional accuracy.")
+    p = sub.add_parser("demo", help="teachers at 25-50 steps beside their 1-4-step students: grid + table",
+                       description="Sample the shipped teachers (digits at 50 DPM-Solver++ steps; the emoji text-to-image "
+                                   "pipeline at 25) with classifier-free guidance, at 4, 2 and 1 steps, and their "
+                                   "distilled students (CD, progressive, LCM) at 1-4 steps, with the same labels or "
+                                   "captions and seed: a PNG grid and a table of steps, network evaluations, seconds, "
+                                   "FID and conditional accuracy.")
     p.add_argument("--out", default="fewstep-demo", help="output folder (default ./fewstep-demo)")
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
     p.add_argument("--per-class", type=_positive_int, default=20, help="samples per digit for the accuracy figure")
