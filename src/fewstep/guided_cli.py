@@ -10,13 +10,10 @@ from .errors import FewstepError
 
 
 def _step_set(text: str) -> list[int]:
-    try:
-        steps = sorted({int(v) for v in text.split(",") if v.strip()}, reverse=True)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step counts like 4,2,1, got {text!r}") from None
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"step counts must be at least 1, got {text!r}")
-    return steps
+    """Distinct step counts, largest first (``fewstep.cli``'s step-list parsing and its errors)."""
+    from .cli import _step_list
+
+    return sorted(set(_step_list(text)), reverse=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
