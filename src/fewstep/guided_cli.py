@@ -19,8 +19,11 @@ def _step_set(text: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guided distillation (guided: stage 1; progressive: stage 2; Meng et al. 2023)")
     g.add_argument("--min-guidance-scale", type=float, default=1.0,
-                   help="guided: lowest guidance scale s the student learns (w = s - 1 ~ U[w_min, w_max]; default 1)")
-    g.add_argument("--max-guidance-scale", type=float, default=4.0, help="guided: highest guidance scale (default 4)")
+                   help="guided, lcd, lcm-lora: lowest guidance scale s the student learns (w = s - 1 ~ U[w_min, w_max]; "
+                        "default 1)")
+    g.add_argument("--max-guidance-scale", type=float, default=4.0,
+                   help="guided, lcd, lcm-lora: highest guidance scale (default 4; lcm-lora has no w input, so give "
+                        "min = max to distil one scale)")
     g.add_argument("--start-steps", type=int, default=16,
                    help="progressive: step count of the first student; its teacher (--teacher, the stage-1 student) "
                         "takes twice as many steps (default 16); --steps is the optimizer steps of each round")
