@@ -89,25 +89,17 @@ def load_emoji(size: int = 32) -> ImageData:
 
 def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageData:
     """Images under ``path``: class sub-folders give labels, a flat folder gives one class."""
-    from PIL import Image
-
     root = Path(path)
     if not root.is_dir():
         raise FewstepError(f"dataset folder {root} does not exist")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     groups = [(d.name, d) for d in subdirs] if subdirs else [(root.name, root)]
     images, labels = [], []
-    mode = {1: "L", 3: "RGB"}[channels]
     for label, (_, folder) in enumerate(groups):
         for f in sorted(folder.iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            try:
-                im = Image.open(f).convert(mode).resize((size, size), Image.BICUBIC)
-            except OSError as e:
-                raise FewstepError(f"cannot read image {f}: {e}") from None
-            arr = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
-            images.append(torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1)
+            images.append(_to_tensor(_open_image(f, str(f)), size, channels))
             labels.append(label)
     if not images:
         raise FewstepError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
@@ -163,10 +155,12 @@ def _caption(record: dict, where: str) -> str:
     raise FewstepError(f"{where} has no caption field ({', '.join(CAPTION_KEYS)})")
 
 
-def _to_tensor(im, size: int) -> Tensor:
+def _to_tensor(im, size: int, channels: int = 3) -> Tensor:
+    """A PIL image as [C, size, size] in [−1, 1]: L (``channels`` 1) or RGB (3), resized bicubically."""
     from PIL import Image
 
-    arr = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+    im = im.convert({1: "L", 3: "RGB"}[channels]).resize((size, size), Image.BICUBIC)
+    arr = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
 
 
