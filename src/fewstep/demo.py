@@ -63,7 +63,7 @@ def run_demo(models_dir: Path, out_dir: Path, per_class: int = 20, seed: int = 0
         ruler = rulers.setdefault(model.info["dataset"] if latent else model.config.dataset,
                                   ruler_for(model, models_dir))
         num_classes = len(ruler.data.class_names)
-        guidance = model.info.get("default_guidance_scale", 3.0) if latent else model.config.default_guidance_scale
+        guidance = model.default_guidance_scale if latent else model.config.default_guidance_scale
         for steps in step_counts:
             start = time.perf_counter()
             images, labels, evals = _sample(model, latent, ruler, per_class * num_classes, steps, sampler, guidance, seed)

@@ -131,8 +131,8 @@ def evaluate_latent(model, ruler: Ruler, steps: list[int], sampler: str | None =
     from .latent_sampling import generate_latent, latent_nfe
 
     prompts, labels = eval_prompts(ruler.data, num, seed)
-    sampler = sampler or ("consistency" if model.is_lcm else model.info.get("default_sampler", "dpmpp-2m"))
-    guidance = model.info.get("default_guidance_scale", 3.0) if guidance_scale is None else guidance_scale
+    sampler = sampler or model.default_sampler
+    guidance = model.default_guidance_scale if guidance_scale is None else guidance_scale
     rows, samples = [], {}
     for n in tqdm(steps, disable=not progress, desc="eval", leave=False):
         start = time.perf_counter()

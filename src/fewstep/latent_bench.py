@@ -76,7 +76,7 @@ def measure(models_dir: Path, settings, command: str = "") -> dict:
         return {}
     teacher, lcm = load_latent_model(models_dir / TEACHER), load_latent_model(models_dir / LCM)
     ruler = ruler_for(teacher, models_dir)
-    s = float(lcm.info.get("default_guidance_scale", 3.0))
+    s = lcm.default_guidance_scale
     num, seed = settings.num, settings.seed
     out: dict = {"command": command, "guidance_scale": s, "num": num, "quality": {}, "teacher_training": teacher.info.get("training", {}),
                  "lcm_training": lcm.info.get("training", {})}

@@ -23,8 +23,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import FewstepError
-from .guidance import CFGDenoiser, check_guidance_scale
-from .lcm import LCMStudent
+from .guidance import check_guidance_scale
+from .lcm import LCMStudent, prompt_cfg
 from .schedules import append_zero, lcm_timesteps, spaced_timesteps
 from .sd import LatentModel
 from .solvers import get_sampler
@@ -39,9 +39,8 @@ def latent_grid(model: LatentModel, steps: int, strength: float = 1.0) -> Tensor
     schedule = model.schedule
     T = schedule.num_train_timesteps
     if model.is_lcm:
-        original = int(model.info.get("original_inference_steps", model.scheduler_config.get("original_inference_steps", 50)))
         try:
-            ts = lcm_timesteps(steps, original, T, strength)
+            ts = lcm_timesteps(steps, model.original_inference_steps, T, strength)
         except ValueError as e:
             raise FewstepError(str(e)) from None
     else:
@@ -58,13 +57,12 @@ def latent_grid(model: LatentModel, steps: int, strength: float = 1.0) -> Tensor
 def latent_denoiser(model: LatentModel, prompts: Sequence[str], guidance_scale: float):
     """(denoiser, extra_args) for ``prompts``: the LCM's consistency function with s as an input, or the
     teacher with classifier-free guidance against the empty prompt."""
-    c = model.encode_prompts(prompts)
+    cond = {"encoder_hidden_states": model.encode_prompts(prompts), "guidance_scale": guidance_scale}
     if model.is_lcm and model.takes_guidance:
-        return LCMStudent.of(model), {"encoder_hidden_states": c, "guidance_scale": torch.full((len(c),), guidance_scale)}
+        return LCMStudent.of(model), {**cond, "guidance_scale": torch.full((len(prompts),), guidance_scale)}
     # a diffusion model, or an LCM-LoRA: CFG around it (diffusers' pipelines do the same with LCMScheduler)
-    uncond = model.encode_prompts([""]).expand_as(c)
     den = LCMStudent.of(model) if model.is_lcm else model.denoiser
-    return CFGDenoiser(den, guidance_scale, {"encoder_hidden_states": uncond}), {"encoder_hidden_states": c}
+    return prompt_cfg(den, model.encode_prompts([""])[0])(cond)
 
 
 def latent_nfe(model: LatentModel, sampler: str, steps: int, guidance_scale: float) -> int:
@@ -80,14 +78,13 @@ def generate_latent(model: LatentModel, prompts: Sequence[str], steps: int | Non
     """Images in [−1, 1] for ``prompts``; ``init_images`` (same count, in [−1, 1]) for img2img."""
     if not prompts:
         raise FewstepError("nothing to sample: give at least one prompt")
-    info = model.info
-    steps = steps or int(info.get("default_steps", 4 if model.is_lcm else 25))
-    sampler = sampler or ("consistency" if model.is_lcm else info.get("default_sampler", "dpmpp-2m"))
+    steps = steps or model.default_steps
+    sampler = sampler or model.default_sampler
     if model.is_lcm and sampler != "consistency":
         raise FewstepError(f"{model.path} is a latent consistency model; it samples with --sampler consistency")
     spec = get_sampler(sampler)
     try:
-        guidance_scale = check_guidance_scale(info.get("default_guidance_scale", 3.0) if guidance_scale is None
+        guidance_scale = check_guidance_scale(model.default_guidance_scale if guidance_scale is None
                                               else guidance_scale)
     except ValueError as e:
         raise FewstepError(str(e)) from None

@@ -65,10 +65,9 @@ class LCMStudent(nn.Module):
         self.consistency = LCMConsistency(VPDenoiser(unet, schedule, prediction_type), timestep_scaling)
 
     @classmethod
-    def of(cls, model: LatentModel, unet: nn.Module | None = None) -> "LCMStudent":
-        """The consistency function of a loaded LCM pipeline (or of ``unet`` on that pipeline's schedule)."""
-        return cls(unet if unet is not None else model.unet, model.schedule, model.prediction_type,
-                   model.scheduler_config.get("timestep_scaling", 10.0))
+    def of(cls, model: LatentModel) -> "LCMStudent":
+        """The consistency function of a loaded LCM pipeline."""
+        return cls(model.unet, model.schedule, model.prediction_type, model.scheduler_config.get("timestep_scaling", 10.0))
 
     @property
     def unet(self) -> nn.Module:
@@ -123,8 +122,9 @@ def lcm_condition(settings: LCMSettings):
     return condition
 
 
-def cfg_teacher(denoiser: nn.Module, uncond_embedding: Tensor):
-    """cond → the teacher's guided ODE at each sample's own scale: ε_u + s·(ε_c − ε_u), one batch."""
+def prompt_cfg(denoiser: nn.Module, uncond_embedding: Tensor):
+    """cond → classifier-free guidance against the empty prompt at each sample's own scale,
+    ε_u + s·(ε_c − ε_u), both passes in one batch: LCD's teacher, and a text-to-image sampler's model."""
     def teacher(cond: dict[str, Tensor]) -> tuple[CFGDenoiser, dict]:
         c = cond["encoder_hidden_states"]
         uncond = {"encoder_hidden_states": uncond_embedding.to(c).expand_as(c)}
@@ -180,13 +180,13 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
     params = None
     if settings.method == "lcd":
         unet = student_unet(teacher.unet, settings.cond_proj_dim).requires_grad_(True)
-        teacher_fn = cfg_teacher(teacher.denoiser, empty)
+        teacher_fn = prompt_cfg(teacher.denoiser, empty)
     elif settings.method == "lcm-lora":
         from .lora import add_lora
 
         unet = teacher.unet                      # one UNet: the adapters are the student, the base is the teacher
         params = add_lora(unet, settings.lora_rank)
-        teacher_fn = cfg_teacher(AdaptersOff(teacher.denoiser, unet), empty)
+        teacher_fn = prompt_cfg(AdaptersOff(teacher.denoiser, unet), empty)
     else:
         unet, teacher_fn = copy.deepcopy(teacher.unet).requires_grad_(True), None
     if settings.gradient_checkpointing:

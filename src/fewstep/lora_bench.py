@@ -35,7 +35,7 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
     base = load_latent_model(models_dir / TEACHER)
     ruler = ruler_for(base, models_dir)
     s = 1.0                                          # LCM-LoRA is used at guidance 1–2; its teacher at its default
-    s_teacher = float(base.info.get("default_guidance_scale", 3.0))
+    s_teacher = base.default_guidance_scale
     out: dict = {"command": command, "num": num, "quality": {}, "style": {}, "guidance_scale": s,
                  "teacher_guidance_scale": s_teacher, "lcm_lora": lora_info(models_dir / LCM_LORA),
                  "style_lora": lora_info(models_dir / STYLE)}
@@ -49,7 +49,7 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
     out["quality"][f"{TEACHER}/dpmpp-2m"] = (teacher_rows or {}).get("dpmpp-2m") or rows(base, (25,), "dpmpp-2m", s_teacher)
     if (models_dir / LCM).is_dir():
         lcm = load_latent_model(models_dir / LCM)
-        out["quality"][f"{LCM}/consistency"] = rows(lcm, (4,), "consistency", float(lcm.info["default_guidance_scale"]))
+        out["quality"][f"{LCM}/consistency"] = rows(lcm, (4,), "consistency", lcm.default_guidance_scale)
 
     group = out["style_lora"]["dataset"].split(":", 1)[1]
     data = load_emoji()

@@ -153,6 +153,24 @@ class LatentModel:
         """A latent consistency model (Luo et al. 2023): LCD-made, or a base model with an LCM-LoRA."""
         return self.info.get("kind") == "lcm"
 
+    # sampling defaults (fewstep.json; an LCM samples with its consistency sampler on its distilled grid)
+    @property
+    def default_sampler(self) -> str:
+        return "consistency" if self.is_lcm else self.info.get("default_sampler", "dpmpp-2m")
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.info.get("default_steps", 4 if self.is_lcm else 25))
+
+    @property
+    def default_guidance_scale(self) -> float:
+        return float(self.info.get("default_guidance_scale", 3.0))
+
+    @property
+    def original_inference_steps(self) -> int:
+        """The skipped grid an LCM was distilled on (LCMScheduler's ``original_inference_steps``)."""
+        return int(self.scheduler_config.get("original_inference_steps", 50))
+
     @property
     def takes_guidance(self) -> bool:
         """An LCD student takes the guidance scale as an input (``timestep_cond``); an LCM-LoRA does not."""
@@ -162,9 +180,10 @@ class LatentModel:
         """Token ids padded to the tokenizer's length; a longer prompt is cut, with a warning
         (as diffusers' pipelines do), since the text encoder has no positions beyond it."""
         limit = self.tokenizer.model_max_length
-        out = self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
-                             return_tensors="pt", return_overflowing_tokens=False)
-        long = [p for p in prompts if len(self.tokenizer(p).input_ids) > limit]
+        prompts = list(prompts)
+        out = self.tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+        lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]  # one batched call, untruncated
+        long = [p for p, n in zip(prompts, lengths) if n > limit]
         if long:
             warnings.warn(f"{len(long)} prompt(s) longer than the tokenizer's {limit} tokens were truncated, "
                           f"e.g. {long[0][:60]!r}", stacklevel=2)
