@@ -7,8 +7,9 @@
   takes) plus ``fewstep.json`` saying what the adapter is (an LCM acceleration vector, a style).
 - :func:`apply_loras`: θ' = θ + Σ λ_i·τ_i (Luo et al. 2023b, eq. 1–2: θ_pre + λ1·τ_style + λ2·τ_LCM):
   each file through diffusers' loader (which reads diffusers, peft and kohya/A1111 key layouts),
-  combined with ``set_adapters`` weights, optionally fused into the UNet. Every file is first tried
-  on a copy of the UNet, so a LoRA for another base model is a clear error before any weight changes.
+  combined with ``set_adapters`` weights, optionally fused into the UNet. Every file is loaded onto a
+  copy of the UNet that replaces the original only when all have loaded, so a LoRA for another base
+  model is a clear error before any weight changes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from .atomic import atomic_path
@@ -41,7 +41,7 @@ def add_lora(unet: nn.Module, rank: int = 8, alpha: float | None = None,
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                 target_modules=list(targets)), adapter_name=adapter_name)
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    params = lora_parameters(unet)
     if not params:
         raise FewstepError(f"no module of the UNet matches the LoRA targets {', '.join(targets)}")
     for p in params:
@@ -90,58 +90,52 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
     return Path(path), value
 
 
-def _pipeline(model: LatentModel):
+def _pipeline(model: LatentModel, unet: nn.Module):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
+                                   unet=unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def _load(pipe, path: Path, name: str) -> None:
-    kwargs = {"weight_name": path.name} if path.is_file() else {}
-    source = path.parent if path.is_file() else path
-    pipe.load_lora_weights(str(source), adapter_name=name, **kwargs)
-
-
-def check_lora_fits(model: LatentModel, path: Path) -> None:
-    """Load ``path`` into a copy of the UNet: a LoRA made for another base model (other shapes or module
-    names) fails here, with the original untouched."""
+def _load(pipe, path: Path, name: str, base: Path) -> None:
+    """Load one LoRA file as adapter ``name`` through diffusers' loader; a LoRA made for another base model
+    (other shapes or module names, no weights for this UNet, keys it lacks) is a clear error."""
     import warnings
 
-    trial = copy.copy(model)
-    trial.unet = copy.deepcopy(model.unet)
-    pipe = _pipeline(trial)
+    kwargs = {"weight_name": path.name} if path.is_file() else {}
+    source = path.parent if path.is_file() else path
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _load(pipe, path, "trial")
+            pipe.load_lora_weights(str(source), adapter_name=name, **kwargs)
     except Exception as e:  # diffusers/peft raise ValueError/RuntimeError/KeyError on a mismatch
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FewstepError(f"LoRA {path} does not fit {model.path} (made for another base model?): {first[:300]}") from None
-    if not any("lora_" in n for n, _ in trial.unet.named_parameters()):
-        raise FewstepError(f"LoRA {path} has no weights for {model.path}'s UNet (made for another base model?)")
+        raise FewstepError(f"LoRA {path} does not fit {base} (made for another base model?): {first[:300]}") from None
+    if not lora_parameters(pipe.unet, name):
+        raise FewstepError(f"LoRA {path} has no weights for {base}'s UNet (made for another base model?)")
     unexpected = [w for w in caught if "unexpected" in str(w.message).lower()]
     if unexpected:
-        raise FewstepError(f"LoRA {path} has keys {model.path}'s UNet lacks (made for another base model?): "
+        raise FewstepError(f"LoRA {path} has keys {base}'s UNet lacks (made for another base model?): "
                            f"{str(unexpected[0].message)[:300]}")
 
 
 def apply_loras(model: LatentModel, loras: Sequence[tuple[Path, float]], fuse: bool = True) -> LatentModel:
-    """θ' = θ + Σ λ_i·τ_i on ``model``'s UNet (in place; every file is checked on a copy first). With
-    ``fuse`` the sum is folded into the weights and the adapters dropped; otherwise they stay as
-    named peft adapters with their weights. An LCM acceleration vector among them makes the
+    """θ' = θ + Σ λ_i·τ_i on ``model``'s UNet. Every file is loaded onto a copy of the UNet, which replaces
+    ``model.unet`` only once all have loaded: a LoRA made for another base model is an error before any
+    weight changes. With ``fuse`` the sum is folded into the weights and the adapters dropped; otherwise
+    they stay as named peft adapters with their weights. An LCM acceleration vector among them makes the
     result an LCM (sampled on its skipped grid)."""
-    for path, _ in loras:
-        check_lora_fits(model, path)
-    pipe = _pipeline(model)
+    unet = copy.deepcopy(model.unet)
+    pipe = _pipeline(model, unet)
     names = [f"lora{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
-        _load(pipe, path, name)
+        _load(pipe, path, name, model.path)
     pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
     if fuse:
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
         pipe.unload_lora_weights()
+    model.unet = unet.requires_grad_(False).eval()
     infos = [lora_info(p) for p, _ in loras]
     accel = next((i for i in infos if i.get("kind") == "lcm-lora"), None)
     model.info = {**model.info, "loras": [{"path": str(p), "weight": w, "kind": i.get("kind", "lora")}
@@ -150,18 +144,18 @@ def apply_loras(model: LatentModel, loras: Sequence[tuple[Path, float]], fuse: b
         model.info.update(kind="lcm", default_sampler="consistency", default_steps=4, default_guidance_scale=1.0,
                           original_inference_steps=accel["original_inference_steps"])
         model.scheduler_config = {**model.scheduler_config, "original_inference_steps": accel["original_inference_steps"]}
-    model.unet.requires_grad_(False).eval()
     return model
+
+
+def lora_parameters(unet: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:
+    """The LoRA weights of ``unet`` (peft names them ``…lora_A.<adapter>.weight``), of one adapter if named."""
+    return [p for n, p in unet.named_parameters() if "lora_" in n and (adapter is None or f".{adapter}." in n)]
 
 
 def trainable_fraction(unet: nn.Module) -> tuple[int, int]:
     """(LoRA parameters, base UNet parameters)."""
-    lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
-    return lora, sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
-
-
-def lora_parameters(unet: nn.Module) -> list[torch.Tensor]:
-    return [p for n, p in unet.named_parameters() if "lora_" in n]
+    lora = sum(p.numel() for p in lora_parameters(unet))
+    return lora, sum(p.numel() for p in unet.parameters()) - lora
 
 
 def train_style_lora(base: LatentModel, data, out: str | Path, config, rank: int = 8, caption_dropout: float = 0.1,
