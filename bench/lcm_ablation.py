@@ -66,7 +66,7 @@ def train_runs(names: list[str]) -> None:
 
 
 def group(data):
-    return data.subset((data.labels == data.class_names.index(LCF_GROUP)).nonzero().flatten(), f":{LCF_GROUP}")
+    return data.of_class(LCF_GROUP)
 
 
 def score() -> None:

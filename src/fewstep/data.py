@@ -57,6 +57,12 @@ class ImageData:
         a, b = perm[:k], perm[k:]
         return self.subset(a, ":train"), self.subset(b, ":heldout")
 
+    def of_class(self, name: str) -> "ImageData":
+        """The images of class ``name`` (e.g. one Unicode group of the emoji), named ``<set>:<class>``."""
+        if name not in self.class_names:
+            raise FewstepError(f"{name!r} is not one of {self.name}'s classes: {', '.join(self.class_names)}")
+        return self.subset((self.labels == self.class_names.index(name)).nonzero().flatten(), f":{name}")
+
     def subset(self, index: Tensor, suffix: str = "") -> "ImageData":
         """The images at ``index`` (captions kept)."""
         captions = None if self.captions is None else [self.captions[i] for i in index.tolist()]

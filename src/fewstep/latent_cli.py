@@ -122,9 +122,7 @@ def run_train_lora(args: argparse.Namespace, train_config, command: str) -> None
     base = load_latent_model(args.base)
     data = load_captioned(args.dataset, base.vae.config.sample_size)
     if args.group:
-        if args.group not in data.class_names:
-            raise FewstepError(f"--group {args.group!r} is not one of {data.name}'s groups: {', '.join(data.class_names)}")
-        data = data.subset((data.labels == data.class_names.index(args.group)).nonzero().flatten(), f":{args.group}")
+        data = data.of_class(args.group)
     folder = train_style_lora(base, data, args.out, train_config, rank=args.rank, command=command)
     if folder is not None:
         print(f"saved the style LoRA to {folder}")

@@ -24,7 +24,6 @@ TEACHER, LCM, LCM_LORA, STYLE = "emoji-sd", "emoji-lcm", "emoji-lcm-lora", "emoj
 
 def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | None = None) -> dict:
     """The section's numbers (empty when the LoRAs are not there)."""
-    from .data import load_emoji
     from .evaluate import Ruler, evaluate_latent, ruler_for
     from .lora import apply_loras, lora_info
     from .sd import load_latent_model
@@ -52,8 +51,7 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
         out["quality"][f"{LCM}/consistency"] = rows(lcm, (4,), "consistency", lcm.default_guidance_scale)
 
     group = out["style_lora"]["dataset"].split(":", 1)[1]
-    data = load_emoji()
-    sub = data.subset((data.labels == data.class_names.index(group)).nonzero().flatten(), f":{group}")
+    sub = ruler.data.of_class(group)     # the ruler holds the whole emoji set already
     style_ruler = Ruler(ruler.classifier, sub)
     style = apply_loras(load_latent_model(models_dir / TEACHER), [(models_dir / STYLE, 1.0)])
     merged = apply_loras(load_latent_model(models_dir / TEACHER), [(models_dir / STYLE, 1.0), (models_dir / LCM_LORA, 1.0)])
