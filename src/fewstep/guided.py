@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .data import ImageData
 from .denoisers import EDMDenoiser, append_dims
 from .errors import FewstepError
-from .guidance import guidance_scale_embedding, guide, lcm_w
+from .guidance import CFGDenoiser, guidance_scale_embedding, lcm_w
 from .models import LoadedModel, ModelConfig, save_model
 from .objectives import drop_labels, unwrap
 from .schedules import EDMSchedule
@@ -173,9 +173,8 @@ class GuidedDistillationLoss:
     @torch.no_grad()
     def target(self, x: Tensor, sigma: Tensor, labels: Tensor, guidance_scale: Tensor) -> Tensor:
         """The teacher's CFG output D_u + s·(D_c − D_u), both branches in one batch."""
-        both = torch.cat([labels, torch.full_like(labels, self.null_label)])
-        d_cond, d_uncond = self.teacher(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=both).chunk(2)
-        return guide(d_cond, d_uncond, guidance_scale)
+        null = {"class_labels": torch.full_like(labels, self.null_label)}
+        return CFGDenoiser(self.teacher, guidance_scale, null)(x, sigma, class_labels=labels)
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         x0 = batch["images"]
