@@ -194,13 +194,17 @@ def _teacher_rows(latent: dict) -> dict:
     return {k.split("/", 1)[1]: v for k, v in latent.get("quality", {}).items() if k.startswith("emoji-sd/")}
 
 
+def load_report(bench_json: Path, missing: str) -> BenchReport:
+    """A saved bench.json (keys this version does not know are dropped); ``missing`` says what to do."""
+    if not bench_json.exists():
+        raise FewstepError(f"no report at {bench_json}: {missing}")
+    old = json.loads(bench_json.read_text())
+    return BenchReport(**{k: v for k, v in old.items() if k in BenchReport.__dataclass_fields__})
+
+
 def render_report(bench_json: Path, markdown: Path, out_dir: Path) -> None:
     """BENCHMARKS.md from a saved bench.json, measuring nothing."""
-    if not bench_json.exists():
-        raise FewstepError(f"no report at {bench_json}: run fewstep bench first, or pass --reuse OLD/bench.json")
-    old = json.loads(bench_json.read_text())
-    _write_markdown(BenchReport(**{k: v for k, v in old.items() if k in BenchReport.__dataclass_fields__}),
-                    markdown, out_dir)
+    _write_markdown(load_report(bench_json, "run fewstep bench first, or pass --reuse OLD/bench.json"), markdown, out_dir)
 
 
 def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
@@ -209,15 +213,14 @@ def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: Bench
     ``--reuse`` report (its other sections, command and date stay as they were)."""
     from . import guided_bench, latent_bench, lora_bench
 
-    if not settings.reuse or not Path(settings.reuse).exists():
-        raise FewstepError(f"--only {name} merges into a previous report: give --reuse OLD/bench.json")
-    old = json.loads(Path(settings.reuse).read_text())
-    report = BenchReport(**{k: v for k, v in old.items() if k in BenchReport.__dataclass_fields__})
+    missing = f"--only {name} merges into a previous report: give --reuse OLD/bench.json"
+    if not settings.reuse:
+        raise FewstepError(missing)
+    report = load_report(Path(settings.reuse), missing)
     if name == "guided":
         teacher = load_model(models_dir / settings.teacher)
-        same = all(report.settings.get(k) == getattr(settings, k) for k in ("teacher", "num", "seed"))
         report.guided = guided_bench.measure(models_dir, teacher, ruler_for(teacher, models_dir), settings,
-                                             report.quality if same else {}, command)
+                                             _reusable_quality(settings), command)
     elif name == "latent":
         report.latent = latent_bench.measure(models_dir, settings, command)
     else:
