@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -102,15 +103,25 @@ def evaluate(model: LoadedModel, ruler: Ruler, steps: list[int], sampler: str = 
     """Score ``model`` at each step count with the same labels and seed. Returns the rows and the samples."""
     guidance = model.config.default_guidance_scale if guidance_scale is None else guidance_scale
     labels = balanced_labels(model, num)
+
+    def sample(n: int) -> Tensor:
+        return generate(model, labels, num=num, steps=n, sampler=sampler, guidance_scale=guidance, seed=seed,
+                        batch_size=batch_size)
+    return _score_steps(sample, lambda n: nfe(model, sampler, n, guidance), ruler, labels, steps, sampler, guidance,
+                        num, seed, progress)
+
+
+def _score_steps(sample: Callable[[int], Tensor], evals: Callable[[int], int], ruler: Ruler, labels: Tensor | None,
+                 steps: list[int], sampler: str, guidance: float, num: int, seed: int,
+                 progress: bool) -> tuple[list[EvalResult], dict[int, Tensor]]:
+    """One row per step count: ``sample(n)`` timed and scored against ``labels``."""
     rows, samples = [], {}
     for n in tqdm(steps, disable=not progress, desc="eval", leave=False):
         start = time.perf_counter()
-        images = generate(model, labels, num=num, steps=n, sampler=sampler, guidance_scale=guidance, seed=seed,
-                          batch_size=batch_size)
+        images = sample(n)
         seconds = time.perf_counter() - start
-        scores = ruler.score(images, labels, seed=seed)
-        rows.append(EvalResult(steps=n, sampler=sampler, guidance_scale=guidance,
-                               nfe=nfe(model, sampler, n, guidance), seconds_per_image=seconds / num, **scores))
+        rows.append(EvalResult(steps=n, sampler=sampler, guidance_scale=guidance, nfe=evals(n),
+                               seconds_per_image=seconds / num, **ruler.score(images, labels, seed=seed)))
         samples[n] = images
     return rows, samples
 
@@ -133,16 +144,12 @@ def evaluate_latent(model, ruler: Ruler, steps: list[int], sampler: str | None =
     prompts, labels = eval_prompts(ruler.data, num, seed)
     sampler = sampler or model.default_sampler
     guidance = model.default_guidance_scale if guidance_scale is None else guidance_scale
-    rows, samples = [], {}
-    for n in tqdm(steps, disable=not progress, desc="eval", leave=False):
-        start = time.perf_counter()
-        images = generate_latent(model, prompts, steps=n, sampler=sampler, guidance_scale=guidance, seed=seed,
-                                 batch_size=batch_size)
-        seconds = time.perf_counter() - start
-        rows.append(EvalResult(steps=n, sampler=sampler, guidance_scale=guidance, nfe=latent_nfe(model, sampler, n, guidance),
-                               seconds_per_image=seconds / num, **ruler.score(images, labels, seed=seed)))
-        samples[n] = images
-    return rows, samples
+
+    def sample(n: int) -> Tensor:
+        return generate_latent(model, prompts, steps=n, sampler=sampler, guidance_scale=guidance, seed=seed,
+                               batch_size=batch_size)
+    return _score_steps(sample, lambda n: latent_nfe(model, sampler, n, guidance), ruler, labels, steps, sampler,
+                        guidance, num, seed, progress)
 
 
 def eval_report(model, rows: list[EvalResult], num: int, seed: int) -> dict:
