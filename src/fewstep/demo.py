@@ -100,10 +100,10 @@ def _sample(model, latent: bool, ruler, num: int, steps: int, sampler: str, guid
 
 
 def _header() -> str:
-    return (f"{'model':<16} {'sampler':<9} {'steps':>5} {'NFE':>4} {'seconds':>8} {'s/image':>8} {'FID':>7} "
-            f"{'cond. acc.':>10}\n" + "-" * 74)
+    return (f"{'model':<18} {'sampler':<11} {'steps':>5} {'NFE':>4} {'seconds':>8} {'s/image':>8} {'FID':>7} "
+            f"{'cond. acc.':>10}\n" + "-" * 78)
 
 
 def _format_row(r: DemoRow) -> str:
-    return (f"{r.model:<16} {r.sampler:<9} {r.steps:>5} {r.nfe:>4} {r.seconds:>8.2f} {r.seconds_per_image:>8.4f} "
+    return (f"{r.model:<18} {r.sampler:<11} {r.steps:>5} {r.nfe:>4} {r.seconds:>8.2f} {r.seconds_per_image:>8.4f} "
             f"{r.fid:>7.3f} {r.cond_accuracy:>10.1%}")
