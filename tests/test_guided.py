@@ -13,9 +13,9 @@ import torch
 from fewstep.data import load_digits
 from fewstep.denoisers import EDMDenoiser, edm_scalings
 from fewstep.errors import FewstepError
-from fewstep.guidance import guide
+from fewstep.guidance import guide, label_cfg
 from fewstep.guided import (GuidedDistillationLoss, GuidedSettings, GuidedUNet, embedding_record,
-                            guidance_scale_embedding)
+                            guidance_scale_embedding, label_condition)
 from fewstep.models import ModelConfig, load_model, save_model
 from fewstep.oracle import ExactDenoiser
 from fewstep.progressive import (ProgressiveLoss, ProgressiveSettings, ddim_target, distill_progressive, rounds,
@@ -88,7 +88,8 @@ def test_student_starts_as_the_teachers_conditional_output_and_round_trips(tmp_p
 def test_guided_loss_vanishes_on_the_exact_cfg_student():
     data, labels = _oracle_data()
     oracle = ExactDenoiser(data, labels)
-    loss = GuidedDistillationLoss(oracle, EDMSchedule(), oracle.null_label, GuidedSettings(label_dropout=0.3))
+    loss = GuidedDistillationLoss(label_cfg(oracle, oracle.null_label), EDMSchedule(),
+                                  label_condition(oracle.null_label, 0.3), GuidedSettings())
     batch = {"images": data, "labels": labels}
     torch.manual_seed(0)
     exact, _ = loss(OracleCFG(oracle), batch)

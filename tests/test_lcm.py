@@ -71,10 +71,10 @@ def test_skipping_step_pairs_are_k_apart_on_the_skipped_grid():
 
 def test_student_starts_as_the_teacher_for_every_guidance_scale(tiny_sd):
     from fewstep.guidance import guidance_scale_embedding
-    from fewstep.lcm import student_unet
+    from fewstep.guided import w_conditioned_unet
 
     teacher = load_latent_model(tiny_sd)
-    student = student_unet(teacher.unet, 64)
+    student = w_conditioned_unet(teacher.unet, 64)
     x, t, c = torch.randn(3, 4, 8, 8), torch.tensor([999, 500, 19]), torch.randn(3, TINY.max_length, TINY.text_width)
     ref = teacher.unet(x, t, encoder_hidden_states=c).sample
     for w in (0.0, 3.0, 11.0):

@@ -609,7 +609,7 @@ def _add_distill_parser(sub, name: str) -> None:
                         "label (unconditional generation and editing; default 0.1)")
     g.add_argument("--num-scales", type=_positive_int, help="N: cd's grid (default 18); ct/ict's final N (150 / 1280)")
     g.add_argument("--start-scales", type=_positive_int, help="ct/ict's first N (2 / 10)")
-    g.add_argument("--target-ema", type=float, help="cd's target EMA rate μ (default 0.95)")
+    g.add_argument("--target-ema", type=float, help="target EMA rate μ: cd, lcd and lcf default 0.95, lcm-lora 0 (the online student)")
     g.add_argument("--width", type=_positive_int, default=32, help="ct/ict/act: UNet base width")
     g.add_argument("--classifier", help="classifier folder for --distance classifier (default: models/<data>-classifier)")
     g.add_argument("--lpips-weights", help="local LPIPS weights for --distance lpips")

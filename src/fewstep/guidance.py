@@ -73,3 +73,23 @@ class CFGDenoiser:
         both = {k: torch.cat([v, self.uncond[k]]) for k, v in cond.items()}
         d_cond, d_uncond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
         return guide(d_cond, d_uncond, self.guidance_scale)
+
+
+def label_cfg(denoiser: Denoiser, null_label: int):
+    """cond → classifier-free guidance against the null class at each sample's own scale: the teacher a
+    w-conditioned student learns (``cond`` holds ``class_labels`` and ``guidance_scale``)."""
+    def teacher(cond: dict[str, Tensor]) -> tuple[CFGDenoiser, dict]:
+        y = cond["class_labels"]
+        return CFGDenoiser(denoiser, cond["guidance_scale"], {"class_labels": torch.full_like(y, null_label)}), {"class_labels": y}
+    return teacher
+
+
+def prompt_cfg(denoiser: Denoiser, uncond_embedding: Tensor):
+    """cond → classifier-free guidance against the empty prompt at each sample's own scale,
+    ε_u + s·(ε_c − ε_u), both passes in one batch: the teacher of LCD and of latent guided distillation,
+    and a text-to-image sampler's model (``cond`` holds ``encoder_hidden_states`` and ``guidance_scale``)."""
+    def teacher(cond: dict[str, Tensor]) -> tuple[CFGDenoiser, dict]:
+        c = cond["encoder_hidden_states"]
+        uncond = {"encoder_hidden_states": uncond_embedding.to(c).expand_as(c)}
+        return CFGDenoiser(denoiser, cond["guidance_scale"], uncond), {"encoder_hidden_states": c}
+    return teacher

@@ -37,13 +37,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .consistency_losses import ConditionFn, TeacherFn
 from .data import ImageData
-from .denoisers import EDMDenoiser, append_dims
+from .denoisers import EDMDenoiser, VPDenoiser, append_dims
 from .errors import FewstepError
-from .guidance import CFGDenoiser, guidance_scale_embedding, lcm_w
+from .guidance import guidance_scale_embedding, label_cfg, lcm_w, prompt_cfg
 from .models import LoadedModel, ModelConfig, save_model
+from .sd import LatentModel
 from .objectives import drop_labels, unwrap
-from .schedules import EDMSchedule
+from .schedules import EDMSchedule, VPSchedule
 from .train import TrainConfig, train
 
 GUIDANCE_WEIGHTS = "guidance_embedding.safetensors"  # beside diffusion_pytorch_model.safetensors in unet/
@@ -117,16 +119,32 @@ class GuidedUNet(nn.Module):
         return model
 
 
+def w_conditioned_unet(teacher_unet: nn.Module, embedding_dim: int = 256) -> nn.Module:
+    """A ``UNet2DConditionModel`` teacher's UNet with a native ψ(w) input: built from its config with
+    ``time_cond_proj_dim`` and loaded with its weights (diffusers' ``train_lcm_distill_sd_wds.py``). The new
+    projection is zero-initialised (our choice; the script leaves it random) so the student starts as the
+    teacher's conditional ε-prediction for every w. The student of LCD and of latent guided distillation."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config({**teacher_unet.config, "time_cond_proj_dim": embedding_dim})
+    missing, unexpected = unet.load_state_dict(teacher_unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
+        raise FewstepError(f"the teacher's UNet does not fit the student built from its config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    nn.init.zeros_(unet.time_embedding.cond_proj.weight)
+    return unet
+
+
 # --- sampling-side helpers (used by fewstep.sampling.conditioned) ---------------------------------
 def guidance_range(config: ModelConfig) -> tuple[float, float]:
     g = config.guidance_embedding
     return float(g["min_guidance_scale"]), float(g["max_guidance_scale"])
 
 
-def check_trained_range(config: ModelConfig, guidance_scale: float, path: Path | str = "the model") -> None:
+def check_trained_range(trained: tuple[float, float], guidance_scale: float, path: Path | str = "the model") -> None:
     """A w-conditioned student has only seen s in its trained range; outside it the embedding is
     extrapolated, so refuse (DESIGN.md §3: a guidance scale out of range is bad input)."""
-    lo, hi = guidance_range(config)
+    lo, hi = trained
     if not lo - 1e-6 <= guidance_scale <= hi + 1e-6:
         raise FewstepError(f"{path} was distilled for guidance scales {lo:g}..{hi:g}; got {guidance_scale:g}. "
                            f"Choose --guidance-scale within that range")
@@ -134,7 +152,7 @@ def check_trained_range(config: ModelConfig, guidance_scale: float, path: Path |
 
 def w_conditioned(model: LoadedModel, labels: Tensor | None, guidance_scale: float) -> tuple[nn.Module, dict]:
     """The denoiser and ``extra_args`` of a w-conditioned student: one pass, s as an input."""
-    check_trained_range(model.config, guidance_scale, model.path)
+    check_trained_range(guidance_range(model.config), guidance_scale, model.path)
     if labels is None:
         raise FewstepError(f"{model.path} is a guided (class-conditional) student; give labels")
     s = torch.full(labels.shape, float(guidance_scale), device=labels.device)
@@ -155,14 +173,19 @@ class GuidedSettings:
 class GuidedDistillationLoss:
     """Meng et al. 2023 stage-1 loss (module docstring) for :func:`fewstep.train.train`.
 
-    ``teacher`` is any denoiser of the contract (class-conditional, with ``null_label`` as its
-    unconditional branch); the student is a denoiser that takes ``guidance_scale``.
+    ``condition`` maps a batch to the student's conditioning (class labels or prompt embeddings, some
+    dropped to the unconditional input); ``teacher`` maps that conditioning plus per-sample
+    ``guidance_scale`` to ``(denoiser, extra_args)`` of its CFG output (:func:`fewstep.guidance.label_cfg`,
+    :func:`fewstep.guidance.prompt_cfg`). The student is a denoiser that takes ``guidance_scale``; the
+    weighting λ(σ) = 1/c_out(σ)² is its own parameterization's: EDM's F-space loss, or ε-MSE for a VP
+    ε-prediction UNet (c_out = −σ).
     """
 
-    def __init__(self, teacher: nn.Module, schedule: EDMSchedule, null_label: int, settings: GuidedSettings) -> None:
+    def __init__(self, teacher: TeacherFn, schedule: EDMSchedule | VPSchedule, condition: ConditionFn,
+                 settings: GuidedSettings) -> None:
         self.teacher = teacher
         self.schedule = schedule
-        self.null_label = null_label
+        self.condition = condition
         self.settings = settings
 
     def sample_guidance(self, n: int, device) -> Tensor:
@@ -170,23 +193,32 @@ class GuidedDistillationLoss:
         lo, hi = self.settings.min_guidance_scale, self.settings.max_guidance_scale
         return lo + (hi - lo) * torch.rand(n, device=device)
 
-    @torch.no_grad()
-    def target(self, x: Tensor, sigma: Tensor, labels: Tensor, guidance_scale: Tensor) -> Tensor:
-        """The teacher's CFG output D_u + s·(D_c − D_u), both branches in one batch."""
-        null = {"class_labels": torch.full_like(labels, self.null_label)}
-        return CFGDenoiser(self.teacher, guidance_scale, null)(x, sigma, class_labels=labels)
-
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         x0 = batch["images"]
-        labels = drop_labels(batch["labels"], self.null_label, self.settings.label_dropout)
+        cond = {**self.condition(batch), "guidance_scale": self.sample_guidance(len(x0), x0.device)}
         sigma = self.schedule.sample_sigmas(len(x0)).to(x0.device, x0.dtype)
-        s = self.sample_guidance(len(x0), x0.device)
         x = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
-        target = self.target(x, sigma, labels, s)
-        out = model(x, sigma, class_labels=labels, guidance_scale=s)
+        with torch.no_grad():
+            den, extra = self.teacher(cond)
+            target = den(x, sigma, **extra)
+        out = model(x, sigma, **cond)
         c_out = unwrap(model).scalings(sigma)[1]
         loss = ((out.float() - target.float()) / append_dims(c_out.float(), x0.ndim)).square().mean()
         return loss, {}
+
+
+def label_condition(null_label: int, dropout: float) -> ConditionFn:
+    """batch → ``class_labels``, a share ``dropout`` of them the null label (the student keeps D_u)."""
+    return lambda batch: {"class_labels": drop_labels(batch["labels"], null_label, dropout)}
+
+
+def prompt_condition(empty: Tensor, dropout: float) -> ConditionFn:
+    """batch → the cached prompt embeddings, a share ``dropout`` of them the empty prompt's."""
+    def condition(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        c = batch["prompt_embeds"]
+        drop = torch.rand(len(c), device=c.device) < dropout
+        return {"encoder_hidden_states": torch.where(append_dims(drop, c.ndim), empty.to(c), c)}
+    return condition
 
 
 def guided_student(teacher: LoadedModel, embedding_dim: int) -> EDMDenoiser:
@@ -220,9 +252,7 @@ def distill_guided(data: ImageData, out: str | Path, config: TrainConfig, settin
                    teacher: LoadedModel | None, command: str = "", accelerator=None) -> Path | None:
     """Stage 1: train a w-conditioned student on the teacher's CFG output and save it at ``out`` (EMA
     weights). It samples like its teacher (DPM-Solver++, 50 steps) at half the network evaluations."""
-    if not settings.min_guidance_scale <= settings.max_guidance_scale or settings.min_guidance_scale < 0:
-        raise FewstepError(f"guidance range {settings.min_guidance_scale:g}..{settings.max_guidance_scale:g} is "
-                           f"empty or negative; give --min-guidance-scale <= --max-guidance-scale, both >= 0")
+    check_range(settings)
     from accelerate import Accelerator
     from accelerate.state import PartialState
 
@@ -232,7 +262,9 @@ def distill_guided(data: ImageData, out: str | Path, config: TrainConfig, settin
     schedule = EDMSchedule(**teacher.config.schedule)
     torch.manual_seed(config.seed)
     student = guided_student(teacher, settings.embedding_dim)
-    objective = GuidedDistillationLoss(teacher.denoiser, schedule, teacher.config.null_label, settings)
+    null = teacher.config.null_label
+    objective = GuidedDistillationLoss(label_cfg(teacher.denoiser, null), schedule,
+                                       label_condition(null, settings.label_dropout), settings)
     config = replace(config, extra={**asdict(settings), "dataset": data.name})
     result = train(student, objective, {"images": data.images, "labels": data.labels}, config, accelerator)
     if not PartialState().is_main_process:
@@ -242,10 +274,7 @@ def distill_guided(data: ImageData, out: str | Path, config: TrainConfig, settin
         tcfg, kind="diffusion", default_guidance_scale=min(max(tcfg.default_guidance_scale, settings.min_guidance_scale),
                                                            settings.max_guidance_scale),
         sampling_sigmas={}, guidance_embedding=embedding_record(settings),
-        training={"command": command, "method": "guided", "steps": result.step, "final_loss": result.last_loss,
-                  "wall_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
-                  "teacher": str(teacher.path), "parameters": sum(p.numel() for p in student.parameters()),
-                  "config": asdict(config)})
+        training=training_record(command, result, teacher.path, student, config))
     readme = (f"# {Path(out).name}\n\nStage 1 of guided distillation (Meng et al. 2023): a copy of `{teacher.path}` "
               f"that takes the guidance scale s ∈ [{settings.min_guidance_scale:g}, {settings.max_guidance_scale:g}] as an "
               f"input (w = s − 1 through diffusers' guidance-scale embedding, added to the timestep features) and "
@@ -259,3 +288,69 @@ def embedding_record(settings: GuidedSettings) -> dict:
     """What ``fewstep.json`` records of the w-embedding (read back by :func:`fewstep.models.load_model`)."""
     return {"embedding_dim": settings.embedding_dim, "min_guidance_scale": settings.min_guidance_scale,
             "max_guidance_scale": settings.max_guidance_scale, "weights": f"unet/{GUIDANCE_WEIGHTS}"}
+
+
+def check_range(settings: GuidedSettings) -> None:
+    if not settings.min_guidance_scale <= settings.max_guidance_scale or settings.min_guidance_scale < 0:
+        raise FewstepError(f"guidance range {settings.min_guidance_scale:g}..{settings.max_guidance_scale:g} is "
+                           f"empty or negative; give --min-guidance-scale <= --max-guidance-scale, both >= 0")
+
+
+def training_record(command: str, result, teacher_path, student: nn.Module, config: TrainConfig) -> dict:
+    return {"command": command, "method": "guided", "steps": result.step, "final_loss": result.last_loss,
+            "wall_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(), "teacher": str(teacher_path),
+            "parameters": sum(p.numel() for p in student.parameters()), "config": asdict(config)}
+
+
+def check_latent_teacher(teacher: LatentModel) -> LatentModel:
+    if teacher.takes_guidance:
+        raise FewstepError(f"{teacher.path} already takes the guidance scale as an input; stage 1 distils a "
+                           f"classifier-free-guided teacher such as models/emoji-sd")
+    return teacher
+
+
+def distill_guided_latent(teacher: LatentModel, data: ImageData, out: str | Path, config: TrainConfig,
+                          settings: GuidedSettings, command: str = "", accelerator=None) -> Path | None:
+    """Stage 1 on a Stable-Diffusion-style teacher (text-conditioned, in latent space). The student is the
+    teacher's UNet with a native ψ(w) input (:func:`w_conditioned_unet`: ``time_cond_proj_dim``, as LCD's
+    student), trained on the teacher's CFG against the empty prompt (:func:`fewstep.guidance.prompt_cfg`)
+    with ε-MSE, t uniform as the teacher was trained. Saved as a ``StableDiffusionPipeline`` folder with the
+    teacher's scheduler: diffusers runs it unchanged, since with ``time_cond_proj_dim`` set that pipeline
+    feeds ψ(s − 1) as ``timestep_cond`` and skips its own CFG (one UNet pass per step)."""
+    check_range(settings)
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+
+    from .lcm import latent_training_data
+    from .sd import save_pipeline
+
+    check_latent_teacher(teacher)
+    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    tensors = latent_training_data(teacher, data)
+    torch.manual_seed(config.seed)
+    teacher.to(accelerator.device)
+    teacher.unet.requires_grad_(False).eval()
+    empty = teacher.encode_prompts([""])[0]
+    unet = w_conditioned_unet(teacher.unet, settings.embedding_dim).requires_grad_(True).train()
+    student = VPDenoiser(GuidedUNet(unet, settings.embedding_dim), teacher.schedule, teacher.prediction_type)
+    objective = GuidedDistillationLoss(prompt_cfg(teacher.denoiser, empty), teacher.schedule,
+                                       prompt_condition(empty, settings.label_dropout), settings)
+    config = replace(config, extra={**asdict(settings), "dataset": data.name})
+    result = train(student, objective, tensors, config, accelerator)
+    if not PartialState().is_main_process:
+        return None
+    lo, hi = settings.min_guidance_scale, settings.max_guidance_scale
+    info = {"kind": "guided", "dataset": data.name, "class_names": data.class_names,
+            "default_sampler": teacher.default_sampler, "default_steps": teacher.default_steps,
+            "default_guidance_scale": min(max(teacher.default_guidance_scale, lo), hi), "guidance_range": [lo, hi],
+            "training": training_record(command, result, teacher.path, student, config)}
+    readme = (f"# {Path(out).name}\n\nStage 1 of guided distillation (Meng et al. 2023) of `{teacher.path}`: its UNet "
+              f"takes the guidance scale s ∈ [{lo:g}, {hi:g}] as an input (w = s − 1 through diffusers' guidance-scale "
+              f"embedding, `time_cond_proj_dim`) and matches the teacher's classifier-free-guided output in ONE UNet "
+              f"pass per step. Runs in diffusers:\n\n```python\nfrom diffusers import StableDiffusionPipeline\n"
+              f"pipe = StableDiffusionPipeline.from_pretrained('{out}')\n"
+              f"image = pipe('grinning face', num_inference_steps=25, guidance_scale=3.0, height=32, width=32).images[0]\n"
+              f"```\n\nTrained with:\n\n```\n{command}\n```\n")
+    return save_pipeline(out, unwrap(result.ema).net.unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, info,
+                         scheduler=teacher.scheduler_config.get("_class_name", "DDIMScheduler"),
+                         scheduler_config=teacher.scheduler_config, readme=readme)

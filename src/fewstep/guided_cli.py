@@ -38,22 +38,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, train_config, command: str) -> None:
     from .data import load_dataset
     from .models import load_model
+    from .sd import is_pipeline_folder
 
     if not args.teacher:
         raise FewstepError(f"--method {args.method} needs --teacher DIR "
-                           + ("(e.g. models/digits-teacher)" if args.method == "guided"
+                           + ("(e.g. models/digits-teacher, or a Stable-Diffusion-style folder such as models/emoji-sd)"
+                              if args.method == "guided"
                               else "(a stage-1 student made with --method guided, e.g. models/digits-guided)"))
-    teacher = load_model(args.teacher)
-    data = load_dataset(args.dataset or teacher.config.dataset or "digits", args.image_size, args.channels)
     if args.method == "guided":
-        from .guided import GuidedSettings, distill_guided
+        from .guided import GuidedSettings, check_latent_teacher, distill_guided, distill_guided_latent
 
         settings = GuidedSettings(min_guidance_scale=args.min_guidance_scale, max_guidance_scale=args.max_guidance_scale,
                                   label_dropout=args.label_dropout)
-        folder = distill_guided(data, args.out, train_config, settings, teacher, command=command)
+        if is_pipeline_folder(args.teacher):  # text-to-image in latent space: prompts instead of labels
+            from .data import load_captioned
+            from .sd import load_latent_model
+
+            teacher = check_latent_teacher(load_latent_model(args.teacher))
+            data = load_captioned(args.dataset or teacher.info.get("dataset") or "emoji", teacher.vae.config.sample_size)
+            folder = distill_guided_latent(teacher, data, args.out, train_config, settings, command=command)
+        else:
+            teacher = load_model(args.teacher)
+            data = load_dataset(args.dataset or teacher.config.dataset or "digits", args.image_size, args.channels)
+            folder = distill_guided(data, args.out, train_config, settings, teacher, command=command)
     else:
         from .progressive import ProgressiveSettings, distill_progressive
 
+        if is_pipeline_folder(args.teacher):
+            raise FewstepError(f"--method progressive takes a pixel-space stage-1 student (e.g. models/digits-guided); "
+                               f"{args.teacher} is a diffusers pipeline: for few-step latent models use --method lcd")
+        teacher = load_model(args.teacher)
+        data = load_dataset(args.dataset or teacher.config.dataset or "digits", args.image_size, args.channels)
         settings = ProgressiveSettings(start_steps=args.start_steps, final_steps=args.final_steps,
                                        keep_steps=args.keep_steps, label_dropout=args.label_dropout,
                                        first_solver=args.first_solver)

@@ -23,8 +23,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import FewstepError
-from .guidance import check_guidance_scale
-from .lcm import LCMStudent, prompt_cfg
+from .guidance import check_guidance_scale, prompt_cfg
+from .guided import check_trained_range
+from .lcm import LCMStudent
 from .schedules import append_zero, lcm_timesteps, spaced_timesteps
 from .sd import LatentModel
 from .solvers import get_sampler
@@ -55,19 +56,22 @@ def latent_grid(model: LatentModel, steps: int, strength: float = 1.0) -> Tensor
 
 
 def latent_denoiser(model: LatentModel, prompts: Sequence[str], guidance_scale: float):
-    """(denoiser, extra_args) for ``prompts``: the LCM's consistency function with s as an input, or the
-    teacher with classifier-free guidance against the empty prompt."""
+    """(denoiser, extra_args) for ``prompts``: a student that takes s as an input (an LCM's consistency
+    function, a guided-distillation student; refused outside its trained range), or the model with
+    classifier-free guidance against the empty prompt."""
     cond = {"encoder_hidden_states": model.encode_prompts(prompts), "guidance_scale": guidance_scale}
-    if model.is_lcm and model.takes_guidance:
-        return LCMStudent.of(model), {**cond, "guidance_scale": torch.full((len(prompts),), guidance_scale)}
-    # a diffusion model, or an LCM-LoRA: CFG around it (diffusers' pipelines do the same with LCMScheduler)
     den = LCMStudent.of(model) if model.is_lcm else model.denoiser
+    if model.takes_guidance:
+        if "guidance_range" in model.info:
+            check_trained_range(tuple(model.info["guidance_range"]), guidance_scale, model.path)
+        return den, {**cond, "guidance_scale": torch.full((len(prompts),), guidance_scale)}
+    # a diffusion model, or an LCM-LoRA: CFG around it (diffusers' pipelines do the same with LCMScheduler)
     return prompt_cfg(den, model.encode_prompts([""])[0])(cond)
 
 
 def latent_nfe(model: LatentModel, sampler: str, steps: int, guidance_scale: float) -> int:
-    """UNet evaluations per image: CFG's two passes count as two; an LCD student's guidance is free."""
-    one_pass = (model.is_lcm and model.takes_guidance) or guidance_scale == 1
+    """UNet evaluations per image: CFG's two passes count as two; a w-conditioned student's guidance is free."""
+    one_pass = model.takes_guidance or guidance_scale == 1
     return get_sampler(sampler).nfe(steps) * (1 if one_pass else 2)
 
 

@@ -30,7 +30,8 @@ from .data import ImageData
 from .denoisers import VPDenoiser
 from .distances import get_distance
 from .errors import FewstepError
-from .guidance import CFGDenoiser, guidance_scale_embedding, lcm_w
+from .guidance import prompt_cfg
+from .guided import GuidedUNet, w_conditioned_unet
 from .schedules import VPSchedule
 from .sd import LatentModel, save_pipeline
 from .train import TrainConfig, train
@@ -49,7 +50,9 @@ class LCMSettings:
     guidance_min: float = 2.0               # s ~ U[s_min, s_max] (w = s − 1; the paper's w ∈ [2, 14] for SD)
     guidance_max: float = 8.0
     distance: str = "l2"                    # l2 | pseudo-huber (as diffusers' --loss_type huber, with iCT's c)
-    target_ema: float = 0.95                # μ of the target network (diffusers' --ema_decay)
+    target_ema: float | None = None         # μ of the target network; None = the method's reference: 0.95 for
+                                            # lcd/lcf (diffusers' --ema_decay), 0 for lcm-lora (its LoRA script
+                                            # targets the online student under stop-gradient)
     cond_proj_dim: int = 256                # width of ψ(w) (diffusers' --unet_time_cond_proj_dim)
     timestep_scaling: float = 10.0          # LCMScheduler's timestep_scaling in c_skip/c_out
     gradient_checkpointing: bool = False    # trade compute for memory on big UNets (GPU users)
@@ -57,12 +60,15 @@ class LCMSettings:
 
 
 class LCMStudent(nn.Module):
-    """f_θ(x, σ, c, s) in σ space: ``model(x, sigma, encoder_hidden_states=c, guidance_scale=s)``."""
+    """f_θ(x, σ, c, s) in σ space: ``model(x, sigma, encoder_hidden_states=c, guidance_scale=s)``; a UNet
+    without ``time_cond_proj_dim`` (an LCM-LoRA student) takes no s (guidance, if any, is CFG around it)."""
 
     def __init__(self, unet: nn.Module, schedule: VPSchedule, prediction_type: str = "epsilon",
                  timestep_scaling: float = 10.0) -> None:
         super().__init__()
-        self.consistency = LCMConsistency(VPDenoiser(unet, schedule, prediction_type), timestep_scaling)
+        dim = unet.config.time_cond_proj_dim
+        net = GuidedUNet(unet, dim) if dim else unet
+        self.consistency = LCMConsistency(VPDenoiser(net, schedule, prediction_type), timestep_scaling)
 
     @classmethod
     def of(cls, model: LatentModel) -> "LCMStudent":
@@ -71,31 +77,14 @@ class LCMStudent(nn.Module):
 
     @property
     def unet(self) -> nn.Module:
-        return self.consistency.denoiser.net
+        net = self.consistency.denoiser.net
+        return net.unet if isinstance(net, GuidedUNet) else net
 
     def forward(self, x: Tensor, sigma: Tensor, encoder_hidden_states: Tensor,
                 guidance_scale: Tensor | float = 1.0) -> Tensor:
-        dim = self.unet.config.time_cond_proj_dim
-        if not dim:  # an LCM-LoRA student: no w input (guidance, if any, is CFG around it)
-            return self.consistency(x, sigma, encoder_hidden_states=encoder_hidden_states)
-        s = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).expand(x.shape[0])
-        w_embedding = guidance_scale_embedding(lcm_w(s), dim).to(x.dtype)
-        return self.consistency(x, sigma, encoder_hidden_states=encoder_hidden_states, timestep_cond=w_embedding)
-
-
-def student_unet(teacher_unet: nn.Module, cond_proj_dim: int = 256) -> nn.Module:
-    """The teacher's UNet with a ψ(w) input: built from its config with ``time_cond_proj_dim`` and loaded
-    with its weights (diffusers' LCD script). The new projection is zero-initialised (our choice; the
-    script leaves it random) so the student starts as the teacher's conditional ε-prediction."""
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_config({**teacher_unet.config, "time_cond_proj_dim": cond_proj_dim})
-    missing, unexpected = unet.load_state_dict(teacher_unet.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
-        raise FewstepError(f"the teacher's UNet does not fit the student built from its config "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    nn.init.zeros_(unet.time_embedding.cond_proj.weight)
-    return unet
+        if isinstance(self.consistency.denoiser.net, GuidedUNet):
+            return self.consistency(x, sigma, encoder_hidden_states=encoder_hidden_states, guidance_scale=guidance_scale)
+        return self.consistency(x, sigma, encoder_hidden_states=encoder_hidden_states)
 
 
 class AdaptersOff:
@@ -113,6 +102,13 @@ class AdaptersOff:
             self.unet.enable_adapters()
 
 
+def target_ema(settings: LCMSettings) -> float:
+    """μ of the target network: the setting, else the method's reference value."""
+    if settings.target_ema is not None:
+        return settings.target_ema
+    return 0.0 if settings.method == "lcm-lora" else 0.95
+
+
 def lcm_condition(settings: LCMSettings):
     """batch → the student's conditioning: the cached prompt embedding and s ~ U[s_min, s_max]."""
     def condition(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -120,16 +116,6 @@ def lcm_condition(settings: LCMSettings):
         s = torch.rand(len(c), device=c.device) * (settings.guidance_max - settings.guidance_min) + settings.guidance_min
         return {"encoder_hidden_states": c, "guidance_scale": s}
     return condition
-
-
-def prompt_cfg(denoiser: nn.Module, uncond_embedding: Tensor):
-    """cond → classifier-free guidance against the empty prompt at each sample's own scale,
-    ε_u + s·(ε_c − ε_u), both passes in one batch: LCD's teacher, and a text-to-image sampler's model."""
-    def teacher(cond: dict[str, Tensor]) -> tuple[CFGDenoiser, dict]:
-        c = cond["encoder_hidden_states"]
-        uncond = {"encoder_hidden_states": uncond_embedding.to(c).expand_as(c)}
-        return CFGDenoiser(denoiser, cond["guidance_scale"], uncond), {"encoder_hidden_states": c}
-    return teacher
 
 
 def check_settings(settings: LCMSettings, num_train_timesteps: int) -> None:
@@ -179,7 +165,7 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
     empty = teacher.encode_prompts([""])[0]
     params = None
     if settings.method == "lcd":
-        unet = student_unet(teacher.unet, settings.cond_proj_dim).requires_grad_(True)
+        unet = w_conditioned_unet(teacher.unet, settings.cond_proj_dim).requires_grad_(True)
         teacher_fn = prompt_cfg(teacher.denoiser, empty)
     elif settings.method == "lcm-lora":
         from .lora import add_lora
@@ -192,10 +178,8 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     student = LCMStudent(unet.train(), schedule, teacher.prediction_type, settings.timestep_scaling)
-    # LCM-LoRA's target is the online student under stop-gradient (μ = 0), as in diffusers' LoRA script
     curriculum = Curriculum.for_method("lcd" if settings.method == "lcm-lora" else settings.method, config.max_steps,
-                                       skip=settings.skip,
-                                       target_ema=0.0 if settings.method == "lcm-lora" else settings.target_ema)
+                                       skip=settings.skip, target_ema=target_ema(settings))
     objective = ConsistencyLoss(schedule, curriculum, get_distance(settings.distance), teacher=teacher_fn,
                                 solver=settings.solver, condition=lcm_condition(settings))
     config = replace(config, extra={**asdict(settings), "dataset": data.name})

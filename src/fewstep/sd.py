@@ -137,7 +137,11 @@ class LatentModel:
 
     @property
     def denoiser(self) -> VPDenoiser:
-        return VPDenoiser(self.unet, self.schedule, self.prediction_type)
+        """x0-prediction in σ space; a UNet with ``time_cond_proj_dim`` takes ``guidance_scale`` as an input."""
+        from .guided import GuidedUNet
+
+        dim = self.unet.config.time_cond_proj_dim
+        return VPDenoiser(GuidedUNet(self.unet, dim) if dim else self.unet, self.schedule, self.prediction_type)
 
     @property
     def scaling_factor(self) -> float:
@@ -173,7 +177,8 @@ class LatentModel:
 
     @property
     def takes_guidance(self) -> bool:
-        """An LCD student takes the guidance scale as an input (``timestep_cond``); an LCM-LoRA does not."""
+        """An LCD or guided-distillation student takes the guidance scale as an input (``timestep_cond``,
+        one pass per step); a teacher or an LCM-LoRA does not (CFG around it)."""
         return bool(self.unet.config.time_cond_proj_dim)
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
