@@ -36,6 +36,47 @@ def test_lcm_lora_is_a_small_diffusers_lora_that_trained(tiny_sd, tiny_lcm_lora)
     assert any("time_emb_proj" in k for k in state) and any("conv1" in k for k in state)
 
 
+def test_lcm_lora_target_is_a_second_adapter_that_equals_an_ema_copy(tiny_sd):
+    """LCM-LoRA's EMA target network lives on the one UNet as a second adapter: the same losses, step by
+    step, as the separate EMA copy consistency models use, while the objective holds only LoRA weights."""
+    import copy
+
+    from fewstep.consistency_losses import ConsistencyLoss, Curriculum, EMACopy
+    from fewstep.distances import get_distance
+    from fewstep.lcm import LCMSettings, LCMStudent, lcm_condition
+    from fewstep.lora import EMAAdapter, add_lora, lora_parameters
+
+    teacher = load_latent_model(tiny_sd)
+    torch.manual_seed(0)
+    add_lora(teacher.unet, 2)
+    base_size = sum(p.numel() for p in teacher.unet.parameters())
+    unets = [copy.deepcopy(teacher.unet) for _ in range(2)]
+    targets = [EMACopy(), EMAAdapter(unets[1])]
+    batch = {"images": torch.randn(6, 4, 8, 8), "prompt_embeds": teacher.encode_prompts(CAPTIONS[:6])}
+    losses = []
+    for unet, target in zip(unets, targets):
+        student = LCMStudent(unet.train(), teacher.schedule)
+        objective = ConsistencyLoss(teacher.schedule, Curriculum.for_method("lcd", 10, skip=100, target_ema=0.5),
+                                    get_distance("l2"), condition=lcm_condition(LCMSettings(guidance_min=3, guidance_max=3)),
+                                    target=target)
+        opt = torch.optim.SGD(lora_parameters(unet, "default"), lr=0.5)
+        torch.manual_seed(1)
+        run = []
+        for step in range(1, 4):
+            loss, _ = objective(student, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            objective.after_step(student, step)
+            run.append(loss.item())
+        losses.append(run)
+        held = sum(v.numel() for k, v in objective.state_dict().items() if k.startswith("target."))
+        assert held >= base_size if isinstance(target, EMACopy) else held < base_size / 5
+    assert losses[0][0] > 0 and losses[0][2] != losses[0][0]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
+    assert not any(".target." in k for k in targets[1].remove(unets[1]).state_dict())
+
+
 def test_lcm_lora_gives_diffusers_images_with_lcm_scheduler(tiny_sd, tiny_lcm_lora):
     """fewstep (LoRA fused into the base) and diffusers (StableDiffusionPipeline + load_lora_weights +
     LCMScheduler) agree for the same seed."""

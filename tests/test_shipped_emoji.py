@@ -41,3 +41,26 @@ def test_lcm_at_two_steps_beats_the_teacher_at_two_steps():
     fid_teacher = ruler.fid(generate_latent(teacher, prompts, steps=2, sampler="dpmpp-2m", guidance_scale=s))
     fid_lcm = ruler.fid(generate_latent(lcm, prompts, steps=2, guidance_scale=s))
     assert fid_lcm < 0.8 * fid_teacher, (fid_lcm, fid_teacher)
+
+
+def test_bench_guided_latent_section_merges_into_a_previous_report(capsys, tmp_path):
+    """``fewstep bench --only guided-latent``: the stage-1 emoji student at half the teacher's UNet passes,
+    its guidance sweep and its speed row, merged into an old report and rendered (tiny sample count)."""
+    import json
+
+    from helpers import run_cli
+
+    if not (MODELS / "emoji-guided").is_dir():
+        pytest.skip("emoji-guided not shipped")
+    old = {"settings": {"teacher": "digits-teacher", "num": 1000, "seed": 0, "timing_batch": 64, "timing_repeats": 5,
+                        "edit_num": 200}, "machine": "m", "date": "d", "command": "fewstep bench",
+           "quality": {}, "speed": [], "speedup": [], "costs": {}, "editing": {}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    code, _, err = run_cli(capsys, "bench", "--only", "guided-latent", "--quick", "--num", "20", "--reuse",
+                           str(tmp_path / "old.json"), "--out", str(tmp_path / "res"), "--markdown", str(tmp_path / "B.md"))
+    assert code == 0, err
+    g = json.loads((tmp_path / "res" / "bench.json").read_text())["guided_latent"]
+    assert [r["nfe"] for r in g["quality"]["emoji-sd/dpmpp-2m"]] == [16, 50]
+    assert [r["nfe"] for r in g["quality"]["emoji-guided/dpmpp-2m"]] == [8, 25]
+    assert g["sweep_scales"] == [1.0, 2.0, 3.0, 4.0, 6.0] and all(r["speedup"] > 1 for r in g["speed"])
+    assert "### Stage 1 on the emoji pipeline" in (tmp_path / "B.md").read_text()

@@ -79,6 +79,7 @@ class BenchReport:
     costs: dict[str, dict] = field(default_factory=dict)            # distilled model -> training cost
     editing: dict[str, dict] = field(default_factory=dict)          # model -> fewstep.editing.edit_metrics
     guided: dict = field(default_factory=dict)                      # fewstep.guided_bench: Meng et al. 2023
+    guided_latent: dict = field(default_factory=dict)               # fewstep.guided_bench: stage 1 on emoji-sd
     latent: dict = field(default_factory=dict)                      # fewstep.latent_bench: Luo et al. 2023
     lora: dict = field(default_factory=dict)                        # fewstep.lora_bench: Luo et al. 2023b
 
@@ -170,11 +171,11 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
         _print_quality(model.path.name, rows)
 
     report.editing = _editing([teacher, *(m for m in distilled if m.path.name in settings.edit_models)], ruler, settings)
-    from .guided_bench import measure
-    report.guided = measure(models_dir, teacher, ruler, settings, report.quality)
-    from . import latent_bench, lora_bench
+    from . import guided_bench, latent_bench, lora_bench
+    report.guided = guided_bench.measure(models_dir, teacher, ruler, settings, report.quality)
     report.latent = latent_bench.measure(models_dir, settings, command)
     report.lora = lora_bench.measure(models_dir, settings, command, _teacher_rows(report.latent))
+    report.guided_latent = guided_bench.measure_latent(models_dir, settings, command, _teacher_rows(report.latent))
 
     # speed, side by side at one batch size
     report.speed += _speed_rows(teacher, step_sets, settings)
@@ -190,8 +191,10 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
 
 
 def _teacher_rows(latent: dict) -> dict:
-    """The emoji teacher's quality rows by sampler, from the latent section (so the LoRA section reuses them)."""
-    return {k.split("/", 1)[1]: v for k, v in latent.get("quality", {}).items() if k.startswith("emoji-sd/")}
+    """The emoji teacher's quality rows by sampler, from the latent section (so the LoRA and guided-latent
+    sections reuse them), with the sample count they were measured on under "num"."""
+    rows = {k.split("/", 1)[1]: v for k, v in latent.get("quality", {}).items() if k.startswith("emoji-sd/")}
+    return {**rows, "num": latent.get("num")} if rows else {}
 
 
 def load_report(bench_json: Path, missing: str) -> BenchReport:
@@ -223,6 +226,8 @@ def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: Bench
                                              _reusable_quality(settings), command)
     elif name == "latent":
         report.latent = latent_bench.measure(models_dir, settings, command)
+    elif name == "guided-latent":
+        report.guided_latent = guided_bench.measure_latent(models_dir, settings, command, _teacher_rows(report.latent))
     else:
         report.lora = lora_bench.measure(models_dir, settings, command, _teacher_rows(report.latent))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -359,8 +364,8 @@ def _write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
                      f"{r['overhead']:.3f}× |")
     lines += _consistency_section(report)
     lines += _editing_section(report)
-    from .guided_bench import section
-    lines += section(report)
+    from .guided_bench import latent_section, section
+    lines += section(report) + latent_section(report)
     from . import latent_bench, lora_bench
     lines += latent_bench.section(report)
     lines += lora_bench.section(report)

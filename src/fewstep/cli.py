@@ -527,10 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: rewrite the markdown from --reuse's bench.json (picks up "
                         "bench/results/lcm_ablation.json after bench/lcm_ablation.py)")
-    p.add_argument("--only", choices=["guided", "latent", "lora"], help="run one section and merge it into the --reuse report: "
-                                                     "guided (guided and progressive distillation), latent (the "
-                                                     "emoji LCM beside its teacher), lora (LCM-LoRA and style "
-                                                     "arithmetic)")
+    p.add_argument("--only", choices=["guided", "guided-latent", "latent", "lora"],
+                   help="run one section and merge it into the --reuse report: guided (guided and progressive "
+                        "distillation on digits), guided-latent (stage 1 on the emoji pipeline), latent (the emoji "
+                        "LCM beside its teacher), lora (LCM-LoRA and style arithmetic)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sample", help="sample a grid of images from a model",
@@ -609,7 +609,7 @@ def _add_distill_parser(sub, name: str) -> None:
                         "label (unconditional generation and editing; default 0.1)")
     g.add_argument("--num-scales", type=_positive_int, help="N: cd's grid (default 18); ct/ict's final N (150 / 1280)")
     g.add_argument("--start-scales", type=_positive_int, help="ct/ict's first N (2 / 10)")
-    g.add_argument("--target-ema", type=float, help="target EMA rate μ: cd, lcd and lcf default 0.95, lcm-lora 0 (the online student)")
+    g.add_argument("--target-ema", type=float, help="target EMA rate μ of cd, lcd, lcf and lcm-lora (default 0.95; 0 = the online student under stop-gradient)")
     g.add_argument("--width", type=_positive_int, default=32, help="ct/ict/act: UNet base width")
     g.add_argument("--classifier", help="classifier folder for --distance classifier (default: models/<data>-classifier)")
     g.add_argument("--lpips-weights", help="local LPIPS weights for --distance lpips")

@@ -20,7 +20,8 @@ classifier-free-guided ODE at a per-sample guidance scale that the student also 
 
 Structure follows openai/consistency_models ``cm/karras_diffusion.py: consistency_losses``: the same
 dropout mask for the online and target branches (the RNG state is restored before the target pass),
-the target network a separate EMA copy updated after each optimizer step (``after_step``).
+the target network a separate EMA copy updated after each optimizer step (``after_step``; LCM-LoRA
+keeps it as a second adapter on the one UNet instead, :class:`fewstep.lora.EMAAdapter`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,45 @@ class Curriculum:
         return 1 / (hi - lo) if self.name == "ict" else torch.ones_like(lo)
 
 
+class EMACopy:
+    """The target network f_θ⁻ as a separate EMA copy of the student, made on first use (openai/
+    consistency_models); while μ = 0 and no copy exists the target is the online network itself (iCT's
+    stop-gradient). Another target (e.g. :class:`fewstep.lora.EMAAdapter`) has the same four methods."""
+
+    def __init__(self) -> None:
+        self.net: nn.Module | None = None
+        self._pending: dict[str, Tensor] | None = None   # a checkpoint's copy, loaded when the copy is made
+
+    def __call__(self, model: nn.Module, mu: float) -> nn.Module:
+        if mu == 0 and self.net is None:
+            return unwrap(model)
+        if self.net is None:
+            self.net = copy.deepcopy(unwrap(model)).requires_grad_(False)
+            if self._pending is not None:
+                self.net.load_state_dict(self._pending)
+                self._pending = None
+        return self.net
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, mu: float) -> None:
+        """θ⁻ ← μ·θ⁻ + (1 − μ)·θ."""
+        if self.net is None:
+            return
+        for t, p in zip(self.net.parameters(), unwrap(model).parameters()):
+            t.lerp_(p.detach(), 1 - mu)
+        for t, b in zip(self.net.buffers(), unwrap(model).buffers()):
+            t.copy_(b)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self.net is None else self.net.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.net is not None:
+            self.net.load_state_dict(state)
+        else:
+            self._pending = state
+
+
 @dataclass
 class Pair:
     """One batch's consistency pair: f_θ(x_{σ_{n+1}}), its target f_θ⁻(x̂_{σ_n}), the weights λ."""
@@ -124,7 +164,8 @@ class ConsistencyLoss:
 
     def __init__(self, schedule: EDMSchedule | VPSchedule, curriculum: Curriculum, distance: Distance,
                  teacher: TeacherFn | None = None, solver: str = "heun", conditional: bool = True,
-                 null_label: int | None = None, label_dropout: float = 0.0, condition: ConditionFn | None = None) -> None:
+                 null_label: int | None = None, label_dropout: float = 0.0, condition: ConditionFn | None = None,
+                 target: EMACopy | None = None) -> None:
         if solver not in ODE_SOLVERS:
             raise ValueError(f"unknown teacher solver {solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
         self.schedule = schedule
@@ -137,8 +178,7 @@ class ConsistencyLoss:
         self.label_dropout = label_dropout
         self.condition = condition or self.class_condition
         self.step = 0                         # optimizer steps done (set by after_step, saved in checkpoints)
-        self.target: nn.Module | None = None  # the EMA target f_θ⁻ (None while μ = 0 or before the first batch)
-        self._pending: dict[str, Tensor] | None = None
+        self.target = target or EMACopy()     # the EMA target f_θ⁻
 
     # --- the loss ------------------------------------------------------------------------------
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -172,15 +212,8 @@ class ConsistencyLoss:
         return ode_step(self.solver, den, x, sigma, sigma_next, extra)
 
     def target_network(self, model: nn.Module) -> nn.Module:
-        """f_θ⁻: the EMA copy, or the online network itself when μ = 0 (iCT's stop-gradient)."""
-        if self.curriculum.ema(self.step) == 0 and self.target is None:
-            return unwrap(model)
-        if self.target is None:
-            self.target = copy.deepcopy(unwrap(model)).requires_grad_(False)
-            if self._pending is not None:
-                self.target.load_state_dict(self._pending)
-                self._pending = None
-        return self.target
+        """f_θ⁻ at the current μ (see :class:`EMACopy`)."""
+        return self.target(model, self.curriculum.ema(self.step))
 
     def logs(self) -> dict[str, float]:
         grid = {"skip": self.curriculum.skip} if self.curriculum.name == "lcm" else {
@@ -188,32 +221,20 @@ class ConsistencyLoss:
         return {**grid, "target_ema": self.curriculum.ema(self.step)}
 
     # --- trainer hooks -------------------------------------------------------------------------
-    @torch.no_grad()
     def after_step(self, model: nn.Module, step: int) -> None:
         """θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ after each optimizer step (Song et al. 2023, Algorithm 2/3)."""
         mu = self.curriculum.ema(self.step)
         self.step = step
-        if self.target is None:
-            return
-        for t, p in zip(self.target.parameters(), unwrap(model).parameters()):
-            t.lerp_(p.detach(), 1 - mu)
-        for t, b in zip(self.target.buffers(), unwrap(model).buffers()):
-            t.copy_(b)
+        self.target.update(model, mu)
 
     def state_dict(self) -> dict[str, Tensor]:
-        state = {"step": torch.tensor(self.step)}
-        if self.target is not None:
-            state.update({f"target.{k}": v for k, v in self.target.state_dict().items()})
-        return state
+        return {"step": torch.tensor(self.step), **{f"target.{k}": v for k, v in self.target.state_dict().items()}}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.step = int(state["step"])
         target = {k[len("target."):]: v for k, v in state.items() if k.startswith("target.")}
         if target:
-            if self.target is not None:
-                self.target.load_state_dict(target)
-            else:
-                self._pending = target
+            self.target.load_state_dict(target)
 
 
 def _rng_state(device: torch.device) -> tuple:

@@ -200,3 +200,83 @@ def section(report) -> list[str]:
         lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {1e3 * r['seconds_per_image']:.2f} | "
                      f"{r['overhead']:.2f}× |")
     return lines
+
+
+# --- stage 1 on the emoji pipeline (latent space, text prompts) ------------------------------------
+EMOJI_TEACHER, EMOJI_GUIDED = "emoji-sd", "emoji-guided"
+LATENT_STEPS, LATENT_SWEEP = (8, 25), (1.0, 2.0, 3.0, 4.0, 6.0)
+
+
+def measure_latent(models_dir: Path, settings, command: str = "", teacher_rows: dict | None = None) -> dict:
+    """Stage 1 on ``emoji-sd`` (``fewstep bench --only guided-latent``): the w-conditioned student at 8 and 25
+    DPM-Solver++ steps beside the teacher's CFG at its default s (target: 25-step FID within 5% at half the
+    UNet passes), FID and accuracy over s for both at 8 steps (half the sample count), and wall-clock per
+    image at 25 steps side by side (end to end and the sampling loop alone). ``teacher_rows``: the latent
+    section's teacher rows by sampler, reused when they hold these step counts."""
+    from .evaluate import ruler_for
+    from .latent_bench import _rows, time_latent
+    from .sd import load_latent_model
+
+    if not (models_dir / EMOJI_TEACHER).is_dir() or not (models_dir / EMOJI_GUIDED).is_dir():
+        return {}
+    teacher, guided = load_latent_model(models_dir / EMOJI_TEACHER), load_latent_model(models_dir / EMOJI_GUIDED)
+    ruler = ruler_for(teacher, models_dir)
+    s, num, seed = teacher.default_guidance_scale, settings.num, settings.seed
+    out: dict = {"command": command, "guidance_scale": s, "num": num, "quality": {}, "sweep": {},
+                 "training": guided.info.get("training", {})}
+    reused = [r for r in (teacher_rows or {}).get("dpmpp-2m", []) if r["steps"] in LATENT_STEPS]
+    out["quality"][f"{EMOJI_TEACHER}/dpmpp-2m"] = (reused if len(reused) == len(LATENT_STEPS) and
+                                                   (teacher_rows or {}).get("num") == num else
+                                                   _rows(teacher, ruler, LATENT_STEPS, "dpmpp-2m", s, num, seed))
+    out["quality"][f"{EMOJI_GUIDED}/dpmpp-2m"] = _rows(guided, ruler, LATENT_STEPS, "dpmpp-2m", s, num, seed)
+    lo, hi = guided.info["guidance_range"]
+    out["sweep_scales"] = scales = [v for v in LATENT_SWEEP if lo <= v <= hi]
+    half = max(num // 2, 10)
+    for name, model in ((EMOJI_TEACHER, teacher), (EMOJI_GUIDED, guided)):
+        out["sweep"][name] = [_rows(model, ruler, (8,), "dpmpp-2m", v, half, seed)[0] for v in scales]
+    out["speed"] = []
+    for unet_only in (False, True):
+        t, g = (time_latent(m, 25, "dpmpp-2m", s, settings.timing_batch, settings.timing_repeats, unet_only)
+                for m in (teacher, guided))
+        out["speed"].append({"what": "sampling loop only" if unet_only else "end to end", "batch": settings.timing_batch,
+                             "steps": 25, "teacher_seconds": t, "guided_seconds": g, "speedup": t / g})
+        print(f"speed ({out['speed'][-1]['what']}): teacher {1e3 * t:.2f} ms/img, stage 1 {1e3 * g:.2f} ms/img: "
+              f"{t / g:.2f}×", flush=True)
+    return out
+
+
+def latent_section(report) -> list[str]:
+    """The BENCHMARKS.md subsection of :func:`measure_latent`."""
+    g = getattr(report, "guided_latent", None) or {}
+    if not g:
+        return []
+    q, s, tr = g["quality"], g["guidance_scale"], g.get("training", {})
+    teacher = {r["steps"]: r for r in q[f"{EMOJI_TEACHER}/dpmpp-2m"]}
+    student = {r["steps"]: r for r in q[f"{EMOJI_GUIDED}/dpmpp-2m"]}
+    lines = ["", "### Stage 1 on the emoji pipeline (latent space, text prompts)", "",
+             (f"Written by `{g['command']}`. " if g.get("command") else "") +
+             f"`{EMOJI_GUIDED}`: `{tr.get('command', '')}` ({tr.get('wall_seconds', 0) / 60:.0f} min on "
+             f"{tr.get('threads', '?')} thread(s)); the teacher's UNet with diffusers' `time_cond_proj_dim` w-input, "
+             f"saved as a `StableDiffusionPipeline` (which then feeds ψ(s − 1) and skips CFG). s = {s:g}, {g['num']} "
+             f"samples per point, prompts = the emoji's own captions; FID on the emoji classifier's features. "
+             f"Target: 25-step FID within 5% of the teacher's at half the UNet passes.", "",
+             "| model | sampler | steps | UNet passes | FID | FID / teacher same steps | acc. | target |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, rows in ((f"{EMOJI_TEACHER} (CFG)", teacher), (EMOJI_GUIDED, student)):
+        for n, r in sorted(rows.items()):
+            ratio = r["fid"] / teacher[n]["fid"] if n in teacher else float("nan")
+            ok = ("met" if ratio <= 1.05 else "missed") + " (≤ 1.05)" if rows is student and n == 25 else ""
+            lines.append(f"| {name} | dpmpp-2m | {n} | {r['nfe']} | {r['fid']:.3f} | {ratio:.2f} | "
+                         f"{r['cond_accuracy']:.3f} | {ok} |")
+    lines += ["", f"Guidance after distillation (DPM-Solver++ 8 steps, {max(g['num'] // 2, 10)} samples per point): "
+              "FID / caption-group accuracy against s.", "",
+              "| model | " + " | ".join(f"s = {v:g}" for v in g["sweep_scales"]) + " |",
+              "|---|" + "---|" * len(g["sweep_scales"])]
+    for name, rows in g["sweep"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['fid']:.3f} / {r['cond_accuracy']:.3f}" for r in rows) + " |")
+    lines += ["", "Wall-clock at 25 DPM-Solver++ steps, side by side in this process:", "",
+              "| what | batch | teacher ms / image | stage 1 ms / image | speedup |", "|---|---:|---:|---:|---:|"]
+    for r in g["speed"]:
+        lines.append(f"| {r['what']} | {r['batch']} | {1e3 * r['teacher_seconds']:.2f} | {1e3 * r['guided_seconds']:.2f} | "
+                     f"{r['speedup']:.2f}× |")
+    return lines

@@ -34,7 +34,8 @@ def run_distill(args: argparse.Namespace, train_config, command: str) -> None:
     data = load_captioned(args.dataset or teacher.info.get("dataset") or "emoji", teacher.vae.config.sample_size)
     settings = LCMSettings(method=args.method, skip=args.skip, solver=args.solver or "ddim",
                            guidance_min=args.min_guidance_scale, guidance_max=args.max_guidance_scale,
-                           distance=args.distance, target_ema=args.target_ema,
+                           distance=args.distance,
+                           target_ema=LCMSettings.target_ema if args.target_ema is None else args.target_ema,
                            gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank)
     folder = distill_lcm(teacher, data, args.out, train_config, settings, command=command)
     if folder is not None:

@@ -50,9 +50,9 @@ class LCMSettings:
     guidance_min: float = 2.0               # s ~ U[s_min, s_max] (w = s − 1; the paper's w ∈ [2, 14] for SD)
     guidance_max: float = 8.0
     distance: str = "l2"                    # l2 | pseudo-huber (as diffusers' --loss_type huber, with iCT's c)
-    target_ema: float | None = None         # μ of the target network; None = the method's reference: 0.95 for
-                                            # lcd/lcf (diffusers' --ema_decay), 0 for lcm-lora (its LoRA script
-                                            # targets the online student under stop-gradient)
+    target_ema: float = 0.95                # μ of the target network (diffusers' --ema_decay), for lcm-lora too:
+                                            # diffusers' LoRA script targets the online student (μ = 0), which
+                                            # drifts away within a few hundred steps here (bench/lcm_lora_ablation.py)
     cond_proj_dim: int = 256                # width of ψ(w) (diffusers' --unet_time_cond_proj_dim)
     timestep_scaling: float = 10.0          # LCMScheduler's timestep_scaling in c_skip/c_out
     gradient_checkpointing: bool = False    # trade compute for memory on big UNets (GPU users)
@@ -100,13 +100,6 @@ class AdaptersOff:
             return self.denoiser(*args, **kwargs)
         finally:
             self.unet.enable_adapters()
-
-
-def target_ema(settings: LCMSettings) -> float:
-    """μ of the target network: the setting, else the method's reference value."""
-    if settings.target_ema is not None:
-        return settings.target_ema
-    return 0.0 if settings.method == "lcm-lora" else 0.95
 
 
 def lcm_condition(settings: LCMSettings):
@@ -163,15 +156,16 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
     torch.manual_seed(config.seed)
     teacher.to(accelerator.device)
     empty = teacher.encode_prompts([""])[0]
-    params = None
+    params, target = None, None
     if settings.method == "lcd":
         unet = w_conditioned_unet(teacher.unet, settings.cond_proj_dim).requires_grad_(True)
         teacher_fn = prompt_cfg(teacher.denoiser, empty)
     elif settings.method == "lcm-lora":
-        from .lora import add_lora
+        from .lora import EMAAdapter, add_lora
 
         unet = teacher.unet                      # one UNet: the adapters are the student, the base is the teacher
         params = add_lora(unet, settings.lora_rank)
+        target = EMAAdapter(unet)                # ... and the target network a second adapter on it
         teacher_fn = prompt_cfg(AdaptersOff(teacher.denoiser, unet), empty)
     else:
         unet, teacher_fn = copy.deepcopy(teacher.unet).requires_grad_(True), None
@@ -179,9 +173,9 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
         unet.enable_gradient_checkpointing()
     student = LCMStudent(unet.train(), schedule, teacher.prediction_type, settings.timestep_scaling)
     curriculum = Curriculum.for_method("lcd" if settings.method == "lcm-lora" else settings.method, config.max_steps,
-                                       skip=settings.skip, target_ema=target_ema(settings))
+                                       skip=settings.skip, target_ema=settings.target_ema)
     objective = ConsistencyLoss(schedule, curriculum, get_distance(settings.distance), teacher=teacher_fn,
-                                solver=settings.solver, condition=lcm_condition(settings))
+                                solver=settings.solver, condition=lcm_condition(settings), target=target)
     config = replace(config, extra={**asdict(settings), "dataset": data.name})
     result = train(student, objective, tensors, config, accelerator, params=params)
 
@@ -191,8 +185,9 @@ def distill_lcm(teacher: LatentModel, data: ImageData, out: str | Path, config: 
     record = {"command": command, "method": settings.method, "teacher": str(teacher.path), "steps": result.step,
               "final_loss": result.last_loss, "wall_seconds": round(result.seconds, 1),
               "threads": torch.get_num_threads(), "processes": accelerator.num_processes, "config": asdict(config)}
-    save = _save_lcm_lora if settings.method == "lcm-lora" else _save_lcm
-    return save(out, result.ema.unet, teacher, data, settings, record)
+    if target is not None:
+        return _save_lcm_lora(out, target.remove(result.ema.unet), teacher, data, settings, record)
+    return _save_lcm(out, result.ema.unet, teacher, data, settings, record)
 
 
 def _original_steps(teacher: LatentModel, settings: LCMSettings) -> int:

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .atomic import atomic_path
 from .errors import FewstepError
+from .objectives import unwrap
 from .sd import CONFIG_NAME, LatentModel
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -145,6 +148,57 @@ def apply_loras(model: LatentModel, loras: Sequence[tuple[Path, float]], fuse: b
                           original_inference_steps=accel["original_inference_steps"])
         model.scheduler_config = {**model.scheduler_config, "original_inference_steps": accel["original_inference_steps"]}
     return model
+
+
+class EMAAdapter:
+    """LCM-LoRA's target network f_θ⁻ without a second UNet: a second peft adapter (``name``) on the same
+    UNet holds the EMA of the trained one (``adapter``), and the target pass runs with it active. Same
+    methods as :class:`fewstep.consistency_losses.EMACopy`; θ⁻ starts equal to θ. Made before training so
+    the adapter exists when accelerate wraps the model; :meth:`remove` drops it from a copy to be saved."""
+
+    def __init__(self, unet: nn.Module, adapter: str = "default", name: str = "target") -> None:
+        self.unet, self.adapter, self.name = unet, adapter, name
+        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.add_adapter(copy.deepcopy(unet.peft_config[adapter]), adapter_name=name)
+        unet.set_adapter(adapter)                  # add_adapter activates the new one: the student trains the first
+        with torch.no_grad():
+            for t, p in self._pairs():
+                t.copy_(p)
+                t.requires_grad_(False)
+
+    def _pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        named = dict(self.unet.named_parameters())
+        mine, theirs = f".{self.adapter}.", f".{self.name}."
+        return [(named[n.replace(mine, theirs)], p) for n, p in named.items() if "lora_" in n and mine in n]
+
+    def __call__(self, model: nn.Module, mu: float):
+        def target(*args, **kwargs):
+            self.unet.set_adapter(self.name)
+            try:
+                return unwrap(model)(*args, **kwargs)
+            finally:
+                self.unet.set_adapter(self.adapter)
+        return target
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, mu: float) -> None:
+        for t, p in self._pairs():
+            t.lerp_(p.detach(), 1 - mu)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"{i}": t.detach() for i, (t, _) in enumerate(self._pairs())}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for i, (t, _) in enumerate(self._pairs()):
+                t.copy_(state[f"{i}"])
+
+    def remove(self, unet: nn.Module) -> nn.Module:
+        """``unet`` (e.g. the EMA copy of the trained one) without the target adapter."""
+        unet.delete_adapters(self.name)
+        unet.set_adapter(self.adapter)
+        return unet
 
 
 def lora_parameters(unet: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:

@@ -5,11 +5,13 @@ Measures, with the emoji ruler, the bench's sample count and seed:
   25-step DPM-Solver++ and the full LCD model ``emoji-lcm`` at the same guidance scale; target: 4-step FID
   within 1.3× the teacher's 25-step figure;
 - style + acceleration with no training: ``emoji-style-lora`` (fine-tuned on one Unicode group) merged with
-  the LCM-LoRA, at 4 steps, against the style LoRA alone at 25 and at 4 DPM-Solver++ steps; style measure =
-  FID to that group (prompts = the group's captions) and the share classified into the group; target: the
-  merge within 1.3× of the 25-step style model, the 4-step style model far worse;
-- cost: trainable parameters as a share of the UNet, and time and peak memory per iteration of LCM-LoRA
-  against full LCD, each measured in a fresh subprocess side by side (:func:`iteration_cost`).
+  the LCM-LoRA, at 4 and 2 steps, against the style LoRA alone at 25, 4 and 2 DPM-Solver++ steps; style
+  measure = FID to that group (prompts = the group's captions) and the share classified into the group;
+  target: the merge within 1.3× of the 25-step style model, the few-step style model far worse;
+- cost: trainable parameters as a share of the UNet, and time and memory per iteration of LCM-LoRA
+  against full LCD, each measured in a fresh subprocess side by side (:func:`iteration_cost`);
+- the target-network ablation, rendered from ``bench/results/lcm_lora_ablation.json`` when
+  ``bench/lcm_lora_ablation.py`` has written it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 TEACHER, LCM, LCM_LORA, STYLE = "emoji-sd", "emoji-lcm", "emoji-lcm-lora", "emoji-style-lora"
+ABLATION = Path(__file__).resolve().parents[2] / "bench" / "results" / "lcm_lora_ablation.json"  # bench/lcm_lora_ablation.py
 
 
 def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | None = None) -> dict:
@@ -59,7 +62,9 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
     out["style"] = {"group": group, "size": len(sub), "num": half,
                     "style_25": rows(style, (25,), "dpmpp-2m", s_teacher, style_ruler, half)[0],
                     "style_4": rows(style, (4,), "dpmpp-2m", s_teacher, style_ruler, half)[0],
+                    "style_2": rows(style, (2,), "dpmpp-2m", s_teacher, style_ruler, half)[0],
                     "merged_4": rows(merged, (4,), "consistency", s, style_ruler, half)[0],
+                    "merged_2": rows(merged, (2,), "consistency", s, style_ruler, half)[0],
                     "base_25": rows(base, (25,), "dpmpp-2m", s_teacher, style_ruler, half)[0]}
     for k, v in out["style"].items():
         if isinstance(v, dict):
@@ -81,9 +86,11 @@ def iteration_cost(teacher: Path, rank: int, steps: int = 12, batch: int = 64) -
     return out
 
 
-def cost_run(teacher: str, method: str, rank: int, steps: int, batch: int) -> dict:
-    """One short LCD / LCM-LoRA run on the emoji set (in a temporary folder, single-threaded): the
-    median wall-clock of its iterations after the first two, its trainable parameters, its peak RSS."""
+def cost_run(teacher: str, method: str, rank: int, steps: int, batch: int, images: int = 512) -> dict:
+    """One short LCD / LCM-LoRA run on the first ``images`` emoji (in a temporary folder, single-threaded):
+    the median wall-clock of its iterations after the first two, its trainable parameters, and resident
+    memory: the peak before training (imports, the pipeline, the cached latents of this small set) and the
+    peak of the whole run, whose difference is what training itself adds."""
     import resource
     import statistics
     import tempfile
@@ -91,24 +98,28 @@ def cost_run(teacher: str, method: str, rank: int, steps: int, batch: int) -> di
     import torch
 
     from .data import load_emoji
-    from .lcm import LCMSettings, distill_lcm
+    from .lcm import LCMSettings, distill_lcm, latent_training_data
     from .sd import load_latent_model
     from .train import TrainConfig
 
     torch.set_num_threads(1)
+    peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731 (Linux: KiB)
+    data = load_emoji()
+    data = data.subset(torch.arange(min(images, len(data))))
+    model = load_latent_model(teacher)
+    latent_training_data(model, data)  # the caching distill_lcm does first: its peak is not training's
+    before = peak_mb()
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(out_dir=f"{tmp}/work", max_steps=steps, batch_size=batch, log_every=1,
                              checkpoint_every=10**9, progress=False)
-        folder = distill_lcm(load_latent_model(teacher), load_emoji(), f"{tmp}/out", config,
-                             LCMSettings(method=method, lora_rank=rank))
+        folder = distill_lcm(model, data, f"{tmp}/out", config, LCMSettings(method=method, lora_rank=rank))
         times = [json.loads(line)["time"] for line in (Path(tmp) / "work" / "metrics.jsonl").read_text().splitlines()]
         if method == "lcm-lora":
             trainable = json.loads((folder / "fewstep.json").read_text())["trainable_parameters"]
         else:
-            from .sd import load_latent_model as load
-            trainable = sum(p.numel() for p in load(folder).unet.parameters())
+            trainable = sum(p.numel() for p in load_latent_model(folder).unet.parameters())
     return {"trainable": trainable, "seconds_per_iteration": statistics.median(b - a for a, b in zip(times[2:], times[3:])),
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "before_training_mb": before, "peak_mb": peak_mb(), "images": len(data)}
 
 
 def section(report) -> list[str]:
@@ -150,16 +161,49 @@ def section(report) -> list[str]:
               f"| {TEACHER} + {STYLE} | DPM-Solver++, 25 | {s25['fid']:.3f} | {s25['cond_accuracy']:.3f} |",
               f"| {TEACHER} + {STYLE} | DPM-Solver++, 4 | {s4['fid']:.3f} | {s4['cond_accuracy']:.3f} |",
               f"| {TEACHER} + {STYLE} + {LCM_LORA} | LCM, 4 | {m4['fid']:.3f} | {m4['cond_accuracy']:.3f} |"]
+    if "merged_2" in st:
+        s2, m2 = st["style_2"], st["merged_2"]
+        lines += [f"| {TEACHER} + {STYLE} | DPM-Solver++, 2 | {s2['fid']:.3f} | {s2['cond_accuracy']:.3f} |",
+                  f"| {TEACHER} + {STYLE} + {LCM_LORA} | LCM, 2 | {m2['fid']:.3f} | {m2['cond_accuracy']:.3f} |",
+                  "", f"The style model alone at 4 DPM-Solver++ steps is {s4['fid'] / s25['fid']:.2f}× its 25-step FID "
+                  f"(this tiny teacher's 8×8 latent ODE is nearly solved in 4 steps); at 2 steps it is "
+                  f"{s2['fid'] / s25['fid']:.2f}×, the merge {m2['fid'] / s25['fid']:.2f}×."]
     c = g.get("cost")
     if c:
+        split = "before_training_mb" in c["lcd"]
         lines += ["", "Training cost per iteration (batch 64, one thread, each in a fresh process, measured one after "
-                  "the other in this run; peak = the process's maximum resident memory):", "",
-                  "| method | trainable parameters | s / iteration | peak memory (MB) |", "|---|---:|---:|---:|"]
+                  "the other in this run" + (f", on the first {c['lcd']['images']} emoji so that caching their latents "
+                  "does not set the peak; memory = the process's maximum resident set before training and over the "
+                  "whole run" if split else "; peak = the process's maximum resident memory") + "):", "",
+                  "| method | trainable parameters | s / iteration | " +
+                  ("peak before training (MB) | peak (MB) | training adds (MB) |" if split else "peak memory (MB) |"),
+                  "|---|---:|---:|" + ("---:|---:|---:|" if split else "---:|")]
         for m in ("lcd", "lcm-lora"):
-            lines.append(f"| {m} | {c[m]['trainable']:,} | {c[m]['seconds_per_iteration']:.3f} | {c[m]['peak_mb']:.0f} |")
-        lines += ["", "At this size both peaks are set before training starts, by caching the whole set's latents (the "
-                  "VAE over 3,655 images), so they do not separate the methods; and LoRA's extra matmuls cost more "
-                  "than the backward pass they save on a 1.5M-parameter UNet. LCM-LoRA's memory and time advantage "
-                  "is a large-UNet effect (its teacher and student share one UNet; only 8.7% of it gets gradients "
-                  "and optimizer state)."]
+            r = c[m]
+            mem = (f"{r['before_training_mb']:.0f} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['before_training_mb']:.0f} |"
+                   if split else f"{r['peak_mb']:.0f} |")
+            lines.append(f"| {m} | {r['trainable']:,} | {r['seconds_per_iteration']:.3f} | {mem}")
+        lines += ["", "LCD trains a second UNet (the w-conditioned student) beside the frozen teacher and keeps its EMA "
+                  "target and Adam state; LCM-LoRA trains adapters on the teacher's own UNet (teacher = adapters off, "
+                  "EMA target = a second adapter), so its extra state is the adapters'. On a 1.5M-parameter UNet "
+                  "that is a few MB either way, and LoRA's extra matmuls cost more time than the backward pass they "
+                  "save; the advantage is a large-UNet effect."]
+    lines += ablation_section(json.loads(ABLATION.read_text()) if ABLATION.exists() else None)
+    return lines
+
+
+def ablation_section(ab: dict | None) -> list[str]:
+    """``bench/lcm_lora_ablation.py``'s table: FID along training for the online and the EMA target."""
+    if not ab:
+        return []
+    steps = sorted({p["step"] for r in ab["runs"] for p in r["points"]})
+    lines = ["", f"### LCM-LoRA's target network ({ab['budget']})", "",
+             f"Written by `{ab['command']}`. FID at 4 / 2 LCM steps (guidance 1), {ab['num']} samples, per checkpoint "
+             "of the EMA adapter. μ = 0 is diffusers' LoRA script (the online student under stop-gradient), μ = 0.95 "
+             "its full-LCD script and fewstep's default.", "",
+             "| target μ | " + " | ".join(f"step {n}" for n in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for r in ab["runs"]:
+        at = {p["step"]: p for p in r["points"]}
+        lines.append(f"| {r['target_ema']:g} | " + " | ".join(
+            f"{at[n]['fid_4']:.3f} / {at[n]['fid_2']:.3f}" if n in at else "–" for n in steps) + " |")
     return lines
