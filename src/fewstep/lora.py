@@ -104,10 +104,12 @@ def _pipeline(model: LatentModel, unet: nn.Module):
 def _load(pipe, path: Path, name: str, base: Path) -> None:
     """Load one LoRA file as adapter ``name`` through diffusers' loader; a LoRA made for another base model
     (other shapes or module names, no weights for this UNet, keys it lacks) is a clear error."""
-    import warnings
-
     kwargs = {"weight_name": path.name} if path.is_file() else {}
     source = path.parent if path.is_file() else path
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # not "no LoRA keys for the text encoder": UNet-only LoRAs are the norm
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -115,6 +117,8 @@ def _load(pipe, path: Path, name: str, base: Path) -> None:
     except Exception as e:  # diffusers/peft raise ValueError/RuntimeError/KeyError on a mismatch
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FewstepError(f"LoRA {path} does not fit {base} (made for another base model?): {first[:300]}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if not lora_parameters(pipe.unet, name):
         raise FewstepError(f"LoRA {path} has no weights for {base}'s UNet (made for another base model?)")
     unexpected = [w for w in caught if "unexpected" in str(w.message).lower()]
