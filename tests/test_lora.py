@@ -187,6 +187,18 @@ def test_cli_style_lora_plus_lcm_lora_merge_and_sample(tiny_sd, tiny_lcm_lora, t
     import numpy as np
     assert np.abs(np.asarray(Image.open(tmp_path / "a.png"), dtype=float)
                   - np.asarray(Image.open(tmp_path / "b.png"), dtype=float)).max() <= 2   # same model, same images
+    rc, _, err = run_cli(capsys, "lora", "merge", "--no-fuse", "--base", str(tiny_sd), "--lora", f"{tmp_path / 'style'}:0.8",
+                         "--lora", f"{tiny_lcm_lora}:1", "--out", str(tmp_path / "set"))
+    assert rc == 0 and "adapter_weights=[0.8, 1.0]" in (tmp_path / "set" / "README.md").read_text(), err
+    rc, _, err = run_cli(capsys, "sample", "--model", str(tiny_sd), "--lora", str(tmp_path / "set"), "--prompt", "red apple",
+                         "--steps", "2", "--num", "2", "--out", str(tmp_path / "d.png"))
+    assert rc == 0 and np.abs(np.asarray(Image.open(tmp_path / "a.png"), dtype=float)
+                              - np.asarray(Image.open(tmp_path / "d.png"), dtype=float)).max() <= 2, err   # the set = the merge
+    from fewstep.lora import apply_loras
+    unfused = apply_loras(load_latent_model(tiny_sd), [(tmp_path / "set", 1.0)], fuse=False)
+    assert unfused.is_lcm and [d["weight"] for d in unfused.info["loras"]] == [0.8, 1.0]
+    assert any("lora" in n for n, _ in unfused.unet.named_parameters())              # the adapters stay adapters
+    capsys.readouterr()
     rc, _, err = run_cli(capsys, "sample", "--model", str(tiny_sd), "--lora", f"{tiny_lcm_lora}:fast",
                          "--prompt", "x", "--out", str(tmp_path / "c.png"))
     assert rc == 2 and "not a number" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "c.png").exists()

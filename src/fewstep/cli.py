@@ -464,15 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lora", help="LoRA arithmetic: merge adapters into a pipeline",
                        description="Combine LoRAs with a base pipeline with no training.")
     lora_sub = p.add_subparsers(dest="lora_command", metavar="ACTION", required=True, parser_class=_Parser)
-    m = lora_sub.add_parser("merge", help="θ' = θ_base + Σ λ_i·τ_i, fused, written as a new pipeline folder",
+    m = lora_sub.add_parser("merge", help="θ' = θ_base + Σ λ_i·τ_i: a fused pipeline folder, or a set of adapters",
                             description="Fuse LoRAs (diffusers, peft or kohya files, or fewstep LoRA folders) with weights "
                                         "into --base and write a diffusers pipeline folder. With an LCM-LoRA among them the "
-                                        "result is an LCM (LCMScheduler, 2–8 steps). Each LoRA is checked against the base "
-                                        "before any weight changes.")
+                                        "result is an LCM (LCMScheduler, 2–8 steps). With --no-fuse, write the adapters and "
+                                        "their weights as a set instead (sample it with --model BASE --lora SET). Each LoRA "
+                                        "is checked against the base before anything is written.")
     m.add_argument("--base", required=True, help="pipeline folder, e.g. models/emoji-sd")
     m.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]",
                    help="a LoRA and its weight λ (default 1); repeat, e.g. --lora style:1.0 --lora models/emoji-lcm-lora:1.0")
-    m.add_argument("--out", required=True, help="pipeline folder to write")
+    m.add_argument("--out", required=True, help="pipeline folder to write (with --no-fuse: the adapter set's folder)")
+    m.add_argument("--no-fuse", action="store_true",
+                   help="keep the adapters separate: a folder of the LoRAs and their weights, not a fused pipeline")
     m.set_defaults(func=_cmd_lora_merge)
 
     p = sub.add_parser("train-classifier", help="train the small classifier used for accuracy and FID features",

@@ -100,10 +100,18 @@ def run_img2img(args: argparse.Namespace) -> None:
 
 def run_lora_merge(args: argparse.Namespace, command: str) -> None:
     """``fewstep lora merge --base DIR --lora A:λ1 --lora B:λ2 --out DIR``: θ_pre + Σ λ_i·τ_i fused into a
-    new pipeline folder (a LatentConsistencyModelPipeline-compatible one when an LCM-LoRA is among them)."""
+    new pipeline folder (a LatentConsistencyModelPipeline-compatible one when an LCM-LoRA is among them),
+    or with ``--no-fuse`` the adapters and their weights as a set that ``--lora`` takes."""
+    from .lora import expand_lora_sets, parse_lora_spec, save_lora_set
     from .sd import save_pipeline
 
-    model = load_with_loras(args.base, args.lora)
+    model = load_with_loras(args.base, args.lora)    # every adapter checked against the base, fused or not
+    if args.no_fuse:
+        specs = expand_lora_sets([parse_lora_spec(s) for s in args.lora])
+        folder = save_lora_set(args.out, specs, args.base, command)
+        print(f"wrote the set of {len(specs)} adapters with their weights to {folder} "
+              f"(use it as: --model {args.base} --lora {folder})")
+        return
     lcm = model.is_lcm
     scheduler_config = model.scheduler_config
     readme = (f"# {args.out}\n\n`{args.base}` with LoRAs fused in: "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +30,7 @@ from .objectives import unwrap
 from .sd import CONFIG_NAME, LatentModel
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_SET = "lora-set"                     # fewstep.json kind of an unfused set of adapters with weights
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
@@ -76,6 +78,65 @@ def lora_info(path: str | Path) -> dict:
     path = Path(path)
     info = (path if path.is_dir() else path.parent) / CONFIG_NAME
     return json.loads(info.read_text()) if info.exists() else {}
+
+
+def save_lora_set(folder: str | Path, loras: Sequence[tuple[Path, float]], base: str | Path, command: str = "") -> Path:
+    """θ_base + Σ λ_i·τ_i kept unfused: each adapter copied (with its ``fewstep.json``) into its own
+    subfolder of ``folder``, the weights in ``folder/fewstep.json`` (kind "lora-set"). ``--lora folder`` and
+    :func:`apply_loras` expand it back into its members; diffusers users load each member with its
+    weight (the README says how)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    entries = []
+    with atomic_path(folder, directory=True) as tmp:
+        for i, (path, weight) in enumerate(loras):
+            name = f"{i}-{path.stem if path.is_file() else path.name}"
+            (tmp / name).mkdir()
+            files = [path] if path.is_file() else [f for f in (path / LORA_FILE, path / CONFIG_NAME) if f.exists()]
+            for f in files:
+                shutil.copy2(f, tmp / name / f.name)
+            info = lora_info(path)
+            entries.append({"path": f"{name}/{path.name}" if path.is_file() else name, "weight": weight,
+                            "kind": info.get("kind", "lora"), "source": str(path),
+                            **{k: info[k] for k in ("original_inference_steps",) if k in info}})
+        (tmp / CONFIG_NAME).write_text(json.dumps({"kind": LORA_SET, "base": str(base), "loras": entries,
+                                                   "command": command}, indent=2) + "\n")
+        (tmp / "README.md").write_text(_set_readme(folder, entries, base))
+    return folder
+
+
+def _set_readme(folder: Path, entries: list[dict], base) -> str:
+    names = [f"a{i}" for i in range(len(entries))]
+
+    def load(entry: dict, name: str) -> str:
+        member = folder / entry["path"]
+        if member.suffix == ".safetensors":
+            return f"pipe.load_lora_weights('{member.parent}', weight_name='{member.name}', adapter_name='{name}')\n"
+        return f"pipe.load_lora_weights('{member}', adapter_name='{name}')\n"
+
+    lcm = next((e for e in entries if e["kind"] == "lcm-lora"), None)
+    return (f"# {folder.name}\n\nLoRAs for `{base}`, unfused, with their weights: "
+            + ", ".join(f"`{e['source']}` × {e['weight']:g}" for e in entries) + ".\n\n"
+            f"`fewstep sample --model {base} --lora {folder}` applies them all. In diffusers:\n\n```python\n"
+            f"from diffusers import StableDiffusionPipeline{', LCMScheduler' if lcm else ''}\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained('{base}')\n"
+            + "".join(load(e, n) for e, n in zip(entries, names))
+            + f"pipe.set_adapters({names}, adapter_weights={[e['weight'] for e in entries]})\n"
+            + (f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps="
+               f"{lcm.get('original_inference_steps', 50)})  # an LCM-LoRA is among them\n" if lcm else "")
+            + "```\n")
+
+
+def expand_lora_sets(loras: Sequence[tuple[Path, float]]) -> list[tuple[Path, float]]:
+    """Each "lora-set" folder (:func:`save_lora_set`) replaced by its members, their weights times its own."""
+    out = []
+    for path, weight in loras:
+        info = lora_info(path) if Path(path).is_dir() else {}
+        if info.get("kind") == LORA_SET:
+            out += [(Path(path) / e["path"], weight * e["weight"]) for e in info["loras"]]
+        else:
+            out.append((Path(path), weight))
+    return out
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -132,7 +193,9 @@ def apply_loras(model: LatentModel, loras: Sequence[tuple[Path, float]], fuse: b
     ``model.unet`` only once all have loaded: a LoRA made for another base model is an error before any
     weight changes. With ``fuse`` the sum is folded into the weights and the adapters dropped; otherwise
     they stay as named peft adapters with their weights. An LCM acceleration vector among them makes the
-    result an LCM (sampled on its skipped grid)."""
+    result an LCM (sampled on its skipped grid). A saved set of adapters (:func:`save_lora_set`) counts as
+    its members."""
+    loras = expand_lora_sets(loras)
     unet = copy.deepcopy(model.unet)
     pipe = _pipeline(model, unet)
     names = [f"lora{i}" for i in range(len(loras))]
