@@ -25,6 +25,13 @@ The loss (Meng et al. eq. 5 in x-space, w ~ U[w_min, w_max], their §3.1):
 
 with EDM's λ(σ) = 1/c_out(σ)² = 1/σ² + 1/σ_d² (the "SNR + 1" weighting of Salimans & Ho 2022, §4, in
 units of σ_d) and EDM's lognormal σ, the distribution the teacher was trained on.
+
+Latent space (:func:`distill_guided_latent`, Meng et al. §3.2 distil Stable Diffusion the same way): the
+same loss on an SD-format teacher's VAE latents, the condition a prompt embedding (the empty prompt as
+the unconditional branch), t uniform on the teacher's 1000 steps and λ = 1/c_out² = 1/σ², i.e. the
+ε-MSE the teacher was trained with. The student is the teacher's UNet rebuilt with diffusers' native
+``time_cond_proj_dim`` (:func:`w_conditioned_unet`), so the saved folder is a plain
+``StableDiffusionPipeline`` that diffusers runs in one pass per step.
 """
 
 from __future__ import annotations
@@ -43,9 +50,9 @@ from .denoisers import EDMDenoiser, VPDenoiser, append_dims
 from .errors import FewstepError
 from .guidance import guidance_scale_embedding, label_cfg, lcm_w, prompt_cfg
 from .models import LoadedModel, ModelConfig, save_model
-from .sd import LatentModel
 from .objectives import drop_labels, unwrap
 from .schedules import EDMSchedule, VPSchedule
+from .sd import LatentModel
 from .train import TrainConfig, train
 
 GUIDANCE_WEIGHTS = "guidance_embedding.safetensors"  # beside diffusion_pytorch_model.safetensors in unet/
