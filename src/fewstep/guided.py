@@ -26,7 +26,7 @@ The loss (Meng et al. eq. 5 in x-space, w ~ U[w_min, w_max], their §3.1):
 with EDM's λ(σ) = 1/c_out(σ)² = 1/σ² + 1/σ_d² (the "SNR + 1" weighting of Salimans & Ho 2022, §4, in
 units of σ_d) and EDM's lognormal σ, the distribution the teacher was trained on.
 
-Latent space (:func:`distill_guided_latent`, Meng et al. §3.2 distil Stable Diffusion the same way): the
+Latent space (:func:`distill_guided_latent`; Meng et al. also distil Stable Diffusion in its latent space): the
 same loss on an SD-format teacher's VAE latents, the condition a prompt embedding (the empty prompt as
 the unconditional branch), t uniform on the teacher's 1000 steps and λ = 1/c_out² = 1/σ², i.e. the
 ε-MSE the teacher was trained with. The student is the teacher's UNet rebuilt with diffusers' native
