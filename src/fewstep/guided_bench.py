@@ -214,7 +214,7 @@ def measure_latent(models_dir: Path, settings, command: str = "", teacher_rows: 
     image at 25 steps side by side (end to end and the sampling loop alone). ``teacher_rows``: the latent
     section's teacher rows by sampler, reused when they hold these step counts."""
     from .evaluate import ruler_for
-    from .latent_bench import _rows, time_latent
+    from .latent_bench import _rows, latent_run, side_by_side
     from .sd import load_latent_model
 
     if not (models_dir / EMOJI_TEACHER).is_dir() or not (models_dir / EMOJI_GUIDED).is_dir():
@@ -235,10 +235,11 @@ def measure_latent(models_dir: Path, settings, command: str = "", teacher_rows: 
     for name, model in ((EMOJI_TEACHER, teacher), (EMOJI_GUIDED, guided)):
         out["sweep"][name] = [_rows(model, ruler, (8,), "dpmpp-2m", v, half, seed)[0] for v in scales]
     out["speed"] = []
+    batch = settings.timing_batch
     for unet_only in (False, True):
-        t, g = (time_latent(m, 25, "dpmpp-2m", s, settings.timing_batch, settings.timing_repeats, unet_only)
-                for m in (teacher, guided))
-        out["speed"].append({"what": "sampling loop only" if unet_only else "end to end", "batch": settings.timing_batch,
+        t, g = side_by_side([latent_run(m, 25, "dpmpp-2m", s, batch, unet_only) for m in (teacher, guided)],
+                            batch, settings.timing_repeats)
+        out["speed"].append({"what": "sampling loop only" if unet_only else "end to end", "batch": batch,
                              "steps": 25, "teacher_seconds": t, "guided_seconds": g, "speedup": t / g})
         print(f"speed ({out['speed'][-1]['what']}): teacher {1e3 * t:.2f} ms/img, stage 1 {1e3 * g:.2f} ms/img: "
               f"{t / g:.2f}×", flush=True)
@@ -274,7 +275,8 @@ def latent_section(report) -> list[str]:
               "|---|" + "---|" * len(g["sweep_scales"])]
     for name, rows in g["sweep"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r['fid']:.3f} / {r['cond_accuracy']:.3f}" for r in rows) + " |")
-    lines += ["", "Wall-clock at 25 DPM-Solver++ steps, side by side in this process:", "",
+    lines += ["", "Wall-clock at 25 DPM-Solver++ steps, side by side in this process (the two models' runs "
+              "interleaved, median of each):", "",
               "| what | batch | teacher ms / image | stage 1 ms / image | speedup |", "|---|---:|---:|---:|---:|"]
     for r in g["speed"]:
         lines.append(f"| {r['what']} | {r['batch']} | {1e3 * r['teacher_seconds']:.2f} | {1e3 * r['guided_seconds']:.2f} | "

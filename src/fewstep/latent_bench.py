@@ -39,32 +39,34 @@ def _rows(model, ruler, steps, sampler, guidance: float, num: int, seed: int) ->
     return [asdict(r) for r in rows]
 
 
-@torch.no_grad()
-def time_latent(model, steps: int, sampler: str | None, guidance: float, batch: int, repeats: int,
-                unet_only: bool = False) -> float:
-    """Median seconds per image of ``batch`` prompts: end to end, or the sampling loop alone."""
+def latent_run(model, steps: int, sampler: str | None, guidance: float, batch: int, unet_only: bool = False):
+    """A callable that makes ``batch`` images of one prompt: end to end, or the sampling loop alone."""
     from .latent_sampling import generate_latent, latent_denoiser, latent_grid
     from .solvers import get_sampler
 
     prompts = ["grinning face"] * batch
-    if unet_only:
-        den, extra = latent_denoiser(model, prompts, guidance)
-        sigmas = latent_grid(model, steps)
-        fn = get_sampler(sampler or "consistency").fn
+    if not unet_only:
+        return lambda: generate_latent(model, prompts, steps=steps, sampler=sampler, guidance_scale=guidance)
+    den, extra = latent_denoiser(model, prompts, guidance)
+    sigmas = latent_grid(model, steps)
+    fn = get_sampler(sampler or "consistency").fn
+    return lambda: fn(den, torch.randn(batch, *model.latent_shape) * sigmas[0], sigmas, extra_args=extra, disable=True,
+                      generator=torch.Generator().manual_seed(0))
 
-        def run():
-            fn(den, torch.randn(batch, *model.latent_shape) * sigmas[0], sigmas, extra_args=extra, disable=True,
-               generator=torch.Generator().manual_seed(0))
-    else:
-        def run():
-            generate_latent(model, prompts, steps=steps, sampler=sampler, guidance_scale=guidance)
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+@torch.no_grad()
+def side_by_side(runs: list, batch: int, repeats: int) -> list[float]:
+    """Median seconds per image of each run, the runs interleaved (A, B, A, B, ...) so that whatever else
+    the machine does at the time weighs on all of them alike; one warm-up each first."""
+    for run in runs:
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / batch
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, t in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) / batch for t in times]
 
 
 def measure(models_dir: Path, settings, command: str = "") -> dict:
@@ -90,8 +92,8 @@ def measure(models_dir: Path, settings, command: str = "") -> dict:
     batch, repeats = settings.timing_batch, settings.timing_repeats
     out["speed"] = []
     for unet_only in (False, True):
-        t_teacher = time_latent(teacher, match["steps"], "dpmpp-2m", s, batch, repeats, unet_only)
-        t_lcm = time_latent(lcm, 4, "consistency", s, batch, repeats, unet_only)
+        t_teacher, t_lcm = side_by_side([latent_run(teacher, match["steps"], "dpmpp-2m", s, batch, unet_only),
+                                         latent_run(lcm, 4, "consistency", s, batch, unet_only)], batch, repeats)
         out["speed"].append({"what": "sampling loop only" if unet_only else "end to end", "batch": batch,
                              "teacher_steps": match["steps"], "teacher_fid": match["fid"], "teacher_seconds": t_teacher,
                              "lcm_steps": 4, "lcm_fid": lcm4["fid"], "lcm_seconds": t_lcm, "speedup": t_teacher / t_lcm})
