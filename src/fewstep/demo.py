@@ -21,6 +21,7 @@ from .classifier import accuracy
 from .errors import FewstepError
 from .evaluate import eval_prompts, ruler_for
 from .images import labeled_rows, make_grid, save_png
+from .lora import apply_loras
 from .models import load_model
 from .sampling import generate, nfe
 from .sd import is_pipeline_folder, load_latent_model
@@ -40,12 +41,14 @@ class DemoRow:
 
 
 # (model folder name, sampler, step counts): later methods add their distilled models here.
+# "BASE+LORA" is a pipeline folder with a LoRA plugged in (λ = 1).
 DEMO_RUNS: list[tuple[str, str, tuple[int, ...]]] = [
     ("digits-teacher", "dpmpp-2m", (50, 4, 2, 1)),
     ("digits-cd", "consistency", (1, 2)),       # consistency distillation (Song et al. 2023), guidance built in
     ("digits-progressive", "ddim", (4, 2)),     # guided + progressive distillation (Meng et al. 2023), s an input
     ("emoji-sd", "dpmpp-2m", (25, 4)),          # the text-to-image teacher (a diffusers SD pipeline), CFG
     ("emoji-lcm", "consistency", (4, 2, 1)),    # latent consistency distillation (Luo et al. 2023)
+    ("emoji-sd+emoji-lcm-lora", "consistency", (4,)),  # LCM-LoRA plugged into the teacher, no training (Luo et al. 2023b)
 ]
 
 
@@ -56,10 +59,13 @@ def run_demo(models_dir: Path, out_dir: Path, per_class: int = 20, seed: int = 0
     rulers: dict = {}
     rows, strips = [], []
     for name, sampler, step_counts in DEMO_RUNS:
-        if not (models_dir / name).is_dir():
+        base, *loras = name.split("+")
+        if not all((models_dir / n).is_dir() for n in (base, *loras)):
             continue
-        latent = is_pipeline_folder(models_dir / name)
-        model = load_latent_model(models_dir / name) if latent else load_model(models_dir / name)
+        latent = is_pipeline_folder(models_dir / base)
+        model = load_latent_model(models_dir / base) if latent else load_model(models_dir / base)
+        if loras:
+            model = apply_loras(model, [(models_dir / n, 1.0) for n in loras])
         ruler = rulers.setdefault(model.info["dataset"] if latent else model.config.dataset,
                                   ruler_for(model, models_dir))
         num_classes = len(ruler.data.class_names)
@@ -100,10 +106,10 @@ def _sample(model, latent: bool, ruler, num: int, steps: int, sampler: str, guid
 
 
 def _header() -> str:
-    return (f"{'model':<18} {'sampler':<11} {'steps':>5} {'NFE':>4} {'seconds':>8} {'s/image':>8} {'FID':>7} "
-            f"{'cond. acc.':>10}\n" + "-" * 78)
+    return (f"{'model':<23} {'sampler':<11} {'steps':>5} {'NFE':>4} {'seconds':>8} {'s/image':>8} {'FID':>7} "
+            f"{'cond. acc.':>10}\n" + "-" * 83)
 
 
 def _format_row(r: DemoRow) -> str:
-    return (f"{r.model:<18} {r.sampler:<11} {r.steps:>5} {r.nfe:>4} {r.seconds:>8.2f} {r.seconds_per_image:>8.4f} "
+    return (f"{r.model:<23} {r.sampler:<11} {r.steps:>5} {r.nfe:>4} {r.seconds:>8.2f} {r.seconds_per_image:>8.4f} "
             f"{r.fid:>7.3f} {r.cond_accuracy:>10.1%}")
