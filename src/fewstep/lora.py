@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .atomic import atomic_path
 from .errors import FewstepError
 from .objectives import unwrap
-from .sd import CONFIG_NAME, LatentModel
+from .sd import CONFIG_NAME, LatentModel, pipeline_class
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_SET = "lora-set"                     # fewstep.json kind of an unfused set of adapters with weights
@@ -56,7 +56,6 @@ def add_lora(unet: nn.Module, rank: int = 8, alpha: float | None = None,
 
 def save_lora(folder: str | Path, unet: nn.Module, info: dict, readme: str = "") -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (diffusers' layout) and ``fewstep.json`` atomically."""
-    from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     # peft's key names (…to_q.lora_A.weight) under diffusers' "unet." prefix: what load_lora_weights reads
@@ -66,7 +65,7 @@ def save_lora(folder: str | Path, unet: nn.Module, info: dict, readme: str = "")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder, directory=True) as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
+        pipeline_class().save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
         (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
         if readme:
             (tmp / "README.md").write_text(readme)
@@ -155,11 +154,11 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
 
 
 def _pipeline(model: LatentModel, unet: nn.Module):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipeline_class()(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                            unet=unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def _load(pipe, path: Path, name: str, base: Path) -> None:

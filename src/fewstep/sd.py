@@ -273,16 +273,30 @@ def _check_parts_fit(folder: Path) -> None:
                            f"cross_attention_dim {unet.get('cross_attention_dim')}")
 
 
+def pipeline_class(name: str = "StableDiffusionPipeline"):
+    """A diffusers pipeline class by name. The first import of diffusers' SD pipelines makes transformers
+    print that its CLIP/SigLIP image processors would like torchvision; fewstep builds its pipelines
+    without a feature extractor, so that notice is silenced here."""
+    import diffusers
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return getattr(diffusers, name)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def save_pipeline(folder: str | Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer,
                   info: dict, scheduler: str = "DDIMScheduler", scheduler_config: dict | None = None,
                   readme: str = "") -> Path:
     """Write a diffusers pipeline folder atomically: a StableDiffusionPipeline for a teacher, a
     LatentConsistencyModelPipeline (with LCMScheduler) for an LCM, plus ``fewstep.json``."""
     import diffusers
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
     sched = getattr(diffusers, scheduler).from_config(scheduler_config or SD_SCHEDULER)
-    cls = LatentConsistencyModelPipeline if info.get("kind") == "lcm" else StableDiffusionPipeline
+    cls = pipeline_class("LatentConsistencyModelPipeline" if info.get("kind") == "lcm" else "StableDiffusionPipeline")
     pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     folder = Path(folder)
