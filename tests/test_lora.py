@@ -199,6 +199,15 @@ def test_cli_style_lora_plus_lcm_lora_merge_and_sample(tiny_sd, tiny_lcm_lora, t
     assert unfused.is_lcm and [d["weight"] for d in unfused.info["loras"]] == [0.8, 1.0]
     assert any("lora" in n for n, _ in unfused.unet.named_parameters())              # the adapters stay adapters
     capsys.readouterr()
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "in.png")
+    edits = []
+    for model, loras in ((tmp_path / "merged", []), (tiny_sd, ["--lora", str(tmp_path / "set")])):   # img2img too
+        edits.append(tmp_path / f"e{len(edits)}.png")
+        rc, _, err = run_cli(capsys, "edit", "--task", "img2img", "--model", str(model), *loras, "--input",
+                             str(tmp_path / "in.png"), "--prompt", "red apple", "--steps", "2", "--strength", "0.7",
+                             "--out", str(edits[-1]))
+        assert rc == 0, err
+    assert np.abs(np.asarray(Image.open(edits[0]), dtype=float) - np.asarray(Image.open(edits[1]), dtype=float)).max() <= 2
     rc, _, err = run_cli(capsys, "sample", "--model", str(tiny_sd), "--lora", f"{tiny_lcm_lora}:fast",
                          "--prompt", "x", "--out", str(tmp_path / "c.png"))
     assert rc == 2 and "not a number" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "c.png").exists()

@@ -344,12 +344,15 @@ def _add_edit_parser(sub) -> None:
                    help="img2img, and inpaint with a diffusion model: sampler steps on the model's own grid "
                         "(a guided or progressive student: 2-4); default: the model's")
     p.add_argument("--prompt", action="append", help="img2img on a text-to-image pipeline: the target prompt(s)")
+    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                   help="img2img on a text-to-image pipeline: fuse this LoRA with weight λ first (repeatable; an "
+                        "LCM-LoRA makes it a 2-8-step LCM)")
     p.add_argument("--infer-label", action="store_true",
                    help="inpaint: let the model infer each image's class from its known part (the label c whose "
                         "f(known + noise; c) reconstructs it best), then inpaint conditioned on it")
     p.add_argument("--label", type=int, nargs="+", help="condition on a class, one or one per image/pair "
                                                         "(default: unconditional)")
-    p.add_argument("--guidance-scale", type=float, help="with --label: classifier-free guidance, 1.0 = none "
+    p.add_argument("--guidance-scale", type=float, help="with --label or --prompt: the guidance scale, 1.0 = none "
                                                         "(default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=_positive_int, default=4, help="pixel upscaling of the grid (default 4)")
@@ -371,6 +374,8 @@ def _cmd_edit(args: argparse.Namespace) -> None:
     if is_pipeline_folder(args.model):  # a diffusers text-to-image pipeline (fewstep.latent_cli)
         from .latent_cli import run_img2img
         return run_img2img(args)
+    if args.prompt or args.lora:
+        raise FewstepError(f"{args.model} is not a text-to-image pipeline; --prompt and --lora apply to those")
     out = check_writable(args.out, ".png")  # fail before any work
     if (args.mask or args.mask_half) and args.task != "inpaint":
         raise FewstepError("--mask and --mask-half apply to --task inpaint only")

@@ -71,21 +71,19 @@ def run_sample(args: argparse.Namespace) -> None:
 
 
 def run_img2img(args: argparse.Namespace) -> None:
-    """``fewstep edit --task img2img --model PIPELINE --input PNG... --prompt TEXT``: one row per input,
-    the input first, then one result per prompt (SDEdit in --steps steps at --strength)."""
+    """``fewstep edit --task img2img --model PIPELINE [--lora L[:λ]] --input PNG... --prompt TEXT``: one row
+    per input, the input first, then one result per prompt (SDEdit in --steps steps at --strength)."""
     import torch
 
     from .atomic import check_writable
     from .images import make_grid, read_png, save_png
     from .latent_sampling import generate_latent
-    from .sd import load_latent_model
-
     out = check_writable(args.out, ".png")
     if args.task != "img2img":
         raise FewstepError(f"{args.model} is a text-to-image pipeline; its editing task is img2img (--task img2img)")
     if not args.input:
         raise FewstepError("img2img needs --input PNG (the picture to transform) and --prompt TEXT")
-    model = load_latent_model(args.model)
+    model = load_with_loras(args.model, args.lora)
     size = model.vae.config.sample_size
     images = torch.cat([read_png(f, 3, sizes=[size]) for f in args.input])
     prompts = list(args.prompt or [""])
