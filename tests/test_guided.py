@@ -121,7 +121,7 @@ def test_one_ddim_step_with_the_target_lands_where_two_teacher_steps_land():
     torch.manual_seed(0)
     x0 = data.double().repeat(2, 1, 1, 1)
     for i, solver in [(i, s) for i in range(4) for s in ("ddim", "heun")]:  # every student step, the last included
-        objective = ProgressiveLoss(teacher, grid, 3, (1.0, 4.0), solver=solver)
+        objective = ProgressiveLoss(teacher, grid, label_condition(3, 0.0), (1.0, 4.0), solver=solver)
         sigmas = tuple(torch.full((len(x0),), float(grid[2 * i + k]), dtype=torch.float64) for k in range(3))
         cond = {"class_labels": labels.repeat(2), "guidance_scale": torch.rand(len(x0), dtype=torch.float64) * 3 + 1}
         x = x0 + sigmas[0].reshape(-1, 1, 1, 1) * torch.randn_like(x0)
@@ -137,7 +137,7 @@ def test_one_ddim_step_with_the_target_lands_where_two_teacher_steps_land():
             torch.testing.assert_close(target, two)          # σ'' = 0: the target is the teacher's sample itself
     torch.testing.assert_close(ddim_target(x, ddim_step(x, x0, sigmas[0], sigmas[2]), sigmas[0], sigmas[2]), x0)
     for solver in ("ddim", "heun"):                         # per-sample levels, mixed, the last step included
-        objective = ProgressiveLoss(teacher, grid, 3, (1.0, 4.0), solver=solver)
+        objective = ProgressiveLoss(teacher, grid, label_condition(3, 0.0), (1.0, 4.0), solver=solver)
         i = torch.arange(len(x0)) % 4
         sigmas = tuple(grid[2 * i + k] for k in range(3))
         x = x0 + sigmas[0].reshape(-1, 1, 1, 1) * torch.randn_like(x0)
@@ -154,7 +154,7 @@ def test_progressive_loss_vanishes_when_the_student_is_the_two_step_teacher():
     data, labels = _oracle_data()
     teacher = OracleCFG(ExactDenoiser(data, labels))
     grid = EDMSchedule().grid(4)
-    objective = ProgressiveLoss(teacher, grid, 3, (1.0, 4.0), label_dropout=0.2)
+    objective = ProgressiveLoss(teacher, grid, label_condition(3, 0.2), (1.0, 4.0))
 
     class TwoSteps(OracleCFG):  # D̃(x, σ_{2i}) that makes one DDIM step equal the teacher's two
         def __call__(self, x, sigma, class_labels, guidance_scale):

@@ -112,4 +112,57 @@ def test_cli_guided_on_a_pipeline_teacher_then_sample(tiny_sd, tmp_path, capsys)
     assert rc != 0 and "already takes the guidance scale" in err
     rc, _, err = run_cli(capsys, "distill", "--method", "progressive", "--teacher", str(tiny_sd),
                          "--out", str(tmp_path / "x"), "--steps", "1", "--no-progress")
-    assert rc != 0 and "--method progressive takes a pixel-space" in err
+    assert rc != 0 and "is not a stage-1 student" in err and "--method guided" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_progressive_sd(tiny_guided_sd, tmp_path_factory):
+    """Two rounds (2 → 1 steps) of progressive distillation of the tiny stage-1 student, a few steps each."""
+    from fewstep.progressive import ProgressiveSettings, distill_progressive_latent
+    from fewstep.train import TrainConfig
+
+    from helpers import tiny_data
+
+    root = tmp_path_factory.mktemp("progressive-sd")
+    config = TrainConfig(out_dir=str(root / "work"), max_steps=2, batch_size=8, progress=False, checkpoint_every=2)
+    settings = ProgressiveSettings(start_steps=2, keep_steps=[2, 1])
+    return distill_progressive_latent(load_latent_model(tiny_guided_sd), tiny_data(), root / "p", config, settings,
+                                      command="test"), root
+
+
+def test_latent_progressive_students_run_in_diffusers_ddim_one_pass_per_step(tiny_progressive_sd):
+    """Each student is a StableDiffusionPipeline whose DDIMScheduler (trailing, final ᾱ = 1) takes the steps it
+    was distilled for: diffusers gives fewstep's DDIM images; the folder serves 2 and 1 steps, no other count."""
+    from diffusers import StableDiffusionPipeline
+
+    folder, _ = tiny_progressive_sd
+    model = load_latent_model(folder)
+    assert model.info["serves_steps"] == [1, 2] and model.default_steps == 2 and model.default_sampler == "ddim"
+    prompts = ["red apple", "grinning face"]
+    for steps, path in ((2, folder), (1, folder / "students" / "1")):
+        ours = generate_latent(model, prompts, steps=steps, guidance_scale=3.0, seed=3)
+        pipe = StableDiffusionPipeline.from_pretrained(path)
+        assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+        batches = []
+        pipe.unet.register_forward_pre_hook(lambda m, args: batches.append(len(args[0])))
+        theirs = pipe(prompts, num_inference_steps=steps, guidance_scale=3.0, height=32, width=32, output_type="pt",
+                      generator=torch.Generator().manual_seed(3)).images * 2 - 1
+        assert batches == [2] * steps
+        assert torch.allclose(ours, theirs.clamp(-1, 1), atol=2e-3), (steps, (ours - theirs).abs().max())
+    with pytest.raises(FewstepError, match="distilled for 1, 2 step"):
+        generate_latent(model, prompts, steps=4)
+
+
+def test_latent_progressive_resumes_per_round(tiny_guided_sd, tiny_progressive_sd, tmp_path, capsys):
+    """A second run on the same work folder loads the finished rounds instead of training them again."""
+    folder, root = tiny_progressive_sd
+    pics, _ = caption_folder(tmp_path / "pics")
+    before = {p: p.stat().st_mtime_ns for p in (root / "work").rglob("*.safetensors")}
+    rc, _, err = run_cli(capsys, "distill", "--method", "progressive", "--teacher", str(tiny_guided_sd),
+                         "--dataset", str(pics), "--out", str(root / "again"), "--work-dir", str(root / "work"), "--start-steps", "2",
+                         "--keep-steps", "2,1", "--steps", "2", "--batch", "8", "--no-progress")
+    assert rc == 0, err
+    assert {p: p.stat().st_mtime_ns for p in (root / "work").rglob("*.safetensors")} == before
+    again = load_latent_model(root / "again")
+    assert sorted(again.info["training"]["rounds"]) == ["1", "2"]
+    torch.testing.assert_close(dict(again.unet.state_dict()), dict(load_latent_model(folder).unet.state_dict()))

@@ -64,14 +64,20 @@ def run(args: argparse.Namespace, train_config, command: str) -> None:
     else:
         from .progressive import ProgressiveSettings, distill_progressive
 
-        if is_pipeline_folder(args.teacher):
-            raise FewstepError(f"--method progressive takes a pixel-space stage-1 student (e.g. models/digits-guided); "
-                               f"{args.teacher} is a diffusers pipeline: for few-step latent models use --method lcd")
-        teacher = load_model(args.teacher)
-        data = load_dataset(args.dataset or teacher.config.dataset or "digits", args.image_size, args.channels)
         settings = ProgressiveSettings(start_steps=args.start_steps, final_steps=args.final_steps,
                                        keep_steps=args.keep_steps, label_dropout=args.label_dropout,
                                        first_solver=args.first_solver)
-        folder = distill_progressive(data, args.out, train_config, settings, teacher, command=command)
+        if is_pipeline_folder(args.teacher):  # a latent stage-1 student such as models/emoji-guided
+            from .data import load_captioned
+            from .progressive import check_latent_stage1, distill_progressive_latent
+            from .sd import load_latent_model
+
+            teacher = check_latent_stage1(load_latent_model(args.teacher))
+            data = load_captioned(args.dataset or teacher.info.get("dataset") or "emoji", teacher.vae.config.sample_size)
+            folder = distill_progressive_latent(teacher, data, args.out, train_config, settings, command=command)
+        else:
+            teacher = load_model(args.teacher)
+            data = load_dataset(args.dataset or teacher.config.dataset or "digits", args.image_size, args.channels)
+            folder = distill_progressive(data, args.out, train_config, settings, teacher, command=command)
     if folder is not None:
         print(f"saved {args.method} model to {folder}")

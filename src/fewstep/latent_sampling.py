@@ -83,6 +83,9 @@ def generate_latent(model: LatentModel, prompts: Sequence[str], steps: int | Non
     if not prompts:
         raise FewstepError("nothing to sample: give at least one prompt")
     steps = steps or model.default_steps
+    if model.info.get("serves_steps"):   # a progressive folder: the student distilled for this count
+        from .progressive import serving_pipeline
+        model = serving_pipeline(model, steps)
     sampler = sampler or model.default_sampler
     if model.is_lcm and sampler != "consistency":
         raise FewstepError(f"{model.path} is a latent consistency model; it samples with --sampler consistency")

@@ -34,8 +34,10 @@ complete model folders under ``students/N/``; ``serves_steps`` lists them all an
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -44,10 +46,12 @@ from .atomic import atomic_path
 from .data import ImageData
 from .denoisers import append_dims
 from .errors import FewstepError
-from .guided import check_teacher, guidance_range
+from .consistency_losses import ConditionFn
+from .guided import check_teacher, guidance_range, label_condition
 from .models import CONFIG_NAME, LoadedModel, ModelConfig, load_model, save_model
-from .objectives import drop_labels, unwrap
+from .objectives import unwrap
 from .schedules import EDMSchedule
+from .sd import LatentModel
 from .solvers import ddim_step, heun_step
 from .train import TrainConfig, train
 
@@ -79,6 +83,14 @@ def rounds(start_steps: int, final_steps: int) -> list[int]:
                                f"use final·2^k, e.g. 16 and 1")
         out.append(out[-1] // 2)
     return out
+
+
+def _checked_rounds(settings: ProgressiveSettings) -> list[int]:
+    steps = rounds(settings.start_steps, settings.final_steps)
+    missing = sorted(set(settings.keep_steps) - set(steps))
+    if missing:
+        raise FewstepError(f"--keep-steps {missing} are not among the rounds {steps}; choose from those")
+    return steps
 
 
 def ddim_target(x: Tensor, x_next: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
@@ -115,20 +127,21 @@ class ProgressiveLoss:
     """One round of progressive distillation for :func:`fewstep.train.train` (module docstring).
 
     ``teacher`` and the trained student are denoisers that take ``guidance_scale``; ``grid`` is the
-    teacher's 2N-step σ grid (2N + 1 levels ending in 0).
+    teacher's 2N-step σ grid (2N + 1 levels ending in 0); ``condition`` maps a batch to the conditioning
+    both see (:func:`fewstep.guided.label_condition`, :func:`fewstep.guided.prompt_condition`: some of it
+    dropped to the unconditional input).
     """
 
-    def __init__(self, teacher: nn.Module, grid: Tensor, null_label: int | None, guidance: tuple[float, float],
-                 label_dropout: float = 0.1, solver: str = "ddim") -> None:
+    def __init__(self, teacher: nn.Module, grid: Tensor, condition: ConditionFn, guidance: tuple[float, float],
+                 solver: str = "ddim") -> None:
         if solver not in ("ddim", "heun"):
             raise FewstepError(f"unknown teacher solver {solver!r}; use ddim or heun")
         if (len(grid) - 1) % 2:
             raise ValueError(f"the teacher grid must have an even number of steps, got {len(grid) - 1}")
         self.teacher = teacher
         self.grid = grid.float()
-        self.null_label = null_label
+        self.condition = condition
         self.guidance = guidance
-        self.label_dropout = label_dropout
         self.solver = solver
 
     @property
@@ -149,9 +162,7 @@ class ProgressiveLoss:
         x0 = batch["images"]
         sigmas = tuple(s.to(x0.dtype) for s in self.levels(len(x0), x0.device))
         lo, hi = self.guidance
-        cond = {"guidance_scale": lo + (hi - lo) * torch.rand(len(x0), device=x0.device)}
-        if self.null_label is not None:
-            cond["class_labels"] = drop_labels(batch["labels"], self.null_label, self.label_dropout)
+        cond = {**self.condition(batch), "guidance_scale": lo + (hi - lo) * torch.rand(len(x0), device=x0.device)}
         x = x0 + append_dims(sigmas[0], x0.ndim) * torch.randn_like(x0)
         target = self.target(x, sigmas, cond)
         out = model(x, sigmas[0], **cond)
@@ -163,6 +174,20 @@ class ProgressiveLoss:
 # --- the rounds -----------------------------------------------------------------------------------
 def round_dir(work: Path, steps: int) -> Path:
     return work / f"round-{steps:04d}"
+
+
+def run_rounds(teacher, steps: list[int], work: Path, first_solver: str, train_round: Callable, load: Callable,
+               accelerator) -> dict:
+    """Each round's student, trained from the previous one by ``train_round(teacher, folder, n, solver)``
+    unless ``WORK/round-NNNN/student`` is finished already (then only loaded): the per-round resume."""
+    current, done = teacher, {}
+    for n in steps:
+        folder = round_dir(work, n) / "student"
+        if not (folder / CONFIG_NAME).exists():
+            train_round(current, folder, n, first_solver if n == steps[0] else "ddim")
+            accelerator.wait_for_everyone()
+        current = done[n] = load(folder)
+    return done
 
 
 def distill_progressive(data: ImageData, out: str | Path, config: TrainConfig, settings: ProgressiveSettings,
@@ -177,22 +202,15 @@ def distill_progressive(data: ImageData, out: str | Path, config: TrainConfig, s
                            f"starts from a stage-1 student: run `fewstep distill --method guided` first "
                            f"(or use models/digits-guided)")
     teacher = check_teacher(teacher, data, "progressive")
-    steps = rounds(settings.start_steps, settings.final_steps)
-    missing = sorted(set(settings.keep_steps) - set(steps))
-    if missing:
-        raise FewstepError(f"--keep-steps {missing} are not among the rounds {steps}; choose from those")
+    steps = _checked_rounds(settings)
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     schedule = EDMSchedule(**teacher.config.schedule)
-    work = Path(config.out_dir)
-    current, done = teacher, {}
-    for n in steps:
-        folder = round_dir(work, n) / "student"
-        if not (folder / CONFIG_NAME).exists():
-            solver = settings.first_solver if n == steps[0] else "ddim"
-            _train_round(current, folder, n, data, schedule, config, settings, accelerator, command, solver)
-            accelerator.wait_for_everyone()
-        current = load_model(folder, accelerator.device)
-        done[n] = current
+
+    def train_round(current: LoadedModel, folder: Path, n: int, solver: str) -> None:
+        _train_round(current, folder, n, data, schedule, config, settings, accelerator, command, solver)
+
+    done = run_rounds(teacher, steps, Path(config.out_dir), settings.first_solver, train_round,
+                      lambda folder: load_model(folder, accelerator.device), accelerator)
     if not PartialState().is_main_process:
         return None
     return save_students(out, {n: done[n] for n in settings.keep_steps}, teacher, settings, command,
@@ -206,8 +224,9 @@ def _train_round(teacher: LoadedModel, folder: Path, n: int, data: ImageData, sc
     teacher.denoiser.requires_grad_(False).eval().to(accelerator.device)
     torch.manual_seed(config.seed + n)
     student = copy.deepcopy(teacher.denoiser).requires_grad_(True).train()  # Salimans & Ho: init from the teacher
-    objective = ProgressiveLoss(teacher.denoiser, schedule.grid(2 * n), teacher.config.null_label,
-                                guidance_range(teacher.config), settings.label_dropout, solver)
+    null = teacher.config.null_label
+    condition = (lambda batch: {}) if null is None else label_condition(null, settings.label_dropout)
+    objective = ProgressiveLoss(teacher.denoiser, schedule.grid(2 * n), condition, guidance_range(teacher.config), solver)
     cfg = replace(config, out_dir=str(folder.parent),
                   extra={**asdict(settings), "student_steps": n, "teacher": str(teacher.path), "dataset": data.name})
     result = train(student, objective, {"images": data.images, "labels": data.labels}, cfg, accelerator)
@@ -256,17 +275,19 @@ def serving_model(model: LoadedModel, steps: int) -> LoadedModel:
     """The model that serves ``steps``: itself unless it is a progressive student folder, whose students each
     serve one step count (``students/N/``). A count no student was distilled for is a clear error."""
     serves = model.config.serves_steps
-    if not serves:
-        return model
-    if steps not in serves:
-        raise FewstepError(f"{model.path} is a progressive student distilled for {', '.join(map(str, serves))} "
-                           f"step(s); use --steps {' or '.join(map(str, serves))} (for other counts sample its "
-                           f"stage-1 teacher {model.config.training.get('teacher', '')})".rstrip())
-    if steps == model.config.default_steps:
+    _check_serves(model.path, serves, steps, model.config.training.get("teacher", ""))
+    if not serves or steps == model.config.default_steps:
         return model
     sub = model.path / "students" / str(steps)
     device = next(model.denoiser.parameters()).device
     return load_model(sub, device)
+
+
+def _check_serves(path: Path, serves: list[int] | None, steps: int, teacher: str) -> None:
+    if serves and steps not in serves:
+        raise FewstepError(f"{path} is a progressive student distilled for {', '.join(map(str, serves))} step(s); use "
+                           f"--steps {' or '.join(map(str, serves))} (for other counts sample its stage-1 teacher "
+                           f"{teacher})".rstrip())
 
 
 def _readme(out: Path, students: dict[int, LoadedModel], teacher: LoadedModel, command: str) -> str:
@@ -280,3 +301,115 @@ def _readme(out: Path, students: dict[int, LoadedModel], teacher: LoadedModel, c
              f"fewstep sample --model {out} --steps 4 --sampler ddim-stochastic --label 3 --out grid.png", "```\n",
              "Trained with:\n", "```", command, "```", ""]
     return "\n".join(lines)
+
+
+# --- latent space: the stage-1 student of a Stable-Diffusion-style pipeline -------------------------
+def check_latent_stage1(teacher: LatentModel) -> LatentModel:
+    if teacher.is_lcm or not teacher.takes_guidance or "guidance_range" not in teacher.info:
+        raise FewstepError(f"{teacher.path} is not a stage-1 student; progressive distillation starts from one: run "
+                           f"`fewstep distill --method guided --teacher {teacher.path}` first (or use models/emoji-guided)")
+    if teacher.info.get("serves_steps"):
+        raise FewstepError(f"{teacher.path} is a progressive student already; start from its stage-1 teacher "
+                           f"{teacher.info.get('training', {}).get('teacher', '')}".rstrip())
+    return teacher
+
+
+def distill_progressive_latent(teacher: LatentModel, data: ImageData, out: str | Path, config: TrainConfig,
+                               settings: ProgressiveSettings, command: str = "", accelerator=None) -> Path | None:
+    """The rounds on a latent stage-1 student (``--method guided`` of an SD-format teacher, e.g.
+    ``models/emoji-guided``): its VAE latents, prompt conditioning with the empty prompt dropped in, and as
+    the student's N-step grid diffusers' "trailing" timesteps of the teacher's schedule
+    (:func:`fewstep.latent_sampling.latent_grid`: the 2N-step grid holds it as every other level). Each
+    student is a ``StableDiffusionPipeline`` folder whose DDIMScheduler (trailing, final ᾱ = 1) takes exactly
+    these steps in diffusers, one UNet pass each; ``out`` is laid out as the pixel-space folder."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+
+    from .guided import prompt_condition
+    from .latent_sampling import latent_grid
+    from .lcm import latent_training_data
+    from .sd import load_latent_model
+
+    check_latent_stage1(teacher)
+    steps = _checked_rounds(settings)
+    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    tensors = latent_training_data(teacher, data)
+    condition = prompt_condition(teacher.encode_prompts([""])[0], settings.label_dropout)
+    guidance = tuple(teacher.info["guidance_range"])
+
+    def train_round(current: LatentModel, folder: Path, n: int, solver: str) -> None:
+        current.to(accelerator.device)
+        den = current.denoiser.requires_grad_(False).eval()
+        torch.manual_seed(config.seed + n)
+        student = copy.deepcopy(den).requires_grad_(True).train()     # Salimans & Ho: init from the teacher
+        objective = ProgressiveLoss(den, latent_grid(current, 2 * n), condition, guidance, solver)
+        cfg = replace(config, out_dir=str(folder.parent),
+                      extra={**asdict(settings), "student_steps": n, "teacher": str(current.path), "dataset": data.name})
+        result = train(student, objective, tensors, cfg, accelerator)
+        if PartialState().is_main_process:
+            record = {"command": command, "method": "progressive", "student_steps": n, "teacher_steps": 2 * n,
+                      "teacher_solver": solver, "steps": result.step, "final_loss": result.last_loss,
+                      "wall_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
+                      "teacher": str(current.path), "config": asdict(cfg)}
+            _save_latent_student(folder, unwrap(result.ema).net.unet, teacher, [n], record)
+
+    done = run_rounds(teacher, steps, Path(config.out_dir), settings.first_solver, train_round,
+                      lambda folder: load_latent_model(folder), accelerator)
+    if not PartialState().is_main_process:
+        return None
+    kept = {n: done[n] for n in settings.keep_steps}
+    rounds_record = {str(n): m.info["training"] for n, m in done.items()}
+    training = {"command": command, "method": "progressive", "teacher": str(teacher.path), "settings": asdict(settings),
+                "rounds": rounds_record, "wall_seconds": round(sum(r["wall_seconds"] for r in rounds_record.values()), 1),
+                "threads": max(r["threads"] for r in rounds_record.values())}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, directory=True) as tmp:
+        for n, m in kept.items():
+            if n != max(kept):
+                shutil.copytree(m.path, tmp / "students" / str(n))
+        _save_latent_student(tmp / "top", kept[max(kept)].unet, teacher, list(kept), training,
+                             _latent_readme(out, kept, teacher, command))
+        for item in (tmp / "top").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "top").rmdir()
+    return out
+
+
+def _save_latent_student(folder: Path, unet: nn.Module, teacher: LatentModel, serves: list[int], training: dict,
+                         readme: str = "") -> Path:
+    from .sd import save_pipeline
+
+    info = {**{k: teacher.info[k] for k in ("dataset", "class_names", "guidance_range") if k in teacher.info},
+            "kind": "guided", "default_sampler": "ddim", "default_steps": max(serves), "serves_steps": sorted(serves),
+            "default_guidance_scale": teacher.default_guidance_scale, "training": training}
+    scheduler = {**teacher.scheduler_config, "timestep_spacing": "trailing", "set_alpha_to_one": True,
+                 "clip_sample": False}
+    return save_pipeline(folder, unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, info,
+                         scheduler="DDIMScheduler", scheduler_config=scheduler, readme=readme)
+
+
+def _latent_readme(out: Path, students: dict[int, LatentModel], teacher: LatentModel, command: str) -> str:
+    top = max(students)
+    return (f"# {out.name}\n\nProgressive distillation (Salimans & Ho 2022; Meng et al. 2023 stage 2) of the "
+            f"guidance-conditioned `{teacher.path}`: each round's student does in one DDIM step what its teacher does "
+            f"in two. This folder is the {top}-step student as a `StableDiffusionPipeline` (DDIMScheduler, trailing "
+            f"timesteps); the others are pipeline folders under `students/N/` "
+            f"({', '.join(str(n) for n in sorted(students, reverse=True) if n != top) or 'none'}). The guidance scale is "
+            f"still an input: one UNet pass per step.\n\n```python\nfrom diffusers import StableDiffusionPipeline\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained('{out}')\n"
+            f"image = pipe('grinning face', num_inference_steps={top}, guidance_scale=3.0, height=32, width=32).images[0]\n"
+            f"```\n\n```\nfewstep sample --model {out} --prompt 'red apple' --steps {top}\n```\n\n"
+            f"Trained with:\n\n```\n{command}\n```\n")
+
+
+def serving_pipeline(model: LatentModel, steps: int) -> LatentModel:
+    """:func:`serving_model` for a latent progressive folder: the pipeline under ``students/N/`` that was
+    distilled for ``steps``."""
+    from .sd import load_latent_model
+
+    serves = model.info.get("serves_steps")
+    _check_serves(model.path, serves, steps, model.info.get("training", {}).get("teacher", ""))
+    if not serves or steps == model.default_steps:
+        return model
+    return load_latent_model(model.path / "students" / str(steps)).to(next(model.unet.parameters()).device)
