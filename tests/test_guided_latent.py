@@ -166,3 +166,13 @@ def test_latent_progressive_resumes_per_round(tiny_guided_sd, tiny_progressive_s
     again = load_latent_model(root / "again")
     assert sorted(again.info["training"]["rounds"]) == ["1", "2"]
     torch.testing.assert_close(dict(again.unet.state_dict()), dict(load_latent_model(folder).unet.state_dict()))
+
+
+def test_trailing_grids_nest_so_a_student_step_is_two_teacher_steps(tiny_sd):
+    """Progressive distillation needs the N-step grid to be every other level of the 2N-step one; diffusers'
+    trailing timesteps have that property for every N the rounds use."""
+    from fewstep.latent_sampling import latent_grid
+
+    model = load_latent_model(tiny_sd)
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        torch.testing.assert_close(latent_grid(model, 2 * n)[::2], latent_grid(model, n))

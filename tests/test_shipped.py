@@ -80,11 +80,14 @@ def test_demo_runs_and_writes_grid_and_table(tmp_path, capsys):
     if (MODELS / "emoji-lcm").is_dir():
         expected += [("emoji-sd", 25), ("emoji-sd", 4), ("emoji-lcm", 4), ("emoji-lcm", 2), ("emoji-lcm", 1),
                      ("emoji-sd+emoji-lcm-lora", 4)]
+    if (MODELS / "emoji-progressive").is_dir():
+        expected += [("emoji-progressive", 4), ("emoji-progressive", 2)]
     assert [(r["model"], r["steps"]) for r in rows] == expected
     assert rows[0]["nfe"] == 100 and rows[3]["nfe"] == 2  # CFG: two evaluations per step
     assert rows[4]["nfe"] == 1                            # the CD student: guidance built in, one evaluation
     assert rows[6]["nfe"] == 4                            # the progressive student: s an input, one per step
     assert all(r["nfe"] == r["steps"] for r in rows if r["model"] == "emoji-lcm")  # LCM: s an input too
     assert all(r["nfe"] == r["steps"] and r["guidance_scale"] == 1 for r in rows if "lcm-lora" in r["model"])
+    assert all(r["nfe"] == r["steps"] for r in rows if r["model"] == "emoji-progressive")   # s an input
     assert (tmp_path / "demo.png").stat().st_size > 1000
     assert "cond. acc." in capsys.readouterr().out

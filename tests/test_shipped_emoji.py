@@ -44,8 +44,9 @@ def test_lcm_at_two_steps_beats_the_teacher_at_two_steps():
 
 
 def test_bench_guided_latent_section_merges_into_a_previous_report(capsys, tmp_path):
-    """``fewstep bench --only guided-latent``: the stage-1 emoji student at half the teacher's UNet passes,
-    its guidance sweep and its speed row, merged into an old report and rendered (tiny sample count)."""
+    """``fewstep bench --only guided-latent``: the stage-1 emoji student at half the teacher's UNet passes, the
+    progressive students beside the LCM, the guidance sweep and the speed rows, merged into an old report and
+    rendered (tiny sample count)."""
     import json
 
     from helpers import run_cli
@@ -62,5 +63,9 @@ def test_bench_guided_latent_section_merges_into_a_previous_report(capsys, tmp_p
     g = json.loads((tmp_path / "res" / "bench.json").read_text())["guided_latent"]
     assert [r["nfe"] for r in g["quality"]["emoji-sd/dpmpp-2m"]] == [16, 50]
     assert [r["nfe"] for r in g["quality"]["emoji-guided/dpmpp-2m"]] == [8, 25]
-    assert g["sweep_scales"] == [1.0, 2.0, 3.0, 4.0, 6.0] and [r["what"] for r in g["speed"]] == ["end to end", "sampling loop only"]  # timings: BENCHMARKS.md, not a test
-    assert "### Stage 1 on the emoji pipeline" in (tmp_path / "B.md").read_text()
+    assert g["sweep_scales"] == [1.0, 2.0, 3.0, 4.0, 6.0]
+    assert [r["model"] for r in g["speed"]][:2] == ["emoji-sd", "emoji-guided"]   # timings: BENCHMARKS.md, not a test
+    if (MODELS / "emoji-progressive").is_dir():
+        assert [(r["steps"], r["nfe"]) for r in g["quality"]["emoji-progressive/ddim"]] == [(4, 4), (2, 2), (1, 1)]
+        assert g["sweep"]["emoji-progressive"]["steps"] == 4
+    assert "### On the emoji pipeline" in (tmp_path / "B.md").read_text()

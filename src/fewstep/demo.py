@@ -49,6 +49,7 @@ DEMO_RUNS: list[tuple[str, str, tuple[int, ...]]] = [
     ("emoji-sd", "dpmpp-2m", (25, 4)),          # the text-to-image teacher (a diffusers SD pipeline), CFG
     ("emoji-lcm", "consistency", (4, 2, 1)),    # latent consistency distillation (Luo et al. 2023)
     ("emoji-sd+emoji-lcm-lora", "consistency", (4,)),  # LCM-LoRA plugged into the teacher, no training (Luo et al. 2023b)
+    ("emoji-progressive", "ddim", (4, 2)),      # guided + progressive distillation of the text-to-image teacher
 ]
 
 

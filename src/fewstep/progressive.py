@@ -231,11 +231,16 @@ def _train_round(teacher: LoadedModel, folder: Path, n: int, data: ImageData, sc
                   extra={**asdict(settings), "student_steps": n, "teacher": str(teacher.path), "dataset": data.name})
     result = train(student, objective, {"images": data.images, "labels": data.labels}, cfg, accelerator)
     if PartialState().is_main_process:
-        record = {"command": command, "method": "progressive", "student_steps": n, "teacher_steps": 2 * n,
-                  "teacher_solver": solver,
-                  "steps": result.step, "final_loss": result.last_loss, "wall_seconds": round(result.seconds, 1),
-                  "threads": torch.get_num_threads(), "teacher": str(teacher.path), "config": asdict(cfg)}
-        save_model(folder, unwrap(result.ema).net, student_config(teacher.config, [n], schedule, record))
+        save_model(folder, unwrap(result.ema).net,
+                   student_config(teacher.config, [n], schedule, round_record(command, n, solver, result, teacher.path, cfg)))
+
+
+def round_record(command: str, n: int, solver: str, result, teacher_path, config: TrainConfig) -> dict:
+    """What a round's student folder records of its training."""
+    return {"command": command, "method": "progressive", "student_steps": n, "teacher_steps": 2 * n,
+            "teacher_solver": solver, "steps": result.step, "final_loss": result.last_loss,
+            "wall_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(), "teacher": str(teacher_path),
+            "config": asdict(config)}
 
 
 def student_config(base: ModelConfig, serves: list[int], schedule: EDMSchedule, training: dict) -> ModelConfig:
@@ -347,11 +352,8 @@ def distill_progressive_latent(teacher: LatentModel, data: ImageData, out: str |
                       extra={**asdict(settings), "student_steps": n, "teacher": str(current.path), "dataset": data.name})
         result = train(student, objective, tensors, cfg, accelerator)
         if PartialState().is_main_process:
-            record = {"command": command, "method": "progressive", "student_steps": n, "teacher_steps": 2 * n,
-                      "teacher_solver": solver, "steps": result.step, "final_loss": result.last_loss,
-                      "wall_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
-                      "teacher": str(current.path), "config": asdict(cfg)}
-            _save_latent_student(folder, unwrap(result.ema).net.unet, teacher, [n], record)
+            _save_latent_student(folder, unwrap(result.ema).net.unet, teacher, [n],
+                                 round_record(command, n, solver, result, current.path, cfg))
 
     done = run_rounds(teacher, steps, Path(config.out_dir), settings.first_solver, train_round,
                       lambda folder: load_latent_model(folder), accelerator)
