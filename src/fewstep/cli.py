@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bench/results/lcm_ablation.json after bench/lcm_ablation.py)")
     p.add_argument("--only", choices=["guided", "guided-latent", "latent", "lora"],
                    help="run one section and merge it into the --reuse report: guided (guided and progressive "
-                        "distillation on digits), guided-latent (stage 1 on the emoji pipeline), latent (the emoji "
+                        "distillation on digits), guided-latent (stages 1 and 2 on the emoji pipeline, beside the LCM), latent (the emoji "
                         "LCM beside its teacher), lora (LCM-LoRA and style arithmetic)")
     p.set_defaults(func=cmd_bench)
 
@@ -587,7 +587,7 @@ def _add_distill_parser(sub, name: str) -> None:
                                        "its DDIM steps). Latent space (any diffusers SD 1.x/2.x pipeline folder): --method "
                                        "lcd (latent consistency distillation, Luo et al. 2023), lcf (fine-tune an LCM on "
                                        "new data with no teacher), lcm-lora (LCD training only LoRA weights, Luo et al. "
-                                       "2023b). Runs under `accelerate launch`, resumes from --work-dir.")
+                                       "2023b), and guided | progressive as in pixel space. Runs under `accelerate launch`, resumes from --work-dir.")
     else:
         p = sub.add_parser("train", help="train a consistency model from data alone (ct, ict, act)",
                            description="Train a consistency model without a teacher: the same as "
@@ -596,8 +596,9 @@ def _add_distill_parser(sub, name: str) -> None:
     p.add_argument("--method", choices=methods + (["lcd", "lcf", "lcm-lora", "guided", "progressive"] if name == "distill" else []),
                    required=True, help="cd, guided, progressive, lcd, lcf and lcm-lora need --teacher; ct, ict and "
                                        "act need only --dataset")
-    p.add_argument("--teacher", help="teacher model folder: cd/guided a fewstep model (models/digits-teacher); lcd "
-                                     "any local diffusers SD 1.x/2.x folder (models/emoji-sd); lcf an LCM folder")
+    p.add_argument("--teacher", help="teacher model folder: cd/guided a fewstep model (models/digits-teacher); lcd/guided "
+                                     "any local diffusers SD 1.x/2.x folder (models/emoji-sd); lcf an LCM folder; "
+                                     "progressive a stage-1 student (models/digits-guided, models/emoji-guided)")
     p.add_argument("--dataset", help="'digits', 'emoji', an image folder (lcd/lcf: with metadata.jsonl captions), a "
                                      "saved HF dataset or webdataset .tar shards (default: the teacher's data set)")
     p.add_argument("--out", required=True, help="model folder to write")
