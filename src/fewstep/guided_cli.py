@@ -45,39 +45,34 @@ def run(args: argparse.Namespace, train_config, command: str) -> None:
                            + ("(e.g. models/digits-teacher, or a Stable-Diffusion-style folder such as models/emoji-sd)"
                               if args.method == "guided"
                               else "(a stage-1 student made with --method guided, e.g. models/digits-guided)"))
-    if args.method == "guided":
-        from .guided import GuidedSettings, check_latent_teacher, distill_guided, distill_guided_latent
+    from .guided import GuidedSettings, check_latent_teacher, distill_guided, distill_guided_latent
+    from .progressive import ProgressiveSettings, check_latent_stage1, distill_progressive, distill_progressive_latent
 
+    latent = is_pipeline_folder(args.teacher)
+    if latent:  # text-to-image in latent space: prompts instead of labels
+        from .data import load_captioned
+        from .sd import load_latent_model
+
+        teacher = load_latent_model(args.teacher)
+        (check_latent_teacher if args.method == "guided" else check_latent_stage1)(teacher)
+        data = load_captioned(args.dataset or teacher.info.get("dataset") or "emoji", teacher.vae.config.sample_size)
+    else:
+        teacher = load_model(args.teacher)
+        data = load_dataset(args.dataset or teacher.config.dataset or "digits", args.image_size, args.channels)
+    if args.method == "guided":
         settings = GuidedSettings(min_guidance_scale=args.min_guidance_scale, max_guidance_scale=args.max_guidance_scale,
                                   label_dropout=args.label_dropout)
-        if is_pipeline_folder(args.teacher):  # text-to-image in latent space: prompts instead of labels
-            from .data import load_captioned
-            from .sd import load_latent_model
-
-            teacher = check_latent_teacher(load_latent_model(args.teacher))
-            data = load_captioned(args.dataset or teacher.info.get("dataset") or "emoji", teacher.vae.config.sample_size)
+        if latent:
             folder = distill_guided_latent(teacher, data, args.out, train_config, settings, command=command)
         else:
-            teacher = load_model(args.teacher)
-            data = load_dataset(args.dataset or teacher.config.dataset or "digits", args.image_size, args.channels)
             folder = distill_guided(data, args.out, train_config, settings, teacher, command=command)
     else:
-        from .progressive import ProgressiveSettings, distill_progressive
-
         settings = ProgressiveSettings(start_steps=args.start_steps, final_steps=args.final_steps,
                                        keep_steps=args.keep_steps, label_dropout=args.label_dropout,
                                        first_solver=args.first_solver)
-        if is_pipeline_folder(args.teacher):  # a latent stage-1 student such as models/emoji-guided
-            from .data import load_captioned
-            from .progressive import check_latent_stage1, distill_progressive_latent
-            from .sd import load_latent_model
-
-            teacher = check_latent_stage1(load_latent_model(args.teacher))
-            data = load_captioned(args.dataset or teacher.info.get("dataset") or "emoji", teacher.vae.config.sample_size)
+        if latent:
             folder = distill_progressive_latent(teacher, data, args.out, train_config, settings, command=command)
         else:
-            teacher = load_model(args.teacher)
-            data = load_dataset(args.dataset or teacher.config.dataset or "digits", args.image_size, args.channels)
             folder = distill_progressive(data, args.out, train_config, settings, teacher, command=command)
     if folder is not None:
         print(f"saved {args.method} model to {folder}")
