@@ -27,6 +27,7 @@ TEACHER, LCM = "emoji-sd", "emoji-lcm"
 TEACHER_STEPS = (1, 2, 4, 8, 25)
 LCM_STEPS = (1, 2, 4, 8)
 ABLATION = Path(__file__).resolve().parents[2] / "bench" / "results" / "lcm_ablation.json"  # bench/lcm_ablation.py
+DRIFT = ABLATION.with_name("lcd_drift.json")                                                # bench/lcd_drift.py
 
 
 def _rows(model, ruler, steps, sampler, guidance: float, num: int, seed: int) -> list[dict]:
@@ -144,6 +145,7 @@ def section(report) -> list[str]:
                      f"{1e3 * r['teacher_seconds']:.2f} | {r['lcm_steps']}, {r['lcm_fid']:.3f} | {1e3 * r['lcm_seconds']:.2f} | "
                      f"{r['speedup']:.1f}× |")
     lines += ablation_section(json.loads(ABLATION.read_text()) if ABLATION.exists() else None)
+    lines += drift_section(json.loads(DRIFT.read_text()) if DRIFT.exists() else None)
     return lines
 
 
@@ -161,4 +163,21 @@ def ablation_section(ab: dict | None) -> list[str]:
         f = ab["lcf"]
         lines += ["", f"LCF: `{LCM}` fine-tuned with no teacher on {f['subset']} ({f['size']} emoji, {f['steps']} steps): "
                   f"4-step FID on that subset {f['before']:.3f} → {f['after']:.3f}."]
+    return lines
+
+
+def drift_section(d: dict | None) -> list[str]:
+    """FID along training of the reference LCD run and three changes (``bench/lcd_drift.py``)."""
+    if not d:
+        return []
+    steps = [p["step"] for p in d["runs"][0]["points"]]
+    lines = ["", f"### LCD drift along training ({d['budget']})", "",
+             f"Written by `{d['command']}`. Each run is `{LCM}`'s recipe with one change, trained on through the listed "
+             f"step counts (resumed, constant lr); FID at 4 / 2 steps, {d['num']} samples, s = {d['guidance_scale']:g}.", "",
+             "| run | change | lr | " + " | ".join(f"{n:,} steps" for n in steps) + " |",
+             "|---|---|---:|" + "---|" * len(steps)]
+    for r in d["runs"]:
+        change = ", ".join(f"{k} = {v}" for k, v in r["change"].items()) or "—"
+        cells = {p["step"]: f"{p['fid_4']:.3f} / {p['fid_2']:.3f}" for p in r["points"]}
+        lines.append(f"| {r['name']} | {change} | {r['lr']:.0e} | ".replace("e-0", "e-") + " | ".join(cells.get(n, "–") for n in steps) + " |")
     return lines
