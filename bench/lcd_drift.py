@@ -16,19 +16,15 @@ Runs go to runs/lcd-drift/ (not shipped); ``fewstep bench`` puts the JSON into B
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
-import torch
-
-from fewstep.atomic import write_text
 from fewstep.data import load_emoji
 from fewstep.evaluate import evaluate_latent, ruler_for
 from fewstep.lcm import LCMSettings, distill_lcm
 from fewstep.sd import load_latent_model
 from fewstep.train import TrainConfig
+
+from ablation import main, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS, WORK = ROOT / "models", ROOT / "runs" / "lcd-drift"
@@ -70,19 +66,8 @@ def score() -> None:
     result = {"command": "python bench/lcd_drift.py train; python bench/lcd_drift.py score",
               "budget": f"k = 20, DDIM teacher step, s ∈ [1, 6], batch {BATCH}", "num": NUM, "guidance_scale": GUIDANCE,
               "runs": runs}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    write_text(OUT, json.dumps(result, indent=1) + "\n")
-    print(f"wrote {OUT}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["train", "score"])
-    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
-    args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    train_runs(args.runs) if args.phase == "train" else score()
+    write_result(OUT, result)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(__doc__, RUNS, train_runs, score)

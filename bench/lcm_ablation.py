@@ -15,20 +15,16 @@ Models go to runs/lcm-ablation/ (not shipped: ~9 MB each); ``fewstep bench`` put
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from fewstep.atomic import write_text
 from fewstep.data import load_emoji
 from fewstep.evaluate import Ruler, evaluate_latent, ruler_for
 from fewstep.lcm import LCMSettings, distill_lcm
 from fewstep.sd import load_latent_model
 from fewstep.train import TrainConfig
+
+from ablation import main, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS, WORK = ROOT / "models", ROOT / "runs" / "lcm-ablation"
@@ -94,19 +90,8 @@ def score() -> None:
             fid[key] = rows[0].fid
         result["lcf"] = {"subset": LCF_GROUP, "size": len(sub), "steps": LCF_STEPS, **fid}
         print(result["lcf"])
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    write_text(OUT, json.dumps(result, indent=1) + "\n")
-    print(f"wrote {OUT}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["train", "score"])
-    ap.add_argument("--runs", nargs="+", default=[*RUNS, "lcf"], help=f"of {', '.join(RUNS)}, lcf")
-    args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    train_runs(args.runs) if args.phase == "train" else score()
+    write_result(OUT, result)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(__doc__, [*RUNS, "lcf"], train_runs, score)

@@ -15,22 +15,21 @@ Runs go to runs/lcm-lora-ablation/ (not shipped); ``fewstep bench`` puts the JSO
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from fewstep.atomic import write_text
 from fewstep.data import load_emoji
 from fewstep.evaluate import evaluate_latent, ruler_for
 from fewstep.lcm import LCMSettings, distill_lcm
 from fewstep.lora import add_lora, apply_loras, save_lora
 from fewstep.sd import load_latent_model
 from fewstep.train import TrainConfig
+
+from ablation import main, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS, WORK = ROOT / "models", ROOT / "runs" / "lcm-lora-ablation"
@@ -83,19 +82,8 @@ def score() -> None:
         runs.append({"name": name, "target_ema": mu, "points": points})
     result = {"command": "python bench/lcm_lora_ablation.py train; python bench/lcm_lora_ablation.py score",
               "budget": f"rank {RANK}, s = {GUIDANCE:g}, lr {LR:g}, {STEPS} steps × batch {BATCH}", "num": NUM, "runs": runs}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    write_text(OUT, json.dumps(result, indent=1) + "\n")
-    print(f"wrote {OUT}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["train", "score"])
-    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
-    args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    train_runs(args.runs) if args.phase == "train" else score()
+    write_result(OUT, result)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(__doc__, RUNS, train_runs, score)
