@@ -28,6 +28,11 @@ def test_shipped_folders_run_in_diffusers_pipelines():
     lcm = LatentConsistencyModelPipeline.from_pretrained(MODELS / "emoji-lcm")
     assert type(lcm.scheduler).__name__ == "LCMScheduler"
     assert lcm("red apple", num_inference_steps=2, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
+    if (MODELS / "emoji-progressive").is_dir():   # the 4-step student at the top, the others under students/N
+        for folder, steps in ((MODELS / "emoji-progressive", 4), (MODELS / "emoji-progressive" / "students" / "2", 2)):
+            pipe = StableDiffusionPipeline.from_pretrained(folder)
+            assert pipe.scheduler.config.timestep_spacing == "trailing" and pipe.unet.config.time_cond_proj_dim
+            assert pipe("red apple", num_inference_steps=steps, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
 
 
 @pytest.mark.slow
@@ -41,6 +46,21 @@ def test_lcm_at_two_steps_beats_the_teacher_at_two_steps():
     fid_teacher = ruler.fid(generate_latent(teacher, prompts, steps=2, sampler="dpmpp-2m", guidance_scale=s))
     fid_lcm = ruler.fid(generate_latent(lcm, prompts, steps=2, guidance_scale=s))
     assert fid_lcm < 0.8 * fid_teacher, (fid_lcm, fid_teacher)
+
+
+@pytest.mark.slow
+def test_progressive_students_at_two_steps_beat_the_teacher_at_two_steps():
+    """The 2-step progressive student (one UNet pass per step, s an input) against the teacher's 2 CFG steps."""
+    if not (MODELS / "emoji-progressive").is_dir():
+        pytest.skip("emoji-progressive not shipped")
+    teacher, student = load_latent_model(MODELS / "emoji-sd"), load_latent_model(MODELS / "emoji-progressive")
+    ruler = ruler_for(teacher, MODELS)
+    prompts, _ = eval_prompts(ruler.data, 300)
+    s = student.info["default_guidance_scale"]
+    fid_teacher = ruler.fid(generate_latent(teacher, prompts, steps=2, sampler="dpmpp-2m", guidance_scale=s))
+    for sampler in ("ddim", "ddim-stochastic"):
+        fid = ruler.fid(generate_latent(student, prompts, steps=2, sampler=sampler, guidance_scale=s))
+        assert fid < 0.8 * fid_teacher, (sampler, fid, fid_teacher)
 
 
 def test_bench_guided_latent_section_merges_into_a_previous_report(capsys, tmp_path):
