@@ -23,6 +23,12 @@ The loss weight is EDM's λ(σ) = 1/c_out(σ)², as in stage 1 (:mod:`fewstep.gu
 weighting of Salimans & Ho §4 in units of σ_d; their reference configs use max(SNR, 1), which differs
 from it only below σ ≈ σ_d).
 
+Latent space (:func:`distill_progressive_latent`): the same rounds on a Stable-Diffusion-style stage-1
+student (:func:`fewstep.guided.distill_guided_latent`), in σ space of its VP schedule, prompts as the
+condition; the N-step grid is diffusers' "trailing" DDIM timesteps (the levels of the 2N-step grid at
+even indices, as above), so every student is a ``StableDiffusionPipeline`` whose DDIMScheduler takes
+exactly its steps.
+
 A run is resumable per round: ``WORK/round-NNNN/student`` is the finished student of the N-step round
 (a model folder, written atomically); a finished round is loaded, never redone, and a round cut short
 resumes from its own trainer checkpoints in ``WORK/round-NNNN/checkpoints``. The shipped folder holds
@@ -235,6 +241,13 @@ def _train_round(teacher: LoadedModel, folder: Path, n: int, data: ImageData, sc
                    student_config(teacher.config, [n], schedule, round_record(command, n, solver, result, teacher.path, cfg)))
 
 
+def total_record(command: str, teacher_path, settings: ProgressiveSettings, rounds_record: dict[str, dict]) -> dict:
+    """What the shipped folder records: the command, the settings and every round's record, with the total cost."""
+    return {"command": command, "method": "progressive", "teacher": str(teacher_path), "settings": asdict(settings),
+            "rounds": rounds_record, "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in rounds_record.values()), 1),
+            "threads": max((r.get("threads", 1) for r in rounds_record.values()), default=1)}
+
+
 def round_record(command: str, n: int, solver: str, result, teacher_path, config: TrainConfig) -> dict:
     """What a round's student folder records of its training."""
     return {"command": command, "method": "progressive", "student_steps": n, "teacher_steps": 2 * n,
@@ -257,11 +270,8 @@ def save_students(out: str | Path, students: dict[int, LoadedModel], teacher: Lo
     out = Path(out)
     schedule = EDMSchedule(**teacher.config.schedule)
     default = max(students)
-    rounds_record = rounds_record or {str(n): m.config.training for n, m in students.items()}
-    training = {"command": command, "method": "progressive", "teacher": str(teacher.path), "settings": asdict(settings),
-                "rounds": rounds_record,
-                "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in rounds_record.values()), 1),
-                "threads": max((r.get("threads", 1) for r in rounds_record.values()), default=1)}
+    training = total_record(command, teacher.path, settings,
+                            rounds_record or {str(n): m.config.training for n, m in students.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, directory=True) as tmp:
         for n, m in students.items():
@@ -356,14 +366,11 @@ def distill_progressive_latent(teacher: LatentModel, data: ImageData, out: str |
                                  round_record(command, n, solver, result, current.path, cfg))
 
     done = run_rounds(teacher, steps, Path(config.out_dir), settings.first_solver, train_round,
-                      lambda folder: load_latent_model(folder), accelerator)
+                      load_latent_model, accelerator)
     if not PartialState().is_main_process:
         return None
     kept = {n: done[n] for n in settings.keep_steps}
-    rounds_record = {str(n): m.info["training"] for n, m in done.items()}
-    training = {"command": command, "method": "progressive", "teacher": str(teacher.path), "settings": asdict(settings),
-                "rounds": rounds_record, "wall_seconds": round(sum(r["wall_seconds"] for r in rounds_record.values()), 1),
-                "threads": max(r["threads"] for r in rounds_record.values())}
+    training = total_record(command, teacher.path, settings, {str(n): m.info["training"] for n, m in done.items()})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, directory=True) as tmp:
