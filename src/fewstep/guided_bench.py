@@ -231,7 +231,8 @@ def measure_latent(models_dir: Path, settings, command: str = "", teacher_rows: 
                                                    (teacher_rows or {}).get("num") == num else
                                                    _rows(teacher, ruler, LATENT_STEPS, "dpmpp-2m", s, num, seed))
     out["quality"][f"{EMOJI_GUIDED}/dpmpp-2m"] = _rows(guided, ruler, LATENT_STEPS, "dpmpp-2m", s, num, seed)
-    runs = [(EMOJI_TEACHER, teacher, 25, "dpmpp-2m"), (EMOJI_GUIDED, guided, 25, "dpmpp-2m")]
+    runs = [(EMOJI_TEACHER, teacher, 25, "dpmpp-2m"), (EMOJI_GUIDED, guided, 25, "dpmpp-2m")]   # timed
+    sweep = [(EMOJI_TEACHER, teacher, 8, "dpmpp-2m"), (EMOJI_GUIDED, guided, 8, "dpmpp-2m")]  # over s
     if EMOJI_PROGRESSIVE in optional:
         progressive = optional[EMOJI_PROGRESSIVE]
         serves = [n for n in FEW_STEPS if n in progressive.info["serves_steps"]]
@@ -239,14 +240,13 @@ def measure_latent(models_dir: Path, settings, command: str = "", teacher_rows: 
             out["quality"][f"{EMOJI_PROGRESSIVE}/{sampler}"] = _rows(progressive, ruler, serves, sampler, s, num, seed)
         out["progressive_training"] = progressive.info.get("training", {})
         runs.append((EMOJI_PROGRESSIVE, progressive, progressive.default_steps, "ddim"))
+        sweep.append((EMOJI_PROGRESSIVE, progressive, progressive.default_steps, "ddim"))
     if EMOJI_LCM in optional:
         out["quality"][f"{EMOJI_LCM}/consistency"] = _rows(optional[EMOJI_LCM], ruler, FEW_STEPS, "consistency", s, num, seed)
         runs.append((EMOJI_LCM, optional[EMOJI_LCM], 4, "consistency"))
     lo, hi = guided.info["guidance_range"]
     out["sweep_scales"] = scales = [v for v in LATENT_SWEEP if lo <= v <= hi]
     half = max(num // 2, 10)
-    sweep = [(EMOJI_TEACHER, teacher, 8, "dpmpp-2m"), (EMOJI_GUIDED, guided, 8, "dpmpp-2m")]
-    sweep += [(n, m, m.default_steps, "ddim") for n, m in optional.items() if n == EMOJI_PROGRESSIVE]
     for name, model, steps, sampler in sweep:
         out["sweep"][name] = {"steps": steps, "sampler": sampler,
                               "rows": [_rows(model, ruler, (steps,), sampler, v, half, seed)[0] for v in scales]}

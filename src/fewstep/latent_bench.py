@@ -179,5 +179,6 @@ def drift_section(d: dict | None) -> list[str]:
     for r in d["runs"]:
         change = ", ".join(f"{k} = {v}" for k, v in r["change"].items()) or "—"
         cells = {p["step"]: f"{p['fid_4']:.3f} / {p['fid_2']:.3f}" for p in r["points"]}
-        lines.append(f"| {r['name']} | {change} | {r['lr']:.0e} | ".replace("e-0", "e-") + " | ".join(cells.get(n, "–") for n in steps) + " |")
+        lr = f"{r['lr']:.0e}".replace("e-0", "e-")    # 1e-4, 2e-5
+        lines.append(f"| {r['name']} | {change} | {lr} | " + " | ".join(cells.get(n, "–") for n in steps) + " |")
     return lines

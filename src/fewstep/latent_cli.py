@@ -78,6 +78,7 @@ def run_img2img(args: argparse.Namespace) -> None:
     from .atomic import check_writable
     from .images import make_grid, read_png, save_png
     from .latent_sampling import generate_latent
+
     out = check_writable(args.out, ".png")
     if args.task != "img2img":
         raise FewstepError(f"{args.model} is a text-to-image pipeline; its editing task is img2img (--task img2img)")

@@ -272,14 +272,25 @@ def save_students(out: str | Path, students: dict[int, LoadedModel], teacher: Lo
     default = max(students)
     training = total_record(command, teacher.path, settings,
                             rounds_record or {str(n): m.config.training for n, m in students.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out, directory=True) as tmp:
+
+    def save_others(folder: Path) -> None:
         for n, m in students.items():
             if n != default:
-                save_model(tmp / "students" / str(n), unwrap(m.denoiser).net, m.config)
-        save_model(tmp / "top", unwrap(students[default].denoiser).net,
-                   student_config(teacher.config, list(students), schedule, training),
-                   _readme(out, students, teacher, command))
+                save_model(folder / str(n), unwrap(m.denoiser).net, m.config)
+
+    return _write_shipped(out, save_others, lambda folder: save_model(
+        folder, unwrap(students[default].denoiser).net, student_config(teacher.config, list(students), schedule, training),
+        _readme(out, students, teacher, command)))
+
+
+def _write_shipped(out: Path, save_others: Callable[[Path], None], save_top: Callable[[Path], None]) -> Path:
+    """Write a shipped progressive folder atomically: ``save_top(folder)`` writes the default student (into a
+    folder of its own, whose contents then move to the top level: the savers write whole folders) and
+    ``save_others(folder)`` the other students under ``students/``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, directory=True) as tmp:
+        save_others(tmp / "students")
+        save_top(tmp / "top")
         for item in (tmp / "top").iterdir():
             item.rename(tmp / item.name)
         (tmp / "top").rmdir()
@@ -372,17 +383,14 @@ def distill_progressive_latent(teacher: LatentModel, data: ImageData, out: str |
     kept = {n: done[n] for n in settings.keep_steps}
     training = total_record(command, teacher.path, settings, {str(n): m.info["training"] for n, m in done.items()})
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out, directory=True) as tmp:
+
+    def copy_others(folder: Path) -> None:   # each round's folder is a complete pipeline already
         for n, m in kept.items():
             if n != max(kept):
-                shutil.copytree(m.path, tmp / "students" / str(n))
-        _save_latent_student(tmp / "top", kept[max(kept)].unet, teacher, list(kept), training,
-                             _latent_readme(out, kept, teacher, command))
-        for item in (tmp / "top").iterdir():
-            item.rename(tmp / item.name)
-        (tmp / "top").rmdir()
-    return out
+                shutil.copytree(m.path, folder / str(n))
+
+    return _write_shipped(out, copy_others, lambda folder: _save_latent_student(
+        folder, kept[max(kept)].unet, teacher, list(kept), training, _latent_readme(out, kept, teacher, command)))
 
 
 def _save_latent_student(folder: Path, unet: nn.Module, teacher: LatentModel, serves: list[int], training: dict,
