@@ -77,7 +77,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
     from .teacher import train_teacher
 
     data = load_dataset(args.dataset, args.image_size, args.channels)
-    if data.captions is not None:  # a text-to-image set: a Stable-Diffusion-format pipeline
+    if data.captions is not None and not args.pixel:  # a text-to-image set: a Stable-Diffusion-format pipeline
         from .sd_teacher import train_sd_teacher
 
         folder = train_sd_teacher(data, args.out, _train_config(args), vae_steps=args.vae_steps, vae_lr=args.vae_lr,
@@ -446,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability of the null label / empty caption (for CFG)")
     p.add_argument("--vae-steps", type=_positive_int, default=1000, help="text-to-image: AutoencoderKL steps")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="text-to-image: AutoencoderKL learning rate")
+    p.add_argument("--pixel", action="store_true",
+                   help="on a captioned set (emoji): a class-conditional pixel-space EDM teacher on its classes (the "
+                        "emoji's 9 Unicode groups) instead of a text-to-image pipeline")
     _train_args(p, steps=4000, batch=128, lr=2e-4)
     p.set_defaults(func=cmd_train_teacher)
 
