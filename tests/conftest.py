@@ -11,7 +11,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A random-weight SD-format pipeline folder (no training): a stand-in teacher."""
-    from fewstep.sd import build_cond_unet, build_text_encoder, build_tokenizer, build_vae, save_pipeline
+    from fewstep.nets.unets import build_cond_unet, build_text_encoder, build_tokenizer, build_vae
+    from helpers import save_pipeline
 
     torch.manual_seed(0)
     tok = build_tokenizer(CAPTIONS, TINY.vocab_size, TINY.max_length)

@@ -7,7 +7,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from fewstep.train import TrainConfig, train
+from fewstep.training import TrainConfig, train
 from helpers import tiny_setup
 
 out = Path(sys.argv[1])

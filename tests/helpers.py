@@ -7,11 +7,14 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
-from fewstep.data import ImageData
-from fewstep.denoisers import EDMDenoiser
-from fewstep.objectives import DenoisingLoss
-from fewstep.schedules import EDMSchedule
-from fewstep.sd import TinySDConfig
+from fewstep.core.denoisers import EDMDenoiser
+from fewstep.core.schedules import EDMSchedule
+from fewstep.models.config import ModelConfig
+from fewstep.models.data import ImageData
+from fewstep.models.folders import new_pipeline, new_pixel_model, save_model
+from fewstep.nets.unets import TinySDConfig
+from fewstep.objectives.base import dropout_condition
+from fewstep.objectives.denoising import DenoisingLoss
 
 
 def tiny_unet(num_classes: int = 3, channels: int = 1, size: int = 8, dropout: float = 0.1) -> UNet2DModel:
@@ -27,7 +30,23 @@ def tiny_setup(model_seed: int = 0, n: int = 32):
     torch.manual_seed(model_seed)
     g = torch.Generator().manual_seed(0)
     data = {"images": torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, "labels": torch.randint(0, 3, (n,), generator=g)}
-    return EDMDenoiser(tiny_unet()), DenoisingLoss(EDMSchedule(), null_label=3, label_dropout=0.2), data
+    condition = dropout_condition({"class_labels": "labels"}, {"class_labels": torch.tensor(3)}, 0.2)
+    return EDMDenoiser(tiny_unet()), DenoisingLoss(EDMSchedule(), condition), data
+
+
+def save_pixel_model(folder, unet, config: ModelConfig, readme: str = ""):
+    """A pixel model folder of ``unet`` (a UNet2DModel or GuidedUNet) and ``config``."""
+    return save_model(folder, new_pixel_model(config, unet, folder), readme)
+
+
+def save_pipeline(folder, unet, vae, text_encoder, tokenizer, config: dict | ModelConfig | None = None,
+                  scheduler_config: dict | None = None):
+    """A pipeline folder of the parts; ``config`` as fewstep.json fields (a diffusion teacher by default)."""
+    if not isinstance(config, ModelConfig):
+        config = ModelConfig(**{"kind": "diffusion", "parameterization": "vp", "image_size": vae.config.sample_size,
+                                "channels": 3, "default_sampler": "dpmpp-2m", "default_steps": 25,
+                                "default_guidance_scale": 3.0, **(config or {})})
+    return save_model(folder, new_pipeline(config, unet, vae, text_encoder, tokenizer, folder, scheduler_config))
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -46,13 +65,14 @@ def tiny_digits_models(root: Path):
     """Fill ``root`` as a models folder: the shipped digits classifier beside a tiny untrained
     'digits-teacher'. Returns the teacher's config."""
     from fewstep.cli import shipped_models_dir
-    from fewstep.models import ModelConfig, save_model
+    from fewstep.models.config import ModelConfig
+    from helpers import save_pixel_model as save_model
 
     shutil.copytree(shipped_models_dir() / "digits-classifier", root / "digits-classifier")
     torch.manual_seed(0)
     config = ModelConfig(schedule=asdict(EDMSchedule()), image_size=16, channels=1,
                          class_names=[str(i) for i in range(10)], dataset="digits")
-    save_model(root / "digits-teacher", tiny_unet(num_classes=10, size=16), config)
+    save_pixel_model(root / "digits-teacher", tiny_unet(num_classes=10, size=16), config)
     return config
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fewstep.atomic import atomic_path, write_text
+from fewstep.io.atomic import atomic_path, write_text
 
 
 def test_failed_folder_write_keeps_old_folder_and_cleans_up(tmp_path):

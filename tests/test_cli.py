@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 from fewstep.cli import build_parser
-from fewstep.models import ModelConfig, load_model, save_model
-from fewstep.schedules import EDMSchedule
+from fewstep.models.config import ModelConfig
+from fewstep.models.folders import load_model
+from helpers import save_pixel_model as save_model
+from fewstep.core.schedules import EDMSchedule
 
 from helpers import run_cli as run, tiny_unet
 

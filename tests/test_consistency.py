@@ -6,16 +6,19 @@ import math
 import pytest
 import torch
 
-from fewstep.adversarial import AdversarialConsistencyLoss, Discriminator, diff_augment
-from fewstep.consistency import (cm_scalings, ct_num_scales, ct_target_ema, ict_level_probs, ict_num_scales,
-                                 karras_levels)
-from fewstep.consistency_losses import ConsistencyLoss, Curriculum
-from fewstep.denoisers import EDMDenoiser
-from fewstep.distances import l2, pseudo_huber
-from fewstep.oracle import ExactDenoiser
-from fewstep.schedules import EDMSchedule, karras_sigmas
-from fewstep.solvers import sample_heun
-from fewstep.train import TrainConfig, train
+from fewstep.core.denoisers import cm_scalings
+from fewstep.nets.discriminator import Discriminator
+from fewstep.objectives.adversarial import AdversarialConsistencyLoss, diff_augment
+from fewstep.objectives.curricula import ct_num_scales, ct_target_ema, ict_level_probs, ict_num_scales
+from fewstep.core.schedules import karras_levels
+from fewstep.objectives.consistency import ConsistencyLoss
+from fewstep.objectives.curricula import Curriculum
+from fewstep.core.denoisers import EDMDenoiser
+from fewstep.objectives.distances import l2, pseudo_huber
+from fewstep.core.oracle import ExactDenoiser
+from fewstep.core.schedules import EDMSchedule, karras_sigmas
+from fewstep.core.solvers import sample_heun
+from fewstep.training import TrainConfig, train
 from helpers import tiny_unet
 
 
@@ -92,8 +95,7 @@ def test_cd_loss_vanishes_on_the_exact_consistency_function(solver):
     data = torch.randn(8, 2, generator=g, dtype=torch.float64)
     den = ExactDenoiser(data)
     cur = Curriculum(name="cd", total_steps=1, num_scales=18, target_ema=0.0)
-    loss_fn = ConsistencyLoss(EDMSchedule(), cur, l2, teacher=lambda cond: (den, {}), solver=solver,
-                              conditional=False)
+    loss_fn = ConsistencyLoss(EDMSchedule(), cur, l2, teacher=lambda cond: (den, {}), solver=solver)
     batch = {"images": data[torch.randint(0, 8, (64,), generator=g)]}
     torch.manual_seed(1)
     exact = loss_fn(ExactFlowMap(den), batch)[0].item()
@@ -110,7 +112,7 @@ def test_online_and_target_share_dropout():
     torch.manual_seed(0)
     model = EDMDenoiser(tiny_unet(dropout=0.5), scalings=cm_scalings).train()
     cur = Curriculum(name="ct", total_steps=10)
-    loss_fn = ConsistencyLoss(EDMSchedule(), cur, l2)
+    loss_fn = ConsistencyLoss(EDMSchedule(), cur, l2, condition=lambda batch: {"class_labels": batch["labels"]})
     same = torch.full((4,), 1.5)
     loss_fn.curriculum = type("Fixed", (), {"sample_pairs": lambda *a: (same, same), "weight": cur.weight,
                                             "scales": cur.scales, "ema": cur.ema})()
@@ -127,7 +129,8 @@ def _setup(method):
     teacher_net = EDMDenoiser(tiny_unet()).eval().requires_grad_(False)
     loss = ConsistencyLoss(EDMSchedule(), Curriculum.for_method("ct" if method == "act" else method, 4),
                            pseudo_huber if method == "ict" else l2,
-                           teacher=(lambda c: (teacher_net, {"class_labels": c["class_labels"]})) if method == "cd" else None)
+                           teacher=(lambda c: (teacher_net, {"class_labels": c["class_labels"]})) if method == "cd" else None,
+                           condition=lambda batch: {"class_labels": batch["labels"]})
     if method == "act":
         disc = Discriminator(8, 1, 3, width=8)
         loss = AdversarialConsistencyLoss(loss, disc, r1_interval=2)

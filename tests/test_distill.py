@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from fewstep.cli import main, shipped_models_dir
-from fewstep.evaluate import Ruler, tune_sigmas
-from fewstep.classifier import load_classifier
-from fewstep.data import load_digits
-from fewstep.models import load_model
-from fewstep.sampling import generate, sampling_grid
+from fewstep.eval.evaluate import Ruler, tune_sigmas
+from fewstep.nets.classifier import load_classifier
+from fewstep.models.data import load_digits
+from fewstep.models.folders import load_model
+from fewstep.sampling.generate import generate
+from fewstep.sampling.grids import sampling_grid
 
 from helpers import run_cli, tiny_digits_models
 
@@ -82,7 +83,7 @@ def test_sample_cli_uses_the_models_defaults_and_chosen_levels(distilled, tmp_pa
 @pytest.mark.parametrize("argv, message", [
     (["--method", "cd"], "needs a teacher"),
     (["--method", "lcd", "--teacher", "TEACHER_IS_CM"], "not a diffusers pipeline folder"),
-    (["--method", "cd", "--teacher", "TEACHER_IS_CM"], "CD needs an EDM diffusion teacher"),
+    (["--method", "cd", "--teacher", "TEACHER_IS_CM"], "--method cd needs an EDM diffusion teacher"),
     (["--method", "ct", "--distance", "classifier", "--classifier", "/nonexistent"], "classifier"),
     (["--method", "cd", "--teacher", "/nonexistent"], "does not exist"),
 ])
@@ -99,7 +100,7 @@ def test_distill_bad_input_is_one_clear_line(distilled, tmp_path, capsys, argv, 
 def test_cd_student_beats_its_teacher_at_one_step(tmp_path):
     """The claim of consistency distillation, on the shipped teacher: after 250 CD steps (~8 minutes on
     2 CPU cores) the 1-step student is closer to the data than the teacher's own 1-step sample."""
-    from fewstep.evaluate import evaluate
+    from fewstep.eval.evaluate import evaluate
 
     models = shipped_models_dir()
     assert main(["distill", "--method", "cd", "--teacher", str(models / "digits-teacher"), "--out",

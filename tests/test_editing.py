@@ -11,13 +11,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fewstep import editing as E
 from fewstep.cli import build_parser
-from fewstep.models import LoadedModel, ModelConfig, make_denoiser, save_model
-from fewstep.oracle import ExactDenoiser
-from fewstep.schedules import EDMSchedule
+from fewstep.core.oracle import ExactDenoiser
+from fewstep.core.schedules import EDMSchedule
+from fewstep.editing import constraints as C, zero_shot as Z
+from fewstep.errors import FewstepError
+from fewstep.eval import editing as M
+from fewstep.models.config import ModelConfig
+from fewstep.models.folders import new_pixel_model
+from fewstep.models.handle import Model
 
-from helpers import run_cli as run, tiny_unet
+from helpers import run_cli as run, save_pixel_model as save_model, tiny_unet
 
 SIGMAS = [80.0, 5.0, 0.5]  # 3 evaluations keep the tests fast
 
@@ -27,10 +31,9 @@ def _config(channels: int = 1, classes: int = 3) -> ModelConfig:
                        class_names=[str(i) for i in range(classes)], dataset="random")
 
 
-def _tiny(channels: int = 1) -> LoadedModel:
+def _tiny(channels: int = 1) -> Model:
     torch.manual_seed(0)
-    config = _config(channels)
-    return LoadedModel(make_denoiser(tiny_unet(channels=channels, dropout=0.0), config).eval(), config, Path("tiny"))
+    return new_pixel_model(_config(channels), tiny_unet(channels=channels, dropout=0.0), Path("tiny")).eval()
 
 
 def _images(n: int = 4, channels: int = 1, seed: int = 1) -> torch.Tensor:
@@ -40,42 +43,42 @@ def _images(n: int = 4, channels: int = 1, seed: int = 1) -> torch.Tensor:
 def test_inpainting_keeps_the_known_pixels_exactly():
     model, images = _tiny(), _images()
     known = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2)) > 0.5
-    out = E.inpaint(model, images, known, sigmas=SIGMAS, labels=[1], seed=3)
+    out = Z.inpaint(model, images, known, sigmas=SIGMAS, labels=[1], seed=3)
     assert torch.equal(out[known.expand_as(out)], images[known.expand_as(images)])
     assert not torch.allclose(out, images) and out.abs().max() <= 1
-    half = E.half_mask(8, "bottom")
+    half = C.half_mask(8, "bottom")
     assert half[:4].all() and not half[4:].any()
-    assert torch.equal(E.inpaint(model, images, half, sigmas=SIGMAS, seed=3), E.inpaint(model, images, half, sigmas=SIGMAS,
+    assert torch.equal(Z.inpaint(model, images, half, sigmas=SIGMAS, seed=3), Z.inpaint(model, images, half, sigmas=SIGMAS,
                                                                                         seed=3))  # seeded
 
 
 def test_colorization_keeps_luminance_exactly():
     model, images = _tiny(channels=3), _images(channels=3)
-    out = E.colorize(model, images, sigmas=SIGMAS, seed=0)
-    assert (E.luminance(out) - E.luminance(images)).abs().max() < 1e-5
+    out = Z.colorize(model, images, sigmas=SIGMAS, seed=0)
+    assert (C.luminance(out) - C.luminance(images)).abs().max() < 1e-5
     assert (out - images).abs().max() > 0.1  # the colours did change
 
 
 @pytest.mark.parametrize("factor", [2, 4])
 def test_superres_patch_means_equal_the_low_res_input(factor):
     model, images = _tiny(), _images()
-    out = E.superres(model, images, factor, sigmas=SIGMAS, seed=0)
+    out = Z.superres(model, images, factor, sigmas=SIGMAS, seed=0)
     assert (F.avg_pool2d(out, factor) - F.avg_pool2d(images, factor)).abs().max() < 1e-5
     assert (out - images).abs().max() > 0.1
-    low_res_view = E.superresolution(factor).degrade(images)  # what the loop sees: the patch means, upsampled
+    low_res_view = C.superresolution(factor).degrade(images)  # what the loop sees: the patch means, upsampled
     assert torch.allclose(low_res_view, F.interpolate(F.avg_pool2d(images, factor), scale_factor=factor), atol=1e-6)
 
 
-@pytest.mark.parametrize("first", [E.LUMA, [1.0] * 4, [1.0] * 16])
+@pytest.mark.parametrize("first", [C.LUMA, [1.0] * 4, [1.0] * 16])
 def test_bases_are_orthogonal_with_the_kept_direction_first(first):
-    q = E.orthogonal_basis(first)
+    q = C.orthogonal_basis(first)
     assert torch.allclose(q @ q.T, torch.eye(len(first), dtype=q.dtype), atol=1e-12)
     v = torch.tensor(first, dtype=q.dtype)
     assert torch.allclose(q[:, 0], v / v.norm(), atol=1e-12)
 
 
-@pytest.mark.parametrize("constraint, channels", [(E.colorization(), 3), (E.superresolution(2), 1),
-                                                  (E.superresolution(4), 3)])
+@pytest.mark.parametrize("constraint, channels", [(C.colorization(), 3), (C.superresolution(2), 1),
+                                                  (C.superresolution(4), 3)])
 def test_transforms_are_inverted_and_norm_preserving(constraint, channels):
     x = _images(channels=channels).double()
     a = constraint.A(x)
@@ -86,65 +89,68 @@ def test_transforms_are_inverted_and_norm_preserving(constraint, channels):
 def test_slerp_endpoints_and_norms():
     g = torch.Generator().manual_seed(0)
     z0, z1 = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
-    assert torch.equal(E.slerp(z0, z1, 0.0), z0) and torch.equal(E.slerp(z0, z1, 1.0), z1)
+    assert torch.equal(Z.slerp(z0, z1, 0.0), z0) and torch.equal(Z.slerp(z0, z1, 1.0), z1)
     z1 = z1 * (z0.flatten(1).norm(dim=1) / z1.flatten(1).norm(dim=1))[:, None, None, None]  # equal norms
     for t in (0.25, 0.5, 0.9):
-        assert torch.allclose(E.slerp(z0, z1, t).flatten(1).norm(dim=1), z0.flatten(1).norm(dim=1), rtol=1e-5)
-    assert torch.allclose(E.slerp(z0, z0, 0.3), z0)  # θ = 0 falls back to a (trivial) lerp
+        assert torch.allclose(Z.slerp(z0, z1, t).flatten(1).norm(dim=1), z0.flatten(1).norm(dim=1), rtol=1e-5)
+    assert torch.allclose(Z.slerp(z0, z0, 0.3), z0)  # θ = 0 falls back to a (trivial) lerp
 
 
 def test_interpolation_frames_start_and_end_at_the_one_step_samples():
     model = _tiny()
     g = torch.Generator().manual_seed(0)
     z0, z1 = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
-    frames = E.interpolate(model, z0, z1, 5, labels=[0, 2])
+    frames = Z.interpolate(model, z0, z1, 5, labels=[0, 2])
     assert frames.shape == (2, 5, 1, 8, 8)
-    ends = E.edit(model, None, [80.0], x=80 * torch.cat([z0, z1]), labels=[0, 2, 0, 2])
+    ends = Z.edit(model, None, [80.0], x=80 * torch.cat([z0, z1]), labels=[0, 2, 0, 2])
     assert torch.allclose(frames[:, 0], ends[:2], atol=1e-5) and torch.allclose(frames[:, -1], ends[2:], atol=1e-5)
 
 
-def _oracle(n: int = 16) -> tuple[LoadedModel, torch.Tensor]:
+def _oracle(n: int = 16) -> tuple[Model, torch.Tensor]:
+    """A model whose denoiser is the exact oracle of ``n`` random images (unconditional)."""
     data = _images(n, seed=5)
     config = ModelConfig(schedule=asdict(EDMSchedule()), image_size=8, channels=1, dataset="random")
-    return LoadedModel(ExactDenoiser(data), config, Path("oracle")), data
+    model = new_pixel_model(config, tiny_unet(), Path("oracle"))
+    model.denoiser = ExactDenoiser(data)
+    return model, data
 
 
 def test_denoise_with_the_exact_oracle_recovers_the_data_point():
     model, data = _oracle()
     noisy = data[3:5] + 0.3 * torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(E.denoise(model, noisy, 0.3), data[3:5], atol=1e-4)
-    assert torch.allclose(E.denoise(model, noisy, 0.3, refine=[0.1]), data[3:5], atol=1e-4)
+    assert torch.allclose(Z.denoise(model, noisy, 0.3), data[3:5], atol=1e-4)
+    assert torch.allclose(Z.denoise(model, noisy, 0.3, refine=[0.1]), data[3:5], atol=1e-4)
 
 
 def test_inpainting_with_the_exact_oracle_recovers_the_data_point():
     """The posterior of a finite data set given half of one of its points is that point."""
     model, data = _oracle()
-    out = E.inpaint(model, data[:4], E.half_mask(8, "right"), sigmas=[80.0, 5.0, 1.0, 0.2], seed=0)
+    out = Z.inpaint(model, data[:4], C.half_mask(8, "right"), sigmas=[80.0, 5.0, 1.0, 0.2], seed=0)
     assert torch.allclose(out, data[:4], atol=1e-4)
 
 
 def test_bad_noise_levels_and_labels_are_clear_errors():
     model, images = _tiny(), _images()
     for sigmas in ([], [5.0, 20.0], [1.0, 0.0]):
-        with pytest.raises(E.FewstepError, match="strictly decreasing"):
-            E.inpaint(model, images, E.half_mask(8, "top"), sigmas=sigmas)
-    with pytest.raises(E.FewstepError, match="one label or one per image"):
-        E.inpaint(model, images, E.half_mask(8, "top"), sigmas=SIGMAS, labels=[0, 1])
-    with pytest.raises(E.FewstepError, match="RGB"):
-        E.colorize(model, images)
+        with pytest.raises(FewstepError, match="strictly decreasing"):
+            Z.inpaint(model, images, C.half_mask(8, "top"), sigmas=sigmas)
+    with pytest.raises(FewstepError, match="one label or one per image"):
+        Z.inpaint(model, images, C.half_mask(8, "top"), sigmas=SIGMAS, labels=[0, 1])
+    with pytest.raises(FewstepError, match="RGB"):
+        Z.colorize(model, images)
 
 
 def test_edit_metrics_on_the_shipped_teacher():
     """The bench's measurements run on real digits; their exactness figures hold on a real model."""
-    from fewstep.classifier import load_classifier
+    from fewstep.nets.classifier import load_classifier
     from fewstep.cli import shipped_models_dir
-    from fewstep.data import load_digits
-    from fewstep.models import load_model
+    from fewstep.models.data import load_digits
+    from fewstep.models.folders import load_model
 
     models, data = shipped_models_dir(), load_digits()
     model, classifier = load_model(models / "digits-teacher"), load_classifier(models / "digits-classifier")
-    r = E.edit_metrics(model, classifier, data.images[:8], data.labels[:8])
-    assert r["sigmas"] == [80.0, *E.DEFAULT_SIGMAS] and r["colorize"] is None
+    r = M.edit_metrics(model, classifier, data.images[:8], data.labels[:8])
+    assert r["sigmas"] == [80.0, *Z.DEFAULT_SIGMAS] and r["colorize"] is None
     assert r["superres_4x"]["max_patch_mean_error"] < 1e-5
     assert r["denoise"]["psnr"] > r["denoise"]["noisy_psnr"] + 5
     for key in ("inpaint_bottom", "inpaint_right", "superres_4x", "stroke"):

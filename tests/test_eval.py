@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fewstep.cli import main, shipped_models_dir
-from fewstep.models import ModelConfig, save_model
+from fewstep.models.config import ModelConfig
+from helpers import save_pixel_model as save_model
 
 from helpers import tiny_digits_models, tiny_unet
 
@@ -22,7 +23,7 @@ def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     config = tiny_digits_models(root)
     # a stand-in "distilled" model, so bench's per-model rows and matched-quality speedups run
-    student = ModelConfig(**{**asdict(config), "kind": "student-under-test", "default_sampler": "euler"})
+    student = ModelConfig(**{**asdict(config), "kind": "consistency", "parameterization": "cm", "default_sampler": "euler"})
     save_model(root / "digits-student", tiny_unet(num_classes=10, size=16), student)
     return root
 
@@ -61,7 +62,7 @@ def test_bench_quick_writes_tables_json_and_plots(models, tmp_path, capsys):
     text = md.read_text()
     assert "Quality versus steps" in text and "sampler overhead" in text and "fewstep bench --quick" in text
     assert "Zero-shot editing" in text and set(report["editing"]) == {"digits-teacher"}
-    assert report["costs"]["digits-student"]["method"] == "student-under-test"
+    assert report["costs"]["digits-student"]["method"] == "consistency"
 
     # a second run reuses the teacher's quality rows from the first (same sample count and seed)
     code = main(["bench", "--quick", "--num", "40", "--models", str(models), "--out", str(tmp_path / "res2"),
@@ -77,9 +78,9 @@ def test_ruler_on_real_digits_orders_corruptions():
     monotonically with added noise and with blur; conditional accuracy of the clean data is ~1."""
     import torch.nn.functional as F
 
-    from fewstep.classifier import load_classifier
-    from fewstep.data import load_digits
-    from fewstep.evaluate import Ruler
+    from fewstep.nets.classifier import load_classifier
+    from fewstep.models.data import load_digits
+    from fewstep.eval.evaluate import Ruler
 
     data = load_digits()
     ruler = Ruler(load_classifier(shipped_models_dir() / "digits-classifier"), data)

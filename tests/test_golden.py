@@ -24,29 +24,38 @@ GOLDEN = Path(__file__).parent / "golden" / "golden.safetensors"
 LABELS = torch.tensor([0, 3, 7, 9])
 PROMPTS = ["red apple", "dog face", "flag: Japan"]
 ATOL = 1e-6
+# The VP prior x = z·√(1 + σ₀²) is now z/√ᾱ through vp_alpha_cumprod, the one VP scaling (the issue "One house"
+# lists it as written three times): the same formula, but in float32 its start differs from the old one by
+# one ulp at some σ₀ (6e-8 relative), which a few steps carry to at most 4e-5 in the images. So text-to-image
+# samples drawn from the prior are held to 1e-4; every img2img (no prior) still matches to 1e-6.
+PRIOR_ATOL = 1e-4
 
 # key -> why it no longer matches the recording (filled in by the redesign's deliberate fixes)
-CHANGED: dict[str, str] = {}
+CHANGED: dict[str, str] = {
+    # img2img now runs ⌊strength·N⌋ steps for every model (diffusers' rule, what pipelines already did); pixel
+    # models ran round(strength·N): at N = 3, strength 0.5 that was 2 steps, now 1 (the issue "One house")
+    "digits-teacher/img2img/3/0.5": "one img2img rule: int(strength·N), as diffusers",
+}
 
 
 def _digits(n: int = 4) -> torch.Tensor:
-    from fewstep.data import load_digits
+    from fewstep.models.data import load_digits
 
     data = load_digits()
     return data.images[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:n]]
 
 
 def _emoji(n: int = 3) -> torch.Tensor:
-    from fewstep.data import load_emoji
+    from fewstep.models.data import load_emoji
 
     data = load_emoji()
     return data.images[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:n]]
 
 
 def pixel_cases() -> dict[str, callable]:
-    from fewstep import editing, sampler_editing
-    from fewstep.models import load_model
-    from fewstep.sampling import generate
+    from fewstep.editing import constraints, zero_shot as editing
+    from fewstep.models.folders import load_model
+    from fewstep.sampling.generate import generate
 
     load = {name: (lambda name=name: load_model(MODELS / name)) for name in
             ("digits-teacher", "digits-cd", "digits-ct", "digits-ict", "digits-act", "digits-guided", "digits-progressive")}
@@ -68,24 +77,24 @@ def pixel_cases() -> dict[str, callable]:
     cases["digits-progressive/ddim-stochastic/4"] = sample("digits-progressive", "ddim-stochastic", 4, 3.0)
 
     # editing in sampler steps (guided/progressive students) and the zero-shot loop (a consistency model)
-    known = editing.half_mask(16, "bottom")
-    cases["digits-progressive/img2img/4/0.5"] = lambda: sampler_editing.img2img(
-        load["digits-progressive"](), _digits(), 0.5, 4, labels=LABELS, seed=0)
-    cases["digits-teacher/img2img/3/0.5"] = lambda: sampler_editing.img2img(
-        load["digits-teacher"](), _digits(), 0.5, 3, labels=LABELS, seed=0)
-    cases["digits-progressive/inpaint/4"] = lambda: sampler_editing.inpaint(
-        load["digits-progressive"](), _digits(), known, 4, labels=LABELS, seed=0)
+    known = constraints.half_mask(16, "bottom")
+    cases["digits-progressive/img2img/4/0.5"] = lambda: generate(
+        load["digits-progressive"](), LABELS, steps=4, init_images=_digits(), strength=0.5, seed=0)
+    cases["digits-teacher/img2img/3/0.5"] = lambda: generate(
+        load["digits-teacher"](), LABELS, steps=3, init_images=_digits(), strength=0.5, seed=0)
+    cases["digits-progressive/inpaint/4"] = lambda: generate(
+        load["digits-progressive"](), LABELS, steps=4, init_images=_digits(), mask=known, seed=0)
     cases["digits-cd/zero-shot/inpaint"] = lambda: editing.inpaint(load["digits-cd"](), _digits(), known, seed=0)
     cases["digits-cd/zero-shot/superres"] = lambda: editing.superres(load["digits-cd"](), _digits(), 4, seed=0)
     cases["digits-cd/zero-shot/denoise"] = lambda: editing.denoise(load["digits-cd"](), _digits() + 0.3, 0.3, seed=0)
-    cases["digits-cd/zero-shot/stroke"] = lambda: editing.stroke(load["digits-cd"](), editing.rough_strokes(_digits()),
+    cases["digits-cd/zero-shot/stroke"] = lambda: editing.stroke(load["digits-cd"](), constraints.rough_strokes(_digits()),
                                                                  1.5, labels=LABELS, seed=0)
     cases["digits-cd/zero-shot/interpolate"] = lambda: editing.interpolate(
         load["digits-cd"](), *torch.randn(2, 2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), 3, seed=0)
     cases["digits-cd/zero-shot/infer-labels"] = lambda: editing.infer_labels(load["digits-cd"](), _digits(), known).float()
 
     def eval_number():
-        from fewstep.evaluate import evaluate, ruler_for
+        from fewstep.eval.evaluate import evaluate, ruler_for
 
         model = load["digits-cd"]()
         rows, _ = evaluate(model, ruler_for(model, MODELS), [1, 2], "consistency", 1.0, num=100, seed=0, progress=False)
@@ -96,12 +105,12 @@ def pixel_cases() -> dict[str, callable]:
 
 
 def latent_cases() -> dict[str, callable]:
-    from fewstep.latent_sampling import generate_latent
-    from fewstep.lora import apply_loras
-    from fewstep.sd import load_latent_model
+    from fewstep.sampling.generate import generate_latent
+    from fewstep.models.loras import apply_loras
+    from fewstep.models.folders import load_model
 
     def load(name, loras=()):
-        model = load_latent_model(MODELS / name)
+        model = load_model(MODELS / name)
         return apply_loras(model, [(MODELS / lora, 1.0) for lora in loras]) if loras else model
 
     def sample(name, sampler, steps, guidance, loras=()):
@@ -133,7 +142,7 @@ def latent_cases() -> dict[str, callable]:
     cases["emoji-progressive/img2img/4/0.5"] = img2img("emoji-progressive", 4, 0.5, 3.0, "ddim")
 
     def eval_number():
-        from fewstep.evaluate import evaluate_latent, ruler_for
+        from fewstep.eval.evaluate import evaluate as evaluate_latent, ruler_for
 
         model = load("emoji-lcm")
         rows, _ = evaluate_latent(model, ruler_for(model, MODELS), [2, 4], "consistency", 3.0, num=100, seed=0,
@@ -146,6 +155,10 @@ def latent_cases() -> dict[str, callable]:
 
 def all_cases() -> dict[str, callable]:
     return {**pixel_cases(), **latent_cases()}
+
+
+def from_vp_prior(key: str) -> bool:
+    return key.startswith("emoji") and "/img2img/" not in key
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +181,7 @@ def test_golden_outputs_match(golden, family):
         out, want = case().to(torch.float64), golden[key].to(torch.float64)
         if out.shape != want.shape:
             bad[key] = f"shape {tuple(out.shape)} != {tuple(want.shape)}"
-        elif not torch.allclose(out, want, atol=ATOL, rtol=0):
+        elif not torch.allclose(out, want, atol=PRIOR_ATOL if from_vp_prior(key) else ATOL, rtol=0):
             bad[key] = f"max diff {float((out - want).abs().max()):.3g}"
     assert not bad, bad
 

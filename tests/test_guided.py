@@ -10,20 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewstep.data import load_digits
-from fewstep.denoisers import EDMDenoiser, edm_scalings
+from fewstep.models.data import load_digits
+from fewstep.core.denoisers import EDMDenoiser, edm_scalings
 from fewstep.errors import FewstepError
-from fewstep.guidance import guide, label_cfg
-from fewstep.guided import (GuidedDistillationLoss, GuidedSettings, GuidedUNet, embedding_record,
-                            guidance_scale_embedding, label_condition)
-from fewstep.models import ModelConfig, load_model, save_model
-from fewstep.oracle import ExactDenoiser
-from fewstep.progressive import (ProgressiveLoss, ProgressiveSettings, ddim_target, distill_progressive, rounds,
-                                 teacher_two_steps)
-from fewstep.sampling import generate, nfe
-from fewstep.schedules import EDMSchedule
-from fewstep.solvers import SAMPLERS, ddim_step, sample_ddim, sample_ddim_stochastic
-from fewstep.train import TrainConfig
+from fewstep.core.guidance import guidance_scale_embedding, guide, per_sample_cfg
+from fewstep.methods.guided import GuidedSettings
+from fewstep.nets.guided import GuidedUNet
+from fewstep.objectives.base import dropout_condition
+from fewstep.objectives.guided import GuidedDistillationLoss
+from fewstep.models.config import ModelConfig
+from fewstep.models.folders import load_model
+from helpers import save_pixel_model as save_model
+from fewstep.core.oracle import ExactDenoiser
+from fewstep.methods.progressive import ProgressiveSettings, distill_progressive, rounds
+from fewstep.objectives.progressive import ProgressiveLoss, ddim_target, teacher_two_steps
+from fewstep.sampling.generate import generate, nfe
+from fewstep.core.schedules import EDMSchedule
+from fewstep.core.solvers import SAMPLERS, ddim_step, sample_ddim, sample_ddim_stochastic
+from fewstep.training import TrainConfig
 
 from helpers import run_cli, tiny_digits_models, tiny_unet
 
@@ -40,6 +44,11 @@ class OracleCFG:
     def __call__(self, x, sigma, class_labels, guidance_scale):
         null = torch.full_like(class_labels, self.oracle.null_label)
         return guide(self.oracle(x, sigma, class_labels), self.oracle(x, sigma, null), guidance_scale)
+
+
+def _labels(dropout: float):
+    """batch → class labels of 3 classes, a share ``dropout`` of them the null label."""
+    return dropout_condition({"class_labels": "labels"}, {"class_labels": torch.tensor(3)}, dropout)
 
 
 def _oracle_data(n: int = 12):
@@ -75,7 +84,7 @@ def test_student_starts_as_the_teachers_conditional_output_and_round_trips(tmp_p
         torch.testing.assert_close(teacher(x, sigma, class_labels=y), teacher(x, sigma, class_labels=y))
     assert not unet.time_embedding._forward_pre_hooks          # ... and no hook outlives a call
     config = ModelConfig(schedule=asdict(EDMSchedule()), image_size=8, channels=1, class_names=["a", "b", "c"],
-                         guidance_embedding=embedding_record(GuidedSettings(embedding_dim=32)))
+                         guidance_range=[1.0, 4.0], embedding_dim=32)
     save_model(tmp_path / "g", student.net, config)
     loaded = load_model(tmp_path / "g")
     with torch.no_grad():
@@ -88,8 +97,10 @@ def test_student_starts_as_the_teachers_conditional_output_and_round_trips(tmp_p
 def test_guided_loss_vanishes_on_the_exact_cfg_student():
     data, labels = _oracle_data()
     oracle = ExactDenoiser(data, labels)
-    loss = GuidedDistillationLoss(label_cfg(oracle, oracle.null_label), EDMSchedule(),
-                                  label_condition(oracle.null_label, 0.3), GuidedSettings())
+    null = {"class_labels": torch.tensor(oracle.null_label)}
+    loss = GuidedDistillationLoss(per_sample_cfg(oracle, lambda c: {"class_labels": null["class_labels"].expand_as(
+                                      c["class_labels"])}), EDMSchedule(),
+                                  dropout_condition({"class_labels": "labels"}, null, 0.3), (1.0, 4.0))
     batch = {"images": data, "labels": labels}
     torch.manual_seed(0)
     exact, _ = loss(OracleCFG(oracle), batch)
@@ -121,7 +132,7 @@ def test_one_ddim_step_with_the_target_lands_where_two_teacher_steps_land():
     torch.manual_seed(0)
     x0 = data.double().repeat(2, 1, 1, 1)
     for i, solver in [(i, s) for i in range(4) for s in ("ddim", "heun")]:  # every student step, the last included
-        objective = ProgressiveLoss(teacher, grid, label_condition(3, 0.0), (1.0, 4.0), solver=solver)
+        objective = ProgressiveLoss(teacher, grid, _labels(0.0), (1.0, 4.0), solver=solver)
         sigmas = tuple(torch.full((len(x0),), float(grid[2 * i + k]), dtype=torch.float64) for k in range(3))
         cond = {"class_labels": labels.repeat(2), "guidance_scale": torch.rand(len(x0), dtype=torch.float64) * 3 + 1}
         x = x0 + sigmas[0].reshape(-1, 1, 1, 1) * torch.randn_like(x0)
@@ -137,7 +148,7 @@ def test_one_ddim_step_with_the_target_lands_where_two_teacher_steps_land():
             torch.testing.assert_close(target, two)          # σ'' = 0: the target is the teacher's sample itself
     torch.testing.assert_close(ddim_target(x, ddim_step(x, x0, sigmas[0], sigmas[2]), sigmas[0], sigmas[2]), x0)
     for solver in ("ddim", "heun"):                         # per-sample levels, mixed, the last step included
-        objective = ProgressiveLoss(teacher, grid, label_condition(3, 0.0), (1.0, 4.0), solver=solver)
+        objective = ProgressiveLoss(teacher, grid, _labels(0.0), (1.0, 4.0), solver=solver)
         i = torch.arange(len(x0)) % 4
         sigmas = tuple(grid[2 * i + k] for k in range(3))
         x = x0 + sigmas[0].reshape(-1, 1, 1, 1) * torch.randn_like(x0)
@@ -154,7 +165,7 @@ def test_progressive_loss_vanishes_when_the_student_is_the_two_step_teacher():
     data, labels = _oracle_data()
     teacher = OracleCFG(ExactDenoiser(data, labels))
     grid = EDMSchedule().grid(4)
-    objective = ProgressiveLoss(teacher, grid, label_condition(3, 0.2), (1.0, 4.0))
+    objective = ProgressiveLoss(teacher, grid, _labels(0.2), (1.0, 4.0))
 
     class TwoSteps(OracleCFG):  # D̃(x, σ_{2i}) that makes one DDIM step equal the teacher's two
         def __call__(self, x, sigma, class_labels, guidance_scale):
@@ -231,8 +242,7 @@ def test_progressive_rounds_resume_per_round(tiny_guided, tmp_path):
 def test_cli_end_to_end_one_pass_per_step_and_bad_input(tiny_guided, capsys, tmp_path):
     root = tiny_guided
     guided = load_model(root / "digits-guided")
-    g = guided.config.guidance_embedding
-    assert (g["min_guidance_scale"], g["max_guidance_scale"]) == (1.0, 3.0)
+    assert guided.config.guidance_range == [1.0, 3.0]
     assert "fewstep distill --method guided" in guided.config.training["command"]
     calls = []
     guided.denoiser.net.unet.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
@@ -266,23 +276,26 @@ def test_cli_end_to_end_one_pass_per_step_and_bad_input(tiny_guided, capsys, tmp
 
 
 def test_editing_in_a_few_steps_with_the_students(tiny_guided, capsys, tmp_path):
-    from fewstep import sampler_editing
-    from fewstep.editing import half_mask
+    from fewstep.editing.constraints import half_mask
+    from fewstep.sampling.grids import img2img_start
 
     root = tiny_guided
     guided = load_model(root / "digits-guided")
     images = load_digits().images[:4]
     known = half_mask(16, "bottom")
-    out = sampler_editing.inpaint(guided, images, known, steps=3, labels=[1], guidance_scale=2.0)
+    out = generate(guided, [1], steps=3, guidance_scale=2.0, init_images=images, mask=known)
     assert torch.equal(out[..., :8, :], images[..., :8, :]) and out.abs().max() <= 1   # known pixels kept exactly
     calls = []
     guided.denoiser.net.unet.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
-    sampler_editing.img2img(guided, images, strength=0.5, steps=4, sampler="ddim", guidance_scale=3.0)
-    assert calls == [4, 4]                                  # round(0.5·4) steps from σ_2 of the 4-step grid, one pass each
+    generate(guided, [2], init_images=images, strength=0.5, steps=4, sampler="ddim", guidance_scale=3.0)
+    assert calls == [4, 4]                                  # ⌊0.5·4⌋ steps from σ_2 of the 4-step grid, one pass each
+    calls.clear()
+    generate(guided, [2], init_images=images, strength=0.5, steps=3, sampler="ddim", guidance_scale=3.0)
+    assert calls == [4]                                     # diffusers' rule: ⌊0.5·3⌋ = 1 step, not round(1.5) = 2
     with pytest.raises(FewstepError, match="strength"):
-        sampler_editing.start_index(4, 0.1)
-    assert sampler_editing.start_index(4, 1.0) == 0 and sampler_editing.start_index(2, 0.5) == 1
-    from fewstep.editing import infer_labels                # code written for any denoiser: s defaults to 1
+        img2img_start(4, 0.1)
+    assert img2img_start(4, 1.0) == 0 and img2img_start(2, 0.5) == 1 and img2img_start(3, 0.5) == 2
+    from fewstep.editing.zero_shot import infer_labels                # code written for any denoiser: s defaults to 1
     assert infer_labels(guided, images, known, sigmas=(1.0,), repeats=1).shape == (4,)
     for task in (["img2img", "--strength", "0.5"], ["inpaint", "--mask-half", "right"]):
         code, _, err = run_cli(capsys, "edit", "--task", *task, "--model", str(root / "digits-guided"), "--steps", "2",
@@ -317,9 +330,9 @@ def test_bench_guided_section_merges_into_a_previous_report(tiny_guided, capsys,
 def test_shipped_progressive_student_at_4_steps_beats_the_teacher_at_4_steps():
     """Stage 2's point: the 4-step student (DDIM, one evaluation per step, s = 2 as an input) has a lower FID
     than the teacher at 4 DPM-Solver++ steps with CFG (eight evaluations), on the same labels and seed."""
-    from fewstep.classifier import load_classifier
+    from fewstep.nets.classifier import load_classifier
     from fewstep.cli import shipped_models_dir
-    from fewstep.evaluate import Ruler
+    from fewstep.eval.evaluate import Ruler
 
     models = shipped_models_dir()
     ruler = Ruler(load_classifier(models / "digits-classifier"), load_digits())
@@ -339,7 +352,7 @@ def test_shipped_guided_and_progressive_folders():
     assert guided.config.training["command"].startswith("fewstep distill --method guided")
     assert prog.config.training["command"].startswith("fewstep distill --method progressive")
     assert (prog.config.serves_steps, prog.config.default_steps, prog.config.default_sampler) == ([1, 2, 4], 4, "ddim")
-    assert prog.config.guidance_embedding == guided.config.guidance_embedding
+    assert prog.config.guidance_range == guided.config.guidance_range
     for n in (1, 2, 4):
         images = generate(prog, torch.arange(10), steps=n, guidance_scale=3.0)
         assert images.shape == (10, 1, 16, 16) and nfe(prog, "ddim", n, 3.0) == n

@@ -7,10 +7,13 @@ import torch
 from torch import nn
 
 from fewstep.errors import FewstepError
-from fewstep.guidance import prompt_cfg
-from fewstep.guided import GuidedDistillationLoss, GuidedSettings, GuidedUNet, prompt_condition, w_conditioned_unet
-from fewstep.latent_sampling import generate_latent, latent_nfe
-from fewstep.sd import load_latent_model
+from fewstep.core.guidance import per_sample_cfg
+from fewstep.methods.guided import GuidedSettings
+from fewstep.nets.guided import GuidedUNet, w_conditioned_unet
+from fewstep.objectives.base import dropout_condition
+from fewstep.objectives.guided import GuidedDistillationLoss
+from fewstep.sampling.generate import generate_latent, nfe as latent_nfe
+from fewstep.models.folders import load_model as load_latent_model
 
 from helpers import CAPTIONS, caption_folder, run_cli
 
@@ -18,8 +21,8 @@ from helpers import CAPTIONS, caption_folder, run_cli
 @pytest.fixture(scope="module")
 def tiny_guided_sd(tiny_sd, tmp_path_factory):
     """A stage-1 student of the random tiny SD teacher (a few steps: the plumbing, not the quality)."""
-    from fewstep.guided import distill_guided_latent
-    from fewstep.train import TrainConfig
+    from fewstep import distill_guided_latent
+    from fewstep.training import TrainConfig
 
     from helpers import tiny_data
 
@@ -32,9 +35,9 @@ def tiny_guided_sd(tiny_sd, tmp_path_factory):
 class ExactStudent(nn.Module):
     """The perfect stage-1 student: the teacher's CFG itself, with the student's scalings."""
 
-    def __init__(self, teacher, empty):
+    def __init__(self, teacher):
         super().__init__()
-        self.teacher, self.cfg = teacher.denoiser, prompt_cfg(teacher.denoiser, empty)
+        self.teacher, self.cfg = teacher.denoiser, per_sample_cfg(teacher.denoiser, teacher.conditioner.null_like)
 
     def scalings(self, sigma):
         return self.teacher.scalings(sigma)
@@ -46,15 +49,14 @@ class ExactStudent(nn.Module):
 
 def test_latent_loss_vanishes_on_the_teachers_cfg_and_not_on_the_initial_student(tiny_sd):
     teacher = load_latent_model(tiny_sd)
-    empty = teacher.encode_prompts([""])[0]
-    loss = GuidedDistillationLoss(prompt_cfg(teacher.denoiser, empty), teacher.schedule, prompt_condition(empty, 0.3),
-                                  GuidedSettings(min_guidance_scale=2.0, max_guidance_scale=6.0))
-    batch = {"images": torch.randn(8, 4, 8, 8), "prompt_embeds": teacher.encode_prompts(CAPTIONS[:4] * 2)}
+    loss = GuidedDistillationLoss(per_sample_cfg(teacher.denoiser, teacher.conditioner.null_like), teacher.schedule,
+                                  teacher.conditioner.training_condition(0.3), (2.0, 6.0))
+    batch = {"images": torch.randn(8, 4, 8, 8), "prompt_embeds": teacher.conditioner.encode(CAPTIONS[:4] * 2)}
     with torch.no_grad():
         torch.manual_seed(0)
-        exact, _ = loss(ExactStudent(teacher, empty), batch)
+        exact, _ = loss(ExactStudent(teacher), batch)
         start = GuidedUNet(w_conditioned_unet(teacher.unet, 64), 64)
-        from fewstep.denoisers import VPDenoiser
+        from fewstep.core.denoisers import VPDenoiser
         torch.manual_seed(0)
         initial, _ = loss(VPDenoiser(start, teacher.schedule), batch)
     assert exact.item() < 1e-10 and initial.item() > 1e-4
@@ -63,7 +65,8 @@ def test_latent_loss_vanishes_on_the_teachers_cfg_and_not_on_the_initial_student
 def test_prompt_dropout_swaps_in_the_empty_prompt():
     empty, c = torch.zeros(5, 3), torch.ones(1000, 5, 3)
     torch.manual_seed(0)
-    out = prompt_condition(empty, 0.25)({"prompt_embeds": c})["encoder_hidden_states"]
+    condition = dropout_condition({"encoder_hidden_states": "prompt_embeds"}, {"encoder_hidden_states": empty}, 0.25)
+    out = condition({"prompt_embeds": c})["encoder_hidden_states"]
     dropped = (out == 0).all(dim=(1, 2))
     assert ((out == 0) | (out == 1)).all() and 0.2 < dropped.float().mean() < 0.3
 
@@ -74,7 +77,7 @@ def test_folder_gives_stable_diffusion_pipeline_images_in_one_pass_per_step(tiny
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     model = load_latent_model(tiny_guided_sd)
-    assert model.takes_guidance and not model.is_lcm and model.info["kind"] == "guided"
+    assert model.takes_guidance and not model.config.is_lcm and model.config.kind == "diffusion"
     assert latent_nfe(model, "euler", 4, 3.0) == 4
     prompts = ["red apple", "grinning face"]
     ours = generate_latent(model, prompts, steps=4, sampler="euler", guidance_scale=3.0, seed=3)
@@ -103,7 +106,7 @@ def test_cli_guided_on_a_pipeline_teacher_then_sample(tiny_sd, tmp_path, capsys)
                             "--out", str(out), "--steps", "2", "--batch", "4", "--max-guidance-scale", "3",
                             "--no-progress", "--work-dir", str(tmp_path / "work"))
     model = load_latent_model(out)
-    assert rc == 0 and model.info["guidance_range"] == [1.0, 3.0] and model.info["training"]["method"] == "guided"
+    assert rc == 0 and model.config.guidance_range == [1.0, 3.0] and model.config.training["method"] == "guided"
     rc, _, _ = run_cli(capsys, "sample", "--model", str(out), "--prompt", "red apple", "--steps", "2",
                        "--guidance-scale", "2", "--out", str(tmp_path / "s.png"))
     assert rc == 0 and (tmp_path / "s.png").exists()
@@ -118,8 +121,9 @@ def test_cli_guided_on_a_pipeline_teacher_then_sample(tiny_sd, tmp_path, capsys)
 @pytest.fixture(scope="module")
 def tiny_progressive_sd(tiny_guided_sd, tmp_path_factory):
     """Two rounds (2 → 1 steps) of progressive distillation of the tiny stage-1 student, a few steps each."""
-    from fewstep.progressive import ProgressiveSettings, distill_progressive_latent
-    from fewstep.train import TrainConfig
+    from fewstep import distill_progressive_latent
+    from fewstep.methods.progressive import ProgressiveSettings
+    from fewstep.training import TrainConfig
 
     from helpers import tiny_data
 
@@ -137,7 +141,7 @@ def test_latent_progressive_students_run_in_diffusers_ddim_one_pass_per_step(tin
 
     folder, _ = tiny_progressive_sd
     model = load_latent_model(folder)
-    assert model.info["serves_steps"] == [1, 2] and model.default_steps == 2 and model.default_sampler == "ddim"
+    assert (model.config.serves_steps, model.config.default_steps, model.config.default_sampler) == ([1, 2], 2, "ddim")
     prompts = ["red apple", "grinning face"]
     for steps, path in ((2, folder), (1, folder / "students" / "1")):
         ours = generate_latent(model, prompts, steps=steps, guidance_scale=3.0, seed=3)
@@ -164,14 +168,14 @@ def test_latent_progressive_resumes_per_round(tiny_guided_sd, tiny_progressive_s
     assert rc == 0, err
     assert {p: p.stat().st_mtime_ns for p in (root / "work").rglob("*.safetensors")} == before
     again = load_latent_model(root / "again")
-    assert sorted(again.info["training"]["rounds"]) == ["1", "2"]
+    assert sorted(again.config.training["rounds"]) == ["1", "2"]
     torch.testing.assert_close(dict(again.unet.state_dict()), dict(load_latent_model(folder).unet.state_dict()))
 
 
 def test_trailing_grids_nest_so_a_student_step_is_two_teacher_steps(tiny_sd):
     """Progressive distillation needs the N-step grid to be every other level of the 2N-step one; diffusers'
     trailing timesteps have that property for every N the rounds use."""
-    from fewstep.latent_sampling import latent_grid
+    from fewstep.sampling.grids import sampling_grid as latent_grid
 
     model = load_latent_model(tiny_sd)
     for n in (1, 2, 4, 8, 16, 32, 64):

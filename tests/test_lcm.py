@@ -8,16 +8,16 @@ import math
 import pytest
 import torch
 
-from fewstep.consistency_losses import Curriculum
+from fewstep.objectives.curricula import Curriculum
 from fewstep.errors import FewstepError
-from fewstep.schedules import VPSchedule, lcm_timesteps
-from fewstep.sd import SD_SCHEDULER, load_latent_model
+from fewstep.core.schedules import VPSchedule, lcm_timesteps
+from fewstep.models.folders import SD_SCHEDULER, load_model as load_latent_model
 from helpers import CAPTIONS, TINY, caption_folder, tiny_data
 
 @pytest.fixture(scope="module")
 def tiny_lcm(tiny_sd, tmp_path_factory):
-    from fewstep.lcm import LCMSettings, distill_lcm
-    from fewstep.train import TrainConfig
+    from fewstep.methods.lcm import LCMSettings, distill_lcm
+    from fewstep.training import TrainConfig
 
     root = tmp_path_factory.mktemp("lcm")
     config = TrainConfig(out_dir=str(root / "work"), max_steps=3, batch_size=8, progress=False, checkpoint_every=3)
@@ -37,10 +37,10 @@ def test_lcm_folder_gives_diffusers_images_for_the_same_seed(tiny_lcm):
     """fewstep's LCM sampler and diffusers' LatentConsistencyModelPipeline + LCMScheduler agree."""
     from diffusers import LatentConsistencyModelPipeline
 
-    from fewstep.latent_sampling import generate_latent
+    from fewstep.sampling.generate import generate_latent
 
     model = load_latent_model(tiny_lcm)
-    assert model.is_lcm and model.info["original_inference_steps"] == 50
+    assert model.config.is_lcm and model.config.original_inference_steps == 50
     prompts = ["red apple", "grinning face"]
     for steps in (1, 2, 4):
         ours = generate_latent(model, prompts, steps=steps, guidance_scale=4.0, seed=7)
@@ -70,8 +70,8 @@ def test_skipping_step_pairs_are_k_apart_on_the_skipped_grid():
 
 
 def test_student_starts_as_the_teacher_for_every_guidance_scale(tiny_sd):
-    from fewstep.guidance import guidance_scale_embedding
-    from fewstep.guided import w_conditioned_unet
+    from fewstep.core.guidance import guidance_scale_embedding
+    from fewstep.nets.guided import w_conditioned_unet
 
     teacher = load_latent_model(tiny_sd)
     student = w_conditioned_unet(teacher.unet, 64)
@@ -83,7 +83,7 @@ def test_student_starts_as_the_teacher_for_every_guidance_scale(tiny_sd):
 
 
 def test_captioned_sets_from_metadata_jsonl_and_webdataset_shards_agree(tmp_path):
-    from fewstep.data import load_captioned
+    from fewstep.models.data import load_captioned
 
     folder, shard = caption_folder(tmp_path / "pics")
     a, b = load_captioned(str(folder), 32), load_captioned(str(shard), 32)
@@ -103,8 +103,8 @@ def test_cli_lcd_then_sample_and_img2img(tiny_sd, tmp_path, capsys):
             "--steps", "2", "--batch", "4", "--solver", "dpm-solver++", "--skip", "50", "--no-progress",
             "--work-dir", str(tmp_path / "work"))
     model = load_latent_model(out)
-    assert model.is_lcm and model.info["original_inference_steps"] == 20
-    assert model.info["training"]["config"]["extra"]["solver"] == "dpm-solver++"
+    assert model.config.is_lcm and model.config.original_inference_steps == 20
+    assert model.config.training["config"]["extra"]["solver"] == "dpm-solver++"
     from PIL import Image
 
     rc, _, _ = run_cli(capsys, "sample", "--model", str(out), "--prompt", "red apple", "--prompt", "flag: Japan",
@@ -122,7 +122,7 @@ def test_cli_lcd_then_sample_and_img2img(tiny_sd, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["distill", "--method", "lcd", "--teacher", "models/digits-teacher", "--out", "X"], "not a diffusers pipeline"),
-    (["distill", "--method", "lcd", "--out", "X"], "needs --teacher"),
+    (["distill", "--method", "lcd", "--out", "X"], "needs a teacher: --teacher"),
 ])
 def test_cli_bad_teacher_is_one_clear_line(argv, message, capsys):
     from helpers import run_cli
@@ -135,7 +135,7 @@ def test_mismatched_pipeline_parts_and_bad_settings_are_clear_errors(tiny_sd, tm
     import json
     import shutil
 
-    from fewstep.lcm import LCMSettings, check_settings
+    from fewstep.methods.lcm import LCMSettings, check_settings
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_sd, broken)
@@ -152,14 +152,14 @@ def test_mismatched_pipeline_parts_and_bad_settings_are_clear_errors(tiny_sd, tm
 def test_long_prompts_are_truncated_with_a_warning(tiny_sd):
     model = load_latent_model(tiny_sd)
     with pytest.warns(UserWarning, match="truncated"):
-        ids = model.tokenize(["red apple " * 40])
+        ids = model.conditioner.tokenize(["red apple " * 40])
     assert ids.shape == (1, TINY.max_length)
 
 
 def test_second_order_teacher_steps_beat_ddim_on_the_exact_gaussian_ode():
     """One skipping step of DPM-Solver-2 / DPM-Solver++(2S) against the closed-form PF-ODE of Gaussian
     data (x_0 ~ N(0, s²): x(σ') = x·√(s² + σ'²)/√(s² + σ²)): second order is far closer than DDIM."""
-    from fewstep.solvers import ode_step
+    from fewstep.core.solvers import ode_step
 
     s = 0.5
     def denoiser(x, sigma):
@@ -173,8 +173,8 @@ def test_second_order_teacher_steps_beat_ddim_on_the_exact_gaussian_ode():
 
 
 def test_latent_eval_scores_caption_classes_and_counts_cfg_passes(tiny_sd, tiny_lcm):
-    from fewstep.classifier import Classifier, ClassifierConfig
-    from fewstep.evaluate import Ruler, eval_prompts, evaluate_latent
+    from fewstep.nets.classifier import Classifier, ClassifierConfig
+    from fewstep.eval.evaluate import Ruler, eval_prompts, evaluate as evaluate_latent
 
     data = tiny_data()
     prompts, labels = eval_prompts(data, 30, seed=0)
@@ -203,13 +203,13 @@ def test_lcd_runs_under_accelerate_launch_with_two_processes(tiny_sd, tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     model = load_latent_model(tmp_path / "lcm")
-    assert model.is_lcm and model.info["training"]["processes"] == 2
+    assert model.config.is_lcm and model.config.training["processes"] == 2
     assert json.loads((tmp_path / "work" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
 # --- the LCD loss against the exact guided PF-ODE ------------------------------------------------------
 def _guided_oracle(n: int = 12):
-    from fewstep.oracle import ExactDenoiser
+    from fewstep.core.oracle import ExactDenoiser
 
     g = torch.Generator().manual_seed(0)
     data, labels = torch.randn(n, 2, generator=g, dtype=torch.float64), torch.arange(n) % 3
@@ -225,9 +225,9 @@ class GuidedFlowMap(torch.nn.Module):
         self.den, self.sigma_end = den, sigma_end
 
     def forward(self, x, sigma, class_labels, guidance_scale):
-        from fewstep.guidance import CFGDenoiser
-        from fewstep.schedules import karras_sigmas
-        from fewstep.solvers import sample_heun
+        from fewstep.core.guidance import CFGDenoiser
+        from fewstep.core.schedules import karras_sigmas
+        from fewstep.core.solvers import sample_heun
 
         out = x.clone()
         for s in sigma.unique():
@@ -245,9 +245,9 @@ def test_lcd_loss_vanishes_on_the_exact_guided_consistency_function():
     """The LCD pair (skipping step k = 20 on SD's grid, per-sample guidance, one teacher step) is consistent for the
     exact flow map of the guided ODE: its loss is ~1e-5 of the teacher's own one-step denoiser's, and smaller
     still with a second-order teacher step (DPM-Solver-2, DPM-Solver++(2S))."""
-    from fewstep.consistency_losses import ConsistencyLoss
-    from fewstep.distances import l2
-    from fewstep.guidance import CFGDenoiser
+    from fewstep.objectives.consistency import ConsistencyLoss
+    from fewstep.objectives.distances import l2
+    from fewstep.core.guidance import CFGDenoiser
 
     den, data, labels = _guided_oracle()
     schedule = VPSchedule.from_diffusers_config(SD_SCHEDULER)

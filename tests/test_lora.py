@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from fewstep.errors import FewstepError
-from fewstep.sd import load_latent_model
+from fewstep.models.folders import load_model as load_latent_model
 from helpers import CAPTIONS, TINY, caption_folder, tiny_data
 
 
 @pytest.fixture(scope="module")
 def tiny_lcm_lora(tiny_sd, tmp_path_factory):
-    from fewstep.lcm import LCMSettings, distill_lcm
-    from fewstep.train import TrainConfig
+    from fewstep.methods.lcm import LCMSettings, distill_lcm
+    from fewstep.training import TrainConfig
 
     root = tmp_path_factory.mktemp("lcm-lora")
     config = TrainConfig(out_dir=str(root / "work"), max_steps=3, batch_size=8, lr=1e-2, progress=False, checkpoint_every=3)
@@ -24,7 +24,7 @@ def tiny_lcm_lora(tiny_sd, tmp_path_factory):
 def test_lcm_lora_is_a_small_diffusers_lora_that_trained(tiny_sd, tiny_lcm_lora):
     from safetensors.torch import load_file
 
-    from fewstep.lora import LORA_FILE, lora_info
+    from fewstep.models.loras import LORA_FILE, lora_info
 
     info = lora_info(tiny_lcm_lora)
     assert info["kind"] == "lcm-lora" and info["original_inference_steps"] == 50
@@ -41,10 +41,10 @@ def test_lcm_lora_target_is_a_second_adapter_that_equals_an_ema_copy(tiny_sd):
     step, as the separate EMA copy consistency models use, while the objective holds only LoRA weights."""
     import copy
 
-    from fewstep.consistency_losses import ConsistencyLoss, Curriculum, EMACopy
-    from fewstep.distances import get_distance
-    from fewstep.lcm import LCMSettings, LCMStudent, lcm_condition
-    from fewstep.lora import EMAAdapter, add_lora, lora_parameters
+    from fewstep.objectives.consistency import ConsistencyLoss, EMACopy
+    from fewstep.objectives.curricula import Curriculum
+    from fewstep.objectives.distances import get_distance
+    from fewstep.nets.lora import EMAAdapter, add_lora, lora_parameters
 
     teacher = load_latent_model(tiny_sd)
     torch.manual_seed(0)
@@ -52,12 +52,13 @@ def test_lcm_lora_target_is_a_second_adapter_that_equals_an_ema_copy(tiny_sd):
     base_size = sum(p.numel() for p in teacher.unet.parameters())
     unets = [copy.deepcopy(teacher.unet) for _ in range(2)]
     targets = [EMACopy(), EMAAdapter(unets[1])]
-    batch = {"images": torch.randn(6, 4, 8, 8), "prompt_embeds": teacher.encode_prompts(CAPTIONS[:6])}
+    batch = {"images": torch.randn(6, 4, 8, 8), "prompt_embeds": teacher.conditioner.encode(CAPTIONS[:6])}
     losses = []
     for unet, target in zip(unets, targets):
-        student = LCMStudent(unet.train(), teacher.schedule)
+        lcm = teacher.replace_config(kind="consistency", parameterization="lcm")
+        student = teacher.derive(net=unet.train(), config=lcm).denoiser   # LCM's scalings over the LoRA'd UNet
         objective = ConsistencyLoss(teacher.schedule, Curriculum.for_method("lcd", 10, skip=100, target_ema=0.5),
-                                    get_distance("l2"), condition=lcm_condition(LCMSettings(guidance_min=3, guidance_max=3)),
+                                    get_distance("l2"), condition=teacher.conditioner.training_condition(0.0),
                                     target=target)
         opt = torch.optim.SGD(lora_parameters(unet, "default"), lr=0.5)
         torch.manual_seed(1)
@@ -82,11 +83,11 @@ def test_lcm_lora_gives_diffusers_images_with_lcm_scheduler(tiny_sd, tiny_lcm_lo
     LCMScheduler) agree for the same seed."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from fewstep.latent_sampling import generate_latent
-    from fewstep.lora import apply_loras
+    from fewstep.sampling.generate import generate_latent
+    from fewstep.models.loras import apply_loras
 
     model = apply_loras(load_latent_model(tiny_sd), [(tiny_lcm_lora, 1.0)])
-    assert model.is_lcm and not model.takes_guidance
+    assert model.config.is_lcm and not model.takes_guidance
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=50)
     pipe.load_lora_weights(str(tiny_lcm_lora))
@@ -101,7 +102,7 @@ def test_kohya_layout_loads_to_the_same_model(tiny_sd, tiny_lcm_lora, tmp_path):
     """The same adapter renamed to kohya/A1111 keys (lora_unet_…, lora_down/lora_up, .alpha) gives the same weights."""
     from safetensors.torch import load_file, save_file
 
-    from fewstep.lora import LORA_FILE, apply_loras
+    from fewstep.models.loras import LORA_FILE, apply_loras
 
     state = load_file(tiny_lcm_lora / LORA_FILE)
     kohya = {}
@@ -120,7 +121,7 @@ def test_kohya_layout_loads_to_the_same_model(tiny_sd, tiny_lcm_lora, tmp_path):
 
 
 def test_weights_scale_the_acceleration_vector(tiny_sd, tiny_lcm_lora):
-    from fewstep.lora import apply_loras
+    from fewstep.models.loras import apply_loras
 
     base = load_latent_model(tiny_sd).unet.state_dict()
     full = apply_loras(load_latent_model(tiny_sd), [(tiny_lcm_lora, 1.0)]).unet.state_dict()
@@ -132,8 +133,9 @@ def test_weights_scale_the_acceleration_vector(tiny_sd, tiny_lcm_lora):
 
 
 def test_lora_for_another_base_model_fails_before_any_weight_changes(tiny_lcm_lora, tmp_path):
-    from fewstep.lora import apply_loras
-    from fewstep.sd import build_cond_unet, build_text_encoder, build_tokenizer, build_vae, save_pipeline
+    from fewstep.models.loras import apply_loras
+    from fewstep.nets.unets import build_cond_unet, build_text_encoder, build_tokenizer, build_vae
+    from helpers import save_pipeline
 
     other = TINY.__class__(**{**TINY.__dict__, "unet_channels": (32, 32, 64)})
     tok = build_tokenizer(CAPTIONS, other.vocab_size, other.max_length)
@@ -148,7 +150,7 @@ def test_lora_for_another_base_model_fails_before_any_weight_changes(tiny_lcm_lo
 
 
 def test_lora_specs_are_checked(tiny_lcm_lora, tmp_path):
-    from fewstep.lora import parse_lora_spec
+    from fewstep.models.loras import parse_lora_spec
 
     assert parse_lora_spec(f"{tiny_lcm_lora}:0.5") == (tiny_lcm_lora, 0.5)
     assert parse_lora_spec(str(tiny_lcm_lora)) == (tiny_lcm_lora, 1.0)
@@ -172,7 +174,7 @@ def test_cli_style_lora_plus_lcm_lora_merge_and_sample(tiny_sd, tiny_lcm_lora, t
                          "--lora", f"{tiny_lcm_lora}:1", "--out", str(tmp_path / "merged"))
     assert rc == 0, err
     merged = load_latent_model(tmp_path / "merged")
-    assert merged.is_lcm and [d["weight"] for d in merged.info["loras"]] == [0.8, 1.0]
+    assert merged.config.is_lcm and [d["weight"] for d in merged.config.loras] == [0.8, 1.0]
     assert not any("lora" in n for n, _ in merged.unet.named_parameters())          # fused: a plain UNet
     from diffusers import StableDiffusionPipeline
     assert type(StableDiffusionPipeline.from_pretrained(tmp_path / "merged").scheduler).__name__ == "LCMScheduler"
@@ -194,9 +196,9 @@ def test_cli_style_lora_plus_lcm_lora_merge_and_sample(tiny_sd, tiny_lcm_lora, t
                          "--steps", "2", "--num", "2", "--out", str(tmp_path / "d.png"))
     assert rc == 0 and np.abs(np.asarray(Image.open(tmp_path / "a.png"), dtype=float)
                               - np.asarray(Image.open(tmp_path / "d.png"), dtype=float)).max() <= 2, err   # the set = the merge
-    from fewstep.lora import apply_loras
+    from fewstep.models.loras import apply_loras
     unfused = apply_loras(load_latent_model(tiny_sd), [(tmp_path / "set", 1.0)], fuse=False)
-    assert unfused.is_lcm and [d["weight"] for d in unfused.info["loras"]] == [0.8, 1.0]
+    assert unfused.config.is_lcm and [d["weight"] for d in unfused.config.loras] == [0.8, 1.0]
     assert any("lora" in n for n, _ in unfused.unet.named_parameters())              # the adapters stay adapters
     capsys.readouterr()
     Image.new("RGB", (32, 32), "red").save(tmp_path / "in.png")

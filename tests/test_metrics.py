@@ -1,4 +1,4 @@
-"""Tests of fewstep.metrics: FID, KID, improved precision/recall, and the stats cache.
+"""Tests of fewstep.eval.metrics: FID, KID, improved precision/recall, and the stats cache.
 
 Known answers come from closed forms (Fréchet distance of Gaussians), an independent scipy
 implementation, estimator properties (KID unbiasedness) and 2-D toy sets whose manifold
@@ -13,7 +13,7 @@ import scipy.linalg
 import torch
 from scipy.ndimage import gaussian_filter
 
-from fewstep.metrics import FeatureStatsCache, feature_stats, fid, frechet_distance, kid, precision_recall
+from fewstep.eval.metrics import FeatureStatsCache, feature_stats, fid, frechet_distance, kid, precision_recall
 
 
 @pytest.fixture(autouse=True, scope="module")

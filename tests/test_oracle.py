@@ -11,10 +11,10 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from fewstep.guidance import CFGDenoiser
-from fewstep.oracle import ExactDenoiser
-from fewstep.schedules import karras_sigmas
-from fewstep.solvers import sample_ddim, sample_dpmpp_2m, sample_euler, sample_heun
+from fewstep.core.guidance import CFGDenoiser
+from fewstep.core.oracle import ExactDenoiser
+from fewstep.core.schedules import karras_sigmas
+from fewstep.core.solvers import sample_ddim, sample_dpmpp_2m, sample_euler, sample_heun
 
 SIGMA_MAX, SIGMA_END = 5.0, 0.1
 STEPS = (16, 32, 64, 128)

@@ -4,11 +4,11 @@ import json
 
 import torch
 
-from fewstep.classifier import accuracy, load_classifier
+from fewstep.nets.classifier import accuracy, load_classifier
 from fewstep.cli import main, shipped_models_dir
-from fewstep.data import load_digits
-from fewstep.models import load_model
-from fewstep.sampling import generate
+from fewstep.models.data import load_digits
+from fewstep.models.folders import load_model
+from fewstep.sampling.generate import generate
 
 MODELS = shipped_models_dir()
 
@@ -30,7 +30,7 @@ def test_digits_teacher_samples_classify_as_their_label():
 
 def test_one_step_teacher_is_much_worse_than_twenty_five():
     """The problem fewstep solves: the teacher's FID at 1 step is far above its FID at 25 steps."""
-    from fewstep.evaluate import Ruler
+    from fewstep.eval.evaluate import Ruler
 
     model = load_model(MODELS / "digits-teacher")
     ruler = Ruler(load_classifier(MODELS / "digits-classifier"), load_digits())
@@ -42,7 +42,7 @@ def test_one_step_teacher_is_much_worse_than_twenty_five():
 def test_cd_model_in_one_step_beats_the_teacher_in_one_step():
     """The shipped consistency-distilled model: one network evaluation, samples of the asked label, and
     closer to the data than the teacher's one-step (two-evaluation) sample (BENCHMARKS.md: 1,000 samples)."""
-    from fewstep.evaluate import Ruler
+    from fewstep.eval.evaluate import Ruler
 
     teacher, student = load_model(MODELS / "digits-teacher"), load_model(MODELS / "digits-cd")
     ruler = Ruler(load_classifier(MODELS / "digits-classifier"), load_digits())
@@ -56,7 +56,8 @@ def test_cd_model_in_one_step_beats_the_teacher_in_one_step():
 def test_cd_model_infers_the_label_of_half_a_digit():
     """Label-free inpainting's first step: the model's own reconstruction error of the known half
     picks the right class for most digits (BENCHMARKS.md: 200 digits)."""
-    from fewstep.editing import half_mask, infer_labels
+    from fewstep.editing.constraints import half_mask
+    from fewstep.editing.zero_shot import infer_labels
 
     data = load_digits()
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:30]

@@ -4,10 +4,10 @@ BENCHMARKS.md says (the full-size figures come from `fewstep bench`; these are s
 import pytest
 
 from fewstep.cli import shipped_models_dir
-from fewstep.data import load_emoji
-from fewstep.evaluate import eval_prompts, ruler_for
-from fewstep.latent_sampling import generate_latent
-from fewstep.sd import load_latent_model
+from fewstep.models.data import load_emoji
+from fewstep.eval.evaluate import eval_prompts, ruler_for
+from fewstep.sampling.generate import generate_latent
+from fewstep.models.folders import load_model as load_latent_model
 
 MODELS = shipped_models_dir()
 pytestmark = pytest.mark.skipif(not (MODELS / "emoji-lcm").is_dir(), reason="emoji models not shipped yet")
@@ -42,7 +42,7 @@ def test_lcm_at_two_steps_beats_the_teacher_at_two_steps():
     teacher, lcm = load_latent_model(MODELS / "emoji-sd"), load_latent_model(MODELS / "emoji-lcm")
     ruler = ruler_for(teacher, MODELS)
     prompts, _ = eval_prompts(ruler.data, 300)
-    s = lcm.info["default_guidance_scale"]
+    s = lcm.config.default_guidance_scale
     fid_teacher = ruler.fid(generate_latent(teacher, prompts, steps=2, sampler="dpmpp-2m", guidance_scale=s))
     fid_lcm = ruler.fid(generate_latent(lcm, prompts, steps=2, guidance_scale=s))
     assert fid_lcm < 0.8 * fid_teacher, (fid_lcm, fid_teacher)
@@ -56,7 +56,7 @@ def test_progressive_students_at_two_steps_beat_the_teacher_at_two_steps():
     teacher, student = load_latent_model(MODELS / "emoji-sd"), load_latent_model(MODELS / "emoji-progressive")
     ruler = ruler_for(teacher, MODELS)
     prompts, _ = eval_prompts(ruler.data, 300)
-    s = student.info["default_guidance_scale"]
+    s = student.config.default_guidance_scale
     fid_teacher = ruler.fid(generate_latent(teacher, prompts, steps=2, sampler="dpmpp-2m", guidance_scale=s))
     for sampler in ("ddim", "ddim-stochastic"):
         fid = ruler.fid(generate_latent(student, prompts, steps=2, sampler=sampler, guidance_scale=s))

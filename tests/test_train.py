@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fewstep.errors import FewstepError, TrainingDiverged
-from fewstep.train import TrainConfig, latest_checkpoint, train
+from fewstep.training import TrainConfig, latest_checkpoint, train
 
 from helpers import tiny_setup
 

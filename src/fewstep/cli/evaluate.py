@@ -1,0 +1,87 @@
+"""``fewstep eval``: score a model at its step counts on the ruler of its data set (JSON out)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import FewstepError
+from .args import add_lora_arg, positive_int, step_list
+
+
+def add_parser(sub) -> None:
+    from ..core.solvers import SAMPLERS
+
+    p = sub.add_parser("eval", help="FID, KID, precision/recall and conditional accuracy per step count",
+                       description="Sample a model with fixed seeds at each step count and score the samples "
+                                   "with the data set's shipped classifier against the whole data set: FID, KID "
+                                   "(± std), precision/recall (k=3), conditional accuracy, NFE and seconds/image.")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--steps", type=step_list, default=[1, 2, 4], help="comma-separated step counts (default 1,2,4)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's")
+    p.add_argument("--guidance-scale", type=float, default=None, help="1.0 = none (default: the model's)")
+    p.add_argument("--num", type=positive_int, default=1000, help="samples per step count (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classifier", help="classifier folder (default: models/<dataset>-classifier)")
+    p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
+    p.add_argument("--json", help="write the results as one JSON object here")
+    p.add_argument("--grid", help="write a PNG of samples per step count here")
+    p.add_argument("--tune-sigmas", action="store_true",
+                   help="first ternary-search the intermediate noise levels of each multi-step count for the "
+                        "lowest FID (Song et al. 2023; for consistency models), then evaluate with them")
+    p.add_argument("--save-sigmas", action="store_true", help="with --tune-sigmas: store the grids in the model folder")
+    add_lora_arg(p, "fuse a LoRA first")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import json
+
+    from ..eval.evaluate import eval_report, evaluate, ruler_for
+    from ..io.atomic import check_writable, write_text
+    from ..io.images import labeled_rows, make_grid, save_png
+    from ..models.folders import shipped_models_dir
+    from ..models.loras import load_with_loras
+
+    for path, suffix in ((args.json, None), (args.grid, ".png")):
+        if path:
+            check_writable(path, suffix)  # fail before any work
+    model = load_with_loras(args.model, args.lora)
+    ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
+    if args.tune_sigmas:
+        _tune_sigmas(model, ruler, args)
+    rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
+    report = eval_report(model, rows, args.num, args.seed)
+    print(f"{'steps':>5} {'NFE':>4} {'FID':>8} {'KID':>9} {'prec':>6} {'recall':>6} {'acc':>6} {'s/img':>8}")
+    for r in rows:
+        acc = "-" if r.cond_accuracy is None else f"{r.cond_accuracy:.3f}"
+        print(f"{r.steps:>5} {r.nfe:>4} {r.fid:>8.3f} {r.kid:>9.5f} {r.precision:>6.3f} {r.recall:>6.3f} "
+              f"{acc:>6} {r.seconds_per_image:>8.5f}")
+    if args.json:
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.grid:
+        c = max(len(ruler.data.class_names), 8)
+        save_png(labeled_rows([(f"{n} steps", make_grid(samples[n][: 2 * c], nrow=c, scale=3)) for n in args.steps],
+                              margin=70), args.grid)
+        print(f"wrote {args.grid}")
+
+
+def _tune_sigmas(model, ruler, args: argparse.Namespace) -> None:
+    """``--tune-sigmas``: ternary-search each multi-step count's intermediate levels and use them for the
+    evaluation that follows; ``--save-sigmas`` also stores them in the model's fewstep.json."""
+    from ..eval.evaluate import tune_sigmas
+    from ..io.atomic import write_text
+    from ..models.config import CONFIG_NAME
+
+    if model.config.is_lcm:
+        raise FewstepError("--tune-sigmas is for pixel-space consistency models; an LCM samples on its skipped grid")
+    sampler = args.sampler or model.config.default_sampler
+    for n in (n for n in args.steps if n >= 2):
+        grid, fid = tune_sigmas(model, ruler, n, num=min(args.num, 500), seed=args.seed, sampler=sampler,
+                                guidance_scale=args.guidance_scale)
+        model.config.sampling_sigmas[str(n)] = [round(s, 4) for s in grid]
+        print(f"{n} steps: best σ grid {', '.join(f'{s:.4g}' for s in grid)} (FID {fid:.3f} on {min(args.num, 500)} samples)")
+    if args.save_sigmas:
+        write_text(model.path / CONFIG_NAME, model.config.to_json())
+        print(f"saved the tuned grids to {model.path / CONFIG_NAME}")

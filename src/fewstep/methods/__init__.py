@@ -1,0 +1,4 @@
+"""The methods, as recipes: build a student from a teacher, pick an objective, train, save; no formulas
+(those are in :mod:`fewstep.core` and :mod:`fewstep.objectives`). One module per method family:
+teachers, consistency models (CD, CT, iCT, ACT), guided and progressive distillation, latent
+consistency models (LCD, LCF, LCM-LoRA) and style LoRAs."""

@@ -1,0 +1,126 @@
+"""Make consistency models: distill a teacher (CD) or train from data alone (CT, iCT, ACT), on the
+shared trainer, and save the result as a model folder that ``fewstep sample/eval/edit/bench`` load.
+
+The student is f_θ(x, σ) = c_skip(σ)·x + c_out(σ)·F_θ(c_in(σ)·x, ¼ ln σ) with the consistency
+boundary condition (Song et al. 2023, Appendix C; :func:`fewstep.core.denoisers.cm_scalings`), on the
+same diffusers UNet2DModel backbone as the teacher. For CD it starts from the teacher's weights
+(Song et al. 2023, §5: "initialize the consistency model with the pre-trained diffusion model").
+The teacher's PF-ODE is the classifier-free-guided one at ``guidance_scale``, so the student
+samples in one step with the guidance built in (it is then sampled at guidance scale 1).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ..core.schedules import EDMSchedule
+from ..errors import FewstepError
+from ..models.config import ModelConfig
+from ..models.data import ImageData
+from ..models.folders import new_pixel_model, save_model
+from ..models.handle import Model
+from ..nets.unets import build_unet
+from ..objectives.consistency import ConsistencyLoss
+from ..objectives.curricula import Curriculum
+from ..objectives.distances import get_distance
+from ..training import TrainConfig
+from .common import Run, parameters, readme
+
+CM_METHODS = ("cd", "ct", "ict", "act")
+
+
+@dataclass
+class ConsistencySettings:
+    """The method's own settings (recorded in the model folder)."""
+
+    method: str = "cd"                  # cd | ct | ict | act
+    distance: str = "l2"                # l2 | l1 | pseudo-huber | classifier | lpips (fewstep.distances)
+    solver: str = "heun"                # CD's teacher ODE step: euler | heun
+    guidance_scale: float = 2.0         # CD: the teacher's CFG scale that the student learns (1 = none)
+    label_dropout: float = 0.1          # share of null labels: the student learns the unconditional ODE too
+    num_scales: int | None = None       # CD: N (default 18); CT/iCT: the final N (s1)
+    start_scales: int | None = None     # CT/iCT: the first N (s0)
+    target_ema: float | None = None     # CD: μ (default 0.95)
+    width: int = 32                     # CT/iCT/ACT from scratch: UNet width
+    classifier: str | None = None       # for distance "classifier"
+    lpips_weights: str | None = None    # for distance "lpips"
+    # ACT (Kong et al. 2024)
+    gan_weight: float = 0.3             # λ in (1 − λ)·L_CT + λ·w(σ)·L_G
+    gan_weighting: str = "none"         # w(σ): "none" (ACT's default) | "edm"
+    d_lr: float = 1e-4
+    r1_gamma: float = 10.0              # kong13661/ACT's defaults
+    r1_interval: int = 16               # lazy R1: every k steps, scaled by k (StyleGAN2)
+    augment: float = 0.0                # probability of each differentiable augmentation
+
+
+def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, settings: ConsistencySettings,
+                        teacher: Model | None = None, command: str = "", accelerator=None) -> Path | None:
+    """Train a consistency model with ``settings.method`` and save it at ``out`` (EMA weights).
+
+    CD needs ``teacher`` (a diffusion model folder of the same data); CT, iCT and ACT train from
+    ``data`` alone. Returns the folder on the main process, None on the others.
+    """
+    method = settings.method
+    if method not in CM_METHODS:
+        raise FewstepError(f"unknown consistency method {method!r}; choose one of {', '.join(CM_METHODS)}")
+    run = Run(config, command, accelerator)
+    schedule = EDMSchedule()
+    student_config = ModelConfig(kind="consistency", parameterization="cm", schedule=asdict(schedule),
+                                 image_size=data.image_size, channels=data.channels, class_names=data.class_names,
+                                 dataset=data.name, default_sampler="consistency", default_steps=1,
+                                 default_guidance_scale=1.0)
+    if method == "cd":
+        teacher = check_teacher(teacher, data, "cd").to(run.device)
+        guidance = settings.guidance_scale
+        student = teacher.derive(net=copy.deepcopy(teacher.net).requires_grad_(True).train(), config=student_config)
+        def teacher_fn(cond: dict) -> tuple:
+            return teacher.guided(cond, guidance)
+    else:
+        unet = build_unet(data.image_size, data.channels, data.num_classes, width=settings.width)
+        student, teacher_fn, guidance = new_pixel_model(student_config, unet), None, 1.0
+    curriculum = Curriculum.for_method(method, config.max_steps, num_scales=settings.num_scales if method == "cd" else None,
+                                       s1=settings.num_scales if method != "cd" else None, s0=settings.start_scales,
+                                       target_ema=settings.target_ema)
+    distance = get_distance(settings.distance, settings.classifier, settings.lpips_weights)
+    objective = ConsistencyLoss(schedule, curriculum, distance, teacher=teacher_fn, solver=settings.solver,
+                                condition=student.conditioner.training_condition(settings.label_dropout))
+    if method == "act":
+        from ..nets.discriminator import Discriminator
+        from ..objectives.adversarial import AdversarialConsistencyLoss
+
+        disc = Discriminator(data.image_size, data.channels, data.num_classes, width=settings.width)
+        objective = AdversarialConsistencyLoss(objective, disc, settings.gan_weight, settings.d_lr,
+                                               settings.r1_gamma, settings.r1_interval, settings.augment,
+                                               settings.gan_weighting)
+    result = run.fit(student.denoiser, objective, student.training_tensors(data),
+                     {**asdict(settings), "dataset": data.name, "curriculum": asdict(curriculum)})
+    if result is None:
+        return None
+    record = run.record(method, result, teacher.path if teacher else None, distilled_guidance_scale=guidance,
+                        parameters=parameters(student.net))
+    return save_model(out, student.derive(net=result.ema.net, config=replace(student_config, training=record)),
+                      _readme(out, method, data, result.step, guidance, command))
+
+
+def check_teacher(teacher: Model | None, data: ImageData, method: str) -> Model:
+    """A pixel-space EDM diffusion teacher of ``data`` (what CD and guided distillation of pixel models need)."""
+    if teacher is None:
+        raise FewstepError(f"--method {method} needs a teacher: --teacher DIR (e.g. models/digits-teacher)")
+    cfg = teacher.config
+    if cfg.kind != "diffusion" or cfg.parameterization != "edm":
+        raise FewstepError(f"{teacher.path} is a {cfg.kind} model ({cfg.parameterization}); --method {method} needs an "
+                           f"EDM diffusion teacher such as models/digits-teacher")
+    teacher.check_data(data)
+    return teacher
+
+
+def _readme(out: str | Path, method: str, data: ImageData, steps: int, guidance: float, command: str) -> str:
+    what = {"cd": f"distilled (CD) from a diffusion teacher's PF-ODE with classifier-free guidance s = {guidance:g}",
+            "ct": "trained from data alone with consistency training (CT, Song et al. 2023)",
+            "ict": "trained from data alone with improved consistency training (iCT, Song & Dhariwal 2023)",
+            "act": "trained from data alone with adversarial consistency training (ACT, Kong et al. 2024)"}[method]
+    return readme(Path(out).name, f"A consistency model on `{data.name}` ({data.image_size}×{data.image_size}), {what}; "
+                  f"EMA weights after {steps} steps. Sample in 1–4 steps:",
+                  f"```\nfewstep sample --model {out} --steps 1 --label 3 --num 16 --out grid.png\n```", command)

@@ -1,0 +1,191 @@
+"""Latent consistency models (Luo et al. 2023, arXiv 2310.04378): the w-conditioned student, latent
+consistency distillation (LCD) and fine-tuning (LCF), saved as a diffusers LCM pipeline.
+
+The student is f_θ(z, c, w, t) = c_skip(t)·z_t + c_out(t)·ẑ_0(ε_θ(z_t, t, c, ψ(w)))   (eq. 9 + §4.2)
+on a UNet2DConditionModel built from the teacher's config with ``time_cond_proj_dim`` set: the guidance
+weight w = guidance_scale − 1 enters through diffusers' guidance-scale embedding ψ(w) as
+``timestep_cond``, exactly as ``LatentConsistencyModelPipeline`` feeds it, so the saved folder runs
+there unchanged. The scalings are :class:`fewstep.core.denoisers.LCMConsistency` (one copy of the math).
+
+LCD is :class:`fewstep.objectives.consistency.ConsistencyLoss` with the "lcm" curriculum (skipping step
+k on the 1000-step grid), the teacher's classifier-free-guided ODE at a per-sample guidance scale
+s ~ U[s_min, s_max] (eq. 10–11: both branches in one batch), a one-step DDIM / DPM-Solver /
+DPM-Solver++ teacher step (Algorithm 1) and a fixed EMA target (μ = 0.95, as diffusers'
+``train_lcm_distill_sd_wds.py``). LCF (§4.5) is the same with no teacher: the pair is the data
+noised to both levels with the same noise (CT in latent space). LCM-LoRA (Luo et al. 2023b) is LCD
+training only LoRA weights of the teacher's own UNet: the teacher is that UNet with its adapters off,
+the target network a second adapter on it (:mod:`fewstep.nets.lora`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+from ..core.guidance import per_sample_cfg, sample_guidance_scales
+from ..errors import FewstepError
+from ..models.data import ImageData
+from ..models.folders import save_model
+from ..models.handle import Model
+from ..models.loras import save_lora
+from ..nets.guided import w_conditioned_unet
+from ..nets.lora import AdaptersOff, EMAAdapter, add_lora, trainable_fraction
+from ..objectives.base import unwrap
+from ..objectives.consistency import ConsistencyLoss
+from ..objectives.curricula import Curriculum
+from ..objectives.distances import get_distance
+from ..training import TrainConfig
+from .common import Run, readme
+
+LCM_METHODS = ("lcd", "lcf", "lcm-lora")
+
+
+@dataclass
+class LCMSettings:
+    """The method's own settings (recorded in the model folder)."""
+
+    method: str = "lcd"                     # lcd (distil a teacher) | lcf (fine-tune an LCM on data, no teacher) |
+                                            # lcm-lora (LCD training only LoRA weights; Luo et al. 2023b)
+    skip: int = 20                          # k: teacher step t_{n+k} → t_n (Luo et al. §4.3; diffusers' default 20)
+    solver: str = "ddim"                    # ddim | dpm-solver | dpm-solver++ (the teacher's one-step ψ)
+    guidance_min: float = 1.0               # s ~ U[s_min, s_max] (w = s − 1; the paper's w ∈ [2, 14] for SD); the CLI's
+    guidance_max: float = 4.0               # --min/--max-guidance-scale default to these (and to GuidedSettings')
+    distance: str = "l2"                    # l2 | pseudo-huber (as diffusers' --loss_type huber, with iCT's c)
+    target_ema: float = 0.95                # μ of the target network (diffusers' --ema_decay), for lcm-lora too:
+                                            # diffusers' LoRA script targets the online student (μ = 0), which
+                                            # drifts away within a few hundred steps here (bench/lcm_lora_ablation.py)
+    cond_proj_dim: int = 256                # width of ψ(w) (diffusers' --unet_time_cond_proj_dim)
+    timestep_scaling: float = 10.0          # LCMScheduler's timestep_scaling in c_skip/c_out
+    gradient_checkpointing: bool = False    # trade compute for memory on big UNets (GPU users)
+    lora_rank: int = 8                      # lcm-lora: rank of the adapters (the paper's SD runs use 64)
+
+
+def check_settings(settings: LCMSettings, num_train_timesteps: int) -> None:
+    if settings.method not in LCM_METHODS:
+        raise FewstepError(f"unknown latent consistency method {settings.method!r}; choose lcd, lcf or lcm-lora")
+    if settings.solver not in ("ddim", "dpm-solver", "dpm-solver++"):
+        raise FewstepError(f"unknown teacher solver {settings.solver!r} for lcd; choose ddim, dpm-solver or dpm-solver++")
+    if not 1 <= settings.skip < num_train_timesteps or num_train_timesteps % settings.skip:
+        raise FewstepError(f"skipping step {settings.skip} must divide the teacher's {num_train_timesteps} timesteps")
+    if not 1 <= settings.guidance_min <= settings.guidance_max:
+        raise FewstepError(f"guidance range [{settings.guidance_min}, {settings.guidance_max}] must satisfy "
+                           f"1 <= min <= max (1 = no guidance)")
+    if settings.distance not in ("l2", "pseudo-huber"):
+        raise FewstepError(f"distance {settings.distance!r}: lcd/lcf take l2 or pseudo-huber")
+
+
+def check_teacher(teacher: Model, method: str) -> Model:
+    if not teacher.is_pipeline:
+        raise FewstepError(f"{teacher.path} is not a diffusers pipeline folder; --method {method} takes a "
+                           f"Stable-Diffusion-style folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), e.g. "
+                           f"models/emoji-sd")
+    if method != "lcf" and teacher.config.is_lcm:
+        raise FewstepError(f"{teacher.path} is already an LCM; distil a diffusion teacher, or fine-tune it with --method lcf")
+    if method == "lcf" and not (teacher.config.is_lcm and teacher.takes_guidance):
+        raise FewstepError(f"lcf fine-tunes an LCM (a UNet with time_cond_proj_dim); {teacher.path} is not one: "
+                           f"distil it first with --method lcd")
+    if method != "lcf" and teacher.takes_guidance:
+        raise FewstepError(f"{teacher.path} takes the guidance scale as an input already; LCD distils a "
+                           f"classifier-free-guided teacher such as models/emoji-sd")
+    return teacher
+
+
+def lcm_config(teacher: Model, settings: LCMSettings):
+    """The LCM's fewstep.json: its scalings, its skipped grid (T / k steps, LCMScheduler's
+    ``original_inference_steps``), sampled in 4 steps at the teacher's scale if it learned it."""
+    lo, hi = settings.guidance_min, settings.guidance_max
+    s = teacher.config.default_guidance_scale
+    return teacher.replace_config(
+        kind="consistency", parameterization="lcm", default_sampler="consistency", default_steps=4,
+        default_guidance_scale=s if lo <= s <= hi else (lo + hi) / 2, guidance_range=[lo, hi],
+        embedding_dim=settings.cond_proj_dim, sampling_sigmas={}, serves_steps=[],
+        original_inference_steps=teacher.schedule.num_train_timesteps // settings.skip,
+        timestep_scaling=settings.timestep_scaling)
+
+
+def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainConfig, settings: LCMSettings,
+                command: str = "", accelerator=None) -> Path | None:
+    """LCD or LCM-LoRA (``teacher`` a diffusion pipeline) or LCF (``teacher`` an LCM pipeline to fine-tune)
+    on ``data``; saves a LatentConsistencyModelPipeline folder at ``out`` (the student's EMA weights), or
+    for LCM-LoRA the acceleration vector as a diffusers LoRA."""
+    check_settings(settings, teacher.schedule.num_train_timesteps)
+    check_teacher(teacher, settings.method)
+    run = Run(config, command, accelerator)
+    tensors = teacher.training_tensors(data)
+    teacher.to(run.device)
+    lo, hi = settings.guidance_min, settings.guidance_max
+    null = teacher.conditioner.null_like
+    params, target, condition = None, None, teacher.conditioner.training_condition(0.0)
+    if settings.method == "lcm-lora":
+        unet = teacher.unet                      # one UNet: the adapters are the student, the base is the teacher
+        params = add_lora(unet, settings.lora_rank)
+        target = EMAAdapter(unet)                # ... and the target network a second adapter on it
+        teacher_fn = with_scales(per_sample_cfg(AdaptersOff(teacher.denoiser, unet), null), lo, hi)
+    else:
+        unet = (w_conditioned_unet(teacher.unet, settings.cond_proj_dim) if settings.method == "lcd"
+                else copy.deepcopy(teacher.unet)).requires_grad_(True)
+        teacher_fn = per_sample_cfg(teacher.denoiser, null) if settings.method == "lcd" else None
+        condition = with_scale_input(condition, lo, hi)   # the student takes s, the teacher guides at it
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    student = teacher.derive(net=unet.train(), config=lcm_config(teacher, settings))
+    curriculum = Curriculum.for_method("lcd" if settings.method == "lcm-lora" else settings.method, config.max_steps,
+                                       skip=settings.skip, target_ema=settings.target_ema)
+    objective = ConsistencyLoss(teacher.schedule, curriculum, get_distance(settings.distance), teacher=teacher_fn,
+                                solver=settings.solver, condition=condition, target=target)
+    result = run.fit(student.denoiser, objective, tensors, {**asdict(settings), "dataset": data.name}, params=params)
+    if result is None:
+        return None
+    record = run.record(settings.method, result, teacher.path)
+    trained = student.derive(net=unwrap(result.ema).net)
+    if target is not None:
+        return _save_lcm_lora(out, target.remove(trained.unet), teacher, data, settings, record)
+    what = (f"A latent consistency model ({settings.method.upper()}, Luo et al. 2023) of `{teacher.path}` on "
+            f"`{data.name}`: 1–8 steps, guidance scale {lo:g}–{hi:g} as an input (one network evaluation per step). "
+            f"Runs in diffusers:")
+    usage = (f"```python\nfrom diffusers import LatentConsistencyModelPipeline\n"
+             f"pipe = LatentConsistencyModelPipeline.from_pretrained('{out}')\n"
+             f"image = pipe('grinning face', num_inference_steps=4, guidance_scale=4.0, height=32, width=32).images[0]\n```")
+    return save_model(out, trained.derive(config=trained.replace_config(training=record)),
+                      readme(Path(out).name, what, usage, command))
+
+
+def with_scale_input(condition, lo: float, hi: float):
+    """batch → the student's conditioning and s ~ U[s_min, s_max] as its ``guidance_scale`` input."""
+    def conditioned(batch: dict) -> dict:
+        cond = condition(batch)
+        return {**cond, "guidance_scale": sample_guidance_scales(len(next(iter(cond.values()))), lo, hi,
+                                                                 next(iter(cond.values())).device)}
+    return conditioned
+
+
+def with_scales(teacher_fn, lo: float, hi: float):
+    """An LCM-LoRA student takes no s (guidance stays CFG around it at sampling time): its teacher guides at
+    s ~ U[s_min, s_max] drawn here instead (diffusers' LoRA script uses one fixed scale: min = max)."""
+    def teacher(cond: dict) -> tuple:
+        first = next(iter(cond.values()))
+        return teacher_fn({**cond, "guidance_scale": sample_guidance_scales(len(first), lo, hi, first.device)})
+    return teacher
+
+
+def _save_lcm_lora(out, unet, teacher: Model, data: ImageData, settings: LCMSettings,
+                   record: dict) -> Path:
+    """An LCM-LoRA folder: the acceleration vector τ_LCM in diffusers' LoRA format + what it is."""
+    original_steps, command = teacher.schedule.num_train_timesteps // settings.skip, record["command"]
+    lora, base = trainable_fraction(unet)
+    info = {"kind": "lcm-lora", "base": str(teacher.path), "dataset": data.name, "rank": settings.lora_rank,
+            "original_inference_steps": original_steps, "guidance_range": [settings.guidance_min, settings.guidance_max],
+            "trainable_parameters": lora, "base_parameters": base, "training": record}
+    readme = (f"# {Path(out).name}\n\nAn LCM-LoRA (Luo et al. 2023b) for `{teacher.path}`: rank {settings.lora_rank}, "
+              f"{lora:,} parameters ({100 * lora / base:.1f}% of the UNet). Plug it into the base model (or a "
+              f"fine-tuned one) and sample in 2–8 steps with LCMScheduler:\n\n```python\n"
+              f"from diffusers import StableDiffusionPipeline, LCMScheduler\n"
+              f"pipe = StableDiffusionPipeline.from_pretrained('{teacher.path}')\n"
+              f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps={original_steps})\n"
+              f"pipe.load_lora_weights('{out}')\n"
+              f"image = pipe('red apple', num_inference_steps=4, guidance_scale=1.0, height=32, width=32).images[0]\n"
+              f"```\n\nor `fewstep sample --model {teacher.path} --lora {out} --steps 4`. Trained with:\n\n"
+              f"```\n{command}\n```\n")
+    return save_lora(out, unet, info, readme)

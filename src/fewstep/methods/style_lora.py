@@ -1,0 +1,42 @@
+"""A style LoRA τ_style (the LCM-LoRA paper's fine-tuned models, Luo et al. 2023b §3): the ordinary
+ε-prediction diffusion loss (:class:`fewstep.objectives.denoising.DenoisingLoss`) on a captioned set's
+VAE latents and cached prompt embeddings, only the adapters trained (text encoder and VAE frozen),
+captions dropped to the empty prompt so classifier-free guidance keeps working. Combined with an
+LCM-LoRA it samples in a few steps with no further training (θ_pre + λ1·τ_style + λ2·τ_LCM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import FewstepError
+from ..models.data import ImageData
+from ..models.handle import Model
+from ..models.loras import save_lora
+from ..nets.lora import add_lora, trainable_fraction
+from ..objectives.base import unwrap
+from ..objectives.denoising import DenoisingLoss
+from ..training import TrainConfig
+from .common import Run, readme
+
+
+def train_style_lora(base: Model, data: ImageData, out: str | Path, config: TrainConfig, rank: int = 8,
+                     caption_dropout: float = 0.1, command: str = "", accelerator=None) -> Path | None:
+    """Train a style LoRA of ``base`` (a diffusion pipeline) on ``data`` and save it at ``out``."""
+    if not base.is_pipeline or base.config.kind != "diffusion":
+        raise FewstepError(f"{base.path} is not a diffusion pipeline; a style LoRA fine-tunes one, e.g. models/emoji-sd")
+    run = Run(config, command, accelerator)
+    tensors = base.training_tensors(data)
+    params = add_lora(base.unet, rank)
+    objective = DenoisingLoss(base.schedule, base.conditioner.training_condition(caption_dropout))
+    result = run.fit(base.denoiser.train(), objective, tensors,
+                     {"rank": rank, "caption_dropout": caption_dropout, "dataset": data.name}, params=params)
+    if result is None:
+        return None
+    unet = unwrap(result.ema).net
+    lora, total = trainable_fraction(unet)
+    info = {"kind": "style", "base": str(base.path), "dataset": data.name, "rank": rank, "trainable_parameters": lora,
+            "base_parameters": total, "training": run.record("style-lora", result, base.path)}
+    what = (f"A style LoRA for `{base.path}` fine-tuned on `{data.name}` ({len(data)} images), rank {rank}. Combine it "
+            f"with an LCM-LoRA and sample in 4 steps with no further training:")
+    usage = (f"```\nfewstep sample --model {base.path} --lora {out}:1.0 --lora models/emoji-lcm-lora:1.0 --steps 4\n```")
+    return save_lora(out, unet, info, readme(Path(out).name, what, usage, command))

@@ -1,0 +1,121 @@
+"""Teachers trained here from scratch (DESIGN.md §4), on the shared training loop.
+
+- :func:`train_teacher`: a class-conditional pixel-space EDM diffusion model (Karras et al. 2022
+  preconditioning on a diffusers ``UNet2DModel``), label dropout for classifier-free guidance.
+- :func:`train_sd_teacher`: the tiny Stable-Diffusion-format text-to-image pipeline, in two stages:
+  1. the AutoencoderKL (:class:`fewstep.objectives.autoencoder.VAELoss`);
+  2. the CLIPTextModel and UNet2DConditionModel together on the VAE's cached latents: the ε-prediction
+     loss of Ho et al. 2020 on SD's scaled-linear schedule, captions dropped to the empty prompt 10% of
+     the time for classifier-free guidance. There is no pretrained CLIP here, so the text encoder learns
+     with the UNet (as Imagen's ablations and small LDMs do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..core.denoisers import VPDenoiser
+from ..core.schedules import EDMSchedule, VPSchedule
+from ..models.config import ModelConfig
+from ..models.data import ImageData
+from ..models.folders import SD_SCHEDULER, new_pipeline, new_pixel_model, save_model
+from ..nets.unets import TinySDConfig, build_cond_unet, build_text_encoder, build_tokenizer, build_unet, build_vae
+from ..objectives.autoencoder import VAELoss, VAEWithKL
+from ..objectives.base import dropout_condition
+from ..objectives.denoising import DenoisingLoss
+from ..training import TrainConfig, train
+from .common import Run, parameters, readme
+
+
+def train_teacher(data: ImageData, out: str | Path, config: TrainConfig, width: int = 32,
+                  label_dropout: float = 0.1, command: str = "", accelerator=None) -> Path | None:
+    """Train on ``data`` with the EDM loss and write the EMA weights as a model folder at ``out``.
+
+    Label dropout (to the null class) makes the one network both conditional and unconditional,
+    so classifier-free guidance works at sampling time (Ho & Salimans 2022).
+    Returns the folder (on the main process; None on the others).
+    """
+    run = Run(config, command, accelerator)
+    schedule = EDMSchedule()
+    model_config = ModelConfig(kind="diffusion", parameterization="edm", schedule=asdict(schedule),
+                               image_size=data.image_size, channels=data.channels, class_names=data.class_names,
+                               dataset=data.name)
+    model = new_pixel_model(model_config, build_unet(data.image_size, data.channels, data.num_classes, width=width))
+    objective = DenoisingLoss(schedule, model.conditioner.training_condition(label_dropout))
+    result = run.fit(model.denoiser, objective, model.training_tensors(data),
+                     {"width": width, "label_dropout": label_dropout, "dataset": data.name})
+    if result is None:
+        return None
+    record = run.record("teacher", result, parameters=parameters(model.net))
+    what = (f"A class-conditional EDM diffusion model on `{data.name}` ({len(data)} images, {data.num_classes} classes, "
+            f"{data.image_size}×{data.image_size}), {record['parameters'] / 1e6:.2f}M parameters, EMA weights after "
+            f"{result.step} steps.")
+    return save_model(out, model.derive(net=result.ema.net, config=replace(model_config, training=record)),
+                      readme(Path(out).name, what, f"```\nfewstep sample --model {out} --label 3 --out grid.png\n```",
+                             command))
+
+
+class TextDenoiser(nn.Module):
+    """denoiser(x, σ, input_ids=ids): the text encoder runs inside, so it trains with the UNet."""
+
+    def __init__(self, text_encoder: nn.Module, unet: nn.Module, schedule: VPSchedule,
+                 prediction_type: str = "epsilon") -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.denoiser = VPDenoiser(unet, schedule, prediction_type)
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.denoiser.scalings(sigma)
+
+    def forward(self, x: Tensor, sigma: Tensor, input_ids: Tensor) -> Tensor:
+        return self.denoiser(x, sigma, encoder_hidden_states=self.text_encoder(input_ids)[0])
+
+
+def train_sd_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae_steps: int = 1000,
+                     vae_lr: float = 1e-3, vae_batch: int = 64, sizes: TinySDConfig = TinySDConfig(),
+                     caption_dropout: float = 0.1, command: str = "") -> Path:
+    """Train the VAE (``vae_steps`` of ``vae_batch`` at ``vae_lr``), then text encoder + UNet (``config``),
+    and save a StableDiffusionPipeline folder at ``out``. Each stage resumes from its own checkpoints
+    (``<out_dir>/vae``, ``<out_dir>/unet``)."""
+    vae_config = replace(config, out_dir=f"{config.out_dir}/vae", max_steps=vae_steps, lr=vae_lr,
+                         batch_size=vae_batch)
+    unet_config = replace(config, out_dir=f"{config.out_dir}/unet")
+    if data.captions is None:
+        raise ValueError(f"{data.name} has no captions; a text-to-image teacher needs a captioned data set")
+    torch.manual_seed(vae_config.seed)
+    tokenizer = build_tokenizer(data.captions, sizes.vocab_size, sizes.max_length)
+    vae = train(VAEWithKL(build_vae(sizes)), VAELoss(), {"images": data.images}, vae_config).ema.vae.eval()
+
+    with torch.no_grad():
+        posterior = torch.cat([vae.encode(data.images[i:i + 256]).latent_dist.mean for i in range(0, len(data), 256)])
+    # SD's scaling_factor (0.18215 for SD 1.x) makes the latents unit-variance; computed the same way here
+    vae.register_to_config(scaling_factor=float(1 / posterior.std()))
+    latents = posterior * vae.config.scaling_factor
+
+    ids = tokenizer(data.captions, padding="max_length", max_length=sizes.max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=sizes.max_length, return_tensors="pt").input_ids[0]
+    schedule = VPSchedule.from_diffusers_config(SD_SCHEDULER)
+    torch.manual_seed(unet_config.seed)
+    model = TextDenoiser(build_text_encoder(sizes, tokenizer), build_cond_unet(sizes), schedule)
+    objective = DenoisingLoss(schedule, dropout_condition({"input_ids": "input_ids"}, {"input_ids": empty},
+                                                          caption_dropout))
+    result = train(model, objective, {"images": latents, "input_ids": ids}, unet_config)
+    ema = result.ema
+    training = {"command": command, "sizes": asdict(sizes), "caption_dropout": caption_dropout,
+                "vae": asdict(vae_config), "unet": asdict(unet_config), "steps": result.step,
+                "final_loss": result.last_loss, "wall_seconds": round(result.seconds),
+                "parameters": {n: parameters(m) for n, m in (("unet", ema.denoiser.net), ("text_encoder", ema.text_encoder),
+                                                             ("vae", vae))}}
+    config_ = ModelConfig(kind="diffusion", parameterization="vp", image_size=sizes.image_size, channels=3,
+                          class_names=data.class_names, dataset=data.name, default_sampler="dpmpp-2m", default_steps=25,
+                          default_guidance_scale=3.0, training=training)
+    what = (f"A tiny Stable-Diffusion-format text-to-image pipeline trained from scratch on fewstep's `{data.name}` "
+            f"set ({len(data)} captioned images, {sizes.image_size}×{sizes.image_size}).")
+    pipeline = new_pipeline(config_, ema.denoiser.net, vae, ema.text_encoder, tokenizer, out)
+    return save_model(out, pipeline, readme(Path(out).name, what, "Load it with "
+                                            "`StableDiffusionPipeline.from_pretrained(folder)`.", command))

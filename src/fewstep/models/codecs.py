@@ -1,0 +1,90 @@
+"""Codecs: between images in [−1, 1] and the space a model's denoiser works in.
+
+- :class:`PixelCodec`: the identity (pixel-space models); an x0-estimate is clipped to [−1, 1].
+- :class:`VAECodec`: a diffusers ``AutoencoderKL``: latents are the posterior means × the VAE's
+  ``scaling_factor`` (what Stable Diffusion trains and samples on); latents are never clipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class PixelCodec:
+    """Images are the model's space."""
+
+    factor = 1
+
+    def __init__(self, channels: int, image_size: int) -> None:
+        self.channels, self.image_size = channels, image_size
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.channels, self.image_size, self.image_size
+
+    def encode(self, images: Tensor) -> Tensor:
+        return images
+
+    def decode(self, x: Tensor) -> Tensor:
+        return x.clamp(-1, 1)
+
+    def clip(self, x0: Tensor) -> Tensor:
+        """An x0-estimate kept inside the data's range (the zero-shot editing loop's clipping)."""
+        return x0.clamp(-1, 1)
+
+    def mask(self, known: Tensor) -> Tensor:
+        return known
+
+    def to(self, device) -> "PixelCodec":
+        return self
+
+
+class VAECodec:
+    """Stable Diffusion's latent space."""
+
+    def __init__(self, vae: nn.Module, latent_channels: int, latent_size: int) -> None:
+        self.vae = vae
+        self.latent_channels, self.latent_size = latent_channels, latent_size
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.latent_channels, self.latent_size, self.latent_size
+
+    @property
+    def factor(self) -> int:
+        """Pixels per latent along each side (8 for Stable Diffusion)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """VAE posterior means × scaling factor."""
+        device = next(self.vae.parameters()).device
+        out = [self.vae.encode(images[i:i + batch_size].to(device)).latent_dist.mean
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, batch_size: int = 256) -> Tensor:
+        out = [self.vae.decode(latents[i:i + batch_size] / self.scaling_factor).sample
+               for i in range(0, len(latents), batch_size)]
+        return torch.cat(out).clamp(-1, 1)
+
+    def clip(self, x0: Tensor) -> Tensor:
+        return x0
+
+    def mask(self, known: Tensor) -> Tensor:
+        """A pixel known-mask at latent resolution: a latent is known only where all its pixels are."""
+        k = known.float()
+        lead = k.shape[:-2]
+        pooled = -F.max_pool2d(-k.reshape(-1, 1, *k.shape[-2:]), self.factor)
+        return pooled.reshape(*lead, *pooled.shape[-2:]).bool()
+
+    def to(self, device) -> "VAECodec":
+        self.vae.to(device)
+        return self

@@ -1,0 +1,141 @@
+"""Conditioners: what a user asks for (class labels, prompts) as the keyword arguments of a denoiser.
+
+Every model has one. It turns conditions into a flat dict of tensors (so classifier-free guidance can
+batch the conditional and unconditional branches by concatenating each entry), knows the unconditional
+input, and caches the per-image conditioning of a training set with its dropout:
+
+- :class:`LabelConditioner`: class labels → ``class_labels`` (the null class, one past the last, is the
+  unconditional branch); a model without classes is unconditional.
+- :class:`TextConditioner`: prompts → ``encoder_hidden_states`` of a CLIP text encoder (the empty
+  prompt is the unconditional branch), as Stable Diffusion 1.x/2.x pipelines do. An SDXL pipeline is one
+  more conditioner (two encoders, pooled embeddings and size/crop ``time_ids``, all flat entries).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import FewstepError
+from ..objectives.base import Cond, ConditionFn, dropout_condition
+
+
+class LabelConditioner:
+    """Class labels for a class-conditional pixel model (or nothing, for an unconditional one)."""
+
+    text = False
+
+    def __init__(self, class_names: Sequence[str], where: str = "the model") -> None:
+        self.class_names = list(class_names)
+        self.where = where
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.class_names)
+
+    @property
+    def null_label(self) -> int:
+        return len(self.class_names)
+
+    def check(self, cond: Any) -> Tensor:
+        """Labels as a long tensor, each one of the model's classes."""
+        if not self.conditional:
+            raise FewstepError(f"{self.where} is unconditional; it takes no labels")
+        if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and any(isinstance(c, str) for c in cond)):
+            raise FewstepError(f"{self.where} is a class-conditional model: give labels, not prompts")
+        labels = torch.as_tensor(cond, dtype=torch.long).reshape(-1)
+        bad = [int(v) for v in labels.unique() if not 0 <= v < len(self.class_names)]
+        if bad:
+            raise FewstepError(f"label {bad[0]} is not one of {self.where}'s classes 0..{len(self.class_names) - 1} "
+                               f"({', '.join(self.class_names)})")
+        return labels
+
+    def __call__(self, labels: Tensor, device=None) -> Cond:
+        return {"class_labels": labels.to(device)} if self.conditional else {}
+
+    def null(self, n: int, device=None) -> Cond:
+        return {"class_labels": torch.full((n,), self.null_label, device=device)} if self.conditional else {}
+
+    def null_like(self, cond: Cond) -> Cond:
+        return {"class_labels": torch.full_like(cond["class_labels"], self.null_label)} if cond else {}
+
+    def training_tensors(self, data) -> dict[str, Tensor]:
+        """The per-image conditioning a training batch carries."""
+        return {"labels": data.labels}
+
+    def training_condition(self, dropout: float) -> ConditionFn:
+        """batch → ``class_labels``, a share ``dropout`` of them the null label."""
+        if not self.conditional:
+            return lambda batch: {}
+        return dropout_condition({"class_labels": "labels"}, {"class_labels": torch.tensor(self.null_label)}, dropout)
+
+
+class TextConditioner:
+    """Prompts through a CLIP tokenizer and text encoder (the last hidden states, as StableDiffusionPipeline
+    uses them); the empty prompt's embedding is computed once."""
+
+    text = True
+    conditional = True
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, where: str = "the model") -> None:
+        self.tokenizer, self.text_encoder, self.where = tokenizer, text_encoder, where
+        self._empty: Tensor | None = None
+
+    def check(self, cond: Any) -> list[str]:
+        prompts = [cond] if isinstance(cond, str) else list(cond)
+        if not all(isinstance(p, str) for p in prompts):
+            raise FewstepError(f"{self.where} is a text-to-image pipeline: give prompts, not labels")
+        return prompts
+
+    def tokenize(self, prompts: Sequence[str]) -> Tensor:
+        """Token ids padded to the tokenizer's length; a longer prompt is cut, with a warning (as diffusers'
+        pipelines do), since the text encoder has no positions beyond it."""
+        limit = self.tokenizer.model_max_length
+        prompts = list(prompts)
+        out = self.tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+        lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]  # one batched call, untruncated
+        long = [p for p, n in zip(prompts, lengths) if n > limit]
+        if long:
+            warnings.warn(f"{len(long)} prompt(s) longer than the tokenizer's {limit} tokens were truncated, "
+                          f"e.g. {long[0][:60]!r}", stacklevel=3)
+        return out.input_ids
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """CLIP hidden states [B, L, D]."""
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(self.tokenize(prompts).to(device))[0]
+
+    def empty(self) -> Tensor:
+        """The empty prompt's embedding [L, D] (the unconditional branch), computed once per device."""
+        device = next(self.text_encoder.parameters()).device
+        if self._empty is None or self._empty.device != device:
+            self._empty = self.encode([""])[0]
+        return self._empty
+
+    def __call__(self, prompts: Sequence[str], device=None) -> Cond:
+        return {"encoder_hidden_states": self.encode(prompts).to(device)}
+
+    def null(self, n: int, device=None) -> Cond:
+        return {"encoder_hidden_states": self.empty().to(device).expand(n, -1, -1)}
+
+    def null_like(self, cond: Cond) -> Cond:
+        c = cond["encoder_hidden_states"]
+        return {"encoder_hidden_states": self.empty().to(c).expand_as(c)}
+
+    @torch.no_grad()
+    def training_tensors(self, data, batch_size: int = 256) -> dict[str, Tensor]:
+        """Every caption's embedding, computed once (the text encoder stays frozen)."""
+        if data.captions is None:
+            raise FewstepError(f"{data.name} has no captions; a text-to-image model trains on a captioned set (emoji, "
+                               f"an image folder with metadata.jsonl, a saved HF dataset or webdataset shards)")
+        return {"prompt_embeds": torch.cat([self.encode(data.captions[i:i + batch_size])
+                                            for i in range(0, len(data), batch_size)])}
+
+    def training_condition(self, dropout: float) -> ConditionFn:
+        """batch → the cached prompt embeddings, a share ``dropout`` of them the empty prompt's."""
+        return dropout_condition({"encoder_hidden_states": "prompt_embeds"}, {"encoder_hidden_states": self.empty()},
+                                 dropout)

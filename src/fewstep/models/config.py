@@ -1,0 +1,140 @@
+"""``fewstep.json``: what a model is, one dataclass for every folder kind.
+
+A pixel model folder and a diffusers pipeline folder both carry a ``fewstep.json`` of these fields
+(a pipeline folder fewstep did not write gets them from its own configs, :func:`pipeline_defaults`).
+Folders written before format 2 spelled a few things differently; :func:`upgrade` reads them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..core.schedules import EDMSchedule, VPSchedule
+from ..errors import FewstepError
+
+CONFIG_NAME = "fewstep.json"
+FORMAT_VERSION = 2
+KINDS = ("diffusion", "consistency")
+PARAMETERIZATIONS = ("edm", "cm", "vp", "lcm")
+
+
+@dataclass
+class ModelConfig:
+    """The contents of ``fewstep.json``."""
+
+    kind: str = "diffusion"                    # "diffusion" (a denoiser D) or "consistency" (f(x, σ) → x_0 in one step)
+    parameterization: str = "edm"              # "edm" (Karras preconditioning), "cm" (consistency boundary condition,
+                                               # Song et al. 2023), "vp" (a discrete ε/v/x0 UNet) or "lcm" (Luo et al. 2023)
+    schedule: dict[str, Any] = field(default_factory=dict)  # EDMSchedule or VPSchedule fields
+    prediction_type: str = "epsilon"           # for "vp" and "lcm"
+    image_size: int = 16                       # of the images (a pipeline's VAE sample size)
+    channels: int = 1
+    class_names: list[str] = field(default_factory=list)  # a pixel model's classes (empty: unconditional); a
+                                               # text model's data set groups (what its accuracy is judged by)
+    dataset: str = ""
+    default_sampler: str = "dpmpp-2m"
+    default_steps: int = 50
+    default_guidance_scale: float = 2.0
+    sampling_sigmas: dict[str, list[float]] = field(default_factory=dict)  # stored n-step grids ("2": [80, 0.8, 0])
+    guidance_range: list[float] = field(default_factory=list)  # [s_min, s_max] a guidance-conditioned student was
+                                               # trained on (guided distillation, LCD; empty: none)
+    embedding_dim: int = 256                   # width of its guidance-scale embedding ψ(w)
+    serves_steps: list[int] = field(default_factory=list)  # the step counts a progressive folder's students serve
+    original_inference_steps: int = 50         # LCM: the skipped grid it was distilled on (T / k)
+    timestep_scaling: float = 10.0             # LCM: LCMScheduler's timestep_scaling in c_skip/c_out
+    loras: list[dict] = field(default_factory=list)  # adapters plugged in (path, weight, kind)
+    training: dict[str, Any] = field(default_factory=dict)  # command, settings, final loss, wall-clock
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def null_label(self) -> int | None:
+        """The label of the unconditional branch (one past the last class), or None."""
+        return self.num_classes if self.class_names else None
+
+    @property
+    def is_lcm(self) -> bool:
+        return self.parameterization == "lcm"
+
+    @property
+    def takes_guidance(self) -> bool:
+        """The guidance scale is an input of the network (one pass per step), not CFG around it."""
+        return bool(self.guidance_range)
+
+    def make_schedule(self) -> EDMSchedule | VPSchedule:
+        return VPSchedule(**self.schedule) if self.parameterization in ("vp", "lcm") else EDMSchedule(**self.schedule)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def upgrade(raw: dict) -> dict:
+    """A ``fewstep.json`` of any format as format-2 fields. Format 1 (pixel folders): the w-embedding as
+    ``guidance_embedding`` {embedding_dim, min/max_guidance_scale}. Pipeline folders before format 2:
+    ``kind`` "lcm" (a consistency model with LCM's scalings) or "guided" (a diffusion model whose UNet
+    takes s), and the kinds of LoRA folders, which are not models."""
+    raw = dict(raw)
+    if raw.get("format_version", 0) >= FORMAT_VERSION:
+        return raw
+    embedding = raw.pop("guidance_embedding", None) or {}
+    if embedding:
+        raw["guidance_range"] = [embedding["min_guidance_scale"], embedding["max_guidance_scale"]]
+        raw["embedding_dim"] = embedding["embedding_dim"]
+    if raw.get("kind") == "lcm":
+        raw.update(kind="consistency", parameterization="lcm")
+    elif raw.get("kind") == "guided":
+        raw["kind"] = "diffusion"
+    raw["format_version"] = FORMAT_VERSION
+    return raw
+
+
+def parse_config(raw: dict, where: Path | str) -> ModelConfig:
+    """A :class:`ModelConfig` from JSON values, each checked, with one line naming ``where`` on a bad one."""
+    raw = upgrade(raw)
+    known = {f.name: f for f in fields(ModelConfig)}
+    try:
+        config = ModelConfig(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as e:
+        raise FewstepError(f"{where} is corrupt: {e}") from None
+    if config.kind not in KINDS:
+        raise FewstepError(f"{where}: unknown kind {config.kind!r}; fewstep models are {' or '.join(KINDS)}")
+    if config.parameterization not in PARAMETERIZATIONS:
+        raise FewstepError(f"{where}: unknown parameterization {config.parameterization!r} "
+                           f"(one of {', '.join(PARAMETERIZATIONS)})")
+    return config
+
+
+def read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FewstepError(f"{path} is corrupt: {e}") from None
+    if not isinstance(raw, dict):
+        raise FewstepError(f"{path} is corrupt: expected a JSON object")
+    return raw
+
+
+def pipeline_defaults(scheduler_config: dict, image_size: int) -> dict:
+    """What a diffusers text-to-image pipeline is, read off its scheduler: a VP diffusion model (an LCM if
+    its scheduler is LCMScheduler), sampled with DPM-Solver++ in 25 steps at guidance 3 (an LCM: 4 steps)."""
+    lcm = scheduler_config.get("_class_name") == "LCMScheduler"
+    return {"kind": "consistency" if lcm else "diffusion", "parameterization": "lcm" if lcm else "vp",
+            "image_size": image_size, "channels": 3, "default_sampler": "consistency" if lcm else "dpmpp-2m",
+            "default_steps": 4 if lcm else 25, "default_guidance_scale": 3.0}
+
+
+def scheduler_fields(scheduler_config: dict) -> dict:
+    """The fields of :class:`ModelConfig` a pipeline's scheduler config decides (its schedule, what the UNet
+    predicts, an LCM's grid): the scheduler config is their source of truth, as in diffusers."""
+    schedule = VPSchedule.from_diffusers_config(scheduler_config)
+    return {"schedule": {"beta_schedule": schedule.beta_schedule, "num_train_timesteps": schedule.num_train_timesteps,
+                         "beta_start": schedule.beta_start, "beta_end": schedule.beta_end},
+            "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
+            "original_inference_steps": int(scheduler_config.get("original_inference_steps", 50)),
+            "timestep_scaling": float(scheduler_config.get("timestep_scaling", 10.0))}

@@ -1,0 +1,243 @@
+"""Data sets as in-memory tensors: images in [−1, 1], shape [N, C, H, W], with integer labels.
+
+- ``digits``: scikit-learn's handwritten digits (1,797 real 8×8 scans, 10 classes, bundled with
+  scikit-learn, no download), upsampled bilinearly to 16×16 (DESIGN.md §4).
+- ``emoji``: 3,655 real emoji (Noto Color Emoji, drawn by ``scripts/build_emoji.py``) at 32×32 RGB,
+  each captioned with its Unicode name and labelled with its Unicode group (9 classes), shipped as
+  ``fewstep/assets/emoji.npz`` (licences in ``EMOJI-LICENSE.md`` beside it). The text-to-image set.
+- a folder of images: one sub-folder per class (the torchvision ``ImageFolder`` layout), or a
+  flat folder for an unconditional data set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import FewstepError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+
+
+@dataclass
+class ImageData:
+    """Images in [−1, 1] with labels (all 0 for an unconditional set), the class names and, for a
+    text-to-image set, one caption per image."""
+
+    images: Tensor
+    labels: Tensor
+    class_names: list[str]
+    name: str
+    captions: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def split(self, holdout: float, seed: int = 0) -> tuple["ImageData", "ImageData"]:
+        """A seeded, stratified-by-shuffle train/held-out split."""
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        k = int(round(len(self) * (1 - holdout)))
+        a, b = perm[:k], perm[k:]
+        return self.subset(a, ":train"), self.subset(b, ":heldout")
+
+    def of_class(self, name: str) -> "ImageData":
+        """The images of class ``name`` (e.g. one Unicode group of the emoji), named ``<set>:<class>``."""
+        if name not in self.class_names:
+            raise FewstepError(f"{name!r} is not one of {self.name}'s classes: {', '.join(self.class_names)}")
+        return self.subset((self.labels == self.class_names.index(name)).nonzero().flatten(), f":{name}")
+
+    def subset(self, index: Tensor, suffix: str = "") -> "ImageData":
+        """The images at ``index`` (captions kept)."""
+        captions = None if self.captions is None else [self.captions[i] for i in index.tolist()]
+        return ImageData(self.images[index], self.labels[index], self.class_names, self.name + suffix, captions)
+
+
+def load_digits(size: int = 16) -> ImageData:
+    """scikit-learn's digits (values 0–16) scaled to [−1, 1] and resized to ``size``×``size``."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32))[:, None] / 16.0 * 2 - 1
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
+    return ImageData(x, torch.from_numpy(bunch.target.astype(np.int64)), [str(i) for i in range(10)], "digits")
+
+
+EMOJI_FILE = Path(__file__).resolve().parents[1] / "assets" / "emoji.npz"
+
+
+def load_emoji(size: int = 32) -> ImageData:
+    """The embedded emoji set: RGB in [−1, 1], Unicode-group labels, Unicode-name captions."""
+    raw = np.load(EMOJI_FILE)
+    x = torch.from_numpy(raw["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+    return ImageData(x, torch.from_numpy(raw["labels"]), [str(c) for c in raw["class_names"]], "emoji",
+                     [str(c) for c in raw["captions"]])
+
+
+def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageData:
+    """Images under ``path``: class sub-folders give labels, a flat folder gives one class."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FewstepError(f"dataset folder {root} does not exist")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    groups = [(d.name, d) for d in subdirs] if subdirs else [(root.name, root)]
+    images, labels = [], []
+    for label, (_, folder) in enumerate(groups):
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            images.append(_to_tensor(_open_image(f, str(f)), size, channels))
+            labels.append(label)
+    if not images:
+        raise FewstepError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+    return ImageData(torch.stack(images), torch.tensor(labels), [g[0] for g in groups], root.name)
+
+
+def load_dataset(name: str, size: int | None = None, channels: int = 1) -> ImageData:
+    """``digits``, ``emoji`` or a path to an image folder."""
+    if name == "digits":
+        return load_digits(size or 16)
+    if name == "emoji":
+        return load_emoji(size or 32)
+    if Path(name).exists():
+        return load_image_folder(name, size or 32, channels)
+    raise FewstepError(f"unknown dataset {name!r}: use 'digits', 'emoji' or the path of an image folder")
+
+
+# --- captioned sets (text-to-image) -----------------------------------------------------------------
+CAPTION_KEYS = ("text", "caption", "prompt")
+
+
+def load_captioned(name: str, size: int) -> ImageData:
+    """A captioned RGB set at ``size``×``size``: ``emoji``; an image folder with a ``metadata.jsonl`` of
+    ``{"file_name": ..., "text": ...}`` lines (Hugging Face's imagefolder convention); a folder saved
+    by ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package) with an image and a text
+    column; or webdataset shards (a ``.tar`` file, or a folder of them, holding ``KEY.png|jpg`` +
+    ``KEY.txt`` pairs). Every image is resized (bicubic) to ``size``."""
+    if name == "emoji":
+        return load_emoji(size)
+    path = Path(name)
+    if not path.exists():
+        raise FewstepError(f"unknown captioned dataset {name!r}: use 'emoji', an image folder with metadata.jsonl, "
+                           f"a saved HF dataset folder or webdataset .tar shards")
+    if path.is_dir() and (path / "metadata.jsonl").exists():
+        pairs = _imagefolder_pairs(path)
+    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        pairs = _hf_dataset_pairs(path)
+    elif path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
+        pairs = _webdataset_pairs(sorted(path.glob("*.tar")) if path.is_dir() else [path])
+    else:
+        raise FewstepError(f"{path} has no captions: add a metadata.jsonl ({{\"file_name\": ..., \"text\": ...}} per "
+                           f"line), or give a saved HF dataset or webdataset .tar shards")
+    if not pairs:
+        raise FewstepError(f"no captioned images found in {path}")
+    images = torch.stack([_to_tensor(im, size) for im, _ in pairs])
+    return ImageData(images, torch.zeros(len(pairs), dtype=torch.long), [path.name], path.name, [c for _, c in pairs])
+
+
+def _caption(record: dict, where: str) -> str:
+    for key in CAPTION_KEYS:
+        if key in record:
+            return str(record[key])
+    raise FewstepError(f"{where} has no caption field ({', '.join(CAPTION_KEYS)})")
+
+
+def _to_tensor(im, size: int, channels: int = 3) -> Tensor:
+    """A PIL image as [C, size, size] in [−1, 1]: L (``channels`` 1) or RGB (3), resized bicubically."""
+    from PIL import Image
+
+    im = im.convert({1: "L", 3: "RGB"}[channels]).resize((size, size), Image.BICUBIC)
+    arr = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+
+
+def _open_image(source, where: str):
+    from PIL import Image
+
+    try:
+        im = Image.open(source)
+        im.load()
+        return im
+    except OSError as e:
+        raise FewstepError(f"cannot read image {where}: {e}") from None
+
+
+def _imagefolder_pairs(root: Path) -> list:
+    import json
+
+    pairs = []
+    for n, line in enumerate((root / "metadata.jsonl").read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise FewstepError(f"{root / 'metadata.jsonl'} line {n} is not JSON") from None
+        where = f"{root / 'metadata.jsonl'} line {n}"
+        if "file_name" not in record:
+            raise FewstepError(f"{where} has no file_name")
+        pairs.append((_open_image(root / record["file_name"], str(root / record["file_name"])), _caption(record, where)))
+    return pairs
+
+
+def _hf_dataset_pairs(root: Path) -> list:
+    try:
+        import datasets
+    except ImportError:
+        raise FewstepError(f"{root} is a saved Hugging Face dataset: `pip install datasets` to read it") from None
+    ds = datasets.load_from_disk(str(root))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    image_key = next((k for k in ("image", "img", "jpg", "png") if k in ds.column_names), None)
+    if image_key is None:
+        raise FewstepError(f"{root} has no image column (image, img, jpg or png): {ds.column_names}")
+    return [(row[image_key], _caption(row, f"{root} row {i}")) for i, row in enumerate(ds)]
+
+
+def _webdataset_pairs(shards: list[Path]) -> list:
+    import io
+    import tarfile
+
+    pairs = []
+    for shard in shards:
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+        for key, parts in samples.items():
+            image = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+            text = parts.get("txt") or parts.get("caption")
+            if image is not None and text is not None:
+                pairs.append((_open_image(io.BytesIO(image), f"{shard}:{key}"), text.decode("utf-8").strip()))
+    return pairs
+
+
+
+def data_for(model, name: str | None = None) -> ImageData:
+    """The training data of ``model`` (its own data set unless ``name`` says otherwise): a captioned set at
+    its image size for a text-to-image model, a labelled image set for a pixel model."""
+    name = name or model.config.dataset.split(":")[0] or ("emoji" if model.conditioner.text else "digits")
+    if model.conditioner.text:
+        return load_captioned(name, model.config.image_size)
+    return load_dataset(name, model.config.image_size, model.config.channels)

@@ -1,0 +1,229 @@
+"""Model folders: load any folder fewstep can use as a :class:`~fewstep.models.handle.Model`, and write one.
+
+Two layouts, both safetensors + JSON, never pickles, and loading never executes code (DESIGN.md §2):
+
+    PIXEL MODEL/                         PIPELINE/ (diffusers' own layout)
+      fewstep.json   what it is            model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
+      unet/          UNet2DModel           fewstep.json (optional: any local SD 1.x/2.x folder works)
+      README.md                            README.md
+
+``StableDiffusionPipeline.from_pretrained`` (or ``LatentConsistencyModelPipeline`` for an LCM) loads a
+pipeline folder unchanged. A progressive-distillation folder holds its other students as complete
+folders under ``students/N/`` (:func:`serving` picks the one of a step count). Every write is atomic:
+a temporary folder renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import FewstepError
+from ..io.atomic import atomic_path
+from ..nets.guided import GuidedUNet
+from .codecs import PixelCodec, VAECodec
+from .conditioners import LabelConditioner, TextConditioner
+from .config import CONFIG_NAME, ModelConfig, parse_config, pipeline_defaults, read_json, scheduler_fields, upgrade
+from .handle import Model
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SCHEDULER_FIELDS = ("schedule", "prediction_type", "original_inference_steps", "timestep_scaling")
+
+# Stable Diffusion 1.x's scheduler (CompVis/stable-diffusion-v1-4 scheduler_config.json), so that
+# LCMScheduler.from_config / DDIMScheduler.from_config give what SD users get.
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                    timestep_spacing="leading")
+
+
+def shipped_models_dir() -> Path:
+    """Where the shipped models live: $FEWSTEP_MODELS, else the repository's models/, else ./models."""
+    if os.environ.get("FEWSTEP_MODELS"):
+        return Path(os.environ["FEWSTEP_MODELS"])
+    repo = Path(__file__).resolve().parents[3] / "models"
+    return repo if repo.is_dir() else Path("models")
+
+
+def is_pipeline_folder(folder: str | Path) -> bool:
+    return (Path(folder) / "model_index.json").exists()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+# --- loading ------------------------------------------------------------------------------------------
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
+    """Load a pixel model folder or a diffusers pipeline folder (weights from safetensors only), frozen."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FewstepError(f"model folder {folder} does not exist")
+    model = _load_pipeline(folder) if is_pipeline_folder(folder) else _load_pixel(folder)
+    return model.eval().to(device)
+
+
+def _load_pixel(folder: Path) -> Model:
+    from diffusers import UNet2DModel
+
+    path = folder / CONFIG_NAME
+    if not path.exists():
+        raise FewstepError(f"{folder} is not a fewstep model folder (no {CONFIG_NAME}) nor a diffusers pipeline "
+                           f"(no model_index.json)")
+    config = parse_config(read_json(path), path)
+    try:
+        unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
+    except Exception as e:  # diffusers raises OSError/ValueError/safetensors errors for bad files
+        raise FewstepError(f"cannot load the weights in {folder / 'unet'} (missing or corrupt): {_first_line(e)}") from None
+    net = GuidedUNet.from_unet_folder(unet, folder / "unet", config.embedding_dim) if config.guidance_range else unet
+    return new_pixel_model(config, net, folder)
+
+
+def _load_pipeline(folder: Path) -> Model:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    missing = [p for p in PIPELINE_PARTS if not (folder / p).is_dir()]
+    if missing:
+        raise FewstepError(f"{folder} lacks {', '.join(missing)}/: not a Stable-Diffusion-style pipeline")
+    if (folder / "text_encoder_2").is_dir():
+        raise FewstepError(f"{folder} is an SDXL-style pipeline (two text encoders); fewstep takes SD 1.x/2.x-style "
+                           f"folders so far")
+    _check_parts_fit(folder)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    except Exception as e:  # diffusers/transformers raise OSError/ValueError/safetensors errors
+        raise FewstepError(f"cannot load the pipeline in {folder} (missing or corrupt weights): {_first_line(e)}") from None
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+    raw = upgrade(read_json(folder / CONFIG_NAME)) if (folder / CONFIG_NAME).exists() else {}
+    config = parse_config({**pipeline_defaults(scheduler_config, vae.config.sample_size), **raw,
+                           **scheduler_fields(scheduler_config)}, folder / CONFIG_NAME)
+    return new_pipeline(config, unet, vae, text_encoder, tokenizer, folder, scheduler_config)
+
+
+def _check_parts_fit(folder: Path) -> None:
+    """The parts' configs agree (read before any weights, so the error names the real problem)."""
+    try:
+        unet, vae, text = (json.loads((folder / part / "config.json").read_text())
+                           for part in ("unet", "vae", "text_encoder"))
+    except (OSError, ValueError) as e:
+        raise FewstepError(f"{folder}: a part's config.json is missing or corrupt: {e}") from None
+    if vae.get("latent_channels") != unet.get("in_channels"):
+        raise FewstepError(f"{folder}: the VAE makes {vae.get('latent_channels')}-channel latents but the UNet takes "
+                           f"{unet.get('in_channels')} channels; the parts do not belong together")
+    if text.get("hidden_size") != unet.get("cross_attention_dim"):
+        raise FewstepError(f"{folder}: the text encoder's width {text.get('hidden_size')} is not the UNet's "
+                           f"cross_attention_dim {unet.get('cross_attention_dim')}")
+
+
+def serving(model: Model, steps: int) -> Model:
+    """The model that serves ``steps``: itself, unless it is a progressive folder, whose students each serve
+    one step count (``students/N/``); a count no student was distilled for is a clear error."""
+    serves = model.config.serves_steps
+    if not serves:
+        return model
+    if steps not in serves:
+        teacher = model.config.training.get("teacher", "")
+        raise FewstepError(f"{model.path} is a progressive student distilled for {', '.join(map(str, serves))} step(s); "
+                           f"use --steps {' or '.join(map(str, serves))} (for other counts sample its stage-1 teacher "
+                           f"{teacher})".rstrip())
+    if steps == model.config.default_steps:
+        return model
+    return load_model(model.path / "students" / str(steps), model.device)
+
+
+# --- writing ------------------------------------------------------------------------------------------
+def write_folder(folder: str | Path, write: Callable[[Path], None], readme: str = "") -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a temporary sibling (plus ``readme`` as README.md),
+    which then replaces ``folder``. The one folder writer of models, LoRAs and checkpoints' outputs."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder, directory=True) as tmp:
+        write(tmp)
+        if readme:
+            (tmp / "README.md").write_text(readme)
+    return folder
+
+
+def save_model(folder: str | Path, model: Model, readme: str = "", students: dict[int, Model] | None = None) -> Path:
+    """Write ``model`` as a folder of its kind (a pipeline in diffusers' layout, or a pixel model folder),
+    with ``students`` (a progressive folder's other step counts) as complete folders under ``students/N/``."""
+    def write(tmp: Path) -> None:
+        write_model(tmp, model)
+        for n, student in (students or {}).items():
+            write_model(tmp / "students" / str(n), student)
+    return write_folder(folder, write, readme)
+
+
+def write_model(folder: Path, model: Model) -> None:
+    """Fill ``folder`` (new or empty) with ``model``'s files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if model.is_pipeline:
+        pipeline_of(model).save_pretrained(folder, safe_serialization=True)
+        raw = {k: v for k, v in json.loads(model.config.to_json()).items() if k not in SCHEDULER_FIELDS}
+        (folder / CONFIG_NAME).write_text(json.dumps(raw, indent=2) + "\n")
+    else:
+        model.net.save_pretrained(folder / "unet", safe_serialization=True)
+        (folder / CONFIG_NAME).write_text(model.config.to_json())
+
+
+def pipeline_class(name: str = "StableDiffusionPipeline"):
+    """A diffusers pipeline class by name. The first import of diffusers' SD pipelines makes transformers
+    print that its CLIP/SigLIP image processors would like torchvision; fewstep builds its pipelines
+    without a feature extractor, so that notice is silenced here."""
+    import diffusers
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return getattr(diffusers, name)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def scheduler_config_of(model: Model) -> dict:
+    """The diffusers scheduler config a pipeline model is saved with: its own, and for an LCM the
+    LCMScheduler of its distilled grid."""
+    config = dict(model.parts.get("scheduler_config") or {**SD_SCHEDULER, "_class_name": "DDIMScheduler"})
+    if model.config.is_lcm:
+        config.update(_class_name="LCMScheduler", original_inference_steps=model.config.original_inference_steps,
+                      timestep_scaling=model.config.timestep_scaling)
+    return config
+
+
+def pipeline_of(model: Model, unet=None):
+    """A diffusers pipeline of the model's parts (``unet`` instead of its own, if given): a
+    LatentConsistencyModelPipeline for an LCM, else a StableDiffusionPipeline."""
+    import diffusers
+
+    config = scheduler_config_of(model)
+    scheduler = getattr(diffusers, config.get("_class_name", "DDIMScheduler")).from_config(config)
+    cls = pipeline_class("LatentConsistencyModelPipeline" if model.config.is_lcm else "StableDiffusionPipeline")
+    return cls(vae=model.parts["vae"], text_encoder=model.parts["text_encoder"], tokenizer=model.parts["tokenizer"],
+               unet=model.unet if unet is None else unet, scheduler=scheduler, safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False)
+
+
+def new_pipeline(config: ModelConfig, unet, vae, text_encoder, tokenizer, path: Path | str = "",
+                 scheduler_config: dict | None = None) -> Model:
+    """A pipeline model from its parts (the embedded teacher being built, a test's random pipeline); its
+    schedule is its scheduler config's."""
+    scheduler_config = scheduler_config or {**SD_SCHEDULER, "_class_name": "DDIMScheduler"}
+    config = dataclasses.replace(config, **scheduler_fields(scheduler_config))
+    return Model(config, unet, TextConditioner(tokenizer, text_encoder, str(path)),
+                 VAECodec(vae, unet.config.in_channels, unet.config.sample_size), Path(path),
+                 {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler_config": scheduler_config})
+
+
+def new_pixel_model(config: ModelConfig, net, path: Path | str = "") -> Model:
+    """A pixel model from its backbone (a UNet2DModel, or a GuidedUNet) and config."""
+    return Model(config, net, LabelConditioner(config.class_names, str(path)),
+                 PixelCodec(config.channels, config.image_size), Path(path))

@@ -1,0 +1,47 @@
+"""What every objective shares: the contract, condition dropout and the loss in the network's own space.
+
+An objective is a small callable ``objective(model, batch) -> (loss, logs)`` (EDM's ``training/loss.py``
+style); batches are dicts of tensors with ``images`` (x_0: pixels in [−1, 1], or VAE latents) and the
+cached conditioning of each image. ``model`` is a σ-space denoiser (:mod:`fewstep.core.denoisers`),
+possibly wrapped by DDP.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..core.denoisers import append_dims, unwrap
+
+__all__ = ["Cond", "ConditionFn", "TeacherFn", "drop_condition", "dropout_condition", "unwrap", "weighted_mse"]
+
+Cond = dict[str, Tensor]
+ConditionFn = Callable[[dict], Cond]                            # batch → the student's conditioning
+TeacherFn = Callable[[Cond], tuple[Callable[..., Tensor], Cond]]  # cond → (denoiser, extra_args)
+
+
+def drop_condition(cond: Cond, null: Cond, p: float) -> Cond:
+    """Replace each sample's condition by the unconditional one with probability p (Ho & Salimans 2022,
+    Algorithm 1): a class label by the null class, a prompt embedding (or token ids) by the empty
+    prompt's. ``null`` holds one unconditional value per key, broadcast over the batch."""
+    if p <= 0 or not cond:
+        return cond
+    first = next(iter(cond.values()))
+    drop = torch.rand(len(first), device=first.device) < p
+    return {k: torch.where(append_dims(drop, v.ndim), null[k].to(v), v) for k, v in cond.items()}
+
+
+def dropout_condition(keys: dict[str, str], null: Cond, p: float) -> ConditionFn:
+    """batch → ``{denoiser keyword: batch[key]}`` for ``keys`` = {denoiser keyword: batch key}, with
+    :func:`drop_condition` at rate ``p``."""
+    return lambda batch: drop_condition({k: batch[b] for k, b in keys.items()}, null, p)
+
+
+def weighted_mse(model: nn.Module, out: Tensor, target: Tensor, sigma: Tensor) -> Tensor:
+    """E[λ(σ)·‖out − target‖²] with λ(σ) = 1/c_out(σ)² (Karras et al. 2022, eq. 8): plain MSE in the
+    network's own output space, whatever it predicts (EDM's F, ε: λ = 1/σ², v, x_0). The weighting of
+    the denoising loss and of guided and progressive distillation."""
+    c_out = unwrap(model).scalings(sigma)[1]
+    return ((out.float() - target.float()) / append_dims(c_out.float(), out.ndim)).square().mean()

@@ -1,0 +1,101 @@
+"""Discretization curricula of consistency training, shared by CD, CT, iCT, ACT and LCD/LCF.
+
+The N-point Karras grid is :func:`fewstep.core.schedules.karras_levels`; here are CT's N(k) and μ(k)
+(:func:`ct_num_scales`, :func:`ct_target_ema`; Song et al. 2023 Appendix C), iCT's doubling N(k) and
+lognormal level sampling (:func:`ict_num_scales`, :func:`ict_level_probs`; Song & Dhariwal 2023 §3),
+and :class:`Curriculum`, which picks a method's: N(k), μ(k), how pairs of adjacent levels are drawn
+and how they are weighted (LCM's skipping-step pairs on the discrete VP grid among them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..core.schedules import EDMSchedule, VPSchedule, karras_levels, skipped_timesteps
+
+
+def ct_num_scales(step: int, total_steps: int, s0: int = 2, s1: int = 150) -> int:
+    """CT's N(k) = ⌈√(k/K·((s1+1)² − s0²) + s0²) − 1⌉ + 1 (Song et al. 2023, Appendix C, eq. 27)."""
+    k = min(step, total_steps) / max(total_steps, 1)
+    return math.ceil(math.sqrt(k * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+
+
+def ct_target_ema(num_scales: int, s0: int = 2, mu0: float = 0.9) -> float:
+    """CT's target EMA rate μ(k) = exp(s0·ln μ0 / N(k)) (Song et al. 2023, Appendix C, eq. 28)."""
+    return math.exp(s0 * math.log(mu0) / num_scales)
+
+
+def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's doubling curriculum N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K/(log2⌊s1/s0⌋ + 1)⌋
+    (Song & Dhariwal 2023, §3.4, eq. 7)."""
+    k_prime = max(1, math.floor(total_steps / (math.log2(s1 // s0) + 1)))
+    return min(s0 * 2 ** (step // k_prime), s1) + 1
+
+
+def ict_level_probs(num_scales: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                    p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
+    """iCT's discretized lognormal over the N−1 adjacent pairs (σ_i, σ_{i+1}) (Song & Dhariwal 2023,
+    §3.5): p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2·P_std)) − erf((ln σ_i − P_mean)/(√2·P_std))."""
+    sigmas = karras_levels(torch.arange(num_scales), num_scales, sigma_min, sigma_max, rho)
+    cdf = torch.erf((sigmas.log() - p_mean) / (math.sqrt(2) * p_std))
+    probs = cdf[1:] - cdf[:-1]
+    return probs / probs.sum()
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """N(k), μ(k), the level sampling and the weighting of one method."""
+
+    name: str                               # "cd" | "ct" | "ict" | "lcm"
+    total_steps: int
+    num_scales: int = 18                    # CD's fixed N (Song et al. 2023: 18 on CIFAR-10, 40 on ImageNet-64)
+    target_ema: float = 0.95                # CD's fixed μ
+    s0: int = 2                             # CT: N(0) and μ0's exponent; iCT: the first N (10)
+    s1: int = 150                           # CT/iCT: the final N (150; iCT 1280)
+    mu0: float = 0.9                        # CT's μ0
+    p_mean: float = -1.1                    # iCT's lognormal level distribution
+    p_std: float = 2.0
+    skip: int = 20                          # LCM's skipping step k (Luo et al. 2023 §4.3: 20 of 1000)
+
+    @classmethod
+    def for_method(cls, method: str, total_steps: int, **overrides) -> "Curriculum":
+        """The paper defaults of ``method`` (cd, ct, ict; act uses CT's; lcd and lcf the LCM grid with
+        diffusers' μ = 0.95), with explicit overrides."""
+        base = {"cd": {}, "ct": {"s0": 2, "s1": 150, "mu0": 0.9}, "act": {"s0": 2, "s1": 150, "mu0": 0.9},
+                "ict": {"s0": 10, "s1": 1280, "target_ema": 0.0}, "lcd": {}, "lcf": {}}[method]
+        name = {"act": "ct", "lcd": "lcm", "lcf": "lcm"}.get(method, method)
+        return cls(name=name, total_steps=total_steps, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def scales(self, step: int) -> int:
+        if self.name == "ct":
+            return ct_num_scales(step, self.total_steps, self.s0, self.s1)
+        if self.name == "ict":
+            return ict_num_scales(step, self.total_steps, self.s0, self.s1)
+        return self.num_scales
+
+    def ema(self, step: int) -> float:
+        return ct_target_ema(self.scales(step), self.s0, self.mu0) if self.name == "ct" else self.target_ema
+
+    def sample_pairs(self, n: int, step: int, schedule: EDMSchedule | VPSchedule) -> tuple[Tensor, Tensor]:
+        """n pairs (σ_n, σ_{n+1}) of adjacent levels on the current grid. "lcm": t_{n+k} uniform on the
+        skipped grid {k−1, 2k−1, …, T−1}, t_n = max(t_{n+k} − k, 0) (diffusers' ``train_lcm_distill_sd_wds.py``)."""
+        if self.name == "lcm":
+            grid = skipped_timesteps(schedule.num_train_timesteps, self.skip)
+            hi_t = grid[torch.randint(0, len(grid), (n,))]
+            return schedule.sigmas[(hi_t - self.skip).clamp(min=0)].float(), schedule.sigmas[hi_t].float()
+        scales = self.scales(step)
+        if self.name == "ict":
+            index = torch.multinomial(ict_level_probs(scales, schedule.sigma_min, schedule.sigma_max, schedule.rho,
+                                                      self.p_mean, self.p_std), n, replacement=True)
+        else:
+            index = torch.randint(0, scales - 1, (n,))
+        lo, hi = (karras_levels(i, scales, schedule.sigma_min, schedule.sigma_max, schedule.rho).float()
+                  for i in (index, index + 1))
+        return lo, hi
+
+    def weight(self, lo: Tensor, hi: Tensor) -> Tensor:
+        return 1 / (hi - lo) if self.name == "ict" else torch.ones_like(lo)

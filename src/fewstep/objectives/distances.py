@@ -1,0 +1,98 @@
+"""Distances d(x, y) ≥ 0 for consistency losses, one value per sample ([B] → the objective weights
+and averages them).
+
+- ``l2``: mean squared error per sample (openai/consistency_models ``mean_flat((x − y)²)``);
+- ``l1``: mean absolute error per sample;
+- ``pseudo-huber``: √(‖x − y‖² + c²) − c with c = 0.00054·√d (Song & Dhariwal 2023, iCT §3.3),
+  d the number of dimensions: like l2 near 0, like l2-norm far away, robust to outliers;
+- ``classifier``: squared distance of a classifier's penultimate features (the shipped digits or
+  emoji classifier): a perceptual distance learned on the same data, the CPU stand-in for LPIPS.
+  Note: the evaluation's FID uses the same features, so a model trained with it is judged by its own
+  training signal; BENCHMARKS.md says which distance each figure used;
+- ``lpips``: LPIPS (Zhang et al. 2018), as Song et al. 2023 use for their best CD/CT results, with
+  inputs bilinearly resized to 224 as in their code. Needs the ``lpips`` package and its weights on
+  disk (nothing is downloaded here).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import FewstepError
+
+Distance = Callable[[Tensor, Tensor], Tensor]
+DISTANCES = ("l2", "l1", "pseudo-huber", "classifier", "lpips")
+
+
+def l2(x: Tensor, y: Tensor) -> Tensor:
+    return (x - y).float().square().flatten(1).mean(1)
+
+
+def l1(x: Tensor, y: Tensor) -> Tensor:
+    return (x - y).float().abs().flatten(1).mean(1)
+
+
+def pseudo_huber(x: Tensor, y: Tensor) -> Tensor:
+    """√(‖x − y‖² + c²) − c, c = 0.00054·√d (iCT, Song & Dhariwal 2023 §3.3)."""
+    c = 0.00054 * math.sqrt(x[0].numel())
+    return ((x - y).float().square().flatten(1).sum(1) + c**2).sqrt() - c
+
+
+class FeatureDistance(nn.Module):
+    """‖φ(x) − φ(y)‖² / dim φ for a frozen feature network φ (a classifier's ``features``)."""
+
+    def __init__(self, features: Callable[[Tensor], Tensor], resize: int | None = None) -> None:
+        super().__init__()
+        self.features = features
+        self.resize = resize
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.resize:
+            x, y = (F.interpolate(v, size=self.resize, mode="bilinear", align_corners=False) for v in (x, y))
+        return (self.features(x) - self.features(y)).float().square().flatten(1).mean(1)
+
+
+def get_distance(name: str, classifier: str | Path | None = None, lpips_weights: str | Path | None = None) -> Distance:
+    """The distance called ``name`` (one of :data:`DISTANCES`). ``classifier`` is a classifier folder
+    (for ``classifier``), ``lpips_weights`` a local LPIPS weight file (for ``lpips``)."""
+    if name == "l2":
+        return l2
+    if name == "l1":
+        return l1
+    if name == "pseudo-huber":
+        return pseudo_huber
+    if name == "classifier":
+        if classifier is None:
+            raise FewstepError("--distance classifier needs a classifier folder (--classifier DIR)")
+        from ..nets.classifier import load_classifier
+        net = load_classifier(classifier).eval().requires_grad_(False)
+        return FeatureDistance(net.features)
+    if name == "lpips":
+        return _lpips(lpips_weights)
+    raise FewstepError(f"unknown distance {name!r}; choose one of {', '.join(DISTANCES)}")
+
+
+def _lpips(weights: str | Path | None) -> Distance:
+    try:
+        import lpips  # optional: pip install lpips
+    except ImportError:
+        raise FewstepError("--distance lpips needs the lpips package (pip install lpips) and its weights "
+                           "on disk; use --distance pseudo-huber or classifier otherwise") from None
+    if weights is None or not Path(weights).exists():
+        raise FewstepError("--distance lpips needs --lpips-weights FILE (a local LPIPS .pth; nothing is "
+                           "downloaded at run time)")
+    net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, model_path=str(weights), verbose=False)
+    net = net.eval().requires_grad_(False)
+
+    def distance(x: Tensor, y: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        x, y = (F.interpolate(v, size=224, mode="bilinear", align_corners=False) for v in (x, y))
+        return net.to(x.device)(x, y).flatten()
+
+    return distance

@@ -1,0 +1,57 @@
+"""The σ grid a model samples ``steps`` steps on, and where image-to-image starts on it.
+
+- A grid stored in the model's ``sampling_sigmas`` (tuned by ``fewstep eval --tune-sigmas``, or a
+  progressive student's own) comes first, for the model's default sampler.
+- An LCM: its skipped grid (:func:`fewstep.core.schedules.lcm_timesteps` = ``LCMScheduler.set_timesteps``),
+  truncated by ``strength`` as diffusers' LCM img2img does.
+- EDM σ-space models: DDIM's uniform-timestep grid for ``ddim`` (so it differs from Euler only in its
+  discretization, as in Karras et al. 2022 Table 1), the Karras ρ = 7 grid for every other sampler.
+- Discrete VP models: diffusers' "trailing" timesteps.
+
+img2img (SDEdit, Meng et al. 2022) runs the last ⌊strength·N⌋ steps of the N-step grid: diffusers'
+rule (``init_timestep = int(num_inference_steps * strength)``), the one rule for every model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..core.schedules import EDMSchedule, append_zero, lcm_timesteps
+from ..errors import FewstepError
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """Index of the first level SDEdit runs from on an N-step grid: N − ⌊strength·N⌋ (diffusers' rule)."""
+    if not 0 < strength <= 1:
+        raise FewstepError(f"strength must be in (0, 1], got {strength}")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise FewstepError(f"strength {strength:g} of {steps} steps runs no step; raise --strength to at least "
+                           f"{1 / steps:.2g} or use more --steps")
+    return steps - run
+
+
+def sampling_grid(model, steps: int, sampler: str | None = None, strength: float = 1.0) -> Tensor:
+    """The decreasing σ grid (ending in 0) of ``steps`` steps of ``model`` with ``sampler`` (default: the
+    model's), the part an img2img of ``strength`` runs (module docstring)."""
+    if steps < 1:
+        raise FewstepError(f"steps must be at least 1, got {steps}")
+    config, schedule = model.config, model.schedule
+    if config.is_lcm:
+        if not 0 < strength <= 1:
+            raise FewstepError(f"strength must be in (0, 1], got {strength}")
+        try:
+            ts = lcm_timesteps(steps, config.original_inference_steps, schedule.num_train_timesteps, strength)
+        except ValueError as e:
+            raise FewstepError(str(e)) from None
+        return append_zero(schedule.sigmas[ts]).float()
+    sampler = sampler or config.default_sampler
+    stored = config.sampling_sigmas.get(str(steps))
+    if stored is not None and sampler == config.default_sampler:
+        grid = torch.tensor(stored, dtype=torch.float32)
+    elif isinstance(schedule, EDMSchedule):
+        grid = schedule.ddim_grid(steps) if sampler == "ddim" else schedule.grid(steps)
+    else:
+        grid = schedule.grid(steps)
+    return grid[img2img_start(steps, strength):]

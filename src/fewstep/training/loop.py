@@ -1,0 +1,263 @@
+"""One training loop for every objective (nanoGPT-style: flat, ordered, config saved in every checkpoint).
+
+An objective is a callable ``objective(model, batch) -> (loss, logs)``; the loop owns everything
+else: accelerate (multi-process DDP, mixed precision), gradient accumulation, clipping, linear
+LR warm-up, EMA, atomic checkpoints, exact resume, a progress bar and a JSON-lines metrics log.
+An objective with state of its own (a target network, a discriminator) may also define
+``state_dict()``/``load_state_dict()`` (tensors, checkpointed beside the model) and
+``after_step(model, step)`` (called after every optimizer step, e.g. to update a target network).
+
+Determinism and exact resume: the data order is a function of (seed, epoch) and every
+micro-batch reseeds torch's RNG from (seed, step, micro-step, rank), so a run restored at step s
+replays exactly what an uninterrupted run does from s on. Checkpoints hold model, optimizer, EMA,
+objective state and the step; they are safetensors + JSON (no pickles), written to a temporary
+folder and renamed into place, and only the last ``keep_checkpoints`` are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..io.atomic import atomic_path
+from ..errors import FewstepError, TrainingDiverged
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; saved in every checkpoint's state.json."""
+
+    out_dir: str = "runs/run"          # checkpoints/ and metrics.jsonl go here
+    max_steps: int = 1000              # optimizer steps
+    batch_size: int = 128              # global batch per optimizer step (all processes × accumulation)
+    grad_accum: int = 1                # micro-batches per optimizer step
+    lr: float = 2e-4
+    warmup_steps: int = 100            # linear LR warm-up from 0; avoids early Adam blow-ups
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0             # max global grad norm; 0 disables
+    ema_decay: float = 0.999           # EMA of the weights, which is what gets saved as the model
+    ema_warmup: bool = True            # diffusers' 1 − (1+step)^−2/3 ramp: useful EMA even in short runs
+    mixed_precision: str = "no"        # "no" | "fp16" | "bf16" (GPU users)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    seed: int = 0
+    progress: bool = True              # tqdm bar on the main process
+    extra: dict[str, Any] = field(default_factory=dict)  # the objective's own settings, for the record
+
+
+class Objective(Protocol):
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module       # the trained (online) weights
+    ema: nn.Module         # the EMA weights
+    step: int
+    last_loss: float
+    seconds: float = 0.0   # wall-clock of the whole run, resumed parts included
+    config: TrainConfig | None = None  # the run's settings
+
+
+def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], config: TrainConfig,
+          accelerator: Accelerator | None = None, params: list[nn.Parameter] | None = None) -> TrainResult:
+    """Train ``model`` (the module whose weights are optimized) on in-memory ``data`` tensors.
+
+    ``params`` restricts what is optimized (e.g. LoRA weights); default: every parameter that
+    requires grad. Resumes from the latest checkpoint in ``config.out_dir`` if there is one.
+    """
+    acc = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    out = Path(config.out_dir)
+    ckpt_root = out / "checkpoints"
+    n_data = len(next(iter(data.values())))
+    micro = _micro_batch_size(config, acc.num_processes)
+
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
+    ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=config.ema_warmup)
+    step, elapsed = 0, 0.0
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None:
+        step, elapsed = _load_checkpoint(latest, model, optimizer, ema, objective)
+    ddp_model, optimizer = acc.prepare(model, optimizer)
+
+    log_path = out / "metrics.jsonl"
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, step)
+    bar = tqdm(total=config.max_steps, initial=step, disable=not (config.progress and acc.is_main_process),
+               desc="training", dynamic_ncols=True)
+    loss_value, t0 = float("nan"), time.time()
+    order = _DataOrder(n_data, config.seed)
+
+    while step < config.max_steps:
+        lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total, logs = torch.zeros(()), {}
+        for m in range(config.grad_accum):
+            torch.manual_seed(_seed(config.seed, step, m, acc.process_index))
+            start = step * config.batch_size + (m * acc.num_processes + acc.process_index) * micro
+            idx = order.indices(start, micro)
+            batch = {k: v[idx].to(acc.device) for k, v in data.items()}
+            sync = acc.no_sync(ddp_model) if m < config.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with acc.autocast():
+                    loss, logs = objective(ddp_model, batch)
+                acc.backward(loss / config.grad_accum)
+            total = total + loss.detach().float().cpu() / config.grad_accum
+        loss_value = float(acc.reduce(total.to(acc.device), reduction="mean"))
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            bar.close()
+            last = latest_checkpoint(ckpt_root)
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {step}; training stopped with no further update. "
+                f"Last good checkpoint: {last or 'none'}. Try a lower --lr or a smaller --grad-clip.")
+        grad_norm = acc.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(params)
+        step += 1
+        if hasattr(objective, "after_step"):
+            objective.after_step(acc.unwrap_model(ddp_model), step)
+
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if acc.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
+            record = {"step": step, "loss": loss_value, "lr": lr, "time": round(time.time() - t0, 3),
+                      **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}), **logs}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            if acc.is_main_process:
+                save_checkpoint(ckpt_root, step, acc.unwrap_model(ddp_model), optimizer, ema, objective, config,
+                                elapsed + time.time() - t0)
+            acc.wait_for_everyone()
+    bar.close()
+
+    trained = acc.unwrap_model(ddp_model)
+    return TrainResult(trained, _with_ema_weights(trained, ema, params), step, loss_value, elapsed + time.time() - t0,
+                       config)
+
+
+def _with_ema_weights(trained: nn.Module, ema: EMAModel, params: list[nn.Parameter]) -> nn.Module:
+    """A copy of ``trained`` whose ``params`` hold their EMA (the weights a model folder saves)."""
+    ema_model = copy.deepcopy(trained)
+    names = {id(p): n for n, p in trained.named_parameters()}
+    ema_named = dict(ema_model.named_parameters())
+    ema.copy_to([ema_named[names[id(p)]] for p in params])
+    return ema_model
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder (``step-0001000``) under ``root``, or None."""
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMAModel, objective,
+                    config: TrainConfig, elapsed: float = 0.0) -> Path:
+    """Write ``root/step-NNNNNNN`` atomically (temporary folder, then rename); keep the last K."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    with atomic_path(final, directory=True) as tmp:
+        save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+        ema_state = ema.state_dict()
+        save_file({f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
+                  tmp / "ema.safetensors")
+        opt_state = optimizer.state_dict()
+        save_file({f"{i}.{k}": v.contiguous() for i, s in opt_state["state"].items() for k, v in s.items()},
+                  tmp / "optimizer.safetensors")
+        if hasattr(objective, "state_dict"):
+            save_file(_contiguous(objective.state_dict()), tmp / "objective.safetensors")
+        state = {"step": step, "elapsed_seconds": elapsed, "config": asdict(config), "ema": ema_state,
+                 "optimizer_param_groups": opt_state["param_groups"]}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -config.keep_checkpoints]:
+        shutil.rmtree(old)
+    return final
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel, objective) -> tuple[int, float]:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        model.load_state_dict(load_file(path / "model.safetensors"))
+        shadow = load_file(path / "ema.safetensors")
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
+        flat = load_file(path / "optimizer.safetensors")
+        opt_state: dict[int, dict[str, Tensor]] = {}
+        for key, value in flat.items():
+            i, name = key.split(".", 1)
+            opt_state.setdefault(int(i), {})[name] = value
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
+        if hasattr(objective, "load_state_dict") and (path / "objective.safetensors").exists():
+            objective.load_state_dict(load_file(path / "objective.safetensors"))
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
+        raise FewstepError(f"cannot resume from checkpoint {path}: {e}. Delete it to resume from an earlier one.") from None
+    return int(state["step"]), float(state.get("elapsed_seconds", 0.0))
+
+
+# --- helpers -----------------------------------------------------------------------------------
+class _DataOrder:
+    """Epoch-wise permutations of the data, a function of (seed, epoch) only."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self._cache = n, seed, {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._cache:
+            self._cache = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))}
+        return self._cache[epoch]
+
+    def indices(self, start: int, count: int) -> Tensor:
+        pos = torch.arange(start, start + count)
+        out = torch.empty(count, dtype=torch.long)
+        for epoch in (pos // self.n).unique().tolist():
+            mask = pos // self.n == epoch
+            out[mask] = self._perm(epoch)[pos[mask] % self.n]
+        return out
+
+
+def _micro_batch_size(config: TrainConfig, processes: int) -> int:
+    parts = config.grad_accum * processes
+    if config.batch_size % parts:
+        raise FewstepError(f"batch size {config.batch_size} must be divisible by grad_accum × processes = {parts}")
+    return config.batch_size // parts
+
+
+def _seed(*parts: int) -> int:
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def _contiguous(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint so the log matches an uninterrupted run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
