@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fewstep.atomic import write_text
+from fewstep.io.atomic import write_text
 
 
 def write_result(out: Path, result: dict) -> None:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fewstep.data import load_emoji
-from fewstep.evaluate import evaluate_latent, ruler_for
-from fewstep.lcm import LCMSettings, distill_lcm
-from fewstep.sd import load_latent_model
-from fewstep.train import TrainConfig
+from fewstep.models.data import load_emoji
+from fewstep.eval.evaluate import evaluate, ruler_for
+from fewstep.methods.lcm import LCMSettings, distill_lcm
+from fewstep.models.folders import load_model
+from fewstep.training import TrainConfig
 
 from ablation import main, write_result
 
@@ -36,7 +36,7 @@ RUNS = {"base": ({}, 1e-4), "lr2e-5": ({}, 2e-5), "huber": ({"distance": "pseudo
 
 
 def train_runs(names: list[str]) -> None:
-    teacher, data = load_latent_model(MODELS / "emoji-sd"), load_emoji()
+    teacher, data = load_model(MODELS / "emoji-sd"), load_emoji()
     for name in names:
         change, lr = RUNS[name]
         for steps in STEPS:
@@ -50,7 +50,7 @@ def train_runs(names: list[str]) -> None:
 
 
 def score() -> None:
-    ruler = ruler_for(load_latent_model(MODELS / "emoji-sd"), MODELS)
+    ruler = ruler_for(load_model(MODELS / "emoji-sd"), MODELS)
     runs = []
     for name, (change, lr) in RUNS.items():
         points = []
@@ -58,7 +58,7 @@ def score() -> None:
             folder = WORK / name / f"step-{steps}"
             if not (folder / "model_index.json").exists():
                 continue
-            rows, _ = evaluate_latent(load_latent_model(folder), ruler, [4, 2], None, GUIDANCE, NUM, 0, progress=False)
+            rows, _ = evaluate(load_model(folder), ruler, [4, 2], None, GUIDANCE, NUM, 0, progress=False)
             points.append({"step": steps, **{f"fid_{r.steps}": r.fid for r in rows}})
             print(name, points[-1], flush=True)
         if points:

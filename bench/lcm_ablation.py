@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from fewstep.data import load_emoji
-from fewstep.evaluate import Ruler, evaluate_latent, ruler_for
-from fewstep.lcm import LCMSettings, distill_lcm
-from fewstep.sd import load_latent_model
-from fewstep.train import TrainConfig
+from fewstep.models.data import load_emoji
+from fewstep.eval.evaluate import Ruler, evaluate, ruler_for
+from fewstep.methods.lcm import LCMSettings, distill_lcm
+from fewstep.models.folders import load_model
+from fewstep.training import TrainConfig
 
 from ablation import main, write_result
 
@@ -42,7 +42,7 @@ def settings_of(name: str) -> LCMSettings:
 
 
 def train_runs(names: list[str]) -> None:
-    teacher = load_latent_model(MODELS / "emoji-sd")
+    teacher = load_model(MODELS / "emoji-sd")
     data = load_emoji()
     for name in (n for n in names if n in RUNS):
         if (WORK / name / "model_index.json").exists():
@@ -53,11 +53,11 @@ def train_runs(names: list[str]) -> None:
         distill_lcm(teacher, data, WORK / name, config, settings_of(name), command=f"bench/lcm_ablation.py train --runs {name}")
         print(f"{name}: trained", flush=True)
     if "lcf" in names and not (WORK / "lcf" / "model_index.json").exists():
-        lcm = load_latent_model(MODELS / "emoji-lcm")
+        lcm = load_model(MODELS / "emoji-lcm")
         config = TrainConfig(out_dir=str(WORK / "lcf-work"), max_steps=LCF_STEPS, batch_size=BATCH, lr=5e-5,
                              warmup_steps=50, checkpoint_every=100, progress=False)
-        settings = LCMSettings(method="lcf", guidance_min=lcm.info["guidance_range"][0],
-                               guidance_max=lcm.info["guidance_range"][1])
+        settings = LCMSettings(method="lcf", guidance_min=lcm.config.guidance_range[0],
+                               guidance_max=lcm.config.guidance_range[1])
         distill_lcm(lcm, group(data), WORK / "lcf", config, settings, command="bench/lcm_ablation.py train --runs lcf")
 
 
@@ -66,14 +66,14 @@ def group(data):
 
 
 def score() -> None:
-    teacher = load_latent_model(MODELS / "emoji-sd")
+    teacher = load_model(MODELS / "emoji-sd")
     ruler = ruler_for(teacher, MODELS)
     runs = []
     for name in RUNS:
         if not (WORK / name / "model_index.json").exists():
             print(f"{name}: not trained, skipped")
             continue
-        rows, _ = evaluate_latent(load_latent_model(WORK / name), ruler, [4], None, GUIDANCE, NUM, 0, progress=False)
+        rows, _ = evaluate(load_model(WORK / name), ruler, [4], None, GUIDANCE, NUM, 0, progress=False)
         runs.append({"name": name, **{k: v for k, v in asdict(settings_of(name)).items()
                                       if k in ("skip", "solver", "guidance_min", "guidance_max")},
                      "fid": rows[0].fid, "cond_accuracy": rows[0].cond_accuracy})
@@ -86,7 +86,7 @@ def score() -> None:
         sub_ruler = Ruler(ruler.classifier, sub)
         fid = {}
         for key, folder in (("before", MODELS / "emoji-lcm"), ("after", WORK / "lcf")):
-            rows, _ = evaluate_latent(load_latent_model(folder), sub_ruler, [4], None, GUIDANCE, NUM, 0, progress=False)
+            rows, _ = evaluate(load_model(folder), sub_ruler, [4], None, GUIDANCE, NUM, 0, progress=False)
             fid[key] = rows[0].fid
         result["lcf"] = {"subset": LCF_GROUP, "size": len(sub), "steps": LCF_STEPS, **fid}
         print(result["lcf"])

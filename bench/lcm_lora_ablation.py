@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fewstep.data import load_emoji
-from fewstep.evaluate import evaluate_latent, ruler_for
-from fewstep.lcm import LCMSettings, distill_lcm
-from fewstep.lora import add_lora, apply_loras, save_lora
-from fewstep.sd import load_latent_model
-from fewstep.train import TrainConfig
+from fewstep.models.data import load_emoji
+from fewstep.eval.evaluate import evaluate, ruler_for
+from fewstep.methods.lcm import LCMSettings, distill_lcm
+from fewstep.models.loras import apply_loras, save_lora
+from fewstep.nets.lora import add_lora
+from fewstep.models.folders import load_model
+from fewstep.training import TrainConfig
 
 from ablation import main, write_result
 
@@ -47,7 +48,7 @@ def train_runs(names: list[str]) -> None:
                              checkpoint_every=EVERY, keep_checkpoints=STEPS // EVERY, progress=False)
         settings = LCMSettings(method="lcm-lora", skip=20, solver="ddim", guidance_min=GUIDANCE, guidance_max=GUIDANCE,
                                lora_rank=RANK, target_ema=RUNS[name])
-        distill_lcm(load_latent_model(MODELS / "emoji-sd"), load_emoji(), WORK / name / "model", config, settings,
+        distill_lcm(load_model(MODELS / "emoji-sd"), load_emoji(), WORK / name / "model", config, settings,
                     command=f"bench/lcm_lora_ablation.py train --runs {name}")
         print(f"{name}: trained", flush=True)
 
@@ -64,7 +65,7 @@ def checkpoint_lora(teacher, checkpoint: Path, info: dict) -> Path:
 
 
 def score() -> None:
-    teacher = load_latent_model(MODELS / "emoji-sd")
+    teacher = load_model(MODELS / "emoji-sd")
     ruler = ruler_for(teacher, MODELS)
     runs = []
     for name, mu in RUNS.items():
@@ -74,8 +75,8 @@ def score() -> None:
         info = {k: v for k, v in json.loads((WORK / name / "model" / "fewstep.json").read_text()).items() if k != "training"}
         points = []
         for ck in sorted((WORK / name / "work" / "checkpoints").glob("step-*")):
-            model = apply_loras(load_latent_model(MODELS / "emoji-sd"), [(checkpoint_lora(teacher, ck, info), 1.0)])
-            rows, _ = evaluate_latent(model, ruler, [2, 4], "consistency", 1.0, NUM, 0, progress=False)
+            model = apply_loras(load_model(MODELS / "emoji-sd"), [(checkpoint_lora(teacher, ck, info), 1.0)])
+            rows, _ = evaluate(model, ruler, [2, 4], "consistency", 1.0, NUM, 0, progress=False)
             points.append({"step": int(ck.name.split("-")[1]), **{f"fid_{r.steps}": r.fid for r in rows},
                            **{f"acc_{r.steps}": r.cond_accuracy for r in rows}})
             print(name, points[-1], flush=True)

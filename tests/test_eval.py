@@ -98,3 +98,16 @@ def test_ruler_on_real_digits_orders_corruptions():
 
     blurred = [ruler.fid(blur(data.images, s)) for s in (0.5, 1.0, 1.5, 2.5)]
     assert clean["fid"] < blurred[0] and all(a < b for a, b in zip(blurred, blurred[1:])), blurred
+
+
+def test_benchmarks_md_is_what_bench_json_renders_to(tmp_path):
+    """Every figure in BENCHMARKS.md comes from bench/results/*.json: rendering them again gives the file
+    (the plots' relative paths aside), so no number there was typed by hand or left stale."""
+    from fewstep.bench.run import render_report
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "BENCHMARKS.md"
+    render_report(repo / "bench" / "results" / "bench.json", out, repo / "bench" / "results")
+    ours = [line for line in out.read_text().splitlines() if "![FID versus NFE]" not in line]
+    shipped = [line for line in (repo / "BENCHMARKS.md").read_text().splitlines() if "![FID versus NFE]" not in line]
+    assert ours == shipped
