@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from helpers import CAPTIONS, TINY
 
 # The suite runs tiny tensors on a 2-core machine: one intra-op thread avoids thread-sync
@@ -11,8 +10,14 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A random-weight SD-format pipeline folder (no training): a stand-in teacher."""
-    from fewstep.nets.unets import build_cond_unet, build_text_encoder, build_tokenizer, build_vae
     from helpers import save_pipeline
+
+    from fewstep.nets.unets import (
+        build_cond_unet,
+        build_text_encoder,
+        build_tokenizer,
+        build_vae,
+    )
 
     torch.manual_seed(0)
     tok = build_tokenizer(CAPTIONS, TINY.vocab_size, TINY.max_length)

@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 from accelerate import Accelerator
+from helpers import tiny_setup
 from safetensors.torch import save_file
 
 from fewstep.training import TrainConfig, train
-from helpers import tiny_setup
 
 out = Path(sys.argv[1])
 acc = Accelerator(cpu=True)

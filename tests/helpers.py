@@ -64,9 +64,9 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 def tiny_digits_models(root: Path):
     """Fill ``root`` as a models folder: the shipped digits classifier beside a tiny untrained
     'digits-teacher'. Returns the teacher's config."""
+
     from fewstep.cli import shipped_models_dir
     from fewstep.models.config import ModelConfig
-    from helpers import save_pixel_model as save_model
 
     shutil.copytree(shipped_models_dir() / "digits-classifier", root / "digits-classifier")
     torch.manual_seed(0)

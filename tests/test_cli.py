@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli as run
+from helpers import save_pixel_model as save_model
+from helpers import tiny_unet
 from PIL import Image
 
 from fewstep.cli import build_parser
+from fewstep.core.schedules import EDMSchedule
 from fewstep.models.config import ModelConfig
 from fewstep.models.folders import load_model
-from helpers import save_pixel_model as save_model
-from fewstep.core.schedules import EDMSchedule
-
-from helpers import run_cli as run, tiny_unet
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,24 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_unet
 
-from fewstep.core.denoisers import cm_scalings
+from fewstep.core.denoisers import EDMDenoiser, cm_scalings
+from fewstep.core.oracle import ExactDenoiser
+from fewstep.core.schedules import EDMSchedule, karras_levels, karras_sigmas
+from fewstep.core.solvers import sample_heun
 from fewstep.nets.discriminator import Discriminator
 from fewstep.objectives.adversarial import AdversarialConsistencyLoss, diff_augment
-from fewstep.objectives.curricula import ct_num_scales, ct_target_ema, ict_level_probs, ict_num_scales
-from fewstep.core.schedules import karras_levels
 from fewstep.objectives.consistency import ConsistencyLoss
-from fewstep.objectives.curricula import Curriculum
-from fewstep.core.denoisers import EDMDenoiser
+from fewstep.objectives.curricula import (
+    Curriculum,
+    ct_num_scales,
+    ct_target_ema,
+    ict_level_probs,
+    ict_num_scales,
+)
 from fewstep.objectives.distances import l2, pseudo_huber
-from fewstep.core.oracle import ExactDenoiser
-from fewstep.core.schedules import EDMSchedule, karras_sigmas
-from fewstep.core.solvers import sample_heun
 from fewstep.training import TrainConfig, train
-from helpers import tiny_unet
 
 
 # --- curricula -----------------------------------------------------------------------------------

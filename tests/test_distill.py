@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli, tiny_digits_models
 
 from fewstep.cli import main, shipped_models_dir
 from fewstep.eval.evaluate import Ruler, tune_sigmas
-from fewstep.nets.classifier import load_classifier
 from fewstep.models.data import load_digits
 from fewstep.models.folders import load_model
+from fewstep.nets.classifier import load_classifier
 from fewstep.sampling.generate import generate
 from fewstep.sampling.grids import sampling_grid
-
-from helpers import run_cli, tiny_digits_models
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_cli as run
+from helpers import save_pixel_model as save_model
+from helpers import tiny_unet
 from PIL import Image
 
 from fewstep.cli import build_parser
 from fewstep.core.oracle import ExactDenoiser
 from fewstep.core.schedules import EDMSchedule
-from fewstep.editing import constraints as C, zero_shot as Z
+from fewstep.editing import constraints as C
+from fewstep.editing import zero_shot as Z
 from fewstep.errors import FewstepError
 from fewstep.eval import editing as M
 from fewstep.models.config import ModelConfig
 from fewstep.models.folders import new_pixel_model
 from fewstep.models.handle import Model
-
-from helpers import run_cli as run, save_pixel_model as save_model, tiny_unet
 
 SIGMAS = [80.0, 5.0, 0.5]  # 3 evaluations keep the tests fast
 
@@ -142,10 +144,10 @@ def test_bad_noise_levels_and_labels_are_clear_errors():
 
 def test_edit_metrics_on_the_shipped_teacher():
     """The bench's measurements run on real digits; their exactness figures hold on a real model."""
-    from fewstep.nets.classifier import load_classifier
     from fewstep.cli import shipped_models_dir
     from fewstep.models.data import load_digits
     from fewstep.models.folders import load_model
+    from fewstep.nets.classifier import load_classifier
 
     models, data = shipped_models_dir(), load_digits()
     model, classifier = load_model(models / "digits-teacher"), load_classifier(models / "digits-classifier")

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_pixel_model as save_model
+from helpers import tiny_digits_models, tiny_unet
 
 from fewstep.cli import main, shipped_models_dir
 from fewstep.models.config import ModelConfig
-from helpers import save_pixel_model as save_model
-
-from helpers import tiny_digits_models, tiny_unet
 
 EVAL_KEYS = {"steps", "sampler", "guidance_scale", "nfe", "fid", "kid", "kid_std", "precision", "recall",
              "cond_accuracy", "seconds_per_image"}
@@ -78,9 +77,9 @@ def test_ruler_on_real_digits_orders_corruptions():
     monotonically with added noise and with blur; conditional accuracy of the clean data is ~1."""
     import torch.nn.functional as F
 
-    from fewstep.nets.classifier import load_classifier
-    from fewstep.models.data import load_digits
     from fewstep.eval.evaluate import Ruler
+    from fewstep.models.data import load_digits
+    from fewstep.nets.classifier import load_classifier
 
     data = load_digits()
     ruler = Ruler(load_classifier(shipped_models_dir() / "digits-classifier"), data)

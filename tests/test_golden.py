@@ -53,7 +53,8 @@ def _emoji(n: int = 3) -> torch.Tensor:
 
 
 def pixel_cases() -> dict[str, callable]:
-    from fewstep.editing import constraints, zero_shot as editing
+    from fewstep.editing import constraints
+    from fewstep.editing import zero_shot as editing
     from fewstep.models.folders import load_model
     from fewstep.sampling.generate import generate
 
@@ -105,9 +106,9 @@ def pixel_cases() -> dict[str, callable]:
 
 
 def latent_cases() -> dict[str, callable]:
-    from fewstep.sampling.generate import generate_latent
-    from fewstep.models.loras import apply_loras
     from fewstep.models.folders import load_model
+    from fewstep.models.loras import apply_loras
+    from fewstep.sampling.generate import generate_latent
 
     def load(name, loras=()):
         model = load_model(MODELS / name)
@@ -142,7 +143,8 @@ def latent_cases() -> dict[str, callable]:
     cases["emoji-progressive/img2img/4/0.5"] = img2img("emoji-progressive", 4, 0.5, 3.0, "ddim")
 
     def eval_number():
-        from fewstep.eval.evaluate import evaluate as evaluate_latent, ruler_for
+        from fewstep.eval.evaluate import evaluate as evaluate_latent
+        from fewstep.eval.evaluate import ruler_for
 
         model = load("emoji-lcm")
         rows, _ = evaluate_latent(model, ruler_for(model, MODELS), [2, 4], "consistency", 3.0, num=100, seed=0,

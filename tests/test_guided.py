@@ -9,27 +9,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli, tiny_digits_models, tiny_unet
+from helpers import save_pixel_model as save_model
 
-from fewstep.models.data import load_digits
 from fewstep.core.denoisers import EDMDenoiser, edm_scalings
-from fewstep.errors import FewstepError
 from fewstep.core.guidance import guidance_scale_embedding, guide, per_sample_cfg
-from fewstep.methods.guided import GuidedSettings
+from fewstep.core.oracle import ExactDenoiser
+from fewstep.core.schedules import EDMSchedule
+from fewstep.core.solvers import (
+    SAMPLERS,
+    ddim_step,
+    sample_ddim,
+    sample_ddim_stochastic,
+)
+from fewstep.errors import FewstepError
+from fewstep.methods.progressive import ProgressiveSettings, distill_progressive, rounds
+from fewstep.models.config import ModelConfig
+from fewstep.models.data import load_digits
+from fewstep.models.folders import load_model
 from fewstep.nets.guided import GuidedUNet
 from fewstep.objectives.base import dropout_condition
 from fewstep.objectives.guided import GuidedDistillationLoss
-from fewstep.models.config import ModelConfig
-from fewstep.models.folders import load_model
-from helpers import save_pixel_model as save_model
-from fewstep.core.oracle import ExactDenoiser
-from fewstep.methods.progressive import ProgressiveSettings, distill_progressive, rounds
-from fewstep.objectives.progressive import ProgressiveLoss, ddim_target, teacher_two_steps
+from fewstep.objectives.progressive import (
+    ProgressiveLoss,
+    ddim_target,
+    teacher_two_steps,
+)
 from fewstep.sampling.generate import generate, nfe
-from fewstep.core.schedules import EDMSchedule
-from fewstep.core.solvers import SAMPLERS, ddim_step, sample_ddim, sample_ddim_stochastic
 from fewstep.training import TrainConfig
-
-from helpers import run_cli, tiny_digits_models, tiny_unet
 
 
 class OracleCFG:
@@ -296,7 +303,9 @@ def test_editing_in_a_few_steps_with_the_students(tiny_guided, capsys, tmp_path)
     with pytest.raises(FewstepError, match="strength"):
         img2img_start(4, 0.1)
     assert img2img_start(4, 1.0) == 0 and img2img_start(2, 0.5) == 1 and img2img_start(3, 0.5) == 2
-    from fewstep.editing.zero_shot import infer_labels                # code written for any denoiser: s defaults to 1
+    from fewstep.editing.zero_shot import (
+        infer_labels,  # code written for any denoiser: s defaults to 1
+    )
     assert infer_labels(guided, images, known, sigmas=(1.0,), repeats=1).shape == (4,)
     for task in (["img2img", "--strength", "0.5"], ["inpaint", "--mask-half", "right"]):
         code, _, err = run_cli(capsys, "edit", "--task", *task, "--model", str(root / "digits-guided"), "--steps", "2",
@@ -331,9 +340,9 @@ def test_bench_guided_section_merges_into_a_previous_report(tiny_guided, capsys,
 def test_shipped_progressive_student_at_4_steps_beats_the_teacher_at_4_steps():
     """Stage 2's point: the 4-step student (DDIM, one evaluation per step, s = 2 as an input) has a lower FID
     than the teacher at 4 DPM-Solver++ steps with CFG (eight evaluations), on the same labels and seed."""
-    from fewstep.nets.classifier import load_classifier
     from fewstep.cli import shipped_models_dir
     from fewstep.eval.evaluate import Ruler
+    from fewstep.nets.classifier import load_classifier
 
     models = shipped_models_dir()
     ruler = Ruler(load_classifier(models / "digits-classifier"), load_digits())

@@ -4,27 +4,27 @@ same images for the same seed), the trained guidance range, and the CLI."""
 
 import pytest
 import torch
+from helpers import CAPTIONS, caption_folder, run_cli
 from torch import nn
 
-from fewstep.errors import FewstepError
 from fewstep.core.guidance import per_sample_cfg
+from fewstep.errors import FewstepError
 from fewstep.methods.guided import GuidedSettings
+from fewstep.models.folders import load_model as load_latent_model
 from fewstep.nets.guided import GuidedUNet, w_conditioned_unet
 from fewstep.objectives.base import dropout_condition
 from fewstep.objectives.guided import GuidedDistillationLoss
-from fewstep.sampling.generate import generate_latent, nfe as latent_nfe
-from fewstep.models.folders import load_model as load_latent_model
-
-from helpers import CAPTIONS, caption_folder, run_cli
+from fewstep.sampling.generate import generate_latent
+from fewstep.sampling.generate import nfe as latent_nfe
 
 
 @pytest.fixture(scope="module")
 def tiny_guided_sd(tiny_sd, tmp_path_factory):
     """A stage-1 student of the random tiny SD teacher (a few steps: the plumbing, not the quality)."""
+    from helpers import tiny_data
+
     from fewstep import distill_guided_latent
     from fewstep.training import TrainConfig
-
-    from helpers import tiny_data
 
     root = tmp_path_factory.mktemp("guided-sd")
     config = TrainConfig(out_dir=str(root / "work"), max_steps=3, batch_size=8, progress=False, checkpoint_every=3)
@@ -121,11 +121,11 @@ def test_cli_guided_on_a_pipeline_teacher_then_sample(tiny_sd, tmp_path, capsys)
 @pytest.fixture(scope="module")
 def tiny_progressive_sd(tiny_guided_sd, tmp_path_factory):
     """Two rounds (2 → 1 steps) of progressive distillation of the tiny stage-1 student, a few steps each."""
+    from helpers import tiny_data
+
     from fewstep import distill_progressive_latent
     from fewstep.methods.progressive import ProgressiveSettings
     from fewstep.training import TrainConfig
-
-    from helpers import tiny_data
 
     root = tmp_path_factory.mktemp("progressive-sd")
     config = TrainConfig(out_dir=str(root / "work"), max_steps=2, batch_size=8, progress=False, checkpoint_every=2)

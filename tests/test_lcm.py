@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
-
-from fewstep.objectives.curricula import Curriculum
-from fewstep.errors import FewstepError
-from fewstep.core.schedules import VPSchedule, lcm_timesteps
-from fewstep.models.folders import SD_SCHEDULER, load_model as load_latent_model
 from helpers import CAPTIONS, TINY, caption_folder, tiny_data
+
+from fewstep.core.schedules import VPSchedule, lcm_timesteps
+from fewstep.errors import FewstepError
+from fewstep.models.folders import SD_SCHEDULER
+from fewstep.models.folders import load_model as load_latent_model
+from fewstep.objectives.curricula import Curriculum
+
 
 @pytest.fixture(scope="module")
 def tiny_lcm(tiny_sd, tmp_path_factory):
@@ -173,8 +175,9 @@ def test_second_order_teacher_steps_beat_ddim_on_the_exact_gaussian_ode():
 
 
 def test_latent_eval_scores_caption_classes_and_counts_cfg_passes(tiny_sd, tiny_lcm):
+    from fewstep.eval.evaluate import Ruler, eval_prompts
+    from fewstep.eval.evaluate import evaluate as evaluate_latent
     from fewstep.nets.classifier import Classifier, ClassifierConfig
-    from fewstep.eval.evaluate import Ruler, eval_prompts, evaluate as evaluate_latent
 
     data = tiny_data()
     prompts, labels = eval_prompts(data, 30, seed=0)
@@ -185,7 +188,9 @@ def test_latent_eval_scores_caption_classes_and_counts_cfg_passes(tiny_sd, tiny_
     lcm_rows, samples = evaluate_latent(load_latent_model(tiny_lcm), ruler, [1, 2], None, 3.0, num=8, progress=False)
     assert teacher_rows[0].nfe == 4 and [r.nfe for r in lcm_rows] == [1, 2]
     assert samples[2].shape == (8, 3, 32, 32)
-    from fewstep.nets.classifier import accuracy     # judged against each prompt's caption group
+    from fewstep.nets.classifier import (
+        accuracy,  # judged against each prompt's caption group
+    )
     assert lcm_rows[0].cond_accuracy == accuracy(ruler.classifier, samples[1], eval_prompts(data, 8, seed=0)[1])
 
 
@@ -247,9 +252,9 @@ def test_lcd_loss_vanishes_on_the_exact_guided_consistency_function():
     """The LCD pair (skipping step k = 20 on SD's grid, per-sample guidance, one teacher step) is consistent for the
     exact flow map of the guided ODE: its loss is ~1e-5 of the teacher's own one-step denoiser's, and smaller
     still with a second-order teacher step (DPM-Solver-2, DPM-Solver++(2S))."""
+    from fewstep.core.guidance import CFGDenoiser
     from fewstep.objectives.consistency import ConsistencyLoss
     from fewstep.objectives.distances import l2
-    from fewstep.core.guidance import CFGDenoiser
 
     den, data, labels = _guided_oracle()
     schedule = VPSchedule.from_diffusers_config(SD_SCHEDULER)

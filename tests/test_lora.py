@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CAPTIONS, TINY, caption_folder, tiny_data
 
 from fewstep.errors import FewstepError
 from fewstep.models.folders import load_model as load_latent_model
-from helpers import CAPTIONS, TINY, caption_folder, tiny_data
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +41,10 @@ def test_lcm_lora_target_is_a_second_adapter_that_equals_an_ema_copy(tiny_sd):
     step, as the separate EMA copy consistency models use, while the objective holds only LoRA weights."""
     import copy
 
+    from fewstep.nets.lora import EMAAdapter, add_lora, lora_parameters
     from fewstep.objectives.consistency import ConsistencyLoss, EMACopy
     from fewstep.objectives.curricula import Curriculum
     from fewstep.objectives.distances import get_distance
-    from fewstep.nets.lora import EMAAdapter, add_lora, lora_parameters
 
     teacher = load_latent_model(tiny_sd)
     torch.manual_seed(0)
@@ -83,8 +83,8 @@ def test_lcm_lora_gives_diffusers_images_with_lcm_scheduler(tiny_sd, tiny_lcm_lo
     LCMScheduler) agree for the same seed."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from fewstep.sampling.generate import generate_latent
     from fewstep.models.loras import apply_loras
+    from fewstep.sampling.generate import generate_latent
 
     model = apply_loras(load_latent_model(tiny_sd), [(tiny_lcm_lora, 1.0)])
     assert model.config.is_lcm and not model.takes_guidance
@@ -133,9 +133,15 @@ def test_weights_scale_the_acceleration_vector(tiny_sd, tiny_lcm_lora):
 
 
 def test_lora_for_another_base_model_fails_before_any_weight_changes(tiny_lcm_lora, tmp_path):
-    from fewstep.models.loras import apply_loras
-    from fewstep.nets.unets import build_cond_unet, build_text_encoder, build_tokenizer, build_vae
     from helpers import save_pipeline
+
+    from fewstep.models.loras import apply_loras
+    from fewstep.nets.unets import (
+        build_cond_unet,
+        build_text_encoder,
+        build_tokenizer,
+        build_vae,
+    )
 
     other = TINY.__class__(**{**TINY.__dict__, "unet_channels": (32, 32, 64)})
     tok = build_tokenizer(CAPTIONS, other.vocab_size, other.max_length)
@@ -185,8 +191,8 @@ def test_cli_style_lora_plus_lcm_lora_merge_and_sample(tiny_sd, tiny_lcm_lora, t
                          "--lora", str(tiny_lcm_lora), "--prompt", "red apple", "--steps", "2", "--num", "2",
                          "--out", str(tmp_path / "b.png"))
     assert rc == 0, err
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     assert np.abs(np.asarray(Image.open(tmp_path / "a.png"), dtype=float)
                   - np.asarray(Image.open(tmp_path / "b.png"), dtype=float)).max() <= 2   # same model, same images
     rc, _, err = run_cli(capsys, "lora", "merge", "--no-fuse", "--base", str(tiny_sd), "--lora", f"{tmp_path / 'style'}:0.8",

@@ -13,7 +13,14 @@ import scipy.linalg
 import torch
 from scipy.ndimage import gaussian_filter
 
-from fewstep.eval.metrics import FeatureStatsCache, feature_stats, fid, frechet_distance, kid, precision_recall
+from fewstep.eval.metrics import (
+    FeatureStatsCache,
+    feature_stats,
+    fid,
+    frechet_distance,
+    kid,
+    precision_recall,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,13 +8,35 @@ from functools import partial
 
 import pytest
 import torch
-from diffusers import (CMStochasticIterativeScheduler, DDIMScheduler, DDPMScheduler,
-                       DPMSolverMultistepScheduler, LCMScheduler)
+from diffusers import (
+    CMStochasticIterativeScheduler,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    LCMScheduler,
+)
 
-from fewstep.core.denoisers import LCMConsistency, cm_scalings, lcm_scalings
-from fewstep.core.denoisers import EDMDenoiser, VPDenoiser, edm_scalings
-from fewstep.core.schedules import VPSchedule, append_zero, karras_sigmas, lcm_timesteps, spaced_timesteps
-from fewstep.core.solvers import sample_consistency, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from fewstep.core.denoisers import (
+    EDMDenoiser,
+    LCMConsistency,
+    VPDenoiser,
+    cm_scalings,
+    edm_scalings,
+    lcm_scalings,
+)
+from fewstep.core.schedules import (
+    VPSchedule,
+    append_zero,
+    karras_sigmas,
+    lcm_timesteps,
+    spaced_timesteps,
+)
+from fewstep.core.solvers import (
+    sample_consistency,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+)
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 # diffusers keeps ᾱ in float32, fewstep in float64: trajectories agree to 1e-5 relative (|x| reaches ~15).

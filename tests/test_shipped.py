@@ -4,10 +4,10 @@ import json
 
 import torch
 
-from fewstep.nets.classifier import accuracy, load_classifier
 from fewstep.cli import main, shipped_models_dir
 from fewstep.models.data import load_digits
 from fewstep.models.folders import load_model
+from fewstep.nets.classifier import accuracy, load_classifier
 from fewstep.sampling.generate import generate
 
 MODELS = shipped_models_dir()

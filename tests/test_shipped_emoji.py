@@ -4,10 +4,10 @@ BENCHMARKS.md says (the full-size figures come from `fewstep bench`; these are s
 import pytest
 
 from fewstep.cli import shipped_models_dir
-from fewstep.models.data import load_emoji
 from fewstep.eval.evaluate import eval_prompts, ruler_for
-from fewstep.sampling.generate import generate_latent
+from fewstep.models.data import load_emoji
 from fewstep.models.folders import load_model as load_latent_model
+from fewstep.sampling.generate import generate_latent
 
 MODELS = shipped_models_dir()
 pytestmark = pytest.mark.skipif(not (MODELS / "emoji-lcm").is_dir(), reason="emoji models not shipped yet")

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_setup
 from safetensors.torch import load_file
 
 from fewstep.errors import FewstepError, TrainingDiverged
 from fewstep.training import TrainConfig, latest_checkpoint, train
-
-from helpers import tiny_setup
 
 HERE = Path(__file__).parent
 

@@ -10,8 +10,15 @@ conditioners, codecs, folders, LoRA files, data) → ``training`` → ``sampling
 from .core.denoisers import EDMDenoiser, VPDenoiser
 from .core.guidance import CFGDenoiser, guide
 from .core.schedules import EDMSchedule, VPSchedule
-from .core.solvers import (SAMPLERS, sample_consistency, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler,
-                           sample_heun)
+from .core.solvers import (
+    SAMPLERS,
+    sample_consistency,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_heun,
+)
 from .methods.consistency import ConsistencySettings, distill_consistency
 from .methods.guided import GuidedSettings, distill_guided
 from .methods.lcm import LCMSettings, distill_lcm

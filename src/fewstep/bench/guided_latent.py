@@ -13,7 +13,6 @@ from ..eval.evaluate import ruler_for
 from ..models.folders import load_model
 from .measure import quality_rows, sample_run, side_by_side
 
-
 EMOJI_TEACHER, EMOJI_GUIDED, EMOJI_PROGRESSIVE, EMOJI_LCM = "emoji-sd", "emoji-guided", "emoji-progressive", "emoji-lcm"
 LATENT_STEPS, FEW_STEPS, LATENT_SWEEP = (8, 25), (4, 2, 1), (1.0, 2.0, 3.0, 4.0, 6.0)
 

@@ -18,7 +18,13 @@ import torch
 from ..core.solvers import get_sampler
 from ..eval.evaluate import evaluate
 from ..models.handle import Model
-from ..sampling.generate import condition_batch, conditions, generate, nfe, sampler_options
+from ..sampling.generate import (
+    condition_batch,
+    conditions,
+    generate,
+    nfe,
+    sampler_options,
+)
 from ..sampling.grids import sampling_grid
 
 

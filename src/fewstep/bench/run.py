@@ -15,7 +15,14 @@ from ..eval.evaluate import ruler_for
 from ..io.atomic import write_text
 from ..models.folders import load_model
 from . import guided, guided_latent, latent, lora, pixel
-from .report import BenchReport, BenchSettings, load_report, machine, plots, write_markdown
+from .report import (
+    BenchReport,
+    BenchSettings,
+    load_report,
+    machine,
+    plots,
+    write_markdown,
+)
 
 
 def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command: str = "fewstep bench",

@@ -9,7 +9,18 @@ import sys
 
 from ..errors import FewstepError
 from ..models.folders import shipped_models_dir
-from . import bench, demo, distill, edit, evaluate, lora, sample, train_classifier, train_lora, train_teacher
+from . import (
+    bench,
+    demo,
+    distill,
+    edit,
+    evaluate,
+    lora,
+    sample,
+    train_classifier,
+    train_lora,
+    train_teacher,
+)
 from .args import Parser
 
 __all__ = ["build_parser", "main", "shipped_models_dir"]

@@ -30,7 +30,12 @@ def run_merge(args: argparse.Namespace) -> None:
     """θ_pre + Σ λ_i·τ_i fused into a new pipeline folder (an LCM when an LCM-LoRA is among them), or with
     ``--no-fuse`` the adapters and their weights as a set that ``--lora`` takes."""
     from ..models.folders import save_model
-    from ..models.loras import expand_lora_sets, load_with_loras, parse_lora_spec, save_lora_set
+    from ..models.loras import (
+        expand_lora_sets,
+        load_with_loras,
+        parse_lora_spec,
+        save_lora_set,
+    )
 
     model = load_with_loras(args.base, args.lora)    # every adapter checked against the base, fused or not
     command = command_line(args)

@@ -11,8 +11,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..editing.constraints import Half, half_mask, luminance, rough_strokes
-from ..editing.zero_shot import (check_sigmas, colorize, default_sigmas, denoise, infer_labels, inpaint, interpolate,
-                                 stroke, superres)
+from ..editing.zero_shot import (
+    check_sigmas,
+    colorize,
+    default_sigmas,
+    denoise,
+    infer_labels,
+    inpaint,
+    interpolate,
+    stroke,
+    superres,
+)
 from ..models.handle import Model
 
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .atomic import atomic_path, check_writable
 from ..errors import FewstepError
+from .atomic import atomic_path, check_writable
 
 
 def to_uint8(images: Tensor) -> np.ndarray:

@@ -23,7 +23,6 @@ import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from ..core.guidance import per_sample_cfg, sample_guidance_scales
 from ..errors import FewstepError
 from ..models.data import ImageData

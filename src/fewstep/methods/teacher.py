@@ -23,7 +23,14 @@ from ..core.schedules import EDMSchedule, VPSchedule
 from ..models.config import ModelConfig
 from ..models.data import ImageData
 from ..models.folders import SD_SCHEDULER, new_pipeline, new_pixel_model, save_model
-from ..nets.unets import TinySDConfig, build_cond_unet, build_text_encoder, build_tokenizer, build_unet, build_vae
+from ..nets.unets import (
+    TinySDConfig,
+    build_cond_unet,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+)
 from ..objectives.autoencoder import VAELoss, VAEWithKL
 from ..objectives.base import dropout_condition
 from ..objectives.denoising import DenoisingLoss

@@ -28,7 +28,15 @@ from ..io.atomic import atomic_path
 from ..nets.guided import GuidedUNet
 from .codecs import PixelCodec, VAECodec
 from .conditioners import LabelConditioner, TextConditioner
-from .config import CONFIG_NAME, ModelConfig, parse_config, pipeline_defaults, read_json, scheduler_fields, upgrade
+from .config import (
+    CONFIG_NAME,
+    ModelConfig,
+    parse_config,
+    pipeline_defaults,
+    read_json,
+    scheduler_fields,
+    upgrade,
+)
 from .handle import Model
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

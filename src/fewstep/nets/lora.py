@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import FewstepError
 from ..core.denoisers import unwrap
+from ..errors import FewstepError
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")

@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..io.atomic import atomic_path
 from ..errors import FewstepError, TrainingDiverged
+from ..io.atomic import atomic_path
 
 
 @dataclass
