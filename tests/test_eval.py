@@ -13,7 +13,7 @@ from fewstep.cli import main, shipped_models_dir
 from fewstep.models.config import ModelConfig
 
 EVAL_KEYS = {"steps", "sampler", "guidance_scale", "nfe", "fid", "kid", "kid_std", "precision", "recall",
-             "cond_accuracy", "seconds_per_image"}
+             "cond_accuracy", "seconds_per_image", "fid_std", "precision_std", "recall_std", "cond_accuracy_std"}
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +36,12 @@ def test_eval_json_contract_and_reproducibility(models, tmp_path, capsys):
         outs.append(json.loads((tmp_path / name).read_text()))
     a, b = outs
     assert {"model", "dataset", "num_samples", "seed", "results"} <= set(a)
-    assert a["num_samples"] == 60 and a["seed"] == 3 and a["dataset"] == "digits"
+    assert a["num_samples"] == 60 and a["seed"] == 3 and a["dataset"] == "digits" and "bootstrap" in a["spread"]
     assert [r["steps"] for r in a["results"]] == [1, 2]
     for ra, rb in zip(a["results"], b["results"]):
         assert EVAL_KEYS <= set(ra)
         assert ra["nfe"] == 2 * ra["steps"]  # DPM-Solver++ with CFG: two passes per step
+        assert ra["fid_std"] > 0 and ra["precision_std"] >= 0 and ra["cond_accuracy_std"] >= 0  # spreads
         for key in EVAL_KEYS - {"seconds_per_image"}:
             assert ra[key] == rb[key], key  # same seed, same numbers
     assert (tmp_path / "g.png").exists()

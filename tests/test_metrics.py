@@ -227,3 +227,12 @@ def test_feature_stats_cache_round_trips(tmp_path) -> None:
     assert mu2.dtype == torch.float64
     with pytest.raises(ValueError):
         cache.path("../escape")
+
+
+def test_bootstrap_spread_of_a_mean_is_the_standard_error():
+    """The bootstrap std of a sample mean is σ/√n (Efron 1979), the figure eval reports beside accuracy."""
+    from fewstep.eval.metrics import bootstrap_std
+
+    x = torch.randn(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spread = bootstrap_std(lambda i: float(x[i].mean()), len(x), resamples=400, seed=1)
+    assert abs(spread - float(x.std()) / len(x) ** 0.5) < 0.1 * spread

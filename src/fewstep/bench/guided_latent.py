@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..eval.evaluate import ruler_for
 from ..models.folders import load_model
+from .format import acc, fid, teacher_best
 from .measure import quality_rows, sample_run, side_by_side
 
 EMOJI_TEACHER, EMOJI_GUIDED, EMOJI_PROGRESSIVE, EMOJI_LCM = "emoji-sd", "emoji-guided", "emoji-progressive", "emoji-lcm"
@@ -90,28 +91,30 @@ def section(report) -> list[str]:
         for n, r in sorted(rows.items()):
             ratio = r["fid"] / teacher[n]["fid"] if n in teacher else float("nan")
             ok = ("met" if ratio <= 1.05 else "missed") + " (≤ 1.05)" if rows is student and n == 25 else ""
-            lines.append(f"| {name} | dpmpp-2m | {n} | {r['nfe']} | {r['fid']:.3f} | {ratio:.2f} | "
-                         f"{r['cond_accuracy']:.3f} | {ok} |")
+            lines.append(f"| {name} | dpmpp-2m | {n} | {r['nfe']} | {fid(r)} | {ratio:.2f} | "
+                         f"{acc(r)} | {ok} |")
     few = [k for k in q if k.startswith((f"{EMOJI_PROGRESSIVE}/", f"{EMOJI_LCM}/"))]
     if few:
         pt = g.get("progressive_training", {})
-        ref = teacher[25]["fid"]
+        where, best = teacher_best({**(getattr(report, "latent", None) or {}).get("quality", {}), **q}, EMOJI_TEACHER)
+        ref = best["fid"]
         lines += ["", f"Progressive distillation of `{EMOJI_GUIDED}` (`{EMOJI_PROGRESSIVE}`: `{pt.get('command', '')}`, "
                   f"{pt.get('wall_seconds', 0) / 60:.0f} min) beside latent consistency distillation (`{EMOJI_LCM}`) at "
-                  f"the same step counts, s = {s:g}; the teacher's 25-step FID (CFG, 50 UNet passes) is {ref:.3f}.", "",
-                  "| model | sampler | steps | UNet passes | FID | FID / teacher 25-step | acc. |", "|---|---|---:|---:|---:|---:|---:|"]
+                  f"the same step counts, s = {s:g}; the teacher's best FID (its lowest over every sampler and step "
+                  f"count measured, CFG) is {fid(best)} ({where}).", "",
+                  "| model | sampler | steps | UNet passes | FID | FID / teacher's best | acc. |", "|---|---|---:|---:|---:|---:|---:|"]
         for key in few:
             name, sampler = key.split("/")
             for r in q[key]:
-                lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r['fid'] / ref:.2f} | "
-                             f"{r['cond_accuracy']:.3f} |")
+                lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | {r['fid'] / ref:.2f} | "
+                             f"{acc(r)} |")
     lines += ["", f"Guidance after distillation ({max(g['num'] // 2, 10)} samples per point): FID / caption-group "
               "accuracy against s.", "",
               "| model | " + " | ".join(f"s = {v:g}" for v in g["sweep_scales"]) + " |",
               "|---|" + "---|" * len(g["sweep_scales"])]
     for name, sw in g["sweep"].items():
         lines.append(f"| {name} ({sw['sampler']}, {sw['steps']} steps) | "
-                     + " | ".join(f"{r['fid']:.3f} / {r['cond_accuracy']:.3f}" for r in sw["rows"]) + " |")
+                     + " | ".join(f"{fid(r)} / {r['cond_accuracy']:.3f}" for r in sw["rows"]) + " |")
     base = g["speed"][0]
     lines += ["", f"Wall-clock per image, side by side in this process (batch {base['batch']}; the models' runs "
               "interleaved, median of each); speedup against the teacher's 25 CFG steps:", "",

@@ -14,6 +14,7 @@ import torch
 from ..eval.editing import edit_metrics
 from ..models.folders import is_pipeline_folder, load_model
 from ..models.handle import Model
+from .format import acc, fid, teacher_best
 from .measure import quality_rows, speed_rows
 
 TEACHER_SAMPLERS = ("ddim", "euler", "heun", "dpmpp-2m")
@@ -133,7 +134,7 @@ def quality_section(report, nfe_png: str, seconds_png: str) -> list[str]:
         name, sampler = key.split("/")
         for r in rows:
             acc = "–" if r["cond_accuracy"] is None else f"{r['cond_accuracy']:.3f}"
-            lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | "
+            lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | "
                          f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['precision']:.3f} | "
                          f"{r['recall']:.3f} | {acc} |")
     lines += ["", f"![FID versus NFE]({nfe_png}) ![FID versus seconds]({seconds_png})", "",
@@ -150,33 +151,37 @@ def quality_section(report, nfe_png: str, seconds_png: str) -> list[str]:
 
 
 def consistency_section(report) -> list[str]:
-    """Consistency models beside the teacher: FID at 1, 2, 4 steps, training cost, and the CD targets
-    (1-step ≤ 1.5×, 2-step ≤ 1.2× the teacher's best FID, its 50-step DPM-Solver++)."""
-    teacher = report.settings["teacher"]
-    dpm = {r["steps"]: r for r in report.quality.get(f"{teacher}/dpmpp-2m", [])}
-    best = dpm.get(50)
-    models = [(k.split("/")[0], rows) for k, rows in report.quality.items() if k.endswith("/consistency")]
-    if not models or best is None:
+    return consistency_table(report.quality, report.costs, report.settings["teacher"], "## Consistency models")
+
+
+def consistency_table(quality: dict[str, list[dict]], costs: dict, teacher: str, title: str) -> list[str]:
+    """Consistency models beside their teacher: FID at 1, 2, 4 steps, training cost, and the ratios to the
+    teacher's best (its lowest FID over every sampler and step count measured)."""
+    dpm = {r["steps"]: r for r in quality.get(f"{teacher}/dpmpp-2m", [])}
+    found = teacher_best(quality, teacher)
+    models = [(k.split("/")[0], rows) for k, rows in quality.items() if k.endswith("/consistency")]
+    if not models or found is None or not all(n in dpm for n in (1, 2, 4)):
         return []
-    lines = ["", "## Consistency models", "",
+    where, best = found
+    lines = ["", title, "",
              f"One network evaluation per step, no CFG pass (CD learns the teacher's guided ODE at s = "
-             f"{best['guidance_scale']:g}; CT/iCT/ACT are conditional models trained from the data alone). "
-             f"The teacher's best: FID {best['fid']:.3f} at 50 DPM-Solver++ steps (NFE {best['nfe']}). Cost: the "
-             "training run's wall-clock × its torch threads, from the model folder; runs here shared the 2 cores with "
-             "each other, so these are upper bounds. 2- and 4-step rows use the model's own grid (tuned by "
-             "`fewstep eval --tune-sigmas` where it has one).", "",
+             f"{dpm[1]['guidance_scale']:g}; CT/iCT/ACT are conditional models trained from the data alone). "
+             f"The teacher's best: FID {fid(best)} ({where}, NFE {best['nfe']}), its lowest over every sampler and "
+             "step count measured. Cost: the training run's wall-clock × its torch threads, from the model folder; "
+             "runs here shared the 2 cores with each other, so these are upper bounds. 2- and 4-step rows use the "
+             "model's own grid (tuned by `fewstep eval --tune-sigmas` where it has one).", "",
              "| model | method | trained (steps × batch) | cost (core-min) | FID 1 step | FID 2 steps | FID 4 steps | "
              "acc. 1 step | 1-step FID / teacher best | 2-step FID / teacher best |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines.append(f"| {teacher} (DPM-Solver++, CFG) | – | – | – | {dpm[1]['fid']:.3f} | {dpm[2]['fid']:.3f} | "
-                 f"{dpm[4]['fid']:.3f} | {dpm[1]['cond_accuracy']:.3f} | {dpm[1]['fid'] / best['fid']:.2f} | "
+    lines.append(f"| {teacher} (DPM-Solver++, CFG) | – | – | – | {fid(dpm[1])} | {fid(dpm[2])} | "
+                 f"{fid(dpm[4])} | {acc(dpm[1])} | {dpm[1]['fid'] / best['fid']:.2f} | "
                  f"{dpm[2]['fid'] / best['fid']:.2f} |")
     for name, rows in models:
         by = {r["steps"]: r for r in rows}
-        t = report.costs.get(name, {})
+        t = costs.get(name, {})
         lines.append(f"| {name} | {t.get('method', '?')} | {t.get('steps', '?')} × {t.get('batch', '?')} | "
-                     f"{t.get('core_minutes', float('nan')):.0f} | {by[1]['fid']:.3f} | {by[2]['fid']:.3f} | "
-                     f"{by[4]['fid']:.3f} | {by[1]['cond_accuracy']:.3f} | {by[1]['fid'] / best['fid']:.2f} | "
+                     f"{t.get('core_minutes', float('nan')):.0f} | {fid(by[1])} | {fid(by[2])} | "
+                     f"{fid(by[4])} | {acc(by[1])} | {by[1]['fid'] / best['fid']:.2f} | "
                      f"{by[2]['fid'] / best['fid']:.2f} |")
     return lines
 
@@ -219,8 +224,8 @@ def speedup_section(report) -> list[str]:
                   "| model | steps | FID | teacher's cheapest match | its FID | speedup |", "|---|---:|---:|---|---:|---:|"]
         for r in report.speedup:
             if r["teacher_match"] is None:
-                lines.append(f"| {r['model']} | {r['steps']} | {r['fid']:.3f} | none reaches it | – | – |")
+                lines.append(f"| {r['model']} | {r['steps']} | {fid(r)} | none reaches it | – | – |")
             else:
-                lines.append(f"| {r['model']} | {r['steps']} | {r['fid']:.3f} | {r['teacher_match']} | "
+                lines.append(f"| {r['model']} | {r['steps']} | {fid(r)} | {r['teacher_match']} | "
                              f"{r['teacher_fid']:.3f} | {r['speedup']:.1f}× |")
     return lines

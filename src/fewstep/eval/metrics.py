@@ -141,12 +141,30 @@ def _knn_radii(x: Tensor, k: int, batch_size: int) -> Tensor:
     ])
 
 
-def _inside_fraction(queries: Tensor, support: Tensor, radii: Tensor, batch_size: int) -> float:
-    """Fraction of ``queries`` within radius r_j of some support point j (Kynkäänniemi et al. eq. 1)."""
-    inside = torch.cat([
+def _inside(queries: Tensor, support: Tensor, radii: Tensor, batch_size: int) -> Tensor:
+    """Whether each of ``queries`` is within radius r_j of some support point j (Kynkäänniemi et al. eq. 1)."""
+    return torch.cat([
         (torch.cdist(chunk, support) <= radii[None, :]).any(dim=1) for chunk in queries.split(batch_size)
     ])
-    return float(inside.double().mean())
+
+
+def precision_recall_points(
+    real_feats: Features, fake_feats: Features, k: int = 3, batch_size: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """The per-point terms of :func:`precision_recall`: f(fake, Φ_real) for each fake, f(real, Φ_fake)
+    for each real (booleans), whose means are precision and recall."""
+    real, fake = _as_2d(real_feats), _as_2d(fake_feats)
+    _check_pair(real, fake)
+    return (_inside(fake, real, _knn_radii(real, k, batch_size), batch_size),
+            _inside(real, fake, _knn_radii(fake, k, batch_size), batch_size))
+
+
+def bootstrap_std(statistic: Callable[[Tensor], float], n: int, resamples: int = 50, seed: int = 0) -> float:
+    """Std (ddof = 1) of ``statistic(index)`` over ``resamples`` bootstrap resamples of ``n`` points
+    (Efron 1979: draws of n indices with replacement, seeded): the spread of an estimate over the sample."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(torch.from_numpy(rng.integers(0, n, n))) for _ in range(resamples)]
+    return float(np.std(values, ddof=1))
 
 
 def precision_recall(
@@ -160,11 +178,8 @@ def precision_recall(
     f(real, Φ_fake) (eq. 3). Distances are Euclidean, computed with ``torch.cdist`` in row
     batches of ``batch_size`` so memory is O(batch_size · N).
     """
-    real, fake = _as_2d(real_feats), _as_2d(fake_feats)
-    _check_pair(real, fake)
-    precision = _inside_fraction(fake, real, _knn_radii(real, k, batch_size), batch_size)
-    recall = _inside_fraction(real, fake, _knn_radii(fake, k, batch_size), batch_size)
-    return precision, recall
+    precision, recall = precision_recall_points(real_feats, fake_feats, k, batch_size)
+    return float(precision.double().mean()), float(recall.double().mean())
 
 
 class FeatureStatsCache:

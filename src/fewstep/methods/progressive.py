@@ -65,14 +65,6 @@ def rounds(start_steps: int, final_steps: int) -> list[int]:
     return out
 
 
-def _checked_rounds(settings: ProgressiveSettings) -> list[int]:
-    steps = rounds(settings.start_steps, settings.final_steps)
-    missing = sorted(set(settings.keep_steps) - set(steps))
-    if missing:
-        raise FewstepError(f"--keep-steps {missing} are not among the rounds {steps}; choose from those")
-    return steps
-
-
 def checked_rounds(settings: ProgressiveSettings) -> list[int]:
     steps = rounds(settings.start_steps, settings.final_steps)
     missing = sorted(set(settings.keep_steps) - set(steps))
