@@ -17,9 +17,11 @@ from . import (
     evaluate,
     lora,
     sample,
+    serve,
     train_classifier,
     train_lora,
     train_teacher,
+    train_tiny_vae,
 )
 from .args import Parser
 
@@ -34,12 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_teacher.add_parser(sub)
     distill.add_parsers(sub)           # distill, and train (its teacher-free methods)
     train_lora.add_parser(sub)
+    train_tiny_vae.add_parser(sub)
     lora.add_parser(sub)
     train_classifier.add_parser(sub)
     evaluate.add_parser(sub)
     bench.add_parser(sub)
     sample.add_parser(sub)
     edit.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

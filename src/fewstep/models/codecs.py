@@ -3,6 +3,8 @@
 - :class:`PixelCodec`: the identity (pixel-space models); an x0-estimate is clipped to [−1, 1].
 - :class:`VAECodec`: a diffusers ``AutoencoderKL``: latents are the posterior means × the VAE's
   ``scaling_factor`` (what Stable Diffusion trains and samples on); latents are never clipped.
+- :class:`TinyVAECodec`: a diffusers ``AutoencoderTiny`` (TAESD) in the VAE's place, on the same scaled
+  latents (its ``scaling_factor`` is 1): the cheap decoder of real-time sampling (``--tiny-vae``).
 """
 
 from __future__ import annotations
@@ -88,3 +90,14 @@ class VAECodec:
     def to(self, device) -> "VAECodec":
         self.vae.to(device)
         return self
+
+
+class TinyVAECodec(VAECodec):
+    """A pipeline's latent space through a tiny autoencoder (TAESD, Bohan 2023): its encoder gives the scaled
+    latents directly (no posterior), and :meth:`VAECodec.decode` works unchanged (scaling factor 1)."""
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        device = next(self.vae.parameters()).device
+        return torch.cat([self.vae.encode(images[i:i + batch_size].to(device)).latents
+                          for i in range(0, len(images), batch_size)]) * self.scaling_factor

@@ -1,0 +1,76 @@
+"""A tiny decoder for a pipeline (TAESD, Bohan 2023; the decoder StreamDiffusion, Kodaira et al. 2023, runs
+in real time): an ``AutoencoderTiny`` (:func:`fewstep.nets.tiny_vae.build_tiny_vae`) distilled against the
+pipeline's own VAE with :class:`fewstep.objectives.autoencoder.TinyVAELoss` — the decoder on latents drawn
+from the VAE's posterior of each training image, the encoder on the posterior means. The pipeline is
+untouched; the result is an ``AutoencoderTiny`` folder in diffusers' layout that ``--tiny-vae`` takes and
+diffusers pipelines accept as ``pipe.vae``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import FewstepError
+from ..models.config import CONFIG_NAME
+from ..models.data import ImageData
+from ..models.folders import write_folder
+from ..models.handle import Model
+from ..nets.tiny_vae import build_tiny_vae
+from ..objectives.autoencoder import TinyVAELoss, TinyVAEPair
+from ..training import TrainConfig
+from .common import Run, parameters, readme
+
+
+@dataclass
+class TinyVAESettings:
+    width: int = 16                              # channels at every resolution (TAESD: 64, for 512² images)
+    decoder_blocks: tuple[int, ...] = (2, 1, 0)  # residual blocks per resolution, latent resolution first: the
+                                                 # work at the latent size is cheap, at full size dear
+    encoder_blocks: tuple[int, ...] = (1, 1, 1)
+    encoder_weight: float = 1.0                  # of the encoder's latent MSE beside the decoder's pixel loss
+
+
+@torch.no_grad()
+def posterior(base: Model, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std of each image, in the pipeline's scaled latent space."""
+    vae, sf = base.parts["vae"], base.codec.scaling_factor
+    device = next(vae.parameters()).device
+    dists = [vae.encode(images[i:i + batch_size].to(device)).latent_dist for i in range(0, len(images), batch_size)]
+    return torch.cat([d.mean for d in dists]).cpu() * sf, torch.cat([d.std for d in dists]).cpu() * sf
+
+
+def distill_tiny_vae(base: Model, data: ImageData, out: str | Path, config: TrainConfig,
+                     settings: TinyVAESettings = TinyVAESettings(), command: str = "", accelerator=None) -> Path | None:
+    """Distil a tiny VAE for ``base`` (a pipeline) on ``data`` and write it at ``out`` (None on non-main
+    processes)."""
+    if not base.is_pipeline or "vae" not in base.parts:
+        raise FewstepError(f"{base.path} is not a text-to-image pipeline with a VAE; a tiny VAE is distilled from one "
+                           f"(e.g. models/emoji-sd)")
+    run = Run(config, command, accelerator)
+    base.check_data(data)
+    base.to(run.device)
+    mean, std = posterior(base, data.images)
+    tiny = build_tiny_vae(base.codec.latent_channels, base.codec.factor, settings.width, settings.decoder_blocks,
+                          settings.encoder_blocks)
+    result = run.fit(TinyVAEPair(tiny), TinyVAELoss(base.codec.decode, settings.encoder_weight),
+                     {"images": data.images, "latents": mean, "latent_std": std}, settings)
+    if result is None:
+        return None
+    tiny = result.ema.tiny.requires_grad_(False).eval()
+    record = run.record("tiny-vae", result, base.path, decoder_parameters=parameters(tiny.decoder),
+                        encoder_parameters=parameters(tiny.encoder), vae_decoder_parameters=parameters(base.parts["vae"].decoder))
+    info = {"kind": "tiny-vae", "base": str(base.path), "dataset": data.name, "settings": asdict(settings),
+            "training": record}
+    what = (f"A tiny autoencoder (TAESD-style `AutoencoderTiny`) distilled against `{base.path}`'s VAE on `{data.name}` "
+            f"({len(data)} images): decoder {record['decoder_parameters'] / 1e3:.0f}k parameters against the VAE "
+            f"decoder's {record['vae_decoder_parameters'] / 1e3:.0f}k. It decodes the pipeline's scaled latents.")
+    usage = (f"```\nfewstep sample --model {base.path} --tiny-vae {out} --prompt \"red apple\"\nfewstep serve --model "
+             f"{base.path} --tiny-vae {out}\n```\n\nIn diffusers: `pipe.vae = AutoencoderTiny.from_pretrained(\"{out}\")`.")
+
+    def write(tmp: Path) -> None:
+        tiny.save_pretrained(tmp, safe_serialization=True)
+        (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    return write_folder(out, write, readme(Path(out).name, what, usage, command))

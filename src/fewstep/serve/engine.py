@@ -1,0 +1,254 @@
+"""The streaming engine under ``fewstep serve``: requests in, PNGs out, as fast as the model allows.
+
+- **Stream batching** (StreamDiffusion, Kodaira et al. 2023 §3.1): every request runs the one sampler,
+  :func:`fewstep.sampling.generate.generate`, on a *view* of the model whose denoiser and decoder calls are
+  merged across requests by :class:`fewstep.serve.batching.MicroBatcher` — one UNet batch per step for all
+  of them, whichever step each is at, one decoder batch for those finishing together.
+- **Nothing recomputed that did not change**: prompt embeddings are cached (:class:`PromptCache`), the
+  unconditional one is computed once, and a request identical to a recent one is answered from the result
+  cache.
+- **Latest wins**: a client's new request cancels its previous one, queued or in flight (at its next network
+  call), so typing never builds a backlog.
+- **Back-pressure**: at most ``queue_limit`` requests in flight; beyond it a request is refused at once with
+  :class:`Busy`, and every cache is bounded, so memory stays bounded however many clients come.
+- **LoRA sliders** (Luo et al. 2023b: θ = θ_pre + λ1·τ_style + λ2·τ_LCM): the adapters stay unfused (peft)
+  and each request's λs are set as adapter scales just before its batch runs; requests with different λs do
+  not share a batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import FewstepError
+from ..models.folders import serving
+from ..models.handle import Model
+from ..sampling.generate import generate
+from .batching import Batched, Cancelled, MicroBatcher, Ticket
+from .protocol import MAX_NUM, Request, limits, png_data_urls
+
+
+class Busy(FewstepError):
+    """Too many requests in flight: refused now rather than queued without bound."""
+
+
+class LRU:
+    """A bounded, thread-safe least-recently-used map."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class PromptCache:
+    """A text conditioner whose prompt embeddings are each computed once (an :class:`LRU` of ``size``); it
+    stands in for the model's :class:`~fewstep.models.conditioners.TextConditioner` in a request's view."""
+
+    def __init__(self, conditioner, size: int = 1024) -> None:
+        self._inner, self.cache = conditioner, LRU(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __call__(self, prompts: Sequence[str], device=None) -> dict[str, Tensor]:
+        found = {p: e for p in dict.fromkeys(prompts) if (e := self.cache.get(p)) is not None}
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
+        if missing:
+            for p, e in zip(missing, self._inner.encode(missing)):
+                self.cache.put(p, e)
+                found[p] = e
+        return {"encoder_hidden_states": torch.stack([found[p] for p in prompts]).to(device)}
+
+
+class BatchedCodec:
+    """A codec whose ``decode`` goes through the micro-batcher (everything else is the codec's own)."""
+
+    def __init__(self, codec, decode: Batched) -> None:
+        self._codec, self.decode = codec, decode
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._codec, name)
+
+
+@dataclass
+class Job:
+    client: Hashable
+    request: Request
+    ticket: Ticket
+    submitted: float
+    future: Future | None = None
+
+
+class Engine:
+    """Serves ``model`` (with its unfused LoRAs, if any) to many clients at once (module docstring)."""
+
+    def __init__(self, model: Model, max_batch: int = 64, max_wait: float = 0.004, workers: int = 32,
+                 queue_limit: int = 64, result_cache: int = 256, prompt_cache: int = 1024) -> None:
+        self.model, self.queue_limit = model, queue_limit
+        self.variants = {n: serving(model, n) for n in model.config.serves_steps}   # a progressive folder's students
+        self.adapters = list(getattr(model.unet, "peft_config", {})) if model.is_pipeline else []
+        weights = [float(lora["weight"]) for lora in model.config.loras][:len(self.adapters)]
+        self.info = limits(model, weights)
+        self._weights: tuple[float, ...] = tuple(weights)
+        self._lora_layers = _lora_layers(model.unet) if self.adapters else []
+        self.batcher = MicroBatcher(max_batch, max_wait)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fewstep-request")
+        self.prompts = PromptCache(model.conditioner, prompt_cache) if model.conditioner.text else None
+        if self.prompts is not None:
+            model.conditioner.empty()          # the unconditional embedding, once
+        self.results = LRU(result_cache)
+        self._lock = threading.RLock()   # re-entered: cancelling a queued future runs its done-callback at once
+        self._latest: dict[Hashable, Job] = {}
+        self._inflight = 0
+        self._log: deque[tuple[float, int, float]] = deque(maxlen=2000)   # (done at, images, latency ms)
+        self._started = time.perf_counter()
+
+    # --- requests ------------------------------------------------------------------------------
+    def submit(self, client: Hashable, request: Request) -> Future:
+        """Start ``request`` for ``client``, cancelling the client's previous one (latest wins); the future's
+        result is a dict with the images as PNG data URLs and the timings. Raises :class:`Busy`."""
+        with self._lock:
+            self._cancel(client)
+            cached = self.results.get(request.cache_key())
+            if cached is not None:
+                future: Future = Future()
+                future.set_result({**cached, "cached": True, "queue_ms": 0.0, "compute_ms": 0.0, "latency_ms": 0.0})
+                return future
+            if self._inflight >= self.queue_limit:
+                raise Busy(f"server busy: {self._inflight} requests in flight (the limit is {self.queue_limit}); "
+                           f"try again in a moment")
+            job = Job(client, request, Ticket(), time.perf_counter())
+            self._inflight += 1
+            job.future = self.pool.submit(self._run, job)
+            self._latest[client] = job
+        job.future.add_done_callback(lambda _, job=job: self._finished(job))
+        return job.future
+
+    def cancel(self, client: Hashable) -> None:
+        """Drop ``client``'s request, queued or running (it disconnected)."""
+        with self._lock:
+            self._cancel(client)
+
+    def _cancel(self, client: Hashable) -> None:
+        job = self._latest.pop(client, None)
+        if job is not None:
+            self.batcher.cancel(job.ticket)
+            job.future.cancel()
+
+    def _finished(self, job: Job) -> None:
+        with self._lock:
+            self._inflight -= 1
+            if self._latest.get(job.client) is job:
+                del self._latest[job.client]
+
+    # --- running one -----------------------------------------------------------------------------
+    def _run(self, job: Job) -> dict[str, Any]:
+        if job.ticket.cancelled:
+            raise Cancelled()
+        r = job.request
+        model = self.variants.get(r.steps, self.model)
+        view = self.view(model, job.ticket, r.loras)
+        cond = [r.prompt] if model.conditioner.text else None if r.label is None else torch.tensor([r.label])
+        init = None if r.image is None else r.image.expand(r.num, -1, -1, -1)
+        started = time.perf_counter()
+        self.batcher.enter()
+        try:
+            images = generate(view, cond, num=r.num, steps=r.steps, guidance_scale=r.guidance_scale, seed=r.seed,
+                              init_images=init, strength=r.strength if init is not None else 1.0, batch_size=MAX_NUM)
+        finally:
+            self.batcher.leave()
+        result = {"images": png_data_urls(images), "cached": False}
+        self.results.put(r.cache_key(), result)
+        done = time.perf_counter()
+        timing = {"queue_ms": 1e3 * (started - job.submitted), "compute_ms": 1e3 * (done - started),
+                  "latency_ms": 1e3 * (done - job.submitted)}
+        self._log.append((done, r.num, timing["latency_ms"]))
+        return {**result, **timing}
+
+    def view(self, model: Model, ticket: Ticket, weights: tuple[float, ...]) -> Model:
+        """``model`` as one request sees it: its denoiser and decoder calls merged with everyone else's (under
+        the request's LoRA weights), its prompts through the cache."""
+        view = copy.copy(model)
+        view.denoiser = Batched(self.batcher, ticket, ("denoise", id(model), weights),
+                                self._denoiser(model, weights), model.denoiser)
+        if model.is_pipeline:
+            view.codec = BatchedCodec(model.codec, Batched(self.batcher, ticket, ("decode", id(model.codec)),
+                                                           model.codec.decode))
+        if self.prompts is not None:
+            view.conditioner = self.prompts
+        return view
+
+    def _denoiser(self, model: Model, weights: tuple[float, ...]):
+        def run(*args: Tensor, **kwargs: Tensor) -> Tensor:   # on the batcher's thread, just before the batch
+            if self.adapters and weights != self._weights:
+                set_adapter_scales(self._lora_layers, self.adapters, weights)
+                self._weights = weights
+            return model.denoiser(*args, **kwargs)
+        return run
+
+    # --- reporting -----------------------------------------------------------------------------
+    def stats(self, window: float = 5.0) -> dict[str, Any]:
+        """Images per second over the last ``window`` seconds, latency percentiles of the last 200 requests,
+        the mean batch and the caches' hit counts."""
+        now = time.perf_counter()
+        log = list(self._log)
+        recent = [n for t, n, _ in log if now - t <= window]
+        span = min(window, max(now - self._started, 1e-3))
+        latencies = [lat for _, _, lat in log[-200:]]
+        pct = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
+        b = self.batcher
+        return {"images_per_second": sum(recent) / span, "p50_ms": pct[9] if pct else None,
+                "p95_ms": pct[18] if pct else None, "mean_batch": b.rows / b.batches if b.batches else 0.0,
+                "inflight": self._inflight, "requests": len(log),
+                "prompt_cache_hits": self.prompts.cache.hits if self.prompts else 0,
+                "result_cache_hits": self.results.hits}
+
+    def close(self) -> None:
+        with self._lock:
+            for client in list(self._latest):
+                self._cancel(client)
+        self.batcher.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _lora_layers(unet) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in unet.modules() if isinstance(m, LoraLayer)]
+
+
+def set_adapter_scales(layers: list, names: Sequence[str], weights: Sequence[float]) -> None:
+    """Each adapter's weight λ as its peft scale λ·α/r, layer by layer: what diffusers' ``set_adapters`` does
+    for a float weight, without re-activating every module (a test checks they agree)."""
+    for layer in layers:
+        for name, w in zip(names, weights):
+            layer.set_scale(name, w)

@@ -1,0 +1,245 @@
+"""The streaming engine under ``fewstep serve`` and its message checks, in process: parity with ``generate``
+(alone and batched with others), latest wins, back-pressure, the caches, LoRA weights as adapter scales,
+pixel models with labels, and every kind of bad request as one clear message."""
+
+import base64
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fewstep.models.folders import load_model, shipped_models_dir
+from fewstep.models.loras import apply_loras
+from fewstep.sampling.generate import generate
+from fewstep.serve.batching import Cancelled, MicroBatcher, Ticket
+from fewstep.serve.engine import Busy, Engine, set_adapter_scales
+from fewstep.serve.protocol import ProtocolError, Request, limits, parse, png_data_urls
+
+MODELS = shipped_models_dir()
+
+
+@pytest.fixture(scope="module")
+def lcm():
+    return load_model(MODELS / "emoji-lcm")
+
+
+@pytest.fixture(scope="module")
+def engine(lcm):
+    engine = Engine(lcm)
+    yield engine
+    engine.close()
+
+
+def pixels(urls: list[str]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1])))))
+                        .int() for u in urls])
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_one_request_is_exactly_generate(engine, lcm):
+    out = engine.submit("a", Request(prompt="red apple", steps=4, guidance_scale=3.0, seed=5, num=2)).result()
+    assert out["images"] == png_data_urls(generate(lcm, ["red apple"], num=2, steps=4, guidance_scale=3.0, seed=5))
+    sketch = Image.new("RGB", (32, 32), "white")
+    sketch.paste((200, 30, 30), (8, 8, 24, 24))
+    request = parse(json.dumps({"type": "generate", "prompt": "red apple", "image": data_url(sketch), "strength": 0.5,
+                                "seed": 1}), engine.info)
+    out = engine.submit("a", request).result()
+    want = generate(lcm, ["red apple"], num=1, steps=4, guidance_scale=3.0, seed=1, init_images=request.image,
+                    strength=0.5)
+    assert out["images"] == png_data_urls(want)
+
+
+def test_concurrent_requests_share_batches_and_match_generate(engine, lcm):
+    rows_before, batches_before = engine.batcher.rows, engine.batcher.batches
+    futures = [engine.submit(f"c{i}", Request(prompt=p, steps=s, guidance_scale=g, seed=i, num=1 + i % 2))
+               for i, (p, s, g) in enumerate([("dog face", 4, 3.0), ("flag: Japan", 2, 2.0), ("red apple", 4, 1.5),
+                                              ("grinning face", 1, 3.0), ("cat face", 8, 3.0), ("star", 4, 4.0)])]
+    results = [f.result(timeout=120) for f in futures]
+    mean_batch = (engine.batcher.rows - rows_before) / (engine.batcher.batches - batches_before)
+    assert mean_batch > 1.5        # stream batching: several requests (at different steps) per network call
+    for i, ((p, s, g), out) in enumerate(zip([("dog face", 4, 3.0), ("flag: Japan", 2, 2.0), ("red apple", 4, 1.5),
+                                              ("grinning face", 1, 3.0), ("cat face", 8, 3.0), ("star", 4, 4.0)],
+                                             results)):
+        want = generate(lcm, [p], num=1 + i % 2, steps=s, guidance_scale=g, seed=i)
+        assert (pixels(out["images"]) - pixels(png_data_urls(want))).abs().max() <= 1   # batched float noise only
+
+
+def test_latest_request_wins_and_repeats_come_from_the_caches(engine):
+    first = engine.submit("typist", Request(prompt="red appl", steps=8, num=8, guidance_scale=3.0, seed=11))
+    second = engine.submit("typist", Request(prompt="red apple", steps=4, guidance_scale=3.0, seed=11))
+    assert second.result(timeout=60)["images"]
+    with pytest.raises((Cancelled, Exception)) as caught:
+        first.result(timeout=60)
+    assert caught.type.__name__ in ("Cancelled", "CancelledError")
+    hits = engine.prompts.cache.hits
+    again = engine.submit("typist", Request(prompt="red apple", steps=4, guidance_scale=3.0, seed=11)).result()
+    assert again["cached"] and again["images"] == second.result()["images"]
+    engine.submit("typist", Request(prompt="red apple", steps=4, guidance_scale=3.0, seed=12)).result(timeout=60)
+    assert engine.prompts.cache.hits > hits                   # the embedding was not recomputed
+    stats = engine.stats()
+    assert stats["images_per_second"] > 0 and stats["p95_ms"] >= stats["p50_ms"] > 0
+
+
+def test_a_full_queue_refuses_at_once(lcm):
+    engine = Engine(lcm, queue_limit=1)
+    try:
+        slow = engine.submit("a", Request(prompt="red apple", steps=8, num=8, guidance_scale=3.0))
+        with pytest.raises(Busy, match="server busy"):
+            engine.submit("b", Request(prompt="dog face", steps=4, guidance_scale=3.0))
+        slow.result(timeout=60)
+        assert engine.submit("b", Request(prompt="dog face", steps=4, guidance_scale=3.0)).result(timeout=60)["images"]
+    finally:
+        engine.close()
+
+
+def test_batcher_cancels_a_waiting_call_and_runs_nothing_for_it():
+    batcher = MicroBatcher(max_wait=10.0)
+    ticket, other = Ticket(), Ticket()
+    batcher.enter()
+    batcher.enter()                     # two requests in flight: the first call waits for the second
+    errors = []
+
+    def wait():
+        try:
+            batcher.call(ticket, "k", lambda x: x + 1, torch.zeros(1, 2))
+        except Cancelled as e:
+            errors.append(e)
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.05)
+    batcher.cancel(ticket)
+    thread.join(5)
+    assert errors and batcher.batches == 0
+    batcher.leave()
+    assert batcher.call(other, "k", lambda x: x + 1, torch.zeros(1, 2)).tolist() == [[1.0, 1.0]]
+    batcher.stop()
+
+
+def test_lora_sliders_are_adapter_weights_equal_to_diffusers_set_adapters():
+    base = load_model(MODELS / "emoji-sd")
+    loras = [(MODELS / "emoji-style-lora", 1.0), (MODELS / "emoji-lcm-lora", 1.0)]
+    served = apply_loras(base, loras, fuse=False)
+    engine = Engine(served)
+    try:
+        assert [s["kind"] for s in engine.info["loras"]] == ["style", "lcm-lora"]
+        request = Request(prompt="dog face", steps=4, guidance_scale=1.0, seed=3, loras=(0.3, 1.0))
+        out = engine.submit("a", request).result(timeout=60)
+        reference = apply_loras(base, [(MODELS / "emoji-style-lora", 0.3), (MODELS / "emoji-lcm-lora", 1.0)], fuse=False)
+        assert out["images"] == png_data_urls(generate(reference, ["dog face"], steps=4, guidance_scale=1.0, seed=3))
+        other = engine.submit("a", Request(prompt="dog face", steps=4, guidance_scale=1.0, seed=3, loras=(1.0, 1.0)))
+        assert other.result(timeout=60)["images"] != out["images"]
+    finally:
+        engine.close()
+    layers = [m for m in served.unet.modules() if hasattr(m, "scaling")]
+    served.unet.set_adapters(["lora0", "lora1"], [0.7, 0.2])
+    by_diffusers = [dict(m.scaling) for m in layers]
+    set_adapter_scales(layers, ["lora0", "lora1"], [0.7, 0.2])
+    assert [dict(m.scaling) for m in layers] == by_diffusers
+
+
+def test_pixel_models_take_labels_and_sketches():
+    model = load_model(MODELS / "digits-cd")
+    engine = Engine(model)
+    try:
+        assert not engine.info["text"] and engine.info["classes"][3] == "3"
+        out = engine.submit("a", parse('{"type": "generate", "label": 3, "steps": 2, "num": 2, "seed": 4}',
+                                       engine.info)).result(timeout=60)
+        want = generate(model, torch.tensor([3]), num=2, steps=2, seed=4, guidance_scale=engine.info["guidance"]["default"])
+        assert out["images"] == png_data_urls(want)
+        sketch = Image.new("L", (200, 200), 0)
+        sketch.paste(255, (80, 20, 120, 180))
+        request = parse(json.dumps({"type": "generate", "label": 1, "steps": 4, "image": data_url(sketch, "JPEG")}),
+                        engine.info)
+        assert request.image.shape == (1, 1, 16, 16)
+        assert engine.submit("a", request).result(timeout=60)["images"]
+        with pytest.raises(ProtocolError, match="pick a label, not a prompt"):
+            parse('{"type": "generate", "prompt": "three"}', engine.info)
+        with pytest.raises(ProtocolError, match="label must be in 0..9"):
+            parse('{"type": "generate", "label": 10}', engine.info)
+    finally:
+        engine.close()
+
+
+def big_png() -> str:
+    noise = Image.frombytes("RGB", (700, 700), torch.randint(0, 256, (700 * 700 * 3,), dtype=torch.uint8).numpy()
+                            .tobytes())
+    return data_url(noise)
+
+
+BAD = [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"type": "delete", "path": "/etc/passwd"}', "unknown field 'path'"),
+    ('{"type": "delete"}', "unknown message type"),
+    ('{"type": "generate", "prompt": 42}', "prompt must be a string"),
+    ('{"type": "generate", "prompt": "' + "a" * 10_000 + '"}', "prompt too long: 10,000 characters"),
+    ('{"type": "generate", "steps": 0}', "steps must be in 1..8"),
+    ('{"type": "generate", "steps": 4.5}', "steps must be an integer"),
+    ('{"type": "generate", "steps": true}', "steps must be an integer"),
+    ('{"type": "generate", "guidance_scale": 7}', "guidance_scale must be in [1, 6]"),
+    ('{"type": "generate", "guidance_scale": "high"}', "guidance_scale must be a finite number"),
+    ('{"type": "generate", "guidance_scale": NaN}', "guidance_scale must be a finite number"),
+    ('{"type": "generate", "num": 100}', "num must be in 1..8"),
+    ('{"type": "generate", "seed": -1}', "seed must be in 0..4294967295"),
+    ('{"type": "generate", "strength": 0}', "strength must be in (0, 1]"),
+    ('{"type": "generate", "label": 2}', "send a prompt, not a label"),
+    ('{"type": "generate", "loras": [1.0]}', "loras must be a list of 0 weight(s)"),
+    ('{"type": "generate", "image": "/etc/passwd"}', "base64 data URL"),
+    ('{"type": "generate", "image": "file:///etc/passwd"}', "base64 data URL"),
+    ('{"type": "generate", "image": "data:image/png;base64,@@@"}', "not valid base64"),
+    ('{"type": "generate", "image": "data:image/png;base64,aGVsbG8gd29ybGQ="}', "not an image this server reads"),
+    ('{"type": "generate", "image": "data:text/html;base64,aGVsbG8="}', "base64 data URL"),
+    ('{"type": "generate", "image": 5}', "image must be a data URL string"),
+    ('{"type": "generate", "id": "seven"}', "id must be an integer"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD)
+def test_bad_requests_are_one_clear_message(engine, text, message):
+    with pytest.raises(ProtocolError) as caught:
+        parse(text, engine.info)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_oversized_and_huge_uploads_are_refused(engine):
+    with pytest.raises(ProtocolError, match="image too large"):
+        parse(json.dumps({"type": "generate", "image": "data:image/png;base64," + "A" * (3 * 1024 * 1024)}), engine.info)
+    with pytest.raises(ProtocolError, match="at most 2048×2048 pixels, got 3000×10"):
+        parse(json.dumps({"type": "generate", "image": data_url(Image.new("RGB", (3000, 10)))}), engine.info)
+    request = parse(json.dumps({"type": "generate", "image": big_png(), "id": 9}), engine.info)
+    assert request.image.shape == (1, 3, 32, 32) and request.id == 9
+    with pytest.raises(ProtocolError) as caught:
+        parse('{"type": "generate", "id": 12, "steps": 99}', engine.info)
+    assert caught.value.request_id == 12
+
+
+def test_limits_follow_the_model(lcm):
+    info = limits(lcm, [])
+    assert info["guidance"] == {"min": 1.0, "max": 6.0, "default": 3.0, "input": True}
+    assert info["steps"] == {"min": 1, "max": 8, "default": 4}
+    progressive = limits(load_model(MODELS / "emoji-progressive"), [])
+    assert progressive["steps"]["allowed"] == [1, 2, 4]
+    with pytest.raises(ProtocolError, match="serves steps 1, 2, 4"):
+        parse('{"type": "generate", "steps": 3}', progressive)
+
+
+def test_progressive_folders_serve_each_students_steps():
+    model = load_model(MODELS / "emoji-progressive")
+    engine = Engine(model)
+    try:
+        out = engine.submit("a", Request(prompt="red apple", steps=2, guidance_scale=3.0, seed=0)).result(timeout=60)
+        assert out["images"] == png_data_urls(generate(model, ["red apple"], steps=2, guidance_scale=3.0, seed=0))
+    finally:
+        engine.close()
+
