@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fewstep.models.data import load_emoji
+from ablation import main, write_result
+
 from fewstep.eval.evaluate import evaluate, ruler_for
 from fewstep.methods.lcm import LCMSettings, distill_lcm
+from fewstep.models.data import load_emoji
 from fewstep.models.folders import load_model
 from fewstep.training import TrainConfig
-
-from ablation import main, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS, WORK = ROOT / "models", ROOT / "runs" / "lcd-drift"

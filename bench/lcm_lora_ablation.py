@@ -20,17 +20,16 @@ import json
 from pathlib import Path
 
 import torch
+from ablation import main, write_result
 from safetensors.torch import load_file
 
-from fewstep.models.data import load_emoji
 from fewstep.eval.evaluate import evaluate, ruler_for
 from fewstep.methods.lcm import LCMSettings, distill_lcm
+from fewstep.models.data import load_emoji
+from fewstep.models.folders import load_model
 from fewstep.models.loras import apply_loras, save_lora
 from fewstep.nets.lora import add_lora
-from fewstep.models.folders import load_model
 from fewstep.training import TrainConfig
-
-from ablation import main, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS, WORK = ROOT / "models", ROOT / "runs" / "lcm-lora-ablation"

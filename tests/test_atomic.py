@@ -8,12 +8,12 @@ from fewstep.io.atomic import atomic_path, write_text
 def test_failed_folder_write_keeps_old_folder_and_cleans_up(tmp_path):
     final = tmp_path / "model"
     with atomic_path(final, directory=True) as tmp:
-        (tmp / "weights").write_text("v1")
+        (tmp / "fewstep.json").write_text("v1")
     with pytest.raises(RuntimeError):
         with atomic_path(final, directory=True) as tmp:
-            (tmp / "weights").write_text("half of v2")
+            (tmp / "fewstep.json").write_text("half of v2")
             raise RuntimeError("crash")
-    assert (final / "weights").read_text() == "v1"
+    assert (final / "fewstep.json").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

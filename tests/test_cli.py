@@ -67,7 +67,7 @@ def test_every_sampler_runs_from_the_cli(tiny_model, tmp_path, capsys, sampler):
     (["--model", "{missing}"], ["does not exist"]),
     (["--label", "7"], ["label 7", "0..2"]),
     (["--steps", "0"], ["--steps", "at least 1"]),
-    (["--guidance-scale", "-1"], ["guidance scale", ">= 0"]),
+    (["--guidance-scale", "-1"], ["--guidance-scale", "[0, 100]"]),
     (["--out", "{tmp}/no/such/dir/x.png"], ["cannot write", "does not exist"]),
     (["--sampler", "plms"], ["invalid choice"]),
 ])

@@ -174,3 +174,17 @@ def test_diff_augment_is_identity_at_zero_and_keeps_shape():
     assert torch.equal(diff_augment(x, 0.0), x)
     y = diff_augment(x, 1.0)
     assert y.shape == x.shape and not torch.equal(y, x)
+
+
+def test_fitted_ct_curriculum_keeps_the_papers_target_horizon_as_a_share_of_the_run():
+    """At the paper's 800k iterations the fitted μ0 is the paper's 0.9; at any length the target's EMA
+    horizon at the end, 1/(1 − μ(K)), is the same share of the run (≈ 0.09%)."""
+    from fewstep.objectives.curricula import PAPER_STEPS, Curriculum
+
+    assert Curriculum.for_method("ct", PAPER_STEPS, fitted=True).mu0 == pytest.approx(0.9)
+    share = 1 / (1 - Curriculum.for_method("ct", PAPER_STEPS).ema(PAPER_STEPS)) / PAPER_STEPS
+    for k in (20_000, 100_000):
+        c = Curriculum.for_method("ct", k, fitted=True)
+        assert 1 / (1 - c.ema(k)) / k == pytest.approx(share, rel=1e-6)
+    short = Curriculum.for_method("ct", 1500, fitted=True)
+    assert short.ema(1500) < 0.5 < Curriculum.for_method("ct", 1500).ema(1500)   # the paper's target barely moves

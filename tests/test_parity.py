@@ -240,3 +240,23 @@ def test_vp_adapter_on_real_unets_matches_diffusers_loop(prediction_type):
                           x_T / ours.alphas_cumprod[ref.timesteps[0]].sqrt().float(),
                           append_zero(ours.sigmas[ref.timesteps]).float(), extra_args=cond)
         torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-4)
+
+
+def test_heun_is_euler_plus_the_scaled_change_of_the_x0_estimate():
+    """The identity behind "Heun at 2–4 steps" (BENCHMARKS.md): Heun's step in σ space is Euler's plus
+    (r − 1)/2 · (D(x_euler; σ') − D(x; σ)), r = σ/σ', so a few-step grid's large ratios amplify how much
+    successive x0-estimates disagree."""
+    from fewstep.core.solvers import ddim_step, heun_step
+
+    g = torch.Generator().manual_seed(0)
+    net = RandomNet(channels=2)
+
+    def den(x, sigma, **_):
+        return net(x, sigma * 10).to(x.dtype)
+
+    x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) * 17.5
+    sigma, sigma_next = torch.full((3,), 17.5, dtype=torch.float64), torch.full((3,), 2.5, dtype=torch.float64)
+    d = den(x, sigma)
+    euler = ddim_step(x, d, sigma, sigma_next)
+    expected = euler + (17.5 / 2.5 - 1) / 2 * (den(euler, sigma_next) - d)
+    torch.testing.assert_close(heun_step(den, x, d, sigma, sigma_next), expected)

@@ -3,59 +3,15 @@ sections (:mod:`.pixel`, :mod:`.guided`, :mod:`.guided_latent`, :mod:`.latent`, 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import FewstepError
 from ..io.atomic import write_text
-from . import guided, guided_latent, latent, lora, pixel
-
-
-@dataclass
-class BenchSettings:
-    teacher: str = "digits-teacher"
-    num: int = 1000             # samples per quality point
-    seed: int = 0
-    timing_batch: int = 64      # images per batch for the speed table
-    timing_repeats: int = 5     # median of this many timed runs
-    quick: bool = False
-    reuse: str | None = None    # a previous bench.json: its teacher quality rows are reused if num and seed match
-    edit_models: tuple[str, ...] = ("digits-cd",)  # zero-shot editing is measured on these (and the teacher)
-    edit_num: int = 200         # real images per editing measurement
-
-    @classmethod
-    def quick_settings(cls) -> "BenchSettings":
-        return cls(num=100, timing_repeats=2, quick=True, edit_num=50)
-
-
-@dataclass
-class BenchReport:
-    settings: dict
-    machine: str
-    date: str
-    command: str
-    quality: dict[str, list[dict]] = field(default_factory=dict)   # "model/sampler" -> EvalResult rows
-    speed: list[dict] = field(default_factory=list)
-    speedup: list[dict] = field(default_factory=list)
-    costs: dict[str, dict] = field(default_factory=dict)            # distilled model -> training cost
-    editing: dict[str, dict] = field(default_factory=dict)          # model -> fewstep.editing.edit_metrics
-    guided: dict = field(default_factory=dict)                      # fewstep.guided_bench: Meng et al. 2023
-    guided_latent: dict = field(default_factory=dict)               # fewstep.guided_bench: stage 1 on emoji-sd
-    latent: dict = field(default_factory=dict)                      # fewstep.latent_bench: Luo et al. 2023
-    lora: dict = field(default_factory=dict)                        # fewstep.lora_bench: Luo et al. 2023b
-
-
-def load_report(bench_json: Path, missing: str) -> BenchReport:
-    """A saved bench.json (keys this version does not know are dropped); ``missing`` says what to do."""
-    if not bench_json.exists():
-        raise FewstepError(f"no report at {bench_json}: {missing}")
-    old = json.loads(bench_json.read_text())
-    return BenchReport(**{k: v for k, v in old.items() if k in BenchReport.__dataclass_fields__})
+from . import claims, guided, guided_latent, latent, lora, pixel, serve, testbed
+from .results import BenchReport
 
 
 def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
@@ -73,6 +29,8 @@ def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
     lines += pixel.consistency_section(report) + pixel.editing_section(report)
     lines += guided.section(report) + guided_latent.section(report)
     lines += latent.section(report, out_dir) + lora.section(report, out_dir) + pixel.speedup_section(report)
+    lines += serve.section(report)
+    lines += testbed.section(report) + pixel.heun_section(out_dir) + claims.section(report, out_dir)
     write_text(path, "\n".join(lines) + "\n")
 
 

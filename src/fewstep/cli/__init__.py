@@ -5,9 +5,12 @@ never a half-written output."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 from ..errors import FewstepError
+from ..io.atomic import allow_replacing
 from ..models.folders import shipped_models_dir
 from . import (
     bench,
@@ -23,7 +26,7 @@ from . import (
     train_teacher,
     train_tiny_vae,
 )
-from .args import Parser
+from .args import Parser, check_limits
 
 __all__ = ["build_parser", "main", "shipped_models_dir"]
 
@@ -47,13 +50,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_loaders() -> None:
+    """No per-file "Loading weights" bars from transformers/diffusers: a command prints its own progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing is fetched: no hub lookups, no "error while fetching"
+    warnings.formatwarning = lambda message, *_, **__: f"fewstep: warning: {message}\n"
+    _quiet_loaders()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
     try:
-        args.func(args)
+        check_limits(args)
+    except argparse.ArgumentTypeError as e:
+        parser.exit(2, f"fewstep {args.command}: error: {e}\n")
+    overwrite = [args.out] if getattr(args, "overwrite", False) and getattr(args, "out", None) else []
+    try:
+        with allow_replacing(*overwrite):
+            args.func(args)
     except FewstepError as e:
         print(f"fewstep: error: {e}", file=sys.stderr)
         return 2

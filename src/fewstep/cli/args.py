@@ -4,6 +4,7 @@ A leaf: it imports nothing of fewstep's but the training config."""
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 from pathlib import Path
 
@@ -21,13 +22,56 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def positive_int(text: str) -> int:
+    return at_least(1)(text)
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """An argparse type: a finite float within [lo, hi] (open ends where said), with a message naming the
+    range; NaN and ±inf are never accepted."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        if not math.isfinite(value) or too_low or too_high:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {left}{'-inf' if lo is None else f'{lo:g}'}, "
+                                             f"{'inf' if hi is None else f'{hi:g}'}{right}, got {text!r}")
+        return value
+    return parse
+
+
+probability = number(0.0, 1.0)
+positive = number(0.0, lo_open=True)
+non_negative = number(0.0)
+guidance_scale = number(0.0, 100.0)
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2^63)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2^63), got {text}")
     return value
+
+
+def at_least(n: int):
+    """An argparse type: an integer ≥ ``n``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < n:
+            raise argparse.ArgumentTypeError(f"must be at least {n}, got {value}")
+        return value
+    return parse
 
 
 def step_list(text: str) -> list[int]:
@@ -52,9 +96,45 @@ def sigma_list(text: str) -> list[float]:
         sigmas = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated noise levels like 80,20,5, got {text!r}") from None
-    if not sigmas or min(sigmas) <= 0 or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+    if not sigmas or not all(map(math.isfinite, sigmas)) or min(sigmas) <= 0 \
+            or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
         raise argparse.ArgumentTypeError(f"noise levels must be positive and strictly decreasing, got {text!r}")
     return sigmas
+
+
+# what one command may ask for before it must say --allow-large (sampling steps, images, grid upscaling, frames):
+# beyond these a typo costs hours or the machine's memory
+LIMITS = {"steps": 1000, "num": 2000, "scale": 16, "frames": 256}
+
+
+def add_limits(p: argparse.ArgumentParser, *names: str) -> None:
+    """``--allow-large`` and the :data:`LIMITS` of ``names`` for this subcommand (checked by :func:`check_limits`)."""
+    p.add_argument("--allow-large", action="store_true",
+                   help="lift the limits on " + ", ".join(f"--{n} (≤ {LIMITS[n]:,})" for n in names))
+    p.set_defaults(limits=names)
+
+
+def check_limits(args: argparse.Namespace) -> None:
+    """Refuse values above :data:`LIMITS` unless --allow-large; with it, say what is about to start."""
+    big = [(n, getattr(args, n)) for n in getattr(args, "limits", ()) if (getattr(args, n, None) or 0) > LIMITS[n]]
+    if not big:
+        return
+    what = ", ".join(f"--{n} {v:,} (limit {LIMITS[n]:,})" for n, v in big)
+    if not args.allow_large:
+        raise argparse.ArgumentTypeError(f"{what}: a request this large can take hours or all the memory; pass "
+                                         f"--allow-large if you mean it")
+    import sys
+
+    print(f"fewstep: large request: {what}; this may take long and need much memory", file=sys.stderr)
+
+
+def add_grid_args(p: argparse.ArgumentParser) -> None:
+    """The few-step remedies of BENCHMARKS.md "Heun at 2–4 steps": the Karras grid's ρ and an x0 clamp."""
+    p.add_argument("--rho", type=number(0.5, 20.0), default=None,
+                   help="EDM σ-space models: ρ of the Karras step grid (default the schedule's 7; 3 keeps Heun from "
+                        "overshooting at 2–4 steps)")
+    p.add_argument("--clamp-x0", action="store_true",
+                   help="pixel models: clip every x0-estimate to [-1, 1] before the solver uses it")
 
 
 def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
@@ -62,23 +142,33 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
     g.add_argument("--steps", type=positive_int, default=steps, help=f"optimizer steps (default {steps})")
     g.add_argument("--batch", type=positive_int, default=batch, help=f"global batch size (default {batch})")
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    g.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    g.add_argument("--lr", type=positive, default=lr, help=f"peak learning rate (default {lr})")
+    g.add_argument("--warmup", type=at_least(0), default=200, help="linear LR warm-up steps")
+    g.add_argument("--grad-clip", type=non_negative, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--ema", type=number(0.0, 1.0, hi_open=True), default=0.999, help="EMA decay of the saved weights")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--checkpoint-every", type=positive_int, default=500)
     g.add_argument("--keep-checkpoints", type=positive_int, default=2)
     g.add_argument("--work-dir", help="checkpoints and metrics.jsonl (default: runs/<name of --out>); "
                                       "an existing run there is resumed")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed, default=0)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is an existing folder that fewstep did not write")
+    g.add_argument("--force-resume", action="store_true",
+                   help="resume the work folder's checkpoint even though settings that define the run differ")
 
 
 def train_config(args: argparse.Namespace):
+    """The run's TrainConfig, with --out and the work folder checked before any training."""
+    from ..io.atomic import allow_replacing, check_creatable, check_replaceable
     from ..training import TrainConfig
 
-    return TrainConfig(out_dir=args.work_dir or str(Path("runs") / Path(args.out).name), max_steps=args.steps,
+    with allow_replacing(*([args.out] if args.overwrite else [])):
+        check_replaceable(args.out)
+    work = args.work_dir or str(Path("runs") / Path(args.out).name)
+    check_creatable(work, "--work-dir")
+    return TrainConfig(out_dir=work, max_steps=args.steps, force_resume=args.force_resume,
                        batch_size=args.batch, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
                        grad_clip=args.grad_clip, ema_decay=args.ema, mixed_precision=args.mixed_precision,
                        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import command_line, positive_int
+from .args import at_least, command_line, seed
 
 
 def add_parser(sub) -> None:
@@ -18,24 +18,27 @@ def add_parser(sub) -> None:
     p.add_argument("--markdown", default="BENCHMARKS.md", help="the markdown table to (re)write")
     p.add_argument("--no-markdown", action="store_true", help="do not write the markdown table")
     p.add_argument("--quick", action="store_true", help="small sample counts and step sets (a smoke test)")
-    p.add_argument("--num", type=positive_int, help="samples per quality point (default 1000; quick: 100)")
+    p.add_argument("--num", type=at_least(2), help="samples per quality point (default 1000; quick: 100)")
     p.add_argument("--reuse", help="a previous bench.json whose teacher quality rows are reused when its sample "
                                    "count and seed match (timings are always re-measured side by side)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: rewrite the markdown from --reuse's bench.json (picks up "
                         "bench/results/lcm_ablation.json after bench/lcm_ablation.py)")
-    p.add_argument("--only", choices=["guided", "guided-latent", "latent", "lora"],
+    p.add_argument("--only", choices=["guided", "guided-latent", "latent", "lora", "emoji-pixel", "serve"],
                    help="run one section and merge it into the --reuse report: guided (guided and progressive "
                         "distillation on digits), guided-latent (stages 1 and 2 on the emoji pipeline, beside the LCM), latent (the emoji "
-                        "LCM beside its teacher), lora (LCM-LoRA and style arithmetic)")
+                        "LCM beside its teacher), lora (LCM-LoRA and style arithmetic), emoji-pixel (the emoji pixel "
+                        "testbed: CD, CT, iCT, ACT, guided and progressive students of models/emoji-pixel-teacher), serve (fewstep "
+                        "serve against diffusers' LCM pipeline at 1/4/16 clients, and the tiny VAE end to end)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..bench.report import BenchSettings
+    from ..bench.results import BenchSettings
     from ..bench.run import render_report, run_bench, run_section_only
+    from ..io.atomic import check_writable
     from ..models.folders import shipped_models_dir
 
     settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
         settings.num = args.num
     settings.seed = args.seed
     settings.reuse = args.reuse
-    markdown = None if args.no_markdown else Path(args.markdown)
+    markdown = None if args.no_markdown else check_writable(args.markdown, ".md", "--markdown")
     models = Path(args.models or shipped_models_dir())
     if args.render_only:  # no measuring: BENCHMARKS.md again from --reuse's bench.json (e.g. after an ablation)
         render_report(Path(args.reuse or Path(args.out) / "bench.json"), Path(args.markdown), Path(args.out))

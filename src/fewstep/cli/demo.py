@@ -25,7 +25,7 @@ from ..models.folders import load_model, shipped_models_dir
 from ..models.loras import apply_loras
 from ..nets.classifier import accuracy
 from ..sampling.generate import generate, nfe
-from .args import positive_int
+from .args import positive_int, seed
 
 
 def add_parser(sub) -> None:
@@ -38,11 +38,13 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="fewstep-demo", help="output folder (default ./fewstep-demo)")
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
     p.add_argument("--per-class", type=positive_int, default=20, help="samples per digit for the accuracy figure")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise FewstepError(f"--out {args.out} is a file; the demo writes a folder (demo.png, demo.json)")
     run_demo(Path(args.models or shipped_models_dir()), Path(args.out), per_class=args.per_class, seed=args.seed)
 
 

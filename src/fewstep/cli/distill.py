@@ -6,7 +6,17 @@ from __future__ import annotations
 import argparse
 
 from ..errors import FewstepError
-from .args import add_train_args, command_line, positive_int, step_set, train_config
+from .args import (
+    add_train_args,
+    command_line,
+    guidance_scale,
+    non_negative,
+    positive,
+    positive_int,
+    probability,
+    step_set,
+    train_config,
+)
 
 CONSISTENCY, GUIDED, LATENT = ("cd", "ct", "ict", "act"), ("guided", "progressive"), ("lcd", "lcf", "lcm-lora")
 TEACHER_FREE = ("ct", "ict", "act")
@@ -60,40 +70,43 @@ def _consistency_args(p: argparse.ArgumentParser, distances) -> None:
     g.add_argument("--solver", choices=["euler", "heun", "ddim", "dpm-solver", "dpm-solver++"], default=None,
                    help="the teacher's one-step ODE solver: cd euler | heun (default heun); lcd ddim | dpm-solver | "
                         "dpm-solver++ (2nd-order DPM-Solver-2 / DPM-Solver++(2S); default ddim)")
-    g.add_argument("--guidance-scale", type=float, default=2.0,
+    g.add_argument("--guidance-scale", type=guidance_scale, default=2.0,
                    help="cd: the classifier-free guidance scale of the teacher ODE the student learns (default 2.0)")
-    g.add_argument("--label-dropout", type=float, default=0.1,
+    g.add_argument("--label-dropout", type=probability, default=0.1,
                    help="share of training conditions replaced by the unconditional one, so the model also works "
                         "without a label (unconditional generation and editing; default 0.1)")
     g.add_argument("--num-scales", type=positive_int, help="N: cd's grid (default 18); ct/ict's final N (150 / 1280)")
     g.add_argument("--start-scales", type=positive_int, help="ct/ict's first N (2 / 10)")
-    g.add_argument("--target-ema", type=float, help="target EMA rate μ of cd, lcd, lcf and lcm-lora (default 0.95; "
+    g.add_argument("--target-ema", type=probability, help="target EMA rate μ of cd, lcd, lcf and lcm-lora (default 0.95; "
                                                     "0 = the online student under stop-gradient)")
+    g.add_argument("--ct-curriculum", choices=["paper", "fitted"], default="paper",
+                   help="ct/act: the target EMA μ(k) of Song et al. 2023 (paper: μ0 = 0.9, tuned for 800k iterations) "
+                        "or fitted to this run's --steps (the target's EMA horizon the same share of the run)")
     g.add_argument("--width", type=positive_int, default=32, help="ct/ict/act: UNet base width")
     g.add_argument("--classifier", help="classifier folder for --distance classifier (default: models/<data>-classifier)")
     g.add_argument("--lpips-weights", help="local LPIPS weights for --distance lpips")
     g = p.add_argument_group("adversarial consistency training (act)")
-    g.add_argument("--gan-weight", type=float, default=0.3, help="λ in (1 − λ)·L_CT + λ·L_G (default 0.3)")
+    g.add_argument("--gan-weight", type=probability, default=0.3, help="λ in (1 − λ)·L_CT + λ·L_G (default 0.3)")
     g.add_argument("--gan-weighting", choices=["none", "edm"], default="none",
                    help="w(σ) of the adversarial term: none (ACT's default) or edm, (σ² + σd²)/(σ·σd)²")
-    g.add_argument("--d-lr", type=float, default=1e-4, help="discriminator learning rate")
-    g.add_argument("--r1-gamma", type=float, default=10.0, help="R1 penalty weight γ (0: off; default 10)")
+    g.add_argument("--d-lr", type=positive, default=1e-4, help="discriminator learning rate")
+    g.add_argument("--r1-gamma", type=non_negative, default=10.0, help="R1 penalty weight γ (0: off; default 10)")
     g.add_argument("--r1-interval", type=positive_int, default=16, help="lazy R1: every k steps (default 16)")
-    g.add_argument("--augment", type=float, default=0.0, help="probability of each differentiable augmentation")
+    g.add_argument("--augment", type=probability, default=0.0, help="probability of each differentiable augmentation")
 
 
 def _guided_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guided distillation (guided: stage 1; progressive: stage 2; Meng et al. 2023)")
-    g.add_argument("--min-guidance-scale", type=float, default=None,
+    g.add_argument("--min-guidance-scale", type=guidance_scale, default=None,
                    help="guided, lcd, lcm-lora: lowest guidance scale s the student learns (w = s - 1 ~ U[w_min, w_max]; "
                         "default 1)")
-    g.add_argument("--max-guidance-scale", type=float, default=None,
+    g.add_argument("--max-guidance-scale", type=guidance_scale, default=None,
                    help="guided, lcd, lcm-lora: highest guidance scale (default 4; lcm-lora has no w input, so give "
                         "min = max to distil one scale)")
-    g.add_argument("--start-steps", type=int, default=16,
+    g.add_argument("--start-steps", type=positive_int, default=16,
                    help="progressive: step count of the first student; its teacher (--teacher, the stage-1 student) "
                         "takes twice as many steps (default 16); --steps is the optimizer steps of each round")
-    g.add_argument("--final-steps", type=int, default=1, help="progressive: halve down to this step count (default 1)")
+    g.add_argument("--final-steps", type=positive_int, default=1, help="progressive: halve down to this step count (default 1)")
     g.add_argument("--first-solver", choices=["ddim", "heun"], default="ddim",
                    help="progressive: the first round's teacher step, ddim (Salimans & Ho) or heun (2nd order, twice "
                         "the evaluations; the stage-1 student's ODE is solved better); later rounds always use ddim")
@@ -104,12 +117,12 @@ def _guided_args(p: argparse.ArgumentParser) -> None:
 def _latent_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latent consistency (lcd: distil an SD-format teacher; lcf: fine-tune an LCM; lcm-lora; "
                              "Luo et al. 2023). The guidance range is --min/--max-guidance-scale")
-    g.add_argument("--skip", type=int, default=20,
+    g.add_argument("--skip", type=positive_int, default=20,
                    help="lcd/lcf: skipping step k, the teacher steps from t+k to t on the 1000-step grid (default 20; "
                         "the LCM samples on the grid of 1000/k timesteps)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet activations in the backward pass (less memory on big UNets)")
-    g.add_argument("--lora-rank", type=int, default=8,
+    g.add_argument("--lora-rank", type=positive_int, default=8,
                    help="lcm-lora: rank of the LoRA adapters (default 8; the paper uses 64 on SD-size UNets)")
 
 
@@ -161,7 +174,8 @@ def _distill(args: argparse.Namespace, teacher, data, config, command: str):
         settings = ConsistencySettings(
             method=method, distance=args.distance, solver=args.solver or "heun", guidance_scale=args.guidance_scale,
             label_dropout=args.label_dropout, num_scales=args.num_scales, start_scales=args.start_scales,
-            target_ema=args.target_ema, width=args.width, classifier=classifier, lpips_weights=args.lpips_weights,
+            target_ema=args.target_ema, ct_curriculum=args.ct_curriculum, width=args.width, classifier=classifier,
+            lpips_weights=args.lpips_weights,
             gan_weight=args.gan_weight, d_lr=args.d_lr, r1_gamma=args.r1_gamma, r1_interval=args.r1_interval,
             augment=args.augment, gan_weighting=args.gan_weighting)
         return distill_consistency(data, args.out, config, settings, teacher, command=command)

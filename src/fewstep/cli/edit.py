@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 
 from ..errors import FewstepError
-from .args import add_lora_arg, positive_int, sigma_list
+from .args import (
+    add_limits,
+    add_lora_arg,
+    guidance_scale,
+    number,
+    positive,
+    positive_int,
+    seed,
+    sigma_list,
+)
 
 
 def add_parser(sub) -> None:
@@ -39,19 +48,19 @@ def add_parser(sub) -> None:
     mask.add_argument("--mask-half", choices=["bottom", "top", "left", "right"],
                       help="inpaint: generate this half of each image (default bottom)")
     g.add_argument("--factor", type=positive_int, default=4, help="superres: upscaling factor (default 4)")
-    g.add_argument("--noise-sigma", type=float, default=0.5,
+    g.add_argument("--noise-sigma", type=positive, default=0.5,
                    help="denoise: std of the Gaussian noise added to the input, images in [-1, 1] (default 0.5)")
     g.add_argument("--noisy-input", action="store_true", help="denoise: the input already has noise of std "
                                                               "--noise-sigma; add none")
     g.add_argument("--frames", type=positive_int, default=8, help="interpolate: frames per pair (default 8)")
-    g.add_argument("--sigma-start", type=float, default=1.5,
+    g.add_argument("--sigma-start", type=positive, default=1.5,
                    help="stroke: noise level to start from; higher is more realistic, less faithful (default 1.5)")
     g.add_argument("--sigmas", type=sigma_list,
                    help="the loop's decreasing noise levels (default: the model's sigma_max, then 40 levels evenly "
                         "spaced in log from 3.16 to 0.1); denoise: "
                         "extra refinement levels below --noise-sigma (default none); stroke: levels after "
                         "--sigma-start; interpolate: default sigma_max alone")
-    g.add_argument("--strength", type=float, default=0.5,
+    g.add_argument("--strength", type=number(0.0, 1.0, lo_open=True), default=0.5,
                    help="img2img: how much of the --steps grid to run from the noised input, in (0, 1] (SDEdit; "
                         "default 0.5)")
     g.add_argument("--steps", type=positive_int,
@@ -65,10 +74,11 @@ def add_parser(sub) -> None:
                         "f(known + noise; c) reconstructs it best), then inpaint conditioned on it")
     p.add_argument("--label", type=int, nargs="+", help="condition on a class, one or one per image/pair "
                                                         "(default: unconditional)")
-    p.add_argument("--guidance-scale", type=float, help="with --label or --prompt: the guidance scale, 1.0 = none "
+    p.add_argument("--guidance-scale", type=guidance_scale, help="with --label or --prompt: the guidance scale, 1.0 = none "
                                                         "(default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--scale", type=positive_int, default=4, help="pixel upscaling of the grid (default 4)")
+    add_limits(p, "steps", "num", "scale", "frames")
     p.set_defaults(func=run)
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import FewstepError
-from .args import add_lora_arg, positive_int, step_list
+from .args import add_grid_args, add_lora_arg, at_least, guidance_scale, seed, step_list
 
 
 def add_parser(sub) -> None:
@@ -19,9 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--steps", type=step_list, default=[1, 2, 4], help="comma-separated step counts (default 1,2,4)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's")
-    p.add_argument("--guidance-scale", type=float, default=None, help="1.0 = none (default: the model's)")
-    p.add_argument("--num", type=positive_int, default=1000, help="samples per step count (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=guidance_scale, default=None, help="1.0 = none (default: the model's)")
+    p.add_argument("--num", type=at_least(2), default=1000, help="samples per step count (default 1000)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--classifier", help="classifier folder (default: models/<dataset>-classifier)")
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
     p.add_argument("--json", help="write the results as one JSON object here")
@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
                         "lowest FID (Song et al. 2023; for consistency models), then evaluate with them")
     p.add_argument("--save-sigmas", action="store_true", help="with --tune-sigmas: store the grids in the model folder")
     add_lora_arg(p, "fuse a LoRA first")
+    p.add_argument("--tiny-vae", metavar="DIR", help="pipelines: decode with this AutoencoderTiny (fewstep train-tiny-vae)")
+    add_grid_args(p)
     p.set_defaults(func=run)
 
 
@@ -42,15 +44,19 @@ def run(args: argparse.Namespace) -> None:
     from ..io.images import labeled_rows, make_grid, save_png
     from ..models.folders import shipped_models_dir
     from ..models.loras import load_with_loras
+    from ..models.tiny_vae import with_tiny_vae
 
+    if args.save_sigmas and not args.tune_sigmas:
+        raise FewstepError("--save-sigmas stores the grids --tune-sigmas finds: give both")
     for path, suffix in ((args.json, None), (args.grid, ".png")):
         if path:
             check_writable(path, suffix)  # fail before any work
-    model = load_with_loras(args.model, args.lora)
+    model = with_tiny_vae(load_with_loras(args.model, args.lora), args.tiny_vae)
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
     if args.tune_sigmas:
         _tune_sigmas(model, ruler, args)
-    rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed)
+    rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed,
+                             rho=args.rho, clamp_x0=args.clamp_x0)
     report = eval_report(model, rows, args.num, args.seed)
     print(f"{'steps':>5} {'NFE':>4} {'FID':>8} {'KID':>9} {'prec':>6} {'recall':>6} {'acc':>6} {'s/img':>8}")
     for r in rows:

@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
     m.add_argument("--out", required=True, help="pipeline folder to write (with --no-fuse: the adapter set's folder)")
     m.add_argument("--no-fuse", action="store_true",
                    help="keep the adapters separate: a folder of the LoRAs and their weights, not a fused pipeline")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is an existing folder that fewstep did not write")
     m.set_defaults(func=run_merge)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import command_line, positive_int
+from .args import command_line, number, positive_int, seed
 
 
 def add_parser(sub) -> None:
@@ -16,16 +16,20 @@ def add_parser(sub) -> None:
     p.add_argument("--image-size", type=positive_int, default=None)
     p.add_argument("--channels", type=int, choices=[1, 3], default=1)
     p.add_argument("--epochs", type=positive_int, default=60)
-    p.add_argument("--holdout", type=float, default=0.2, help="fraction held out for the accuracy figure")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=number(0.0, 1.0, lo_open=True, hi_open=True), default=0.2, help="fraction held out for the accuracy figure")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is an existing folder that fewstep did not write")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..io.atomic import check_replaceable
     from ..models.data import load_dataset
     from ..nets.classifier import save_classifier, train_classifier
 
+    check_replaceable(args.out)
     data = load_dataset(args.dataset, args.image_size, args.channels)
     train_set, heldout = data.split(args.holdout, seed=args.seed)
     model = train_classifier(train_set, heldout, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_train_args, command_line, positive_int, train_config
+from .args import (
+    add_train_args,
+    command_line,
+    positive,
+    positive_int,
+    probability,
+    train_config,
+)
 
 
 def add_parser(sub) -> None:
@@ -21,10 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("--image-size", type=positive_int, default=None, help="resize images (digits: 16)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="for image folders: 1 (L) or 3 (RGB)")
     p.add_argument("--width", type=positive_int, default=32, help="UNet base width (32: 1.6M parameters)")
-    p.add_argument("--label-dropout", type=float, default=0.1,
+    p.add_argument("--label-dropout", type=probability, default=0.1,
                    help="probability of the null label / empty caption (for CFG)")
     p.add_argument("--vae-steps", type=positive_int, default=1000, help="text-to-image: AutoencoderKL steps")
-    p.add_argument("--vae-lr", type=float, default=1e-3, help="text-to-image: AutoencoderKL learning rate")
+    p.add_argument("--vae-lr", type=positive, default=1e-3, help="text-to-image: AutoencoderKL learning rate")
     p.add_argument("--pixel", action="store_true",
                    help="on a captioned set (emoji): a class-conditional pixel-space EDM teacher on its classes (the "
                         "emoji's 9 Unicode groups) instead of a text-to-image pipeline")

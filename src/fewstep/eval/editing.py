@@ -86,11 +86,16 @@ def superres_metrics(model: Model, classifier: torch.nn.Module, images: Tensor, 
 
 
 @torch.no_grad()
-def colorize_metrics(model: Model, images: Tensor, sigmas: Sequence[float] | None = None,
-                     seed: int = 0) -> dict[str, float]:
-    """Colorization keeps luminance: the largest |w·x_out − w·x_ref| over all pixels (should be ~1e-7)."""
+def colorize_metrics(model: Model, classifier: torch.nn.Module, images: Tensor, labels: Tensor,
+                     sigmas: Sequence[float] | None = None, seed: int = 0) -> dict[str, float]:
+    """Colorization of the grayscale versions of real colour images: PSNR to the originals and classifier
+    accuracy, beside the gray images themselves (the baseline: luminance in every channel), and the largest
+    |w·x_out − w·x_ref| (kept exactly: ~1e-7)."""
     out = colorize(model, images, sigmas=sigmas, seed=seed)
-    return {"max_luminance_error": float((luminance(out) - luminance(images)).abs().max())}
+    gray = luminance(images).expand_as(images)
+    return {"max_luminance_error": float((luminance(out) - luminance(images)).abs().max()),
+            "psnr": psnr(out.clamp(-1, 1), images), "gray_psnr": psnr(gray, images),
+            "accuracy": accuracy(classifier, out, labels), "gray_accuracy": accuracy(classifier, gray, labels)}
 
 
 @torch.no_grad()
@@ -137,7 +142,7 @@ def edit_metrics(model: Model, classifier: torch.nn.Module, images: Tensor, labe
         "inpaint_bottom": inpaint_metrics(model, classifier, images, labels, "bottom", sigmas, seed),
         "inpaint_right": inpaint_metrics(model, classifier, images, labels, "right", sigmas, seed),
         "superres_4x": superres_metrics(model, classifier, images, labels, 4, sigmas, seed),
-        "colorize": colorize_metrics(model, images, sigmas, seed) if images.shape[1] == 3 else None,
+        "colorize": colorize_metrics(model, classifier, images, labels, sigmas, seed) if images.shape[1] == 3 else None,
         "denoise": denoise_metrics(model, images, seed=seed),
         "interpolate": interpolation_metrics(model, classifier, seed=seed),
         "interpolate_conditional": interpolation_metrics(model, classifier, labels=torch.arange(20) % num_classes,

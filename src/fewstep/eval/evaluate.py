@@ -24,7 +24,13 @@ from ..models.handle import Model
 from ..nets.classifier import Classifier, load_classifier
 from ..sampling.generate import generate, nfe
 from ..sampling.grids import sampling_grid
-from .metrics import bootstrap_std, feature_stats, frechet_distance, kid, precision_recall_points
+from .metrics import (
+    bootstrap_std,
+    feature_stats,
+    frechet_distance,
+    kid,
+    precision_recall_points,
+)
 
 RESAMPLES = 50
 SPREAD = (f"bootstrap over the sample set ({RESAMPLES} resamples with replacement): FID and conditional accuracy over "
@@ -132,9 +138,10 @@ def eval_conditions(model: Model, data: ImageData, num: int, seed: int = 0) -> t
 
 def evaluate(model: Model, ruler: Ruler, steps: list[int], sampler: str | None = None,
              guidance_scale: float | None = None, num: int = 1000, seed: int = 0, batch_size: int = 250,
-             progress: bool = True) -> tuple[list[EvalResult], dict[int, Tensor]]:
+             progress: bool = True, **sampling) -> tuple[list[EvalResult], dict[int, Tensor]]:
     """Score ``model`` at each step count with the same conditions and seed (sampler and guidance scale:
-    the model's by default). Returns the rows and the samples."""
+    the model's by default; ``sampling``: more of :func:`fewstep.sampling.generate.generate`'s options, e.g.
+    ``rho``, ``clamp_x0``). Returns the rows and the samples."""
     sampler = sampler or model.config.default_sampler
     guidance = model.config.default_guidance_scale if guidance_scale is None else guidance_scale
     cond, labels = eval_conditions(model, ruler.data, num, seed)
@@ -142,7 +149,7 @@ def evaluate(model: Model, ruler: Ruler, steps: list[int], sampler: str | None =
     for n in tqdm(steps, disable=not progress, desc="eval", leave=False):
         start = time.perf_counter()
         images = generate(model, cond, num=num, steps=n, sampler=sampler, guidance_scale=guidance, seed=seed,
-                          batch_size=batch_size)
+                          batch_size=batch_size, **sampling)
         seconds = time.perf_counter() - start
         rows.append(EvalResult(steps=n, sampler=sampler, guidance_scale=guidance, nfe=nfe(model, sampler, n, guidance),
                                seconds_per_image=seconds / num, **ruler.score(images, labels, seed=seed)))

@@ -59,19 +59,68 @@ def labeled_rows(rows: list[tuple[str, Image.Image]], margin: int = 150) -> Imag
     return canvas
 
 
+MAX_PIXELS = 4096 * 4096  # an input larger than this is refused before it is decoded (decompression bombs)
+
+
+def open_image(source, where: str) -> Image.Image:
+    """A PIL image, decoded, EXIF orientation applied; a file that is not an image, or one too large, is a
+    clear error."""
+    from PIL import ImageOps
+
+    try:
+        with Image.open(source) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise FewstepError(f"{where} is {im.width}x{im.height} pixels; fewstep reads images of at most "
+                                   f"{MAX_PIXELS:,} pixels: downscale it first")
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except (OSError, Image.DecompressionBombError, ValueError) as e:
+        raise FewstepError(f"cannot read image {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def image_array(im: Image.Image, channels: int) -> np.ndarray:
+    """[H, W, C] float32 in [0, 1] as the user means the image: 16-bit and 32-bit grayscale scaled by their
+    own range (not clipped to 8 bits), palette and alpha images composited over white (the embedded data's
+    background), then RGB (``channels`` 3) or ITU-R 601 luma (1)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        gray = np.asarray(im, dtype=np.float64)
+        gray = gray / (65535.0 if im.mode.startswith("I;16") or gray.max() > 255 else 255.0)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+    elif im.mode == "F":
+        rgb = np.repeat(np.clip(np.asarray(im, dtype=np.float64), 0, 1)[..., None], 3, axis=2)
+    else:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64) / 255.0
+        rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])   # over white
+    if channels == 1:
+        rgb = (rgb @ np.array([0.299, 0.587, 0.114]))[..., None]
+    return np.clip(rgb, 0, 1).astype(np.float32)
+
+
+def image_tensor(im: Image.Image, channels: int, size: int | None = None) -> Tensor:
+    """[C, H, W] in [−1, 1] (:func:`image_array`); with ``size``, centre-cropped to a square and resized
+    (bicubic, antialiased) to ``size``×``size``: the aspect ratio is kept, not squashed."""
+    x = torch.from_numpy(image_array(im, channels)).permute(2, 0, 1) * 2 - 1
+    if size is None:
+        return x
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    x = x[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    if side != size:
+        x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True,
+                                            align_corners=False)[0]
+    return x.clamp(-1, 1)
+
+
 def read_png(path: str | Path, channels: int, sizes: Sequence[int] = ()) -> Tensor:
-    """An image file as [1, C, H, W] in [−1, 1], converted to L (``channels`` 1) or RGB (3). An image
-    that is not square of one of ``sizes`` (when given) is a clear error: fewstep never resizes silently."""
+    """An image file as [1, C, H, W] in [−1, 1] (:func:`image_array`). An image that is not square of one of
+    ``sizes`` (when given) is a clear error: fewstep never resizes an edit's input silently."""
     path = Path(path)
+    if path.is_dir():
+        raise FewstepError(f"input image {path} is a folder; give an image file")
     if not path.is_file():
         raise FewstepError(f"input image {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            im = im.convert({1: "L", 3: "RGB"}[channels])
-    except OSError as e:
-        raise FewstepError(f"cannot read image {path}: {e}") from None
+    im = open_image(path, str(path))
     if sizes and (im.width != im.height or im.width not in sizes):
         raise FewstepError(f"{path} is {im.width}x{im.height} pixels; this model needs "
                            + " or ".join(f"{s}x{s}" for s in sizes))
-    arr = np.asarray(im, dtype=np.float32).reshape(im.height, im.width, channels)
-    return torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1
+    return image_tensor(im, channels)[None]

@@ -43,6 +43,8 @@ class ConsistencySettings:
     num_scales: int | None = None       # CD: N (default 18); CT/iCT: the final N (s1)
     start_scales: int | None = None     # CT/iCT: the first N (s0)
     target_ema: float | None = None     # CD: μ (default 0.95)
+    ct_curriculum: str = "paper"        # CT/ACT's μ(k): "paper" (μ0 = 0.9, tuned for 800k iterations) or "fitted" to
+                                        # this run's length (fewstep.objectives.curricula.fitted_mu0)
     width: int = 32                     # CT/iCT/ACT from scratch: UNet width
     classifier: str | None = None       # for distance "classifier"
     lpips_weights: str | None = None    # for distance "lpips"
@@ -82,7 +84,7 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
         student, teacher_fn, guidance = new_pixel_model(student_config, unet), None, 1.0
     curriculum = Curriculum.for_method(method, config.max_steps, num_scales=settings.num_scales if method == "cd" else None,
                                        s1=settings.num_scales if method != "cd" else None, s0=settings.start_scales,
-                                       target_ema=settings.target_ema)
+                                       target_ema=settings.target_ema, fitted=settings.ct_curriculum == "fitted")
     distance = get_distance(settings.distance, settings.classifier, settings.lpips_weights)
     objective = ConsistencyLoss(schedule, curriculum, distance, teacher=teacher_fn, solver=settings.solver,
                                 condition=student.conditioner.training_condition(settings.label_dropout))

@@ -8,6 +8,7 @@ Folders written before format 2 spelled a few things differently; :func:`upgrade
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -98,16 +99,35 @@ def parse_config(raw: dict, where: Path | str) -> ModelConfig:
     """A :class:`ModelConfig` from JSON values, each checked, with one line naming ``where`` on a bad one."""
     raw = upgrade(raw)
     known = {f.name: f for f in fields(ModelConfig)}
-    try:
-        config = ModelConfig(**{k: v for k, v in raw.items() if k in known})
-    except TypeError as e:
-        raise FewstepError(f"{where} is corrupt: {e}") from None
+    for key, value in raw.items():
+        if key in known and not _fits(value, known[key].type):
+            raise FewstepError(f"{where} is corrupt: {key} should be {known[key].type}, not {json.dumps(value)[:60]}")
+    config = ModelConfig(**{k: v for k, v in raw.items() if k in known})
     if config.kind not in KINDS:
         raise FewstepError(f"{where}: unknown kind {config.kind!r}; fewstep models are {' or '.join(KINDS)}")
     if config.parameterization not in PARAMETERIZATIONS:
         raise FewstepError(f"{where}: unknown parameterization {config.parameterization!r} "
                            f"(one of {', '.join(PARAMETERIZATIONS)})")
     return config
+
+
+def _fits(value: Any, kind: str) -> bool:
+    """A JSON value against a field's annotation (``int``, ``float``, ``str``, ``list[...]``, ``dict[...]``):
+    numbers finite, no booleans posing as numbers, sampling grids lists of numbers."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "int":
+        return number and isinstance(value, int)
+    if kind == "float":
+        return number
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("list["):
+        inner = kind[5:-1]
+        return isinstance(value, list) and all(_fits(v, inner) if inner in ("int", "float", "str")
+                                               else isinstance(v, dict) for v in value)
+    if kind.startswith("dict[str, list"):
+        return isinstance(value, dict) and all(_fits(v, "list[float]") for v in value.values())
+    return isinstance(value, dict) if kind.startswith("dict") else True
 
 
 def read_json(path: Path) -> dict:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import FewstepError
+from ..io.images import image_tensor, open_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
@@ -96,6 +97,8 @@ def load_emoji(size: int = 32) -> ImageData:
 def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageData:
     """Images under ``path``: class sub-folders give labels, a flat folder gives one class."""
     root = Path(path)
+    if root.is_file():
+        raise FewstepError(f"dataset {root} is a file; give a folder of images (one sub-folder per class)")
     if not root.is_dir():
         raise FewstepError(f"dataset folder {root} does not exist")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
@@ -162,23 +165,12 @@ def _caption(record: dict, where: str) -> str:
 
 
 def _to_tensor(im, size: int, channels: int = 3) -> Tensor:
-    """A PIL image as [C, size, size] in [−1, 1]: L (``channels`` 1) or RGB (3), resized bicubically."""
-    from PIL import Image
-
-    im = im.convert({1: "L", 3: "RGB"}[channels]).resize((size, size), Image.BICUBIC)
-    arr = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+    """A PIL image as [C, size, size] in [−1, 1] (:func:`fewstep.io.images.image_tensor`)."""
+    return image_tensor(im, channels, size)
 
 
 def _open_image(source, where: str):
-    from PIL import Image
-
-    try:
-        im = Image.open(source)
-        im.load()
-        return im
-    except OSError as e:
-        raise FewstepError(f"cannot read image {where}: {e}") from None
+    return open_image(source, where)
 
 
 def _imagefolder_pairs(root: Path) -> list:

@@ -69,6 +69,9 @@ def _first_line(e: Exception) -> str:
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
     """Load a pixel model folder or a diffusers pipeline folder (weights from safetensors only), frozen."""
     folder = Path(folder)
+    if folder.is_file():
+        raise FewstepError(f"{folder} is a file, not a model folder: give the folder (a fewstep model folder, or a "
+                           f"diffusers pipeline folder with model_index.json)")
     if not folder.is_dir():
         raise FewstepError(f"model folder {folder} does not exist")
     model = _load_pipeline(folder) if is_pipeline_folder(folder) else _load_pixel(folder)
@@ -171,7 +174,10 @@ def save_model(folder: str | Path, model: Model, readme: str = "", students: dic
 
 
 def write_model(folder: Path, model: Model) -> None:
-    """Fill ``folder`` (new or empty) with ``model``'s files."""
+    """Fill ``folder`` (new or empty) with ``model``'s files; non-finite weights are never written."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.net.parameters()):
+        raise FewstepError(f"refusing to save {folder.name}: its weights are not finite (NaN or inf); "
+                           f"check the LoRA weights or the training settings (a lower --lr)")
     folder.mkdir(parents=True, exist_ok=True)
     if model.is_pipeline:
         pipeline_of(model).save_pretrained(folder, safe_serialization=True)

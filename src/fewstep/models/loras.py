@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from ..errors import FewstepError
@@ -37,6 +39,8 @@ def save_lora(folder: str | Path, unet: nn.Module, info: dict, readme: str = "")
     # natively. (convert_state_dict_to_diffusers' older "…to_q.lora.down" names are silently skipped by
     # diffusers ≥ 0.3x for attention layers: the adapter would load without its attention part.)
     state = get_peft_model_state_dict(unet)
+    if not all(bool(torch.isfinite(v).all()) for v in state.values()):
+        raise FewstepError(f"refusing to save the LoRA {folder}: its weights are not finite (NaN or inf)")
 
     def write(tmp: Path) -> None:
         pipeline_class().save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
@@ -118,18 +122,45 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
     try:
         value = float(weight)
     except ValueError:
-        raise FewstepError(f"LoRA weight {weight!r} in {spec!r} is not a number; write PATH:WEIGHT, e.g. "
-                           f"models/emoji-lcm-lora:1.0") from None
+        value = None
+    if value is None or not math.isfinite(value):
+        raise FewstepError(f"LoRA weight {weight!r} in {spec!r} is not a {'' if value is None else 'finite '}number; "
+                           f"write PATH:WEIGHT, e.g. models/emoji-lcm-lora:1.0")
     if not Path(path).exists():
         raise FewstepError(f"LoRA {path} does not exist (a folder with {LORA_FILE}, or a .safetensors file)")
     return Path(path), value
 
 
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def lora_file(path: Path) -> Path:
+    """The safetensors file of a LoRA (a folder with one, or the file itself); pickles are refused: loading
+    one can run code (DESIGN.md §2), so fewstep reads only safetensors and says how to convert."""
+    if path.is_dir():
+        found = [path / LORA_FILE] if (path / LORA_FILE).exists() else sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLES]
+            raise FewstepError(_pickle_message(path / pickles[0]) if pickles else
+                               f"LoRA folder {path} holds {len(found)} .safetensors files; give the file itself")
+        return found[0]
+    if path.suffix.lower() != ".safetensors":
+        raise FewstepError(_pickle_message(path) if path.suffix.lower() in PICKLES else
+                           f"LoRA {path} is not a .safetensors file (or a folder holding one)")
+    return path
+
+
+def _pickle_message(path: Path) -> str:
+    return (f"LoRA {path} is a pickle ({path.suffix}); fewstep loads only safetensors, since loading a pickle can run "
+            f"code. Convert a file you trust with: python -c \"import torch, safetensors.torch as st; "
+            f"st.save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\"")
+
+
 def _load(pipe, path: Path, name: str, base: Path) -> None:
     """Load one LoRA file as adapter ``name`` through diffusers' loader; a LoRA made for another base model
     (other shapes or module names, no weights for this UNet, keys it lacks) is a clear error."""
-    kwargs = {"weight_name": path.name} if path.is_file() else {}
-    source = path.parent if path.is_file() else path
+    path = lora_file(path)
+    source, kwargs = path.parent, {"weight_name": path.name}
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()

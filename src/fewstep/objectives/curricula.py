@@ -29,6 +29,21 @@ def ct_target_ema(num_scales: int, s0: int = 2, mu0: float = 0.9) -> float:
     return math.exp(s0 * math.log(mu0) / num_scales)
 
 
+PAPER_STEPS = 800_000   # the CT runs Song et al. 2023 tuned N(k), μ(k) for (CIFAR-10, Appendix C)
+
+
+def fitted_mu0(total_steps: int, s0: int = 2, s1: int = 150, mu0: float = 0.9) -> float:
+    """CT's μ0 fitted to a run of ``total_steps`` (not the paper's 800k): the target network's EMA horizon at
+    the end of the run, 1/(1 − μ(K)) with μ(K) = exp(s0·ln μ0 / N(K)), is kept the same *fraction of the run*
+    as in the paper (≈ 712 of 800k iterations, 0.09%), and μ0 is solved for from eq. 28:
+    μ0 = μ(K)^(N(K)/s0). For runs of a few thousand steps this gives μ ≈ 0: a target that follows the
+    student, which is what iCT found to work best at any length (Song & Dhariwal 2023 §3.2)."""
+    paper_final = ct_target_ema(ct_num_scales(PAPER_STEPS, PAPER_STEPS, s0, s1), s0, mu0)
+    horizon = total_steps / PAPER_STEPS / (1 - paper_final)
+    final = max(0.0, 1 - 1 / horizon) if horizon > 1 else 0.0
+    return final ** (ct_num_scales(total_steps, total_steps, s0, s1) / s0)
+
+
 def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """iCT's doubling curriculum N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K/(log2⌊s1/s0⌋ + 1)⌋
     (Song & Dhariwal 2023, §3.4, eq. 7)."""
@@ -62,13 +77,17 @@ class Curriculum:
     skip: int = 20                          # LCM's skipping step k (Luo et al. 2023 §4.3: 20 of 1000)
 
     @classmethod
-    def for_method(cls, method: str, total_steps: int, **overrides) -> "Curriculum":
+    def for_method(cls, method: str, total_steps: int, fitted: bool = False, **overrides) -> "Curriculum":
         """The paper defaults of ``method`` (cd, ct, ict; act uses CT's; lcd and lcf the LCM grid with
-        diffusers' μ = 0.95), with explicit overrides."""
+        diffusers' μ = 0.95), with explicit overrides; ``fitted``: CT's μ0 fitted to the run's length
+        (:func:`fitted_mu0`)."""
         base = {"cd": {}, "ct": {"s0": 2, "s1": 150, "mu0": 0.9}, "act": {"s0": 2, "s1": 150, "mu0": 0.9},
                 "ict": {"s0": 10, "s1": 1280, "target_ema": 0.0}, "lcd": {}, "lcf": {}}[method]
         name = {"act": "ct", "lcd": "lcm", "lcf": "lcm"}.get(method, method)
-        return cls(name=name, total_steps=total_steps, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+        settings = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+        if fitted and name == "ct":
+            settings["mu0"] = fitted_mu0(total_steps, settings["s0"], settings["s1"], settings["mu0"])
+        return cls(name=name, total_steps=total_steps, **settings)
 
     def scales(self, step: int) -> int:
         if self.name == "ct":
@@ -78,7 +97,9 @@ class Curriculum:
         return self.num_scales
 
     def ema(self, step: int) -> float:
-        return ct_target_ema(self.scales(step), self.s0, self.mu0) if self.name == "ct" else self.target_ema
+        if self.name != "ct":
+            return self.target_ema
+        return ct_target_ema(self.scales(step), self.s0, self.mu0) if self.mu0 > 0 else 0.0
 
     def sample_pairs(self, n: int, step: int, schedule: EDMSchedule | VPSchedule) -> tuple[Tensor, Tensor]:
         """n pairs (σ_n, σ_{n+1}) of adjacent levels on the current grid. "lcm": t_{n+k} uniform on the

@@ -14,6 +14,7 @@ result are the init image's.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -72,14 +73,15 @@ def generate(model: Model, cond: Any = None, num: int | None = None, steps: int 
              sampler: str | None = None, guidance_scale: float | None = None, seed: int = 0, batch_size: int = 256,
              init_images: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None,
              sigmas: Tensor | None = None, progress: bool = False, *, labels: Any = None,
-             prompts: Sequence[str] | None = None) -> Tensor:
+             prompts: Sequence[str] | None = None, clamp_x0: bool = False, rho: float | None = None) -> Tensor:
     """Images in [−1, 1], [N, C, H, W], of any model (module docstring).
 
     ``cond`` (or ``labels=`` / ``prompts=``): class labels for a class-conditional model, prompts for a
     text-to-image one, one per image or one for ``num`` images; none: ``num`` unconditional images.
     ``steps``, ``sampler``, ``guidance_scale``: default the model's. ``init_images`` (in [−1, 1]) with
     ``strength``: img2img; with ``mask`` (1 = keep, broadcast against the images): inpainting.
-    ``sigmas`` overrides the step grid.
+    ``sigmas`` overrides the step grid. ``clamp_x0``: every x0-estimate clipped to the data range before the
+    solver uses it (pixel models); ``rho``: the Karras grid's ρ (see "Heun at 2–4 steps" in BENCHMARKS.md for both).
     """
     cond = next((c for c in (cond, labels, prompts) if c is not None), None)
     if mask is not None and init_images is None:
@@ -92,13 +94,17 @@ def generate(model: Model, cond: Any = None, num: int | None = None, steps: int 
         raise FewstepError(f"{model.path} is a latent consistency model; it samples with --sampler consistency")
     spec = get_sampler(sampler)
     guidance = guidance_or_default(model, guidance_scale)
-    grid = sampling_grid(model, steps, sampler, strength if init_images is not None else 1.0) if sigmas is None else sigmas
+    _warn_double_guidance(model, guidance)
+    grid = sampling_grid(model, steps, sampler, strength if init_images is not None else 1.0, rho) \
+        if sigmas is None else sigmas
     generator = torch.Generator().manual_seed(seed)
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress or n <= batch_size, desc="batches", leave=False):
         b = min(batch_size, n - start)
         kwargs, unconditional = condition_batch(model, cond, start, b)
         den, extra = model.guided(kwargs, 1.0 if unconditional else guidance)
+        if clamp_x0:
+            den = _clipped(den, model.codec.clip)
         init = None if init_images is None else init_images[start:start + b]
         x = _start(model, grid, b, init, pure_noise=mask is not None and strength == 1, generator=generator)
         if mask is None:
@@ -111,7 +117,27 @@ def generate(model: Model, cond: Any = None, num: int | None = None, steps: int 
                                  generator=generator)
         images = model.codec.decode(x).cpu()
         out.append(images if mask is None else torch.where(mask.bool(), init, images))
-    return torch.cat(out)
+    images = torch.cat(out)
+    if not torch.isfinite(images).all():
+        raise FewstepError(f"sampling {model.path} gave non-finite values (NaN or inf): the model's weights, a LoRA "
+                           f"weight or the noise levels are broken; nothing was written")
+    return images
+
+
+def _clipped(denoiser, clip):
+    def clipped(x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        return clip(denoiser(x, sigma, **cond))
+    return clipped
+
+
+def _warn_double_guidance(model: Model, guidance: float) -> None:
+    """A consistency model distilled from a guided ODE has that guidance built in; CFG at s ≠ 1 on top of it
+    applies guidance twice (and two passes per step): say so."""
+    built_in = model.config.training.get("distilled_guidance_scale", 1.0) or 1.0
+    if model.config.kind == "consistency" and built_in != 1 and guidance != 1 and not model.takes_guidance:
+        warnings.warn(f"{model.path} has guidance s = {built_in:g} distilled in; --guidance-scale {guidance:g} applies "
+                      f"classifier-free guidance again on top of it (two passes a step). Use 1 for the distilled "
+                      f"guidance alone", stacklevel=3)
 
 
 def _start(model: Model, grid: Tensor, b: int, init: Tensor | None, pure_noise: bool,

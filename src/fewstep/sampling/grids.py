@@ -32,9 +32,11 @@ def img2img_start(steps: int, strength: float) -> int:
     return steps - run
 
 
-def sampling_grid(model, steps: int, sampler: str | None = None, strength: float = 1.0) -> Tensor:
+def sampling_grid(model, steps: int, sampler: str | None = None, strength: float = 1.0,
+                  rho: float | None = None) -> Tensor:
     """The decreasing σ grid (ending in 0) of ``steps`` steps of ``model`` with ``sampler`` (default: the
-    model's), the part an img2img of ``strength`` runs (module docstring)."""
+    model's), the part an img2img of ``strength`` runs (module docstring). ``rho``: the ρ of an EDM-space
+    model's Karras grid instead of its schedule's (7; ρ = 3 suits Heun at 2–4 steps, BENCHMARKS.md)."""
     if steps < 1:
         raise FewstepError(f"steps must be at least 1, got {steps}")
     config, schedule = model.config, model.schedule
@@ -48,7 +50,11 @@ def sampling_grid(model, steps: int, sampler: str | None = None, strength: float
         return append_zero(schedule.sigmas[ts]).float()
     sampler = sampler or config.default_sampler
     stored = config.sampling_sigmas.get(str(steps))
-    if stored is not None and sampler == config.default_sampler:
+    if rho is not None:
+        if not isinstance(schedule, EDMSchedule):
+            raise FewstepError("--rho sets the Karras grid of an EDM σ-space model; this model samples on a VP grid")
+        grid = schedule.grid(steps, rho)
+    elif stored is not None and sampler == config.default_sampler:
         grid = torch.tensor(stored, dtype=torch.float32)
     elif isinstance(schedule, EDMSchedule):
         grid = schedule.ddim_grid(steps) if sampler == "ddim" else schedule.grid(steps)

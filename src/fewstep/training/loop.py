@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FewstepError, TrainingDiverged
 from ..io.atomic import atomic_path
+from .runs import WorkDirLock, all_finite, check_resume, last_good_checkpoint
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TrainConfig:
     log_every: int = 25
     seed: int = 0
     progress: bool = True              # tqdm bar on the main process
+    force_resume: bool = False         # resume a checkpoint whose defining settings differ (fewstep.training.runs)
     extra: dict[str, Any] = field(default_factory=dict)  # the objective's own settings, for the record
 
 
@@ -82,9 +84,16 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], confi
     """Train ``model`` (the module whose weights are optimized) on in-memory ``data`` tensors.
 
     ``params`` restricts what is optimized (e.g. LoRA weights); default: every parameter that
-    requires grad. Resumes from the latest checkpoint in ``config.out_dir`` if there is one.
+    requires grad. Resumes from the latest checkpoint in ``config.out_dir`` if there is one (of the same
+    run: :func:`fewstep.training.runs.check_resume`); one run at a time per folder (a lock file).
     """
     acc = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    with WorkDirLock(config.out_dir) if acc.is_main_process else contextlib.nullcontext():
+        return _train(model, objective, data, config, acc, params)
+
+
+def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor], config: TrainConfig,
+           acc: Accelerator, params: list[nn.Parameter] | None) -> TrainResult:
     out = Path(config.out_dir)
     ckpt_root = out / "checkpoints"
     n_data = len(next(iter(data.values())))
@@ -96,7 +105,7 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], confi
     step, elapsed = 0, 0.0
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
-        step, elapsed = _load_checkpoint(latest, model, optimizer, ema, objective)
+        step, elapsed = _load_checkpoint(latest, model, optimizer, ema, objective, config)
     ddp_model, optimizer = acc.prepare(model, optimizer)
 
     log_path = out / "metrics.jsonl"
@@ -126,12 +135,8 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], confi
             total = total + loss.detach().float().cpu() / config.grad_accum
         loss_value = float(acc.reduce(total.to(acc.device), reduction="mean"))
         if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
             bar.close()
-            last = latest_checkpoint(ckpt_root)
-            raise TrainingDiverged(
-                f"loss became {loss_value} at step {step}; training stopped with no further update. "
-                f"Last good checkpoint: {last or 'none'}. Try a lower --lr or a smaller --grad-clip.")
+            _diverged(f"loss became {loss_value} at step {step}; training stopped with no further update", ckpt_root)
         grad_norm = acc.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -148,6 +153,10 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], confi
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if step % config.checkpoint_every == 0 or step == config.max_steps:
+            if not (all_finite(model) and all(bool(torch.isfinite(p).all()) for p in ema.shadow_params)):
+                bar.close()
+                _diverged(f"the weights became non-finite by step {step} (loss {loss_value:.4g}); nothing was saved",
+                          ckpt_root)
             if acc.is_main_process:
                 save_checkpoint(ckpt_root, step, acc.unwrap_model(ddp_model), optimizer, ema, objective, config,
                                 elapsed + time.time() - t0)
@@ -157,6 +166,11 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], confi
     trained = acc.unwrap_model(ddp_model)
     return TrainResult(trained, _with_ema_weights(trained, ema, params), step, loss_value, elapsed + time.time() - t0,
                        config)
+
+
+def _diverged(what: str, ckpt_root: Path) -> None:
+    last = last_good_checkpoint(ckpt_root)
+    raise TrainingDiverged(f"{what}. Last good checkpoint: {last or 'none'}. Try a lower --lr or a smaller --grad-clip.")
 
 
 def _with_ema_weights(trained: nn.Module, ema: EMAModel, params: list[nn.Parameter]) -> nn.Module:
@@ -200,9 +214,15 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMA
     return final
 
 
-def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel, objective) -> tuple[int, float]:
+def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel, objective,
+                     config: TrainConfig) -> tuple[int, float]:
     try:
         state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FewstepError(f"cannot resume from checkpoint {path}: {e}. Delete it to resume from an earlier one.") from None
+    check_resume(json.loads(json.dumps(state.get("config", {}))), json.loads(json.dumps(asdict(config))), path,
+                 config.force_resume)
+    try:
         model.load_state_dict(load_file(path / "model.safetensors"))
         shadow = load_file(path / "ema.safetensors")
         ema.load_state_dict({**state["ema"], "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})

@@ -1,0 +1,84 @@
+"""The emoji pixel testbed of ``fewstep bench`` (issue 17): the CIFAR-10 analogue of the CM, ACT and Meng et
+al. experiments — the emoji at 32×32 RGB, class-conditional on their 9 Unicode groups, in pixel space, far
+from saturating the ruler (the teacher's FID is ~8, its accuracy ~0.6, where digits models sit at 0.1–0.4
+and 100%).
+
+Measured with the emoji ruler (the shipped emoji classifier's features against all 3,655 emoji): the
+teacher with each solver at 1 … 25 steps, every student beside it (consistency models at 1, 2, 4 steps;
+the guided student at 4, 8, 25; the progressive students at the steps they serve), zero-shot editing
+(colorization of grayscale emoji included) and the costs. Rendered with the digits section's columns.
+
+``fewstep bench --only emoji-pixel --reuse OLD/bench.json`` runs just this section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..eval.evaluate import ruler_for
+from ..models.folders import is_pipeline_folder, load_model
+from ..models.handle import Model
+from .format import acc, fid
+from .measure import quality_rows
+from .pixel import consistency_table, editing_table, measure_editing, training_cost
+
+TEACHER = "emoji-pixel-teacher"
+TEACHER_STEPS = {"dpmpp-2m": (1, 2, 4, 8, 16, 25), "heun": (2, 4, 8, 13), "euler": (4, 8, 25)}
+
+
+def students(models_dir: Path, teacher: Model) -> list[Model]:
+    """Every pixel model distilled or trained on the teacher's data set, named after it."""
+    prefix = TEACHER.removesuffix("-teacher") + "-"
+    found = [load_model(p) for p in sorted(models_dir.glob(f"{prefix}*"))
+             if p.name != TEACHER and (p / "fewstep.json").exists() and not is_pipeline_folder(p)]
+    return [m for m in found if m.config.dataset == teacher.config.dataset]
+
+
+def student_steps(model: Model) -> tuple[int, ...]:
+    if model.config.serves_steps:
+        return tuple(sorted(model.config.serves_steps))
+    return (1, 2, 4) if model.config.kind == "consistency" else (4, 8, 25)
+
+
+def measure(models_dir: Path, settings, command: str = "") -> dict:
+    """The section's numbers (empty when the testbed's teacher is not there)."""
+    if not (models_dir / TEACHER).is_dir():
+        return {}
+    teacher = load_model(models_dir / TEACHER)
+    ruler = ruler_for(teacher, models_dir)
+    found = students(models_dir, teacher)
+    out: dict = {"command": command, "num": settings.num, "edit_num": settings.edit_num, "quality": {}, "costs": {}}
+    s = teacher.config.default_guidance_scale
+    steps = {k: v[:2] for k, v in TEACHER_STEPS.items()} if settings.quick else TEACHER_STEPS
+    for sampler, counts in steps.items():
+        out["quality"][f"{TEACHER}/{sampler}"] = quality_rows(teacher, ruler, counts, sampler, s, settings.num,
+                                                              settings.seed)
+    for model in found:
+        sampler = model.config.default_sampler
+        out["quality"][f"{model.path.name}/{sampler}"] = quality_rows(model, ruler, student_steps(model), sampler, None,
+                                                                      settings.num, settings.seed)
+        out["costs"][model.path.name] = training_cost(model)
+    editors = [teacher, *(m for m in found if m.config.kind == "consistency" and m.path.name.endswith("-cd"))]
+    out["editing"] = measure_editing(editors, ruler, settings)
+    return out
+
+
+def section(report) -> list[str]:
+    g = getattr(report, "emoji_pixel", None) or {}
+    if not g:
+        return []
+    lines = ["", "## The emoji pixel testbed (the CIFAR-10 analogue)", "",
+             (f"Written by `{g['command']}`. " if g.get("command") else "") +
+             f"The emoji at 32×32 RGB in pixel space, class-conditional on their 9 Unicode groups: `{TEACHER}` and "
+             f"its students, {g['num']} samples per point (classes in turn, seed as above), scored with the shipped "
+             f"emoji classifier against all 3,655 emoji. Spreads: bootstrap over the samples.", "",
+             "| model | sampler | steps | NFE | FID | KID (×10³) | precision | recall | cond. acc. |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, rows in g["quality"].items():
+        name, sampler = key.split("/")
+        for r in rows:
+            lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | {1e3 * r['kid']:.2f} ± "
+                         f"{1e3 * r['kid_std']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {acc(r)} |")
+    lines += consistency_table(g["quality"], g["costs"], TEACHER, "### Consistency models on the testbed")
+    lines += editing_table(g.get("editing", {}), g["edit_num"], "emoji", "### Zero-shot editing on the testbed")
+    return lines
