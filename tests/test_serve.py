@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from fewstep.io.data_urls import png_data_urls
 from fewstep.models.folders import load_model, shipped_models_dir
 from fewstep.models.loras import apply_loras
 from fewstep.sampling.generate import generate
 from fewstep.serve.batching import Cancelled, MicroBatcher, Ticket
 from fewstep.serve.engine import Busy, Engine, set_adapter_scales
-from fewstep.serve.protocol import ProtocolError, Request, limits, parse, png_data_urls
+from fewstep.serve.protocol import ProtocolError, Request, limits, parse
 
 MODELS = shipped_models_dir()
 
@@ -243,3 +244,25 @@ def test_progressive_folders_serve_each_students_steps():
     finally:
         engine.close()
 
+
+
+def test_serve_command_line_errors_are_one_line(capsys, tmp_path):
+    import socket
+
+    from helpers import run_cli
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        for argv, message in [(["--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
+                              (["--port", "70000"], "--port must be in 0..65535"),
+                              (["--lora", str(tmp_path / "none.safetensors")], "does not exist"),
+                              (["--tiny-vae", str(tmp_path)], "not an AutoencoderTiny folder")]:
+            code, _, err = run_cli(capsys, "serve", "--model", str(MODELS / "emoji-lcm"), *argv)
+            assert code == 2 and message in err and "Traceback" not in err, err
+        code, _, err = run_cli(capsys, "serve", "--model", str(MODELS / "emoji-progressive"), "--lora",
+                               str(MODELS / "emoji-style-lora"), "--port", "0")
+        assert code == 2 and "progressive folder" in err
+    finally:
+        taken.close()

@@ -48,14 +48,18 @@ def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = [parse_lora_spec(s) for s in args.lora or []]
-    model = load_model(args.model)
-    if specs and model.config.serves_steps:
-        raise FewstepError(f"{args.model} is a progressive folder (one student per step count); --lora applies to a "
-                           f"single pipeline")
-    model = with_tiny_vae(apply_loras(model, specs, fuse=False) if specs else model, args.tiny_vae)
+    sock = bind(args.host, args.port)          # a port in use fails before minutes of loading
+    try:
+        model = load_model(args.model)
+        if specs and model.config.serves_steps:
+            raise FewstepError(f"{args.model} is a progressive folder (one student per step count); --lora applies to "
+                               f"a single pipeline")
+        model = with_tiny_vae(apply_loras(model, specs, fuse=False) if specs else model, args.tiny_vae)
+    except BaseException:
+        sock.close()
+        raise
     warnings.filterwarnings("ignore", message=".*longer than the tokenizer.*")   # not one log line per long prompt typed
     engine = Engine(model, max_batch=args.max_batch, queue_limit=args.queue)
-    sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     print(f"fewstep serve: {args.model} on http://{host if ':' not in host else f'[{host}]'}:{port}/ (Ctrl-C stops)",
           flush=True)

@@ -43,9 +43,10 @@ def posterior(base: Model, images: torch.Tensor, batch_size: int = 256) -> tuple
 
 
 def distill_tiny_vae(base: Model, data: ImageData, out: str | Path, config: TrainConfig,
-                     settings: TinyVAESettings = TinyVAESettings(), command: str = "", accelerator=None) -> Path | None:
+                     settings: TinyVAESettings | None = None, command: str = "", accelerator=None) -> Path | None:
     """Distil a tiny VAE for ``base`` (a pipeline) on ``data`` and write it at ``out`` (None on non-main
     processes)."""
+    settings = settings or TinyVAESettings()
     if not base.is_pipeline or "vae" not in base.parts:
         raise FewstepError(f"{base.path} is not a text-to-image pipeline with a VAE; a tiny VAE is distilled from one "
                            f"(e.g. models/emoji-sd)")
@@ -72,5 +73,10 @@ def distill_tiny_vae(base: Model, data: ImageData, out: str | Path, config: Trai
 
     def write(tmp: Path) -> None:
         tiny.save_pretrained(tmp, safe_serialization=True)
+        # AutoencoderTiny records its decoder widths as block_out_channels (what pipelines read the spatial factor
+        # from) but does not take them back: dropped from the file, so loading it warns of nothing
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("block_out_channels", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return write_folder(out, write, readme(Path(out).name, what, usage, command))

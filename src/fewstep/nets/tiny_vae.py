@@ -6,7 +6,7 @@ unchanged, as they take ``madebyollin/taesd``; StreamDiffusion (Kodaira et al. 2
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import FewstepError
 

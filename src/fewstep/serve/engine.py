@@ -23,19 +23,21 @@ import statistics
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import FewstepError
+from ..io.data_urls import png_data_urls
 from ..models.folders import serving
 from ..models.handle import Model
 from ..sampling.generate import generate
 from .batching import Batched, Cancelled, MicroBatcher, Ticket
-from .protocol import MAX_NUM, Request, limits, png_data_urls
+from .protocol import MAX_NUM, Request, limits
 
 
 class Busy(FewstepError):

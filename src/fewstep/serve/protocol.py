@@ -29,7 +29,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import FewstepError
-from ..io.images import image_tensor, open_image, to_uint8
+from ..io.images import image_tensor, open_image
 
 MAX_PROMPT = 500                 # characters (the tokenizer keeps 32 tokens; longer is a mistake or abuse)
 MAX_NUM = 8                      # images per request
@@ -216,18 +216,6 @@ def _number(msg: dict, key: str, default: float, lo: float, hi: float, lo_open: 
     if v < lo or v > hi or (lo_open and v == lo):
         raise ProtocolError(f"{key} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v:g}")
     return float(v)
-
-
-def png_data_urls(images: Tensor) -> list[str]:
-    """[N, C, H, W] in [−1, 1] → PNG data URLs (what an ``<img src>`` takes)."""
-    from PIL import Image
-
-    out = []
-    for arr in to_uint8(images):
-        buf = io.BytesIO()
-        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
-        out.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
-    return out
 
 
 def to_json(message: dict) -> str:

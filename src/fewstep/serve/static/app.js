@@ -204,6 +204,7 @@ function fail(msg) {
 
 for (const id of ["prompt", "label", "steps", "guidance", "num", "seed", "strength", "use-sketch"]) {
   $(id).addEventListener("input", schedule);
+  $(id).addEventListener("change", schedule);       // a select or checkbox set without an input event
 }
 $("loras").addEventListener("input", schedule);
 $("reseed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 1e9); schedule(); });
