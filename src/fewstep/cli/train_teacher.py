@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import FewstepError
 from .args import (
     add_train_args,
     command_line,
@@ -32,6 +33,10 @@ def add_parser(sub) -> None:
                    help="probability of the null label / empty caption (for CFG)")
     p.add_argument("--vae-steps", type=positive_int, default=1000, help="text-to-image: AutoencoderKL steps")
     p.add_argument("--vae-lr", type=positive, default=1e-3, help="text-to-image: AutoencoderKL learning rate")
+    p.add_argument("--sdxl", action="store_true",
+                   help="text-to-image: an SDXL-format pipeline (two text encoders, pooled text and size/crop time ids)")
+    p.add_argument("--vae-from", metavar="PIPELINE",
+                   help="text-to-image: take this pipeline's trained VAE instead of training one (e.g. models/emoji-sd)")
     p.add_argument("--pixel", action="store_true",
                    help="on a captioned set (emoji): a class-conditional pixel-space EDM teacher on its classes (the "
                         "emoji's 9 Unicode groups) instead of a text-to-image pipeline")
@@ -45,8 +50,17 @@ def run(args: argparse.Namespace) -> None:
 
     data = load_dataset(args.dataset, args.image_size, args.channels)
     if data.captions is not None and not args.pixel:  # a text-to-image set: a Stable-Diffusion-format pipeline
-        folder = train_sd_teacher(data, args.out, train_config(args), vae_steps=args.vae_steps, vae_lr=args.vae_lr,
-                                  caption_dropout=args.label_dropout, command=command_line(args))
+        vae = None
+        if args.vae_from:
+            from ..models.folders import load_model
+
+            source = load_model(args.vae_from)
+            if not source.is_pipeline:
+                raise FewstepError(f"--vae-from {args.vae_from} is not a pipeline folder with a VAE")
+            vae = source.parts["vae"].requires_grad_(False)
+        folder = train_sd_teacher(data, args.out, train_config(args), vae_steps=0 if vae is not None else args.vae_steps,
+                                  vae_lr=args.vae_lr, caption_dropout=args.label_dropout, command=command_line(args),
+                                  xl=args.sdxl, vae=vae)
         print(f"saved text-to-image teacher (diffusers pipeline) to {folder}")
         return
     folder = train_teacher(data, args.out, train_config(args), width=args.width, label_dropout=args.label_dropout,

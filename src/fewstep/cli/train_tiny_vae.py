@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--encoder-blocks", type=_blocks, default=[1, 1, 1],
                    help="residual blocks of the encoder per resolution, image size first (default 1,1,1)")
     p.add_argument("--encoder-weight", type=_weight, default=1.0, help="weight of the encoder's loss (default 1)")
+    p.add_argument("--sample-model", metavar="DIR",
+                   help="also distil on the latents this few-step model of the pipeline samples for the captions "
+                        "(what a real-time server decodes), e.g. models/emoji-lcm")
     add_train_args(p, steps=3000, batch=64, lr=1e-3)
     p.set_defaults(func=run)
 
@@ -56,8 +59,10 @@ def run(args: argparse.Namespace) -> None:
 
     base = load_model(args.base)
     settings = TinyVAESettings(width=args.width, decoder_blocks=tuple(args.decoder_blocks),
-                               encoder_blocks=tuple(args.encoder_blocks), encoder_weight=args.encoder_weight)
+                               encoder_blocks=tuple(args.encoder_blocks), encoder_weight=args.encoder_weight,
+                               sample_model=args.sample_model)
+    sampler = load_model(args.sample_model) if args.sample_model else None
     folder = distill_tiny_vae(base, data_for(base, args.dataset), args.out, train_config(args), settings,
-                              command_line(args))
+                              command_line(args), sampler=sampler)
     if folder is not None:
         print(f"saved the tiny VAE to {folder}")

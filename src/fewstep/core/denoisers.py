@@ -179,5 +179,11 @@ class LCMConsistency(nn.Module):
 
 
 def _call(net: nn.Module, x: Tensor, noise_cond: Tensor, cond: dict) -> Tensor:
+    """``net(x, c_noise, **cond)`` in the network's own precision (a half-precision UNet gets half inputs; the
+    σ-space arithmetic around it stays in ``x``'s dtype)."""
+    dtype = getattr(net, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype != x.dtype:
+        x = x.to(dtype)
+        cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
     out = net(x, noise_cond, **cond)
     return out.sample if hasattr(out, "sample") else out

@@ -74,7 +74,7 @@ def distill_guided(data: ImageData, out: str | Path, config: TrainConfig, settin
     student_config = teacher.replace_config(
         kind="diffusion", default_guidance_scale=min(max(teacher.config.default_guidance_scale, lo), hi),
         sampling_sigmas={}, guidance_range=[lo, hi], embedding_dim=settings.embedding_dim)
-    net = guidance_conditioned(teacher.net, settings.embedding_dim).requires_grad_(True).train()
+    net = guidance_conditioned(teacher.unet, settings.embedding_dim).requires_grad_(True).train()
     student = teacher.derive(net=net, config=student_config)
     objective = GuidedDistillationLoss(per_sample_cfg(teacher.denoiser, teacher.conditioner.null_like),
                                        teacher.schedule, teacher.conditioner.training_condition(settings.label_dropout),

@@ -23,14 +23,9 @@ from ..core.schedules import EDMSchedule, VPSchedule
 from ..models.config import ModelConfig
 from ..models.data import ImageData
 from ..models.folders import SD_SCHEDULER, new_pipeline, new_pixel_model, save_model
-from ..nets.unets import (
-    TinySDConfig,
-    build_cond_unet,
-    build_text_encoder,
-    build_tokenizer,
-    build_unet,
-    build_vae,
-)
+from ..models.handle import raw_unet
+from ..nets.sdxl import AddedCondUNet, TinySDXLConfig, build_sdxl_unet, build_text_encoder_2, sdxl_embeddings, time_ids
+from ..nets.unets import TinySDConfig, build_cond_unet, build_text_encoder, build_tokenizer, build_unet, build_vae
 from ..objectives.autoencoder import VAELoss, VAEWithKL
 from ..objectives.base import dropout_condition
 from ..objectives.denoising import DenoisingLoss
@@ -67,62 +62,84 @@ def train_teacher(data: ImageData, out: str | Path, config: TrainConfig, width: 
 
 
 class TextDenoiser(nn.Module):
-    """denoiser(x, σ, input_ids=ids): the text encoder runs inside, so it trains with the UNet."""
+    """denoiser(x, σ, input_ids=ids): the text encoder(s) run inside, so they train with the UNet. With two
+    encoders it is SDXL's conditioning (:func:`fewstep.nets.sdxl.sdxl_embeddings`, constant time ids)."""
 
-    def __init__(self, text_encoder: nn.Module, unet: nn.Module, schedule: VPSchedule,
-                 prediction_type: str = "epsilon") -> None:
+    def __init__(self, text_encoders: list[nn.Module], unet: nn.Module, schedule: VPSchedule,
+                 time_ids: Tensor | None = None, prediction_type: str = "epsilon") -> None:
         super().__init__()
-        self.text_encoder = text_encoder
-        self.denoiser = VPDenoiser(unet, schedule, prediction_type)
+        self.text_encoders = nn.ModuleList(text_encoders)
+        self.time_ids = time_ids
+        self.denoiser = VPDenoiser(AddedCondUNet(unet) if len(text_encoders) == 2 else unet, schedule, prediction_type)
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.denoiser.scalings(sigma)
 
     def forward(self, x: Tensor, sigma: Tensor, input_ids: Tensor) -> Tensor:
-        return self.denoiser(x, sigma, encoder_hidden_states=self.text_encoder(input_ids)[0])
+        if len(self.text_encoders) == 1:
+            return self.denoiser(x, sigma, encoder_hidden_states=self.text_encoders[0](input_ids)[0])
+        hidden, pooled = sdxl_embeddings(*self.text_encoders, input_ids, input_ids)
+        return self.denoiser(x, sigma, encoder_hidden_states=hidden, text_embeds=pooled,
+                             time_ids=self.time_ids.to(x).expand(len(x), -1))
+
+
+def train_vae(data: ImageData, config: TrainConfig, sizes: TinySDConfig) -> nn.Module:
+    """The AutoencoderKL on the images, with SD's scaling_factor computed so its latents are unit-variance."""
+    torch.manual_seed(config.seed)
+    vae = train(VAEWithKL(build_vae(sizes)), VAELoss(), {"images": data.images}, config).ema.vae.eval()
+    with torch.no_grad():
+        posterior = torch.cat([vae.encode(data.images[i:i + 256]).latent_dist.mean for i in range(0, len(data), 256)])
+    vae.register_to_config(scaling_factor=float(1 / posterior.std()))   # 0.18215 for SD 1.x, computed likewise
+    return vae
 
 
 def train_sd_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae_steps: int = 1000,
-                     vae_lr: float = 1e-3, vae_batch: int = 64, sizes: TinySDConfig = TinySDConfig(),
-                     caption_dropout: float = 0.1, command: str = "") -> Path:
-    """Train the VAE (``vae_steps`` of ``vae_batch`` at ``vae_lr``), then text encoder + UNet (``config``),
-    and save a StableDiffusionPipeline folder at ``out``. Each stage resumes from its own checkpoints
-    (``<out_dir>/vae``, ``<out_dir>/unet``)."""
-    vae_config = replace(config, out_dir=f"{config.out_dir}/vae", max_steps=vae_steps, lr=vae_lr,
-                         batch_size=vae_batch)
+                     vae_lr: float = 1e-3, vae_batch: int = 64, sizes: TinySDConfig | None = None,
+                     caption_dropout: float = 0.1, command: str = "", xl: bool = False, vae: nn.Module | None = None
+                     ) -> Path:
+    """Train the VAE (``vae_steps`` of ``vae_batch`` at ``vae_lr``; or take ``vae``, e.g. another teacher's),
+    then the text encoder(s) + UNet (``config``), and save a StableDiffusionPipeline folder at ``out`` — an
+    SDXL one (two text encoders, pooled text and time ids; the empty prompt as the unconditional input) with
+    ``xl``. Each stage resumes from its own checkpoints (``<out_dir>/vae``, ``<out_dir>/unet``)."""
+    sizes = sizes or (TinySDXLConfig() if xl else TinySDConfig())
+    vae_config = replace(config, out_dir=f"{config.out_dir}/vae", max_steps=vae_steps, lr=vae_lr, batch_size=vae_batch)
     unet_config = replace(config, out_dir=f"{config.out_dir}/unet")
     if data.captions is None:
         raise ValueError(f"{data.name} has no captions; a text-to-image teacher needs a captioned data set")
     torch.manual_seed(vae_config.seed)
     tokenizer = build_tokenizer(data.captions, sizes.vocab_size, sizes.max_length)
-    vae = train(VAEWithKL(build_vae(sizes)), VAELoss(), {"images": data.images}, vae_config).ema.vae.eval()
-
+    vae = vae.eval() if vae is not None else train_vae(data, vae_config, sizes)
     with torch.no_grad():
-        posterior = torch.cat([vae.encode(data.images[i:i + 256]).latent_dist.mean for i in range(0, len(data), 256)])
-    # SD's scaling_factor (0.18215 for SD 1.x) makes the latents unit-variance; computed the same way here
-    vae.register_to_config(scaling_factor=float(1 / posterior.std()))
-    latents = posterior * vae.config.scaling_factor
-
+        latents = torch.cat([vae.encode(data.images[i:i + 256]).latent_dist.mean
+                             for i in range(0, len(data), 256)]) * vae.config.scaling_factor
     ids = tokenizer(data.captions, padding="max_length", max_length=sizes.max_length, truncation=True,
                     return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=sizes.max_length, return_tensors="pt").input_ids[0]
     schedule = VPSchedule.from_diffusers_config(SD_SCHEDULER)
     torch.manual_seed(unet_config.seed)
-    model = TextDenoiser(build_text_encoder(sizes, tokenizer), build_cond_unet(sizes), schedule)
+    encoders = [build_text_encoder(sizes, tokenizer)] + ([build_text_encoder_2(sizes, tokenizer)] if xl else [])
+    unet = build_sdxl_unet(sizes) if xl else build_cond_unet(sizes)
+    model = TextDenoiser(encoders, unet, schedule, time_ids((sizes.image_size, sizes.image_size)) if xl else None)
     objective = DenoisingLoss(schedule, dropout_condition({"input_ids": "input_ids"}, {"input_ids": empty},
                                                           caption_dropout))
     result = train(model, objective, {"images": latents, "input_ids": ids}, unet_config)
     ema = result.ema
+    names = ("text_encoder", "text_encoder_2")
     training = {"command": command, "sizes": asdict(sizes), "caption_dropout": caption_dropout,
-                "vae": asdict(vae_config), "unet": asdict(unet_config), "steps": result.step,
+                "vae": asdict(vae_config) if vae_steps else "reused", "unet": asdict(unet_config), "steps": result.step,
                 "final_loss": result.last_loss, "wall_seconds": round(result.seconds),
-                "parameters": {n: parameters(m) for n, m in (("unet", ema.denoiser.net), ("text_encoder", ema.text_encoder),
+                "parameters": {n: parameters(m) for n, m in (("unet", unet), *zip(names, ema.text_encoders),
                                                              ("vae", vae))}}
     config_ = ModelConfig(kind="diffusion", parameterization="vp", image_size=sizes.image_size, channels=3,
                           class_names=data.class_names, dataset=data.name, default_sampler="dpmpp-2m", default_steps=25,
                           default_guidance_scale=3.0, training=training)
-    what = (f"A tiny Stable-Diffusion-format text-to-image pipeline trained from scratch on fewstep's `{data.name}` "
+    kind = "SDXL" if xl else "Stable-Diffusion"
+    what = (f"A tiny {kind}-format text-to-image pipeline trained from scratch on fewstep's `{data.name}` "
             f"set ({len(data)} captioned images, {sizes.image_size}×{sizes.image_size}).")
-    pipeline = new_pipeline(config_, ema.denoiser.net, vae, ema.text_encoder, tokenizer, out)
-    return save_model(out, pipeline, readme(Path(out).name, what, "Load it with "
-                                            "`StableDiffusionPipeline.from_pretrained(folder)`.", command))
+    te = dict(zip(names, ema.text_encoders))
+    pipeline = new_pipeline(config_, raw_unet(ema.denoiser.net), vae, te["text_encoder"], tokenizer, out,
+                            text_encoder_2=te.get("text_encoder_2"), tokenizer_2=tokenizer if xl else None,
+                            force_zeros=False)
+    cls = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+    return save_model(out, pipeline, readme(Path(out).name, what, f"Load it with `{cls}.from_pretrained(folder)`.",
+                                            command))

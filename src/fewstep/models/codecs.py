@@ -63,17 +63,27 @@ class VAECodec:
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    def _ready(self) -> tuple[torch.device, torch.dtype]:
+        """Where and in what precision the VAE runs: a half-precision VAE that says ``force_upcast`` (SD-XL's,
+        whose fp16 decoder overflows) is moved to float32 first, as diffusers' pipelines do."""
+        p = next(self.vae.parameters())
+        if p.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            self.vae.to(torch.float32)
+            p = next(self.vae.parameters())
+        return p.device, p.dtype
+
     @torch.no_grad()
     def encode(self, images: Tensor, batch_size: int = 256) -> Tensor:
-        """VAE posterior means × scaling factor."""
-        device = next(self.vae.parameters()).device
-        out = [self.vae.encode(images[i:i + batch_size].to(device)).latent_dist.mean
+        """VAE posterior means × scaling factor (float32 out)."""
+        device, dtype = self._ready()
+        out = [self.vae.encode(images[i:i + batch_size].to(device, dtype)).latent_dist.mean
                for i in range(0, len(images), batch_size)]
-        return torch.cat(out) * self.scaling_factor
+        return torch.cat(out).float() * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: Tensor, batch_size: int = 256) -> Tensor:
-        out = [self.vae.decode(latents[i:i + batch_size] / self.scaling_factor).sample
+        device, dtype = self._ready()
+        out = [self.vae.decode((latents[i:i + batch_size] / self.scaling_factor).to(device, dtype)).sample.float()
                for i in range(0, len(latents), batch_size)]
         return torch.cat(out).clamp(-1, 1)
 

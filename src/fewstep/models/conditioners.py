@@ -66,6 +66,9 @@ class LabelConditioner:
         """The per-image conditioning a training batch carries."""
         return {"labels": data.labels}
 
+    def to(self, device) -> "LabelConditioner":
+        return self
+
     def training_condition(self, dropout: float) -> ConditionFn:
         """batch → ``class_labels``, a share ``dropout`` of them the null label."""
         if not self.conditional:
@@ -139,3 +142,88 @@ class TextConditioner:
         """batch → the cached prompt embeddings, a share ``dropout`` of them the empty prompt's."""
         return dropout_condition({"encoder_hidden_states": "prompt_embeds"}, {"encoder_hidden_states": self.empty()},
                                  dropout)
+
+    def to(self, device) -> "TextConditioner":
+        self.text_encoder.to(device)
+        return self
+
+
+class SDXLConditioner(TextConditioner):
+    """Prompts through SDXL's two tokenizers and text encoders (:func:`fewstep.nets.sdxl.sdxl_embeddings`):
+    ``encoder_hidden_states`` (both penultimate layers), ``text_embeds`` (the second encoder's pooled
+    projection) and ``time_ids`` (original size, crop, target size). The unconditional input is all zeros
+    when the pipeline says ``force_zeros_for_empty_prompt`` (SDXL's default), else the empty prompt's."""
+
+    def __init__(self, tokenizers: Sequence, text_encoders: Sequence[nn.Module], time_ids: Tensor,
+                 force_zeros: bool = True, where: str = "the model") -> None:
+        super().__init__(tokenizers[0], text_encoders[0], where)
+        self.tokenizer_2, self.text_encoder_2 = tokenizers[1], text_encoders[1]
+        self.time_ids, self.force_zeros = time_ids, force_zeros
+        self._empty_pooled: Tensor | None = None
+
+    @torch.no_grad()
+    def encode_both(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        from ..nets.sdxl import sdxl_embeddings
+
+        device = next(self.text_encoder.parameters()).device
+        ids = self.tokenize(prompts).to(device)
+        ids_2 = self.tokenizer_2(list(prompts), padding="max_length", max_length=self.tokenizer_2.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(device)
+        return sdxl_embeddings(self.text_encoder, self.text_encoder_2, ids, ids_2)
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        return self.encode_both(prompts)[0]
+
+    def _cond(self, hidden: Tensor, pooled: Tensor) -> Cond:
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled,
+                "time_ids": self.time_ids.to(hidden).expand(len(hidden), -1)}
+
+    def __call__(self, prompts: Sequence[str], device=None) -> Cond:
+        hidden, pooled = self.encode_both(prompts)
+        return self._cond(hidden.to(device), pooled.to(device))
+
+    def null_single(self) -> tuple[Tensor, Tensor]:
+        """The unconditional (hidden [L, D], pooled [P]) — zeros under force_zeros, else the empty prompt's."""
+        if self._empty is None or self._empty.device != next(self.text_encoder.parameters()).device:
+            hidden, pooled = self.encode_both([""])
+            self._empty, self._empty_pooled = hidden[0], pooled[0]
+            if self.force_zeros:
+                self._empty, self._empty_pooled = torch.zeros_like(self._empty), torch.zeros_like(self._empty_pooled)
+        return self._empty, self._empty_pooled
+
+    def empty(self) -> Tensor:
+        return self.null_single()[0]
+
+    def null(self, n: int, device=None) -> Cond:
+        hidden, pooled = self.null_single()
+        return self._cond(hidden.to(device).expand(n, -1, -1), pooled.to(device).expand(n, -1))
+
+    def null_like(self, cond: Cond) -> Cond:
+        c = cond["encoder_hidden_states"]
+        hidden, pooled = self.null_single()
+        return {"encoder_hidden_states": hidden.to(c).expand_as(c), "text_embeds": pooled.to(c).expand(len(c), -1),
+                "time_ids": cond["time_ids"]}
+
+    @torch.no_grad()
+    def training_tensors(self, data, batch_size: int = 256) -> dict[str, Tensor]:
+        if data.captions is None:
+            return super().training_tensors(data)          # the same clear error
+        parts = [self.encode_both(data.captions[i:i + batch_size]) for i in range(0, len(data), batch_size)]
+        return {"prompt_embeds": torch.cat([h for h, _ in parts]), "pooled_embeds": torch.cat([p for _, p in parts])}
+
+    def training_condition(self, dropout: float) -> ConditionFn:
+        """batch → both embeddings, a share ``dropout`` of them the unconditional ones, and the time ids."""
+        hidden, pooled = self.null_single()
+        drop = dropout_condition({"encoder_hidden_states": "prompt_embeds", "text_embeds": "pooled_embeds"},
+                                 {"encoder_hidden_states": hidden, "text_embeds": pooled}, dropout)
+
+        def condition(batch: dict) -> Cond:
+            cond = drop(batch)
+            c = cond["encoder_hidden_states"]
+            return {**cond, "time_ids": self.time_ids.to(c).expand(len(c), -1)}
+        return condition
+
+    def to(self, device) -> "SDXLConditioner":
+        self.text_encoder.to(device)
+        self.text_encoder_2.to(device)
+        return self

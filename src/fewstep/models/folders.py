@@ -27,7 +27,8 @@ from ..errors import FewstepError
 from ..io.atomic import atomic_path
 from ..nets.guided import GuidedUNet
 from .codecs import PixelCodec, VAECodec
-from .conditioners import LabelConditioner, TextConditioner
+from ..nets.sdxl import time_ids
+from .conditioners import LabelConditioner, SDXLConditioner, TextConditioner
 from .config import (
     CONFIG_NAME,
     ModelConfig,
@@ -66,15 +67,17 @@ def _first_line(e: Exception) -> str:
 
 
 # --- loading ------------------------------------------------------------------------------------------
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
-    """Load a pixel model folder or a diffusers pipeline folder (weights from safetensors only), frozen."""
+def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               variant: str | None = None) -> Model:
+    """Load a pixel model folder or a diffusers pipeline folder (weights from safetensors only), frozen; a
+    pipeline's weights in ``dtype`` (default float32) from its ``variant`` files (e.g. "fp16")."""
     folder = Path(folder)
     if folder.is_file():
         raise FewstepError(f"{folder} is a file, not a model folder: give the folder (a fewstep model folder, or a "
                            f"diffusers pipeline folder with model_index.json)")
     if not folder.is_dir():
         raise FewstepError(f"model folder {folder} does not exist")
-    model = _load_pipeline(folder) if is_pipeline_folder(folder) else _load_pixel(folder)
+    model = _load_pipeline(folder, dtype, variant) if is_pipeline_folder(folder) else _load_pixel(folder)
     return model.eval().to(device)
 
 
@@ -94,44 +97,84 @@ def _load_pixel(folder: Path) -> Model:
     return new_pixel_model(config, net, folder)
 
 
-def _load_pipeline(folder: Path) -> Model:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    missing = [p for p in PIPELINE_PARTS if not (folder / p).is_dir()]
+def _load_pipeline(folder: Path, dtype: torch.dtype | None = None, variant: str | None = None) -> Model:
+    """An SD 1.x/2.x or SDXL pipeline folder: its parts checked against each other from their configs first,
+    then the weights (safetensors only) in ``dtype`` (default float32, whatever the files hold) from the
+    ``variant`` files (default: the plain ones, or the fp16 ones where only those exist)."""
+    index = read_json(folder / "model_index.json")
+    xl = "text_encoder_2" in index or (folder / "text_encoder_2").is_dir()
+    if xl and not (folder / "text_encoder").is_dir():
+        raise FewstepError(f"{folder} is an SDXL refiner (one text encoder, for img2img on a base model's latents); "
+                           f"fewstep takes SDXL base pipelines (text_encoder/ and text_encoder_2/)")
+    parts = PIPELINE_PARTS + (("text_encoder_2", "tokenizer_2") if xl else ())
+    missing = [p for p in parts if not (folder / p).is_dir()]
     if missing:
-        raise FewstepError(f"{folder} lacks {', '.join(missing)}/: not a Stable-Diffusion-style pipeline")
-    if (folder / "text_encoder_2").is_dir():
-        raise FewstepError(f"{folder} is an SDXL-style pipeline (two text encoders); fewstep takes SD 1.x/2.x-style "
-                           f"folders so far")
-    _check_parts_fit(folder)
+        raise FewstepError(f"{folder} lacks {', '.join(missing)}/: not a Stable-Diffusion{'-XL' if xl else ''}-style "
+                           f"pipeline")
+    _check_parts_fit(folder, xl)
+    variant = variant or _only_variant(folder)
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        loaded = _load_parts(folder, xl, dtype or torch.float32, variant)
     except Exception as e:  # diffusers/transformers raise OSError/ValueError/safetensors errors
-        raise FewstepError(f"cannot load the pipeline in {folder} (missing or corrupt weights): {_first_line(e)}") from None
+        raise FewstepError(f"cannot load the pipeline in {folder} (missing or corrupt weights"
+                           f"{f', variant {variant}' if variant else ''}): {_first_line(e)}") from None
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     raw = upgrade(read_json(folder / CONFIG_NAME)) if (folder / CONFIG_NAME).exists() else {}
-    config = parse_config({**pipeline_defaults(scheduler_config, vae.config.sample_size), **raw,
+    config = parse_config({**pipeline_defaults(scheduler_config, loaded["vae"].config.sample_size), **raw,
                            **scheduler_fields(scheduler_config)}, folder / CONFIG_NAME)
-    return new_pipeline(config, unet, vae, text_encoder, tokenizer, folder, scheduler_config)
+    return new_pipeline(config, path=folder, scheduler_config=scheduler_config,
+                        force_zeros=index.get("force_zeros_for_empty_prompt", True), **loaded)
 
 
-def _check_parts_fit(folder: Path) -> None:
+def _load_parts(folder: Path, xl: bool, dtype: torch.dtype, variant: str | None) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    kw = {"use_safetensors": True, "torch_dtype": dtype, "variant": variant}
+    parts = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", **kw),
+             "vae": AutoencoderKL.from_pretrained(folder / "vae", **kw),
+             "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", **_tf(kw)),
+             "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer")}
+    if xl:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **_tf(kw))
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+    return parts
+
+
+def _tf(kw: dict) -> dict:
+    """transformers' names for the same loading options (``dtype`` for ``torch_dtype``)."""
+    return {"use_safetensors": True, "dtype": kw["torch_dtype"], **({"variant": kw["variant"]} if kw["variant"] else {})}
+
+
+def _only_variant(folder: Path) -> str | None:
+    """"fp16" when the UNet has only fp16-variant weights (a folder saved with ``variant="fp16"``)."""
+    unet = folder / "unet"
+    if any(unet.glob("diffusion_pytorch_model*.safetensors")) and not any(
+            p for p in unet.glob("diffusion_pytorch_model*.safetensors") if ".fp16." not in p.name):
+        return "fp16"
+    return None
+
+
+def _check_parts_fit(folder: Path, xl: bool = False) -> None:
     """The parts' configs agree (read before any weights, so the error names the real problem)."""
     try:
         unet, vae, text = (json.loads((folder / part / "config.json").read_text())
                            for part in ("unet", "vae", "text_encoder"))
+        text_2 = json.loads((folder / "text_encoder_2" / "config.json").read_text()) if xl else {}
     except (OSError, ValueError) as e:
         raise FewstepError(f"{folder}: a part's config.json is missing or corrupt: {e}") from None
+    if (unet.get("addition_embed_type") == "text_time") != xl:
+        raise FewstepError(f"{folder}: the UNet {'lacks' if xl else 'has'} SDXL's added text/time conditioning but the "
+                           f"folder has {'two text encoders' if xl else 'one text encoder'}; the parts do not belong "
+                           f"together")
     if vae.get("latent_channels") != unet.get("in_channels"):
         raise FewstepError(f"{folder}: the VAE makes {vae.get('latent_channels')}-channel latents but the UNet takes "
                            f"{unet.get('in_channels')} channels; the parts do not belong together")
-    if text.get("hidden_size") != unet.get("cross_attention_dim"):
-        raise FewstepError(f"{folder}: the text encoder's width {text.get('hidden_size')} is not the UNet's "
-                           f"cross_attention_dim {unet.get('cross_attention_dim')}")
+    width = text.get("hidden_size", 0) + text_2.get("hidden_size", 0)
+    if width != unet.get("cross_attention_dim"):
+        what = "text encoders' widths add up to" if xl else "text encoder's width is"
+        raise FewstepError(f"{folder}: the {what} {width}, not the UNet's cross_attention_dim "
+                           f"{unet.get('cross_attention_dim')}")
 
 
 def serving(model: Model, steps: int) -> Model:
@@ -214,27 +257,41 @@ def scheduler_config_of(model: Model) -> dict:
 
 
 def pipeline_of(model: Model, unet=None):
-    """A diffusers pipeline of the model's parts (``unet`` instead of its own, if given): a
-    LatentConsistencyModelPipeline for an LCM, else a StableDiffusionPipeline."""
+    """A diffusers pipeline of the model's parts (``unet`` instead of its own, if given): for an SD 1.x/2.x
+    model a LatentConsistencyModelPipeline when it is an LCM, else a StableDiffusionPipeline; for an SDXL
+    model a StableDiffusionXLPipeline (with LCMScheduler when it is an LCM, as diffusers runs LCM-SDXL)."""
     import diffusers
 
     config = scheduler_config_of(model)
     scheduler = getattr(diffusers, config.get("_class_name", "DDIMScheduler")).from_config(config)
+    parts = {"vae": model.parts["vae"], "text_encoder": model.parts["text_encoder"],
+             "tokenizer": model.parts["tokenizer"], "unet": model.unet if unet is None else unet, "scheduler": scheduler}
+    if "text_encoder_2" in model.parts:
+        return pipeline_class("StableDiffusionXLPipeline")(
+            **parts, text_encoder_2=model.parts["text_encoder_2"], tokenizer_2=model.parts["tokenizer_2"],
+            force_zeros_for_empty_prompt=model.conditioner.force_zeros)
     cls = pipeline_class("LatentConsistencyModelPipeline" if model.config.is_lcm else "StableDiffusionPipeline")
-    return cls(vae=model.parts["vae"], text_encoder=model.parts["text_encoder"], tokenizer=model.parts["tokenizer"],
-               unet=model.unet if unet is None else unet, scheduler=scheduler, safety_checker=None,
-               feature_extractor=None, requires_safety_checker=False)
+    return cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def new_pipeline(config: ModelConfig, unet, vae, text_encoder, tokenizer, path: Path | str = "",
-                 scheduler_config: dict | None = None) -> Model:
-    """A pipeline model from its parts (the embedded teacher being built, a test's random pipeline); its
-    schedule is its scheduler config's."""
+                 scheduler_config: dict | None = None, text_encoder_2=None, tokenizer_2=None,
+                 force_zeros: bool = True) -> Model:
+    """A pipeline model from its parts (a loaded folder, the embedded teacher being built, a test's random
+    pipeline): an SDXL one when a second text encoder is given. Its schedule is its scheduler config's; an
+    SDXL model's time ids are its image size, uncropped."""
     scheduler_config = scheduler_config or {**SD_SCHEDULER, "_class_name": "DDIMScheduler"}
     config = dataclasses.replace(config, **scheduler_fields(scheduler_config))
-    return Model(config, unet, TextConditioner(tokenizer, text_encoder, str(path)),
-                 VAECodec(vae, unet.config.in_channels, unet.config.sample_size), Path(path),
-                 {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler_config": scheduler_config})
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler_config": scheduler_config}
+    if text_encoder_2 is None:
+        conditioner = TextConditioner(tokenizer, text_encoder, str(path))
+    else:
+        size = (config.image_size, config.image_size)
+        conditioner = SDXLConditioner((tokenizer, tokenizer_2), (text_encoder, text_encoder_2), time_ids(size),
+                                      force_zeros, str(path))
+        parts.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    return Model(config, unet, conditioner, VAECodec(vae, unet.config.in_channels, unet.config.sample_size), Path(path),
+                 parts)
 
 
 def new_pixel_model(config: ModelConfig, net, path: Path | str = "") -> Model:

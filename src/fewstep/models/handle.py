@@ -33,6 +33,7 @@ from ..core.guidance import CFGDenoiser
 from ..core.schedules import EDMSchedule, VPSchedule
 from ..errors import FewstepError
 from ..nets.guided import GuidedUNet
+from ..nets.sdxl import AddedCondUNet, takes_added_cond
 from .codecs import PixelCodec, VAECodec
 from .conditioners import LabelConditioner, TextConditioner
 from .config import ModelConfig
@@ -48,11 +49,24 @@ def build_denoiser(net: nn.Module, config: ModelConfig) -> nn.Module:
     return LCMConsistency(denoiser, config.timestep_scaling) if config.is_lcm else denoiser
 
 
+def raw_unet(net: nn.Module) -> nn.Module:
+    """The diffusers UNet inside a backbone's wrappers."""
+    while hasattr(net, "unet"):
+        net = net.unet
+    return net
+
+
 def as_backbone(net: nn.Module) -> nn.Module:
-    """A diffusers UNet built with ``time_cond_proj_dim`` takes the guidance scale (as ``timestep_cond``):
-    wrapped in :class:`GuidedUNet`, it takes ``guidance_scale`` like every fewstep denoiser."""
-    dim = getattr(getattr(net, "config", None), "time_cond_proj_dim", None)
-    return GuidedUNet(net, dim) if dim and not isinstance(net, GuidedUNet) else net
+    """A diffusers UNet as fewstep's backbone: an SDXL UNet takes its pooled text and time ids as flat keyword
+    arguments (:class:`~fewstep.nets.sdxl.AddedCondUNet`); one built with ``time_cond_proj_dim`` takes the
+    guidance scale (as ``timestep_cond``), wrapped in :class:`GuidedUNet`. A pixel guided student's
+    GuidedUNet (with its own projection) is kept as it is; the other wrappers hold no weights."""
+    if isinstance(net, GuidedUNet) and not net.native:
+        return net
+    unet = raw_unet(net)
+    inner = AddedCondUNet(unet) if takes_added_cond(unet) else unet
+    dim = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
+    return GuidedUNet(inner, dim) if dim else inner
 
 
 def check_trained_range(trained: tuple[float, float], guidance_scale: float, path: Path | str = "the model") -> None:
@@ -70,7 +84,7 @@ class Model:
 
     config: ModelConfig
     net: nn.Module                                  # the backbone: a diffusers UNet, or a GuidedUNet around one
-    conditioner: LabelConditioner | TextConditioner
+    conditioner: LabelConditioner | TextConditioner     # SDXLConditioner is a TextConditioner
     codec: PixelCodec | VAECodec
     path: Path
     parts: dict[str, Any] = field(default_factory=dict)  # a pipeline's other parts: vae, text_encoder, tokenizer,
@@ -89,7 +103,7 @@ class Model:
     @property
     def unet(self) -> nn.Module:
         """The diffusers UNet inside the backbone."""
-        return self.net.unet if isinstance(self.net, GuidedUNet) else self.net
+        return raw_unet(self.net)
 
     @property
     def is_pipeline(self) -> bool:
@@ -163,13 +177,13 @@ class Model:
     def to(self, device: str | torch.device) -> "Model":
         self.denoiser.to(device)
         self.codec.to(device)
-        if self.conditioner.text:
-            self.conditioner.text_encoder.to(device)
+        self.conditioner.to(device)
         return self
 
     def eval(self) -> "Model":
         """Frozen: no gradients, dropout off (as loaded)."""
-        for module in (self.denoiser, self.parts.get("vae"), self.parts.get("text_encoder")):
+        for module in (self.denoiser, self.parts.get("vae"), self.parts.get("text_encoder"),
+                       self.parts.get("text_encoder_2")):
             if module is not None:
                 module.requires_grad_(False).eval()
         return self

@@ -56,6 +56,10 @@ class GuidedUNet(nn.Module):
     def config(self):
         return self.unet.config
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
     def forward(self, sample: Tensor, timestep: Tensor, guidance_scale: Tensor | float | None = None, **cond):
         if guidance_scale is None:
             guidance_scale = 1.0
