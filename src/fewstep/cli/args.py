@@ -176,7 +176,9 @@ def train_config(args: argparse.Namespace):
 
 
 def add_lora_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT][:lcm]",
                    help=f"text-to-image pipelines: {what} (a diffusers, peft or kohya file, or a fewstep LoRA folder or "
                         f"set) with weight λ (default 1); repeat to combine, e.g. a style LoRA and an LCM-LoRA (then "
-                        f"2–8 steps)")
+                        f"2–8 steps). What a LoRA is comes from its folder's fewstep.json or its file's metadata; "
+                        f"a file that says nothing counts as a style LoRA (with a warning): add :lcm to declare an "
+                        f"LCM-LoRA (sampled with LCM's sampler on the 50-step grid), e.g. lcm-lora.safetensors:1:lcm")

@@ -1,4 +1,5 @@
-"""``fewstep lora merge``: LoRA arithmetic with no training, fused into a pipeline or kept as a set."""
+"""``fewstep lora merge``: LoRA arithmetic with no training, fused into a pipeline or kept as a set.
+``fewstep lora export``: a LoRA in the key layout AUTOMATIC1111/ComfyUI/kohya, diffusers or peft read."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from .args import Parser, command_line
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("lora", help="LoRA arithmetic: merge adapters into a pipeline",
-                       description="Combine LoRAs with a base pipeline with no training.")
+    p = sub.add_parser("lora", help="LoRA arithmetic and export: merge adapters into a pipeline, or export one",
+                       description="Combine LoRAs with a base pipeline with no training, or export one for other "
+                                   "tools.")
     lora_sub = p.add_subparsers(dest="lora_command", metavar="ACTION", required=True, parser_class=Parser)
     m = lora_sub.add_parser("merge", help="θ' = θ_base + Σ λ_i·τ_i: a fused pipeline folder, or a set of adapters",
                             description="Fuse LoRAs (diffusers, peft or kohya files, or fewstep LoRA folders) with weights "
@@ -18,14 +20,54 @@ def add_parser(sub) -> None:
                                         "their weights as a set instead (sample it with --model BASE --lora SET). Each LoRA "
                                         "is checked against the base before anything is written.")
     m.add_argument("--base", required=True, help="pipeline folder, e.g. models/emoji-sd")
-    m.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]",
-                   help="a LoRA and its weight λ (default 1); repeat, e.g. --lora style:1.0 --lora models/emoji-lcm-lora:1.0")
+    m.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT][:lcm]",
+                   help="a LoRA and its weight λ (default 1); repeat, e.g. --lora style:1.0 --lora "
+                        "models/emoji-lcm-lora:1.0. A file that does not say what it is (no fewstep.json beside it, "
+                        "no fewstep metadata) counts as a style LoRA; add :lcm to declare it an LCM-LoRA, e.g. "
+                        "--lora lcm-lora-sdv1-5.safetensors:1:lcm")
     m.add_argument("--out", required=True, help="pipeline folder to write (with --no-fuse: the adapter set's folder)")
     m.add_argument("--no-fuse", action="store_true",
                    help="keep the adapters separate: a folder of the LoRAs and their weights, not a fused pipeline")
     m.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it is an existing folder that fewstep did not write")
     m.set_defaults(func=run_merge)
+    add_export_parser(lora_sub)
+
+
+def add_export_parser(lora_sub) -> None:
+    """``fewstep lora export LORA --format {kohya,diffusers,peft} --out FILE.safetensors [--overwrite]``."""
+    e = lora_sub.add_parser("export", help="write a LoRA in the keys AUTOMATIC1111/ComfyUI/kohya, diffusers or "
+                                           "peft read",
+                            description="Write a fewstep LoRA in another tool's key layout, with diffusers' own "
+                                        "converters. kohya: lora_unet_….lora_down/lora_up/alpha keys (α = the rank, "
+                                        "scale 1), what AUTOMATIC1111, ComfyUI, kohya's tools and diffusers load. "
+                                        "diffusers: unet.….lora_A/lora_B keys, what pipe.load_lora_weights reads. "
+                                        "peft: base_model.model.….lora_A/lora_B keys, a PeftModel's state dict; with "
+                                        "--out a folder (no .safetensors suffix), peft's save_pretrained layout "
+                                        "(adapter_model.safetensors + adapter_config.json) for "
+                                        "PeftModel.from_pretrained(unet, FOLDER). Every file records in its "
+                                        "safetensors metadata what the LoRA is (fewstep_kind: lcm-lora or style; "
+                                        "fewstep_original_inference_steps; fewstep_rank, fewstep_alpha, fewstep_base, "
+                                        "fewstep_format), so fewstep samples a bare exported LCM-LoRA with LCM's "
+                                        "sampler.")
+    e.add_argument("lora", metavar="LORA",
+                   help="a fewstep LoRA folder (e.g. models/emoji-lcm-lora) or its .safetensors file")
+    e.add_argument("--format", required=True, choices=("kohya", "diffusers", "peft"), help="the key layout to write")
+    e.add_argument("--out", required=True, help="the .safetensors file to write (with --format peft, or a folder)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
+    e.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """A LoRA in another tool's layout (:func:`fewstep.models.lora_export.export_lora`)."""
+    from ..models.lora_export import export_lora
+    from ..models.loras import lora_info
+
+    out = export_lora(args.lora, args.format, args.out, overwrite=args.overwrite)
+    kind = lora_info(out if out.is_file() else out / "adapter_model.safetensors").get("kind", "LoRA")
+    use = {"kohya": "AUTOMATIC1111, ComfyUI, kohya's tools and diffusers load it",
+           "diffusers": "pipe.load_lora_weights reads it", "peft": "peft's PeftModel loads it"}[args.format]
+    print(f"wrote the {kind} {args.lora} in {args.format}'s layout to {out} ({use})")
 
 
 def run_merge(args: argparse.Namespace) -> None:

@@ -1,11 +1,16 @@
 """LoRA files: read, write and plug them into a pipeline model (peft adapters, diffusers' loader).
 
 - :func:`save_lora`: diffusers' ``pytorch_lora_weights.safetensors`` (what ``pipe.load_lora_weights``
-  takes) plus ``fewstep.json`` saying what the adapter is (an LCM acceleration vector, a style).
+  takes) plus ``fewstep.json`` saying what the adapter is (an LCM acceleration vector, a style); the file's
+  safetensors ``__metadata__`` says it too (:func:`lora_metadata`), so a copy outside its folder still does.
+- :func:`lora_info` / :func:`resolve_lora_info`: what an adapter is, from its folder's ``fewstep.json``, else
+  its file's metadata, else what the user declared (``PATH[:WEIGHT][:lcm]``, :func:`parse_lora_spec`).
 - :func:`apply_loras`: θ' = θ + Σ λ_i·τ_i (Luo et al. 2023b, eq. 1–2: θ_pre + λ1·τ_style + λ2·τ_LCM):
   each file through diffusers' loader (which reads diffusers, peft and kohya/A1111 key layouts),
   combined with ``set_adapters`` weights, optionally fused into the UNet.
 - :func:`save_lora_set`: the adapters and their weights kept unfused, as a folder ``--lora`` takes.
+
+Exporting to other tools' layouts (kohya/A1111/ComfyUI, peft) is :mod:`fewstep.models.lora_export`.
 """
 
 from __future__ import annotations
@@ -29,11 +34,71 @@ from .handle import Model
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_SET = "lora-set"                     # fewstep.json kind of an unfused set of adapters with weights
+LCM_LORA, STYLE, UNKNOWN = "lcm-lora", "style", "lora"   # fewstep.json kinds of one adapter (UNKNOWN: made elsewhere)
+DECLARED = {"lcm": LCM_LORA, "style": STYLE}         # PATH[:WEIGHT][:KIND] → kind
+META = "fewstep_"                         # prefix of fewstep's keys in a LoRA file's safetensors __metadata__
+DEFAULT_ORIGINAL_STEPS = 50               # an LCM-LoRA's grid when nothing says: 1000/20, LCMScheduler's default
+
+
+class LoraSpec(tuple):
+    """A ``(path, weight)`` pair, as every LoRA function takes, that also carries the kind the user declared
+    for it (``PATH[:WEIGHT][:lcm|:style]``): ``kind`` is "lcm-lora", "style" or None (not declared)."""
+
+    kind: str | None
+
+    def __new__(cls, path: str | Path, weight: float, kind: str | None = None) -> "LoraSpec":
+        spec = super().__new__(cls, (Path(path), float(weight)))
+        spec.kind = kind
+        return spec
+
+    def __getnewargs__(self) -> tuple:            # copy and pickle rebuild it with its kind
+        return (self[0], self[1], self.kind)
+
+    def __repr__(self) -> str:
+        return f"LoraSpec({str(self[0])!r}, {self[1]:g}{f', {self.kind!r}' if self.kind else ''})"
+
+
+def declared_kind(spec: Sequence) -> str | None:
+    """The kind declared with a spec (a :class:`LoraSpec`); None for a plain ``(path, weight)`` pair."""
+    return getattr(spec, "kind", None)
+
+
+def lora_metadata(info: dict, layout: str, rank: int | None = None, alpha: float | None = None) -> dict[str, str]:
+    """What the adapter is, as safetensors ``__metadata__`` strings: ``fewstep_kind`` (fewstep.json's "kind":
+    "lcm-lora" or "style"), ``fewstep_original_inference_steps`` (an LCM-LoRA's grid), ``fewstep_rank``,
+    ``fewstep_alpha`` (scale α/r), ``fewstep_base`` (the base model) and ``fewstep_format`` (the key layout)."""
+    fields = {"kind": info.get("kind"), "original_inference_steps": info.get("original_inference_steps"),
+              "rank": rank if rank is not None else info.get("rank"), "base": info.get("base"), "format": layout}
+    fields["alpha"] = alpha if alpha is not None else info.get("alpha", fields["rank"])
+    return {META + k: str(v) for k, v in fields.items() if v is not None}
+
+
+def metadata_info(file: Path) -> dict:
+    """The :func:`lora_metadata` fields of a safetensors file, as ``fewstep.json`` would give them (numbers as
+    numbers); empty when the file has none. kohya's ``ss_`` keys are not read: none of them says that a LoRA
+    is an LCM-LoRA."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+    info: dict = {}
+    for key, cast in (("kind", str), ("original_inference_steps", int), ("rank", int), ("alpha", float),
+                      ("base", str), ("format", str)):
+        try:
+            if META + key in meta:
+                info[key] = cast(meta[META + key])
+        except ValueError:
+            continue                              # a malformed field says nothing
+    return info
 
 
 def save_lora(folder: str | Path, unet: nn.Module, info: dict, readme: str = "") -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` (diffusers' layout) and ``fewstep.json`` atomically."""
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers' layout, with :func:`lora_metadata` in its
+    ``__metadata__``) and ``fewstep.json`` atomically."""
+    from functools import partial
+
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     # peft's key names (…to_q.lora_A.weight) under diffusers' "unet." prefix: what load_lora_weights reads
     # natively. (convert_state_dict_to_diffusers' older "…to_q.lora.down" names are silently skipped by
@@ -42,17 +107,57 @@ def save_lora(folder: str | Path, unet: nn.Module, info: dict, readme: str = "")
     if not all(bool(torch.isfinite(v).all()) for v in state.values()):
         raise FewstepError(f"refusing to save the LoRA {folder}: its weights are not finite (NaN or inf)")
 
+    config = getattr(unet, "peft_config", {}).get("default")
+    rank, alpha = (config.r, config.lora_alpha) if config is not None else (None, None)
+    metadata = {"format": "pt", **lora_metadata(info, "diffusers", rank, alpha)}   # "format": as diffusers writes
+
     def write(tmp: Path) -> None:
-        pipeline_class().save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
+        pipeline_class().save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True,
+                                           save_function=partial(save_file, metadata=metadata))
         (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return write_folder(folder, write, readme)
 
 
 def lora_info(path: str | Path) -> dict:
-    """The adapter's ``fewstep.json`` (empty for a LoRA file made elsewhere)."""
+    """What the adapter is: its folder's ``fewstep.json`` (for a file, only the ``pytorch_lora_weights.safetensors``
+    that :func:`save_lora` wrote beside it), else the file's :func:`metadata_info`; empty for a LoRA that says
+    nothing (a file made elsewhere)."""
     path = Path(path)
     info = (path if path.is_dir() else path.parent) / CONFIG_NAME
-    return json.loads(info.read_text()) if info.exists() else {}
+    if info.exists() and (path.is_dir() or path.name == LORA_FILE):
+        return json.loads(info.read_text())
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        return {}
+    try:
+        return metadata_info(lora_file(path))
+    except (FewstepError, OSError):
+        return {}                                 # not a readable LoRA file: loading it says why
+
+
+def resolve_lora_info(path: str | Path, declared: str | None = None) -> dict:
+    """:func:`lora_info` with its "kind" always set: what the adapter records, else what the user declared
+    (``PATH:lcm``; an LCM-LoRA then on the 50-step grid unless its file says otherwise), else "lora", treated
+    as a style LoRA with a warning that says how to declare it. A declaration that contradicts the record is an
+    error."""
+    info = lora_info(path)
+    recorded = info.get("kind")
+    if recorded and declared and recorded != declared:
+        raise FewstepError(f"LoRA {path} records that it is kind {recorded!r}, not {declared!r}; drop the "
+                           f":{_short(declared)} after its path")
+    kind = recorded or declared
+    if kind is None:
+        warnings.warn(f"LoRA {path} does not say what it is (no fewstep.json beside it, no fewstep_kind in its "
+                      f"metadata): treated as a style LoRA, sampled with the base model's own sampler. If it is "
+                      f"an LCM-LoRA, write --lora {path}:lcm (or PATH:WEIGHT:lcm)", stacklevel=2)
+        kind = UNKNOWN
+    out = {**info, "kind": kind}
+    if kind == LCM_LORA:
+        out.setdefault("original_inference_steps", DEFAULT_ORIGINAL_STEPS)
+    return out
+
+
+def _short(kind: str) -> str:
+    return next(k for k, v in DECLARED.items() if v == kind)
 
 
 def save_lora_set(folder: str | Path, loras: Sequence[tuple[Path, float]], base: str | Path, command: str = "") -> Path:
@@ -64,7 +169,8 @@ def save_lora_set(folder: str | Path, loras: Sequence[tuple[Path, float]], base:
     entries: list[dict] = []
 
     def write(tmp: Path) -> None:
-        for i, (path, weight) in enumerate(loras):
+        for i, spec in enumerate(loras):
+            path, weight = spec
             name = f"{i}-{path.stem if path.is_file() else path.name}"
             (tmp / name).mkdir()
             files = [path] if path.is_file() else [f for f in (path / LORA_FILE, path / CONFIG_NAME) if f.exists()]
@@ -72,7 +178,7 @@ def save_lora_set(folder: str | Path, loras: Sequence[tuple[Path, float]], base:
                 shutil.copy2(f, tmp / name / f.name)
             info = lora_info(path)
             entries.append({"path": f"{name}/{path.name}" if path.is_file() else name, "weight": weight,
-                            "kind": info.get("kind", "lora"), "source": str(path),
+                            "kind": info.get("kind") or declared_kind(spec) or UNKNOWN, "source": str(path),
                             **{k: info[k] for k in ("original_inference_steps",) if k in info}})
         (tmp / CONFIG_NAME).write_text(json.dumps({"kind": LORA_SET, "base": str(base), "loras": entries,
                                                    "command": command}, indent=2) + "\n")
@@ -89,7 +195,7 @@ def _set_readme(folder: Path, entries: list[dict], base) -> str:
             return f"pipe.load_lora_weights('{member.parent}', weight_name='{member.name}', adapter_name='{name}')\n"
         return f"pipe.load_lora_weights('{member}', adapter_name='{name}')\n"
 
-    lcm = next((e for e in entries if e["kind"] == "lcm-lora"), None)
+    lcm = next((e for e in entries if e["kind"] == LCM_LORA), None)
     return (f"# {folder.name}\n\nLoRAs for `{base}`, unfused, with their weights: "
             + ", ".join(f"`{e['source']}` × {e['weight']:g}" for e in entries) + ".\n\n"
             f"`fewstep sample --model {base} --lora {folder}` applies them all. In diffusers:\n\n```python\n"
@@ -102,20 +208,29 @@ def _set_readme(folder: Path, entries: list[dict], base) -> str:
             + "```\n")
 
 
-def expand_lora_sets(loras: Sequence[tuple[Path, float]]) -> list[tuple[Path, float]]:
-    """Each "lora-set" folder (:func:`save_lora_set`) replaced by its members, their weights times its own."""
+def expand_lora_sets(loras: Sequence[tuple[Path, float]]) -> list[LoraSpec]:
+    """Each "lora-set" folder (:func:`save_lora_set`) replaced by its members, their weights times its own and
+    their recorded kinds as declarations (a member file keeps no fewstep.json of its own)."""
     out = []
-    for path, weight in loras:
+    for spec in loras:
+        path, weight = spec
         info = lora_info(path) if Path(path).is_dir() else {}
         if info.get("kind") == LORA_SET:
-            out += [(Path(path) / e["path"], weight * e["weight"]) for e in info["loras"]]
+            out += [LoraSpec(Path(path) / e["path"], weight * e["weight"],
+                             e.get("kind") if e.get("kind") in DECLARED.values() else None) for e in info["loras"]]
         else:
-            out.append((Path(path), weight))
+            out.append(LoraSpec(path, weight, declared_kind(spec)))
     return out
 
 
-def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """``PATH[:WEIGHT]`` → (path, λ); the weight defaults to 1."""
+def parse_lora_spec(spec: str) -> LoraSpec:
+    """``PATH[:WEIGHT][:lcm|:style]`` → (path, λ) with the declared kind: the weight defaults to 1; ``:lcm``
+    declares a LoRA file that does not say what it is (a downloaded one) an LCM-LoRA, ``:style`` a style LoRA
+    (:func:`resolve_lora_info`)."""
+    kind = None
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.lower() in DECLARED and not Path(spec).exists():
+        spec, kind = head, DECLARED[tail.lower()]
     path, sep, weight = spec.rpartition(":")
     if not sep or "/" in weight:
         path, weight = spec, "1"
@@ -125,10 +240,10 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
         value = None
     if value is None or not math.isfinite(value):
         raise FewstepError(f"LoRA weight {weight!r} in {spec!r} is not a {'' if value is None else 'finite '}number; "
-                           f"write PATH:WEIGHT, e.g. models/emoji-lcm-lora:1.0")
+                           f"write PATH[:WEIGHT][:lcm], e.g. models/emoji-lcm-lora:1.0")
     if not Path(path).exists():
         raise FewstepError(f"LoRA {path} does not exist (a folder with {LORA_FILE}, or a .safetensors file)")
-    return Path(path), value
+    return LoraSpec(path, value, kind)
 
 
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -187,8 +302,9 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
     loaded onto a copy of the UNet through diffusers' loader: a LoRA made for another base model is an error
     before anything is made. With ``fuse`` the sum is folded into the weights and the adapters dropped;
     otherwise they stay as named peft adapters with their weights. An LCM acceleration vector among them
-    makes the result an LCM (sampled on its skipped grid, guidance 1 by default). A saved set of adapters
-    (:func:`save_lora_set`) counts as its members."""
+    makes the result an LCM (sampled on its skipped grid, guidance 1 by default): what each adapter is comes
+    from :func:`resolve_lora_info` (its fewstep.json, its file's metadata, or the kind declared with a
+    :class:`LoraSpec`). A saved set of adapters (:func:`save_lora_set`) counts as its members."""
     if not model.is_pipeline:
         raise FewstepError(f"{model.path} is not a text-to-image pipeline; LoRAs apply to those")
     loras = expand_lora_sets(loras)
@@ -197,14 +313,14 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
     names = [f"lora{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
         _load(pipe, path, name, model.path)
+    infos = [resolve_lora_info(spec[0], declared_kind(spec)) for spec in loras]   # each one loaded: a LoRA
     pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
     if fuse:
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
         pipe.unload_lora_weights()
-    infos = [lora_info(p) for p, _ in loras]
-    changes: dict = {"loras": [*model.config.loras, *({"path": str(p), "weight": w, "kind": i.get("kind", "lora")}
+    changes: dict = {"loras": [*model.config.loras, *({"path": str(p), "weight": w, "kind": i["kind"]}
                                                       for (p, w), i in zip(loras, infos))]}
-    accel = next((i for i in infos if i.get("kind") == "lcm-lora"), None)
+    accel = next((i for i in infos if i["kind"] == LCM_LORA), None)
     if accel is not None:
         changes.update(kind="consistency", parameterization="lcm", default_sampler="consistency", default_steps=4,
                        default_guidance_scale=1.0, original_inference_steps=int(accel["original_inference_steps"]))
@@ -212,7 +328,7 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
 
 
 def load_with_loras(path: str | Path, loras: Sequence[str] = ()) -> Model:
-    """A model folder with ``PATH[:WEIGHT]`` LoRAs fused in (each spec checked before anything loads)."""
+    """A model folder with ``PATH[:WEIGHT][:lcm]`` LoRAs fused in (each spec checked before anything loads)."""
     specs = [parse_lora_spec(s) for s in loras or []]
     model = load_model(path)
     return apply_loras(model, specs) if specs else model

@@ -1,0 +1,121 @@
+"""``fewstep lora export``: a fewstep LoRA in the key layout another tool reads, saying what it is.
+
+fewstep saves peft's key names under diffusers' ``unet.`` prefix (:func:`fewstep.models.loras.save_lora`):
+diffusers reads them, AUTOMATIC1111 and kohya's tools do not, ComfyUI drops the attention adapters. The
+layouts written here, each with diffusers' own converters (``diffusers.utils.state_dict_utils``):
+
+- ``kohya``: ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (kohya-ss sd-scripts'
+  layout, read by AUTOMATIC1111, ComfyUI, SD.Next, InvokeAI and diffusers), by ``convert_state_dict_to_kohya``.
+  α is the adapter's own (the rank unless its metadata says otherwise: scale α/r = 1), so the weights are
+  fewstep's exactly.
+- ``diffusers``: ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, what ``pipe.load_lora_weights`` reads.
+- ``peft``: ``base_model.model.<module>.lora_A.weight``, a ``PeftModel``'s state dict. To a ``.safetensors``
+  file, that alone; to a folder, peft's ``save_pretrained`` layout (``adapter_model.safetensors`` +
+  ``adapter_config.json``) that ``PeftModel.from_pretrained(unet, FOLDER)`` loads onto the base UNet.
+
+Every export carries :func:`fewstep.models.loras.lora_metadata` in its safetensors ``__metadata__``
+(``fewstep_kind`` and an LCM-LoRA's ``fewstep_original_inference_steps`` among them), so a bare exported
+LCM-LoRA is still sampled with LCM's sampler (:func:`fewstep.models.loras.resolve_lora_info`).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import FewstepError
+from ..io.atomic import allow_replacing, atomic_path, check_writable
+from .folders import write_folder
+from .loras import LORA_SET, lora_file, lora_info, lora_metadata
+
+FORMATS = ("kohya", "diffusers", "peft")
+PEFT_FILE = "adapter_model.safetensors"      # peft's save_pretrained names
+PEFT_PREFIX = "base_model.model."
+
+
+def export_lora(lora: str | Path, layout: str, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the LoRA ``lora`` (a fewstep LoRA folder or a diffusers/peft-layout ``.safetensors`` file) to
+    ``out`` in ``layout`` (one of :data:`FORMATS`) atomically; an existing ``out`` is refused unless
+    ``overwrite``. ``out`` is a ``.safetensors`` file, or with ``peft`` a folder (peft's layout)."""
+    lora, out = Path(lora), Path(out)
+    if layout not in FORMATS:
+        raise FewstepError(f"unknown LoRA format {layout!r}; choose one of {', '.join(FORMATS)}")
+    folder = out.suffix.lower() != ".safetensors"
+    if folder and layout != "peft":
+        raise FewstepError(f"--out {out} must end in .safetensors (only --format peft writes a folder)")
+    if out.exists() and not overwrite:
+        raise FewstepError(f"--out {out} exists; choose another path, or pass --overwrite to replace it")
+    if not folder:
+        check_writable(out, ".safetensors", "--out")
+    info = lora_info(lora)
+    if info.get("kind") == LORA_SET:
+        raise FewstepError(f"{lora} is a set of {len(info['loras'])} adapters; export each of its members")
+    from safetensors.torch import load_file, save_file
+
+    source = lora_file(lora)
+    state = unet_peft_state(load_file(str(source)), source)
+    ranks = {k[:-len(".lora_A.weight")]: v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight")}
+    rank = next(iter(ranks.values())) if len(set(ranks.values())) == 1 else info.get("rank")
+    alpha = info.get("alpha")                     # None: each module's α is its rank (diffusers' reading)
+    metadata = {"format": "pt", **lora_metadata(info, layout, rank, alpha if alpha is not None else rank)}
+    if layout == "kohya":
+        state = kohya_state(state, alpha)
+    elif layout == "peft":
+        state = {PEFT_PREFIX + k[len("unet."):]: v for k, v in state.items()}
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    with allow_replacing(out) if overwrite else nullcontext():
+        if not folder:
+            with atomic_path(out) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
+            return out
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / PEFT_FILE), metadata=metadata)
+            peft_config(ranks, alpha, info.get("base")).save_pretrained(str(tmp))
+        return write_folder(out, write)
+
+
+def unet_peft_state(state: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
+    """``state`` with peft's key names under diffusers' ``unet.`` prefix (``unet.<module>.lora_A.weight``):
+    fewstep's own layout as it is, diffusers' older ``lora.down`` / ``lora.up`` names through diffusers'
+    ``convert_unet_state_dict_to_peft``. Anything else (kohya keys, text-encoder adapters, DoRA) is refused."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in state):
+        raise FewstepError(f"LoRA {source} is already in kohya's layout (lora_unet_… keys); AUTOMATIC1111 and "
+                           f"ComfyUI load it as it is")
+    converted = convert_unet_state_dict_to_peft(state)
+    bad = [k for k in converted if not (k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")))]
+    if bad or not converted:
+        raise FewstepError(f"LoRA {source} is not a UNet LoRA in fewstep's layout (unet.<module>.lora_A.weight): "
+                           + (f"it has the key {bad[0]!r}" if bad else "it is empty"))
+    return converted
+
+
+def kohya_state(state: dict[str, Tensor], alpha: float | None = None) -> dict[str, Tensor]:
+    """kohya-ss keys by diffusers' ``convert_state_dict_to_kohya`` (its α per module: the rank), α written as
+    a float32 scalar as kohya's own files hold it; ``alpha`` given: that α for every module."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya(state)
+    return {k: torch.tensor(float(alpha if alpha is not None else v), dtype=torch.float32) if k.endswith(".alpha")
+            else v for k, v in kohya.items()}
+
+
+def peft_config(ranks: dict[str, int], alpha: float | None, base: str | None):
+    """peft's ``LoraConfig`` of the adapter: its modules by full name (peft matches them exactly), the most
+    common rank as ``r`` and any other in ``rank_pattern``; α likewise (each module's rank when not given)."""
+    from collections import Counter
+
+    from peft import LoraConfig
+
+    modules = [m[len("unet."):] for m in ranks]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    rank_pattern = {m: v for m, v in zip(modules, ranks.values()) if v != r}
+    lora_alpha = alpha if alpha is not None else r
+    alpha_pattern = {} if alpha is not None else dict(rank_pattern)
+    return LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=sorted(modules), rank_pattern=rank_pattern,
+                      alpha_pattern=alpha_pattern, base_model_name_or_path=base)
