@@ -104,7 +104,7 @@ def sigma_list(text: str) -> list[float]:
 
 # what one command may ask for before it must say --allow-large (sampling steps, images, grid upscaling, frames):
 # beyond these a typo costs hours or the machine's memory
-LIMITS = {"steps": 1000, "num": 2000, "scale": 16, "frames": 256}
+LIMITS = {"steps": 1000, "num": 2000, "scale": 16, "frames": 256, "height": 2048, "width": 2048}
 
 
 def add_limits(p: argparse.ArgumentParser, *names: str) -> None:

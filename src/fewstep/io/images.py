@@ -32,15 +32,51 @@ def make_grid(images: Tensor, nrow: int, pad: int = 1, scale: int = 1) -> Image.
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Save as PNG via a temporary file and rename; a clear error if the path can't be written."""
+def png_info(text: dict[str, str] | None):
+    """PNG text chunks (tEXt, or iTXt for non-Latin-1 text) of ``text``, for ``Image.save(pnginfo=...)``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    if not text:
+        return None
+    info = PngInfo()
+    for key, value in text.items():
+        try:
+            value.encode("latin-1")
+            info.add_text(key, value)
+        except UnicodeEncodeError:
+            info.add_itxt(key, value)
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
+    """Save as PNG (with the text chunks ``text``) via a temporary file and rename; a clear error if the path
+    can't be written."""
     path = check_writable(path, ".png")
     try:
         with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
+            image.save(tmp, format="PNG", pnginfo=png_info(text))
     except OSError as e:
         raise FewstepError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def pil_images(images: Tensor) -> list[Image.Image]:
+    """[N, C, H, W] in [−1, 1] → N PIL images at their own resolution (grayscale for one channel)."""
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in to_uint8(images)]
+
+
+def write_png_folder(folder: str | Path, images: Sequence[Image.Image], texts: Sequence[dict[str, str]],
+                     name: str = "{:05d}.png") -> Path:
+    """A new folder of one PNG per image (``name`` formatted with its index) with its text chunks, written
+    atomically (:func:`fewstep.io.atomic.atomic_path`: an existing folder is replaced only when it may be)."""
+    folder = Path(folder)
+    try:
+        with atomic_path(folder, directory=True) as tmp:
+            for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+                image.save(tmp / name.format(i), format="PNG", pnginfo=png_info(text))
+    except OSError as e:
+        raise FewstepError(f"cannot write {folder}: {e.strerror or e}") from None
+    return folder
 
 
 def labeled_rows(rows: list[tuple[str, Image.Image]], margin: int = 150) -> Image.Image:

@@ -9,6 +9,11 @@ input, and caches the per-image conditioning of a training set with its dropout:
 - :class:`TextConditioner`: prompts → ``encoder_hidden_states`` of a CLIP text encoder (the empty
   prompt is the unconditional branch), as Stable Diffusion 1.x/2.x pipelines do. An SDXL pipeline is one
   more conditioner (two encoders, pooled embeddings and size/crop ``time_ids``, all flat entries).
+
+``conditioner(cond, device, size=(H, W))`` and ``null(n, device, size=...)`` take the image size being
+generated: only SDXL conditions on it (its time ids); the others accept and ignore it. A negative prompt
+is ``conditioner(negative_prompts, device, size=...)`` used as the unconditional branch (diffusers'
+``negative_prompt``; for SDXL both embeddings are the negative prompt's, never ``force_zeros``' zeros).
 """
 
 from __future__ import annotations
@@ -53,10 +58,11 @@ class LabelConditioner:
                                f"({', '.join(self.class_names)})")
         return labels
 
-    def __call__(self, labels: Tensor, device=None) -> Cond:
+    def __call__(self, labels: Tensor, device=None, size: tuple[int, int] | None = None) -> Cond:
+        """``class_labels`` (``size`` is ignored: a pixel model has one size)."""
         return {"class_labels": labels.to(device)} if self.conditional else {}
 
-    def null(self, n: int, device=None) -> Cond:
+    def null(self, n: int, device=None, size: tuple[int, int] | None = None) -> Cond:
         return {"class_labels": torch.full((n,), self.null_label, device=device)} if self.conditional else {}
 
     def null_like(self, cond: Cond) -> Cond:
@@ -119,10 +125,11 @@ class TextConditioner:
             self._empty = self.encode([""])[0]
         return self._empty
 
-    def __call__(self, prompts: Sequence[str], device=None) -> Cond:
+    def __call__(self, prompts: Sequence[str], device=None, size: tuple[int, int] | None = None) -> Cond:
+        """``encoder_hidden_states`` of ``prompts`` (``size`` is ignored: SD 1.x/2.x has no size conditioning)."""
         return {"encoder_hidden_states": self.encode(prompts).to(device)}
 
-    def null(self, n: int, device=None) -> Cond:
+    def null(self, n: int, device=None, size: tuple[int, int] | None = None) -> Cond:
         return {"encoder_hidden_states": self.empty().to(device).expand(n, -1, -1)}
 
     def null_like(self, cond: Cond) -> Cond:
@@ -174,13 +181,21 @@ class SDXLConditioner(TextConditioner):
     def encode(self, prompts: Sequence[str]) -> Tensor:
         return self.encode_both(prompts)[0]
 
-    def _cond(self, hidden: Tensor, pooled: Tensor) -> Cond:
-        return {"encoder_hidden_states": hidden, "text_embeds": pooled,
-                "time_ids": self.time_ids.to(hidden).expand(len(hidden), -1)}
+    def time_ids_at(self, size: tuple[int, int] | None = None) -> Tensor:
+        """The time ids [1, 6] of an image of ``size`` (H, W): original and target size ``size``, no crop
+        (diffusers' defaults for ``height``/``width``); None: the ones held (the model's own size)."""
+        from ..nets.sdxl import time_ids
 
-    def __call__(self, prompts: Sequence[str], device=None) -> Cond:
+        return self.time_ids if size is None else time_ids(tuple(size))
+
+    def _cond(self, hidden: Tensor, pooled: Tensor, size: tuple[int, int] | None = None) -> Cond:
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled,
+                "time_ids": self.time_ids_at(size).to(hidden).expand(len(hidden), -1)}
+
+    def __call__(self, prompts: Sequence[str], device=None, size: tuple[int, int] | None = None) -> Cond:
+        """Both embeddings of ``prompts`` and the time ids of ``size`` (None: the model's own)."""
         hidden, pooled = self.encode_both(prompts)
-        return self._cond(hidden.to(device), pooled.to(device))
+        return self._cond(hidden.to(device), pooled.to(device), size)
 
     def null_single(self) -> tuple[Tensor, Tensor]:
         """The unconditional (hidden [L, D], pooled [P]) — zeros under force_zeros, else the empty prompt's."""
@@ -194,9 +209,9 @@ class SDXLConditioner(TextConditioner):
     def empty(self) -> Tensor:
         return self.null_single()[0]
 
-    def null(self, n: int, device=None) -> Cond:
+    def null(self, n: int, device=None, size: tuple[int, int] | None = None) -> Cond:
         hidden, pooled = self.null_single()
-        return self._cond(hidden.to(device).expand(n, -1, -1), pooled.to(device).expand(n, -1))
+        return self._cond(hidden.to(device).expand(n, -1, -1), pooled.to(device).expand(n, -1), size)
 
     def null_like(self, cond: Cond) -> Cond:
         c = cond["encoder_hidden_states"]
