@@ -104,6 +104,9 @@ def sigma_list(text: str) -> list[float]:
 
 # what one command may ask for before it must say --allow-large (sampling steps, images, grid upscaling, frames):
 # beyond these a typo costs hours or the machine's memory
+# --dtype / --teacher-dtype: a pipeline's weights in this precision (torch dtype names, as diffusers' torch_dtype)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 LIMITS = {"steps": 1000, "num": 2000, "scale": 16, "frames": 256, "height": 2048, "width": 2048}
 
 
@@ -145,7 +148,9 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
     g.add_argument("--lr", type=positive, default=lr, help=f"peak learning rate (default {lr})")
     g.add_argument("--warmup", type=at_least(0), default=200, help="linear LR warm-up steps")
     g.add_argument("--grad-clip", type=non_negative, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--ema", type=number(0.0, 1.0, hi_open=True), default=0.999, help="EMA decay of the saved weights")
+    g.add_argument("--ema", type=number(0.0, 1.0, hi_open=True), default=0.999,
+                   help="EMA decay of the saved weights (default 0.999); 0: no EMA copy, the online weights are saved "
+                        "(a full-size UNet's worth of memory less)")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--checkpoint-every", type=positive_int, default=500)
     g.add_argument("--keep-checkpoints", type=positive_int, default=2)

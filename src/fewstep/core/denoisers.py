@@ -179,10 +179,11 @@ class LCMConsistency(nn.Module):
 
 
 def _call(net: nn.Module, x: Tensor, noise_cond: Tensor, cond: dict) -> Tensor:
-    """``net(x, c_noise, **cond)`` in the network's own precision (a half-precision UNet gets half inputs; the
-    σ-space arithmetic around it stays in ``x``'s dtype)."""
+    """``net(x, c_noise, **cond)`` in the network's own precision (a half-precision UNet gets half inputs, an
+    fp32 student the embeddings a bf16 teacher's text encoder made; the σ-space arithmetic around it stays in
+    ``x``'s dtype)."""
     dtype = getattr(net, "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype != x.dtype:
+    if isinstance(dtype, torch.dtype):
         x = x.to(dtype)
         cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
     out = net(x, noise_cond, **cond)

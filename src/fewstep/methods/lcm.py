@@ -124,7 +124,7 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
         teacher_fn = with_scales(per_sample_cfg(AdaptersOff(teacher.denoiser, unet), null), lo, hi)
     else:
         unet = (w_conditioned_unet(teacher.unet, settings.cond_proj_dim) if settings.method == "lcd"
-                else copy.deepcopy(teacher.unet)).requires_grad_(True)
+                else copy.deepcopy(teacher.unet)).float().requires_grad_(True)  # fp32 under a bf16/fp16 teacher
         teacher_fn = per_sample_cfg(teacher.denoiser, null) if settings.method == "lcd" else None
         condition = with_scale_input(condition, lo, hi)   # the student takes s, the teacher guides at it
     if settings.gradient_checkpointing:
@@ -141,11 +141,15 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     trained = student.derive(net=unwrap(result.ema).net)
     if target is not None:
         return _save_lcm_lora(out, target.remove(trained.unet), teacher, data, settings, record)
+    for name in ("vae", "text_encoder", "text_encoder_2"):   # a bf16/fp16 teacher's parts, saved as fp32
+        if name in trained.parts:
+            trained.parts[name].float()
     what = (f"A latent consistency model ({settings.method.upper()}, Luo et al. 2023) of `{teacher.path}` on "
             f"`{data.name}`: 1–8 steps, guidance scale {lo:g}–{hi:g} as an input (one network evaluation per step). "
             f"Runs in diffusers:")
-    usage = (f"```python\nfrom diffusers import LatentConsistencyModelPipeline\n"
-             f"pipe = LatentConsistencyModelPipeline.from_pretrained('{out}')\n"
+    cls = "StableDiffusionXLPipeline" if "text_encoder_2" in teacher.parts else "LatentConsistencyModelPipeline"
+    usage = (f"```python\nfrom diffusers import {cls}\n"
+             f"pipe = {cls}.from_pretrained('{out}')  # with its LCMScheduler\n"
              f"image = pipe('grinning face', num_inference_steps=4, guidance_scale=4.0, height=32, width=32).images[0]\n```")
     return save_model(out, trained.derive(config=trained.replace_config(training=record)),
                       readme(Path(out).name, what, usage, command))
@@ -174,14 +178,15 @@ def _save_lcm_lora(out, unet, teacher: Model, data: ImageData, settings: LCMSett
     """An LCM-LoRA folder: the acceleration vector τ_LCM in diffusers' LoRA format + what it is."""
     original_steps, command = teacher.schedule.num_train_timesteps // settings.skip, record["command"]
     lora, base = trainable_fraction(unet)
+    cls = "StableDiffusionXLPipeline" if "text_encoder_2" in teacher.parts else "StableDiffusionPipeline"
     info = {"kind": "lcm-lora", "base": str(teacher.path), "dataset": data.name, "rank": settings.lora_rank,
             "original_inference_steps": original_steps, "guidance_range": [settings.guidance_min, settings.guidance_max],
             "trainable_parameters": lora, "base_parameters": base, "training": record}
     readme = (f"# {Path(out).name}\n\nAn LCM-LoRA (Luo et al. 2023b) for `{teacher.path}`: rank {settings.lora_rank}, "
               f"{lora:,} parameters ({100 * lora / base:.1f}% of the UNet). Plug it into the base model (or a "
               f"fine-tuned one) and sample in 2–8 steps with LCMScheduler:\n\n```python\n"
-              f"from diffusers import StableDiffusionPipeline, LCMScheduler\n"
-              f"pipe = StableDiffusionPipeline.from_pretrained('{teacher.path}')\n"
+              f"from diffusers import {cls}, LCMScheduler\n"
+              f"pipe = {cls}.from_pretrained('{teacher.path}')\n"
               f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps={original_steps})\n"
               f"pipe.load_lora_weights('{out}')\n"
               f"image = pipe('red apple', num_inference_steps=4, guidance_scale=1.0, height=32, width=32).images[0]\n"

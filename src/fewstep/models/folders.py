@@ -67,11 +67,13 @@ def _first_line(e: Exception) -> str:
 
 
 # --- loading ------------------------------------------------------------------------------------------
-def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                variant: str | None = None) -> Model:
     """Load a pixel model folder or a diffusers pipeline folder (weights from safetensors only), frozen; a
-    pipeline's weights in ``dtype`` (default float32) from its ``variant`` files (e.g. "fp16")."""
+    pipeline's weights in ``dtype`` (default float32; a torch dtype or its name) from its ``variant`` files
+    (e.g. "fp16")."""
     folder = Path(folder)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if folder.is_file():
         raise FewstepError(f"{folder} is a file, not a model folder: give the folder (a fewstep model folder, or a "
                            f"diffusers pipeline folder with model_index.json)")

@@ -39,7 +39,8 @@ def add_lora(unet: nn.Module, rank: int = 8, alpha: float | None = None,
     params = lora_parameters(unet)
     if not params:
         raise FewstepError(f"no module of the UNet matches the LoRA targets {', '.join(targets)}")
-    for p in params:
+    for p in params:   # fp32 adapters on a bf16/fp16 base (peft casts their input up and their output back)
+        p.data = p.data.float()
         p.requires_grad_(True)
     return params
 
@@ -73,7 +74,7 @@ class EMAAdapter:
         unet.set_adapter(adapter)                  # add_adapter activates the new one: the student trains the first
         with torch.no_grad():
             for t, p in self._pairs():
-                t.copy_(p)
+                t.data = p.detach().clone()    # θ⁻ = θ, in θ's (fp32) precision whatever the base's
                 t.requires_grad_(False)
 
     def _pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:

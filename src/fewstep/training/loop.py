@@ -53,7 +53,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0             # max global grad norm; 0 disables
-    ema_decay: float = 0.999           # EMA of the weights, which is what gets saved as the model
+    ema_decay: float = 0.999           # EMA of the weights, which is what gets saved as the model; 0: no EMA copy
+                                       # (the online weights are saved; diffusers' LCD script does so, and a
+                                       # full-size UNet's EMA is 3.4 GB more)
     ema_warmup: bool = True            # diffusers' 1 − (1+step)^−2/3 ramp: useful EMA even in short runs
     mixed_precision: str = "no"        # "no" | "fp16" | "bf16" (GPU users)
     checkpoint_every: int = 500
@@ -101,11 +103,12 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor], conf
 
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
-    ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=config.ema_warmup)
+    ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=config.ema_warmup) if config.ema_decay > 0 else None
+    saved = _saved_names(model, params)
     step, elapsed = 0, 0.0
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
-        step, elapsed = _load_checkpoint(latest, model, optimizer, ema, objective, config)
+        step, elapsed = _load_checkpoint(latest, model, optimizer, ema, objective, config, saved)
     ddp_model, optimizer = acc.prepare(model, optimizer)
 
     log_path = out / "metrics.jsonl"
@@ -140,7 +143,8 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor], conf
         grad_norm = acc.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.step(params)
+        if ema is not None:
+            ema.step(params)
         step += 1
         if hasattr(objective, "after_step"):
             objective.after_step(acc.unwrap_model(ddp_model), step)
@@ -153,19 +157,34 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor], conf
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if step % config.checkpoint_every == 0 or step == config.max_steps:
-            if not (all_finite(model) and all(bool(torch.isfinite(p).all()) for p in ema.shadow_params)):
+            if not (all_finite(model) and all(bool(torch.isfinite(p).all()) for p in ema_params(ema))):
                 bar.close()
                 _diverged(f"the weights became non-finite by step {step} (loss {loss_value:.4g}); nothing was saved",
                           ckpt_root)
             if acc.is_main_process:
                 save_checkpoint(ckpt_root, step, acc.unwrap_model(ddp_model), optimizer, ema, objective, config,
-                                elapsed + time.time() - t0)
+                                elapsed + time.time() - t0, saved)
             acc.wait_for_everyone()
     bar.close()
 
     trained = acc.unwrap_model(ddp_model)
-    return TrainResult(trained, _with_ema_weights(trained, ema, params), step, loss_value, elapsed + time.time() - t0,
-                       config)
+    averaged = trained if ema is None else _with_ema_weights(trained, ema, params)
+    return TrainResult(trained, averaged, step, loss_value, elapsed + time.time() - t0, config)
+
+
+def ema_params(ema: EMAModel | None) -> list[Tensor]:
+    return [] if ema is None else list(ema.shadow_params)
+
+
+def _saved_names(model: nn.Module, params: list[nn.Parameter]) -> set[str] | None:
+    """What a checkpoint holds of the model: None (its whole state) unless only some of its parameters train
+    (a LoRA): then just those, since the frozen rest is the base model the run starts from anyway. A LoRA
+    checkpoint of a full-size UNet is then its adapter's size (MBs), not the UNet's (GBs)."""
+    ids = {id(p) for p in params}
+    named = dict(model.named_parameters())
+    if len(ids) == len(named):
+        return None
+    return {n for n, p in named.items() if id(p) in ids}
 
 
 def _diverged(what: str, ckpt_root: Path) -> None:
@@ -191,14 +210,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMAModel, objective,
-                    config: TrainConfig, elapsed: float = 0.0) -> Path:
-    """Write ``root/step-NNNNNNN`` atomically (temporary folder, then rename); keep the last K."""
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMAModel | None, objective,
+                    config: TrainConfig, elapsed: float = 0.0, names: set[str] | None = None) -> Path:
+    """Write ``root/step-NNNNNNN`` atomically (temporary folder, then rename); keep the last K. ``names``:
+    the model's entries to keep (default all; :func:`_saved_names`)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     with atomic_path(final, directory=True) as tmp:
-        save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
-        ema_state = ema.state_dict()
+        state_dict = model.state_dict() if names is None else {k: v for k, v in model.state_dict().items() if k in names}
+        save_file(_contiguous(state_dict), tmp / "model.safetensors")
+        ema_state = ema.state_dict() if ema is not None else {"shadow_params": []}
         save_file({f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
                   tmp / "ema.safetensors")
         opt_state = optimizer.state_dict()
@@ -206,7 +227,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMA
                   tmp / "optimizer.safetensors")
         if hasattr(objective, "state_dict"):
             save_file(_contiguous(objective.state_dict()), tmp / "objective.safetensors")
-        state = {"step": step, "elapsed_seconds": elapsed, "config": asdict(config), "ema": ema_state,
+        state = {"step": step, "elapsed_seconds": elapsed, "config": asdict(config), "ema": ema_state if ema else None,
+                 "partial": names is not None,
                  "optimizer_param_groups": opt_state["param_groups"]}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -config.keep_checkpoints]:
@@ -214,8 +236,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMA
     return final
 
 
-def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel, objective,
-                     config: TrainConfig) -> tuple[int, float]:
+def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel | None, objective,
+                     config: TrainConfig, names: set[str] | None = None) -> tuple[int, float]:
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
@@ -223,9 +245,13 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel, obj
     check_resume(json.loads(json.dumps(state.get("config", {}))), json.loads(json.dumps(asdict(config))), path,
                  config.force_resume)
     try:
-        model.load_state_dict(load_file(path / "model.safetensors"))
-        shadow = load_file(path / "ema.safetensors")
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
+        weights = load_file(path / "model.safetensors")
+        if names is not None and set(weights) != names:
+            raise ValueError(f"it holds {len(weights)} tensors where this run trains {len(names)}")
+        model.load_state_dict(weights, strict=names is None)
+        if ema is not None:
+            shadow = load_file(path / "ema.safetensors")
+            ema.load_state_dict({**state["ema"], "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
         flat = load_file(path / "optimizer.safetensors")
         opt_state: dict[int, dict[str, Tensor]] = {}
         for key, value in flat.items():
