@@ -187,3 +187,22 @@ def add_lora_arg(p: argparse.ArgumentParser, what: str) -> None:
                         f"2–8 steps). What a LoRA is comes from its folder's fewstep.json or its file's metadata; "
                         f"a file that says nothing counts as a style LoRA (with a warning): add :lcm to declare an "
                         f"LCM-LoRA (sampled with LCM's sampler on the 50-step grid), e.g. lcm-lora.safetensors:1:lcm")
+
+    add_dtype_args(p)
+
+
+def load_options(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(dtype name, variant) from --dtype/--variant, for :func:`fewstep.models.folders.load_model`."""
+    dtype = getattr(args, "dtype", None)
+    return (DTYPES[dtype] if dtype else None), getattr(args, "variant", None)
+
+
+def add_dtype_args(p: argparse.ArgumentParser) -> None:
+    """--dtype and --variant: the precision a pipeline's weights are held in and which files they come from."""
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="pipelines: hold the weights in this precision (default fp32, whatever the files hold; fp16 "
+                        "VAEs that need it run in fp32, as in diffusers). bf16/fp16 halve the memory; on a CPU they "
+                        "are slower")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="pipelines: load the NAME-variant weight files (diffusion_pytorch_model.NAME.safetensors, e.g. "
+                        "fp16); default the plain files, or the fp16 ones where only those exist")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import FewstepError
-from .args import add_grid_args, add_lora_arg, at_least, guidance_scale, seed, step_list
+from .args import add_grid_args, add_lora_arg, at_least, guidance_scale, load_options, seed, step_list
 
 
 def add_parser(sub) -> None:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
     for path, suffix in ((args.json, None), (args.grid, ".png")):
         if path:
             check_writable(path, suffix)  # fail before any work
-    model = with_tiny_vae(load_with_loras(args.model, args.lora), args.tiny_vae)
+    model = with_tiny_vae(load_with_loras(args.model, args.lora, *load_options(args)), args.tiny_vae)
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
     if args.tune_sigmas:
         _tune_sigmas(model, ruler, args)

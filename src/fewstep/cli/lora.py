@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import Parser, command_line
+from .args import Parser, add_dtype_args, command_line, load_options
 
 
 def add_parser(sub) -> None:
@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
                    help="keep the adapters separate: a folder of the LoRAs and their weights, not a fused pipeline")
     m.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it is an existing folder that fewstep did not write")
+    add_dtype_args(m)
     m.set_defaults(func=run_merge)
     add_export_parser(lora_sub)
 
@@ -81,7 +82,7 @@ def run_merge(args: argparse.Namespace) -> None:
         save_lora_set,
     )
 
-    model = load_with_loras(args.base, args.lora)    # every adapter checked against the base, fused or not
+    model = load_with_loras(args.base, args.lora, *load_options(args))    # every adapter checked against the base, fused or not
     command = command_line(args)
     if args.no_fuse:
         specs = expand_lora_sets([parse_lora_spec(s) for s in args.lora])

@@ -8,8 +8,18 @@ import math
 from pathlib import Path
 
 from ..errors import FewstepError
-from .args import (LIMITS, add_grid_args, add_limits, add_lora_arg, command_line, guidance_scale, positive_int, seed,
-                   sigma_list)
+from .args import (
+    LIMITS,
+    add_grid_args,
+    add_limits,
+    add_lora_arg,
+    command_line,
+    guidance_scale,
+    load_options,
+    positive_int,
+    seed,
+    sigma_list,
+)
 
 SEEDS = ("image i of a run with --seed S (i as in --out-dir's numbering: labels or prompts in order, --num each) "
          "starts from the i-th block of one noise stream seeded S, as diffusers' "
@@ -127,7 +137,7 @@ def run(args: argparse.Namespace) -> None:
     if args.prompt and args.prompts_file:
         raise FewstepError("give --prompt or --prompts-file, not both")
     prompts = read_prompts(args.prompts_file) if args.prompts_file else args.prompt
-    model = with_tiny_vae(load_with_loras(args.model, args.lora), args.tiny_vae)
+    model = with_tiny_vae(load_with_loras(args.model, args.lora, *load_options(args)), args.tiny_vae)
     cond, nrow = conditions(args, model, prompts)
     total = args.num if cond is None else len(cond)
     if total > LIMITS["num"] and not args.allow_large:

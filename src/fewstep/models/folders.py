@@ -26,8 +26,8 @@ import torch
 from ..errors import FewstepError
 from ..io.atomic import atomic_path
 from ..nets.guided import GuidedUNet
-from .codecs import PixelCodec, VAECodec
 from ..nets.sdxl import time_ids
+from .codecs import PixelCodec, VAECodec
 from .conditioners import LabelConditioner, SDXLConditioner, TextConditioner
 from .config import (
     CONFIG_NAME,

@@ -327,8 +327,10 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
     return model.derive(net=unet.requires_grad_(False).eval(), config=model.replace_config(**changes))
 
 
-def load_with_loras(path: str | Path, loras: Sequence[str] = ()) -> Model:
-    """A model folder with ``PATH[:WEIGHT][:lcm]`` LoRAs fused in (each spec checked before anything loads)."""
+def load_with_loras(path: str | Path, loras: Sequence[str] = (), dtype: str | None = None,
+                    variant: str | None = None) -> Model:
+    """A model folder with ``PATH[:WEIGHT][:lcm]`` LoRAs fused in (each spec checked before anything loads); a
+    pipeline's weights in ``dtype`` ("float32", "bfloat16", "float16") from its ``variant`` files."""
     specs = [parse_lora_spec(s) for s in loras or []]
-    model = load_model(path)
+    model = load_model(path, dtype=dtype, variant=variant)
     return apply_loras(model, specs) if specs else model
