@@ -298,7 +298,15 @@ def _seed(*parts: int) -> int:
 
 
 def _contiguous(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    """``sd`` as safetensors takes it: contiguous, no two entries on one storage (tied weights are copied, the
+    rest written in place, so a checkpoint of a full-size UNet does not hold a second copy in memory)."""
+    seen, out = set(), {}
+    for k, v in sd.items():
+        t = v.detach().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
 
 
 def _truncate_log(path: Path, step: int) -> None:
