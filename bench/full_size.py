@@ -131,7 +131,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/full-size"))
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--limit-gb", type=float, default=21.0, help="kill a run whose memory passes this (default 21)")
+    p.add_argument("--limit-gb", type=float, default=19.0, help="kill a run whose memory passes this, in GiB (default 19 of the 23 here)")
     p.add_argument("--only", nargs="*", help="substrings of the run names to do (default all)")
     args = p.parse_args()
     teacher, data = build_sd15(args.work / "sd15-random"), data_folder(args.work / "data")

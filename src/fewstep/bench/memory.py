@@ -13,14 +13,14 @@ def section(results: Path) -> list[str]:
         return []
     f = json.loads(path.read_text())
     lines = ["", "## Full size on 24 GB", "",
-             f"Written by `{f['command']}` on {f['date']} ({f['threads']} threads). A random-weight pipeline with SD 1.5's "
+             f"Written by `{f['command']}` on {f['date']} (torch threads: {f['threads']}). A random-weight pipeline with SD 1.5's "
              f"architecture (UNet {f['unet_parameters'] / 1e6:.1f}M parameters), built offline: memory, speed and "
              "plumbing only, never quality. Each run is a real `fewstep distill` at 256² (32² latents), batch 1, on "
              "four captioned emoji, in its own process; peak = the largest resident set of its process tree, and a "
              "run that passes the limit is killed there (it does not fit).", "",
              "| run | peak memory | fits in 24 GB | s / step | checkpoint |", "|---|---:|---|---:|---:|"]
     for r in f["runs"]:
-        peak = f"> {r['killed_at_gb']:g} GB (killed)" if r.get("killed_at_gb") else f"{r['peak_gb']:.1f} GB"
+        peak = f"> {r['killed_at_gb']:g} GiB (killed)" if r.get("killed_at_gb") else f"{r['peak_gb']:.1f} GiB"
         fits = "yes" if r["fits"] else "no"
         step = f"{r['seconds_per_step']:.0f}" if r.get("seconds_per_step") else "–"
         ckpt = f"{r['checkpoint_mb'] / 1024:.2f} GB" if r.get("checkpoint_mb", 0) >= 1024 else (

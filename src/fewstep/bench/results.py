@@ -43,6 +43,7 @@ class BenchReport:
     lora: dict = field(default_factory=dict)                        # bench.lora: Luo et al. 2023b
     emoji_pixel: dict = field(default_factory=dict)                 # bench.testbed: the emoji pixel testbed
     serve: dict = field(default_factory=dict)                       # bench.serve: fewstep serve, the tiny VAE
+    sdxl: dict = field(default_factory=dict)                        # bench.sdxl: the SDXL-format teacher, LCM-LoRA
 
 
 def load_report(bench_json: Path, missing: str) -> BenchReport:

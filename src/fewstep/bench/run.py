@@ -14,7 +14,7 @@ from ..errors import FewstepError
 from ..eval.evaluate import ruler_for
 from ..io.atomic import write_text
 from ..models.folders import load_model
-from . import guided, guided_latent, latent, lora, pixel, serve, testbed
+from . import guided, guided_latent, latent, lora, pixel, sdxl, serve, testbed
 from .report import machine, plots, write_markdown
 from .results import BenchReport, BenchSettings, load_report
 
@@ -37,6 +37,7 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     report.lora = lora.measure(models_dir, settings, command, teacher_rows(report.latent))
     report.guided_latent = guided_latent.measure(models_dir, settings, command, teacher_rows(report.latent))
     report.emoji_pixel = testbed.measure(models_dir, settings, command)
+    report.sdxl = sdxl.measure(models_dir, settings, command)
     report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent))
     report.speed = pixel.measure_speed(teacher, distilled, settings)
     report.speedup = pixel.speedups(report)
@@ -59,7 +60,7 @@ def render_report(bench_json: Path, markdown: Path, out_dir: Path) -> None:
 
 def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
                      markdown: Path | None) -> None:
-    """``fewstep bench --only guided|guided-latent|latent|lora|emoji-pixel``: one section measured alone and merged into
+    """``fewstep bench --only guided|guided-latent|latent|lora|emoji-pixel|sdxl|serve``: one section measured alone and merged into
     the ``--reuse`` report (its other sections, command and date stay as they were)."""
     missing = f"--only {name} merges into a previous report: give --reuse OLD/bench.json"
     if not settings.reuse:
@@ -73,6 +74,8 @@ def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: Bench
         report.latent = latent.measure(models_dir, settings, command)
     elif name == "emoji-pixel":
         report.emoji_pixel = testbed.measure(models_dir, settings, command)
+    elif name == "sdxl":
+        report.sdxl = sdxl.measure(models_dir, settings, command)
     elif name == "serve":
         report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent))
     elif name == "guided-latent":

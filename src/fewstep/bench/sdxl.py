@@ -1,0 +1,79 @@
+"""The SDXL section of ``fewstep bench`` (issue 15): the tiny SDXL-format emoji teacher (``emoji-sdxl``: two
+text encoders, pooled embeddings, size/crop time ids; emoji-sd's VAE) and its LCM-LoRA
+(``emoji-sdxl-lcm-lora``) on the emoji ruler, beside the SD 1.x-format ones (``emoji-sd`` +
+``emoji-lcm-lora``) measured with the same prompts, sample count and seed.
+
+Target (the LCM-LoRA paper's claim for SDXL): the LoRA's 4-step FID within 1.3× the SDXL teacher's best.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..eval.evaluate import ruler_for
+from ..models.folders import load_model
+from ..models.loras import apply_loras, lora_info
+from .format import acc, fid, teacher_best, verdict
+from .measure import quality_rows
+
+PAIRS = (("emoji-sdxl", "emoji-sdxl-lcm-lora"), ("emoji-sd", "emoji-lcm-lora"))
+TEACHER_STEPS = {"dpmpp-2m": (4, 8, 25), "ddim": (25,)}
+LORA_STEPS = (1, 2, 4, 8)
+
+
+def measure(models_dir: Path, settings, command: str = "") -> dict:
+    """The section's numbers (empty when the SDXL teacher is not there)."""
+    if not (models_dir / PAIRS[0][0]).is_dir():
+        return {}
+    out: dict = {"command": command, "num": settings.num, "quality": {}, "loras": {}, "teachers": {}}
+    for teacher_name, lora_name in PAIRS:
+        if not (models_dir / teacher_name).is_dir():
+            continue
+        teacher = load_model(models_dir / teacher_name)
+        ruler = ruler_for(teacher, models_dir)
+        s = teacher.config.default_guidance_scale
+        out["teachers"][teacher_name] = {"guidance_scale": s, "training": teacher.config.training,
+                                         "parameters": sum(p.numel() for p in teacher.unet.parameters())}
+        for sampler, steps in TEACHER_STEPS.items():
+            out["quality"][f"{teacher_name}/{sampler}"] = quality_rows(teacher, ruler, steps, sampler, s, settings.num,
+                                                                       settings.seed)
+        if (models_dir / lora_name).is_dir():
+            accel = apply_loras(load_model(models_dir / teacher_name), [(models_dir / lora_name, 1.0)])
+            out["loras"][lora_name] = {**lora_info(models_dir / lora_name), "teacher": teacher_name}
+            out["quality"][f"{lora_name}/consistency"] = quality_rows(accel, ruler, LORA_STEPS, "consistency", 1.0,
+                                                                      settings.num, settings.seed)
+    return out
+
+
+def section(report) -> list[str]:
+    g = getattr(report, "sdxl", None) or {}
+    if not g:
+        return []
+    lines = ["", "## SDXL-format pipelines: the tiny SDXL teacher and its LCM-LoRA", "",
+             (f"Written by `{g['command']}`. " if g.get("command") else "") +
+             f"`emoji-sdxl` is an SDXL-format pipeline trained here (`StableDiffusionXLPipeline`: two CLIP text "
+             f"encoders, the second's pooled embedding and the size/crop time ids into the UNet's added conditioning; "
+             f"emoji-sd's VAE), `emoji-sd` the SD 1.x-format one; each with its LCM-LoRA (λ = 1, guidance 1, LCM's "
+             f"sampler), the teachers with CFG at their default scale. {g['num']} samples per point, the emoji ruler. "
+             f"Target: the LoRA's 4-step FID within 1.3× its own teacher's best.", "",
+             "| model | sampler | steps | NFE | FID | / teacher's best | acc. |", "|---|---|---:|---:|---:|---:|---:|"]
+    q = g["quality"]
+    verdicts = []
+    for teacher_name, lora_name in PAIRS:
+        best = teacher_best(q, teacher_name)
+        if best is None:
+            continue
+        where, ref = best
+        for key in (f"{teacher_name}/dpmpp-2m", f"{teacher_name}/ddim", f"{lora_name}/consistency"):
+            for r in q.get(key, []):
+                name, sampler = key.split("/")
+                lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | "
+                             f"{r['fid'] / ref['fid']:.2f} | {acc(r)} |")
+        four = next((r for r in q.get(f"{lora_name}/consistency", []) if r["steps"] == 4), None)
+        if four is not None:
+            ok = four["fid"] <= 1.3 * ref["fid"]
+            verdicts.append(f"`{lora_name}` at 4 steps: FID {fid(four)} = {four['fid'] / ref['fid']:.2f}× "
+                            f"`{teacher_name}`'s best ({fid(ref)}, {where}): target ≤ 1.3× "
+                            f"{'met' if ok else 'NOT met'}; against the teacher's 25 DPM-Solver++ steps: "
+                            f"{verdict(four, next(r for r in q[f'{teacher_name}/dpmpp-2m'] if r['steps'] == 25))}.")
+    return lines + [""] + verdicts
