@@ -7,6 +7,8 @@ Two layouts, both safetensors + JSON, never pickles, and loading never executes 
       unet/          UNet2DModel           fewstep.json (optional: any local SD 1.x/2.x folder works)
       README.md                            README.md
 
+and, read only, a single-file original-format SD 1.x/2.x/SDXL ``.safetensors`` checkpoint (:mod:`.single_file`).
+
 ``StableDiffusionPipeline.from_pretrained`` (or ``LatentConsistencyModelPipeline`` for an LCM) loads a
 pipeline folder unchanged. A progressive-distillation folder holds its other students as complete
 folders under ``students/N/`` (:func:`serving` picks the one of a step count). Every write is atomic:
@@ -68,17 +70,23 @@ def _first_line(e: Exception) -> str:
 
 # --- loading ------------------------------------------------------------------------------------------
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-               variant: str | None = None) -> Model:
-    """Load a pixel model folder or a diffusers pipeline folder (weights from safetensors only), frozen; a
-    pipeline's weights in ``dtype`` (default float32; a torch dtype or its name) from its ``variant`` files
-    (e.g. "fp16")."""
+               variant: str | None = None, config: str | Path | None = None) -> Model:
+    """Load a pixel model folder, a diffusers pipeline folder or a single-file SD 1.x/2.x/SDXL ``.safetensors``
+    checkpoint (weights from safetensors only), frozen; a pipeline's weights in ``dtype`` (default float32; a
+    torch dtype or its name) from its ``variant`` files (e.g. "fp16"); a single file's architecture from
+    ``config`` (a local diffusers folder) or the shipped config of its type (:mod:`.single_file`)."""
     folder = Path(folder)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if folder.is_file():
-        raise FewstepError(f"{folder} is a file, not a model folder: give the folder (a fewstep model folder, or a "
-                           f"diffusers pipeline folder with model_index.json)")
+        if variant:
+            raise FewstepError(f"{folder} is a single file: --variant picks the weight files of a folder")
+        from .single_file import read_single_file
+
+        return new_pipeline(path=folder, **read_single_file(folder, dtype, config, pipeline_class)).eval().to(device)
     if not folder.is_dir():
-        raise FewstepError(f"model folder {folder} does not exist")
+        raise FewstepError(f"model folder {folder} does not exist (nor a checkpoint file of that name)")
+    if config is not None:
+        raise FewstepError(f"config {config} is for single-file checkpoints; {folder} is a folder with its own configs")
     model = _load_pipeline(folder, dtype, variant) if is_pipeline_folder(folder) else _load_pixel(folder)
     return model.eval().to(device)
 
