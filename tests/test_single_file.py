@@ -224,3 +224,19 @@ def test_full_size_sd15_single_file_loads_with_the_shipped_config(tmp_path):
         sd = net.state_dict()
         assert all(torch.equal(sd[k], v.float()) for k, v in kept[name].items()), name
     assert model.parts["tokenizer"]("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_cli_samples_a_single_file_with_its_config(tiny_sd, tmp_path, capsys):
+    """`sample --model FILE --config DIR` gives the images `sample --model DIR` gives."""
+    import numpy as np
+    from PIL import Image
+
+    path = _save_original(load_model(tiny_sd), tmp_path / "model.safetensors")
+    grids = []
+    for model in ((str(path), "--config", str(tiny_sd)), (str(tiny_sd),)):
+        out = tmp_path / f"{len(grids)}.png"
+        rc, _, err = run_cli(capsys, "sample", "--model", *model, "--prompt", "red apple", "--steps", "2", "--num", "2",
+                             "--out", str(out))
+        assert rc == 0, err
+        grids.append(np.asarray(Image.open(out), dtype=np.int16))
+    assert np.abs(grids[0] - grids[1]).max() <= 1

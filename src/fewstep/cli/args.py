@@ -191,10 +191,10 @@ def add_lora_arg(p: argparse.ArgumentParser, what: str) -> None:
     add_dtype_args(p)
 
 
-def load_options(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """(dtype name, variant) from --dtype/--variant, for :func:`fewstep.models.folders.load_model`."""
+def load_options(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """(dtype name, variant, config) from --dtype/--variant/--config, for :func:`fewstep.models.folders.load_model`."""
     dtype = getattr(args, "dtype", None)
-    return (DTYPES[dtype] if dtype else None), getattr(args, "variant", None)
+    return (DTYPES[dtype] if dtype else None), getattr(args, "variant", None), getattr(args, "config", None)
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:
@@ -206,3 +206,7 @@ def add_dtype_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None, metavar="NAME",
                    help="pipelines: load the NAME-variant weight files (diffusion_pytorch_model.NAME.safetensors, e.g. "
                         "fp16); default the plain files, or the fp16 ones where only those exist")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="a single-file checkpoint (.safetensors of SD 1.x/2.x/SDXL, as A1111/ComfyUI use): the local "
+                        "diffusers folder (or shipped config: sd-v1-5, sd-v2-1, sd-v2-base, sdxl-base) whose "
+                        "architecture it has (default: inferred from the file's weights)")

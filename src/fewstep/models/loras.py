@@ -328,9 +328,10 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
 
 
 def load_with_loras(path: str | Path, loras: Sequence[str] = (), dtype: str | None = None,
-                    variant: str | None = None) -> Model:
-    """A model folder with ``PATH[:WEIGHT][:lcm]`` LoRAs fused in (each spec checked before anything loads); a
-    pipeline's weights in ``dtype`` ("float32", "bfloat16", "float16") from its ``variant`` files."""
+                    variant: str | None = None, config: str | None = None) -> Model:
+    """A model folder (or single-file checkpoint, its architecture from ``config``) with ``PATH[:WEIGHT][:lcm]``
+    LoRAs fused in (each spec checked before anything loads); a pipeline's weights in ``dtype`` ("float32",
+    "bfloat16", "float16") from its ``variant`` files."""
     specs = [parse_lora_spec(s) for s in loras or []]
-    model = load_model(path, dtype=dtype, variant=variant)
+    model = load_model(path, dtype=dtype, variant=variant, config=config)
     return apply_loras(model, specs) if specs else model
