@@ -90,3 +90,19 @@ def test_dtype_flag_samples_in_half_precision(tiny_sd, tmp_path, capsys):
     diff = np.abs(images["fp32"] - images["bf16"])
     assert 0 < diff.mean() < 8 and images["fp32"].std() > 1
     assert load_model(tiny_sd, dtype="bfloat16").unet.dtype == torch.bfloat16
+
+
+def test_a_run_that_cannot_fit_stops_in_one_line_before_copying_the_unet(tiny_sd, tmp_path, capsys, monkeypatch):
+    import fewstep.training.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)
+    argv = ["distill", "--method", "lcd", "--teacher", str(tiny_sd), "--dataset", "emoji", "--steps", "1", "--batch",
+            "4", "--no-progress"]
+    rc, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "a"), "--work-dir", str(tmp_path / "wa"))
+    assert rc != 0 and "needs at least" in err and "--ema 0" in err and "--no-memory-check" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "wa" / "checkpoints").exists()
+    n = sum(p.numel() for p in load_model(tiny_sd).unet.parameters())
+    assert memory.training_bytes(n, target=True, ema=True) == 24 * n
+    rc, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "b"), "--work-dir", str(tmp_path / "wb"),
+                         "--no-memory-check")
+    assert rc == 0, err

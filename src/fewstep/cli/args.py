@@ -162,6 +162,8 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
                    help="replace --out even if it is an existing folder that fewstep did not write")
     g.add_argument("--force-resume", action="store_true",
                    help="resume the work folder's checkpoint even though settings that define the run differ")
+    g.add_argument("--no-memory-check", action="store_true",
+                   help="start even if the weights, gradients and optimizer state alone need more memory than is free")
 
 
 def train_config(args: argparse.Namespace):
@@ -177,7 +179,7 @@ def train_config(args: argparse.Namespace):
                        batch_size=args.batch, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
                        grad_clip=args.grad_clip, ema_decay=args.ema, mixed_precision=args.mixed_precision,
                        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                       seed=args.seed, progress=not args.no_progress)
+                       seed=args.seed, progress=not args.no_progress, memory_check=not args.no_memory_check)
 
 
 def add_lora_arg(p: argparse.ArgumentParser, what: str) -> None:

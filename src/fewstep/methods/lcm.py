@@ -36,6 +36,7 @@ from ..objectives.consistency import ConsistencyLoss
 from ..objectives.curricula import Curriculum
 from ..objectives.distances import get_distance
 from ..training import TrainConfig
+from ..training.memory import check_fits, training_bytes
 from .common import Run, readme
 
 LCM_METHODS = ("lcd", "lcf", "lcm-lora")
@@ -123,6 +124,8 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
         target = EMAAdapter(unet)                # ... and the target network a second adapter on it
         teacher_fn = with_scales(per_sample_cfg(AdaptersOff(teacher.denoiser, unet), null), lo, hi)
     else:
+        if config.memory_check:
+            _check_fits(teacher, config, run.device)
         unet = (w_conditioned_unet(teacher.unet, settings.cond_proj_dim) if settings.method == "lcd"
                 else copy.deepcopy(teacher.unet)).float().requires_grad_(True)  # fp32 under a bf16/fp16 teacher
         teacher_fn = per_sample_cfg(teacher.denoiser, null) if settings.method == "lcd" else None
@@ -153,6 +156,16 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
              f"image = pipe('grinning face', num_inference_steps=4, guidance_scale=4.0, height=32, width=32).images[0]\n```")
     return save_model(out, trained.derive(config=trained.replace_config(training=record)),
                       readme(Path(out).name, what, usage, command))
+
+
+def _check_fits(teacher: Model, config: TrainConfig, device) -> None:
+    """LCD/LCF train a full copy of the UNet: refuse before copying it if its weights cannot fit."""
+    n = sum(p.numel() for p in teacher.unet.parameters())
+    ema = config.ema_decay > 0
+    advice = ("Add --ema 0 (the target is then the only EMA; −{:.1f} GiB), ".format(4 * n / 2 ** 30) if ema else "") + (
+        "use --method lcm-lora (adapters only), or a machine with more memory. ")
+    check_fits(training_bytes(n, target=True, ema=ema), f"training a full copy of this {n / 1e6:.1f}M-parameter UNet",
+               device, advice)
 
 
 def with_scale_input(condition, lo: float, hi: float):

@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True              # tqdm bar on the main process
     force_resume: bool = False         # resume a checkpoint whose defining settings differ (fewstep.training.runs)
+    memory_check: bool = True          # recipes refuse a run whose weights cannot fit (fewstep.training.memory)
     extra: dict[str, Any] = field(default_factory=dict)  # the objective's own settings, for the record
 
 

@@ -25,7 +25,7 @@ from ..errors import FewstepError
 LOCK_NAME = ".fewstep-run.lock"
 # TrainConfig fields a resumed run may change: how long it runs, how it reports and keeps checkpoints
 FREE_FIELDS = {"out_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
-               "force_resume", "mixed_precision"}
+               "force_resume", "mixed_precision", "memory_check"}
 
 
 class WorkDirLock:
