@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "full_size.json"
 # what each run adds to `fewstep distill --teacher SD15 --dataset DATA --batch 1 ...`
 RUNS = {
-    "lcd, fp32 teacher, weight EMA (the defaults)": ["--method", "lcd"],
+    "lcd (the defaults), --no-memory-check": ["--method", "lcd", "--no-memory-check"],
+    "lcd (the defaults: fp32 teacher, weight EMA)": ["--method", "lcd"],
     "lcd --teacher-dtype bf16 --ema 0 --gradient-checkpointing":
         ["--method", "lcd", "--teacher-dtype", "bf16", "--ema", "0", "--gradient-checkpointing"],
     "lcm-lora rank 64 (the defaults)": ["--method", "lcm-lora", "--lora-rank", "64"],

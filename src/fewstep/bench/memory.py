@@ -18,12 +18,20 @@ def section(results: Path) -> list[str]:
              "plumbing only, never quality. Each run is a real `fewstep distill` at 256² (32² latents), batch 1, on "
              "four captioned emoji, in its own process; peak = the largest resident set of its process tree, and a "
              "run that passes the limit is killed there (it does not fit).", "",
-             "| run | peak memory | fits in 24 GB | s / step | checkpoint |", "|---|---:|---|---:|---:|"]
+             "| run | peak memory | fits in 24 GB | s / step | checkpoint | note |", "|---|---:|---|---:|---:|---|"]
     for r in f["runs"]:
         peak = f"> {r['killed_at_gb']:g} GiB (killed)" if r.get("killed_at_gb") else f"{r['peak_gb']:.1f} GiB"
         fits = "yes" if r["fits"] else "no"
         step = f"{r['seconds_per_step']:.0f}" if r.get("seconds_per_step") else "–"
         ckpt = f"{r['checkpoint_mb'] / 1024:.2f} GB" if r.get("checkpoint_mb", 0) >= 1024 else (
             f"{r['checkpoint_mb']:.0f} MB" if r.get("checkpoint_mb") else "–")
-        lines.append(f"| `{r['name']}` | {peak} | {fits} | {step} | {ckpt} |")
+        note = r.get("note") or (_refusal(r.get("log_tail", "")) if not r["fits"] else "")
+        lines.append(f"| `{r['name']}` | {peak} | {fits} | {step} | {ckpt} | {note} |")
+    lines += ["", f["conclusion"]] if f.get("conclusion") else []
     return lines + ["", "Commands: `" + "`; `".join(r["command"] for r in f["runs"]) + "`."]
+
+
+def _refusal(log: str) -> str:
+    """A refused run's one line, as the user saw it."""
+    line = next((x for x in log.splitlines() if x.startswith("fewstep: error:")), "")
+    return f"refused at start in {len(line) and 1} line: “{line.removeprefix('fewstep: error: ')}”" if line else ""

@@ -124,10 +124,11 @@ def _latent_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet activations in the backward pass (less memory on big UNets)")
     g.add_argument("--teacher-dtype", choices=sorted(DTYPES), default="fp32",
-                   help="lcd, lcm-lora, lcf: hold the frozen teacher (the whole pipeline) in this precision (default "
-                        "fp32). bf16 halves its memory, as diffusers' LCD scripts do; the student, its target and the "
-                        "optimizer stay fp32 (LoRA adapters too, on the bf16 base). For full-size UNets on 24 GB, with "
-                        "--ema 0 (no separate weight EMA) and --gradient-checkpointing")
+                   help="lcd, lcm-lora, lcf: hold the frozen teacher UNet in this precision (default fp32; the VAE "
+                        "and text encoders, used once to encode the data, stay fp32). bf16 halves its memory, as "
+                        "diffusers' LCD scripts do; the student, its target and the optimizer stay fp32 (LoRA adapters "
+                        "too, on the bf16 base). For full-size UNets on 24 GB, with --ema 0 (no separate weight EMA) "
+                        "and --gradient-checkpointing. On a CPU without native bf16 it is much slower")
     g.add_argument("--lora-rank", type=positive_int, default=8,
                    help="lcm-lora: rank of the LoRA adapters (default 8; the paper uses 64 on SD-size UNets)")
 
@@ -148,6 +149,9 @@ def run(args: argparse.Namespace) -> None:
             raise FewstepError(f"--teacher-dtype {args.teacher_dtype} applies to lcd, lcm-lora and lcf; --method "
                                f"{args.method} holds its teacher in fp32")
         teacher = _checked_teacher(args.method, load_model(args.teacher, dtype=DTYPES[args.teacher_dtype]))
+        for name in ("vae", "text_encoder", "text_encoder_2"):   # small, used once to encode the data: fp32
+            if name in teacher.parts:
+                teacher.parts[name].float()
         if args.image_size and args.image_size != teacher.config.image_size:
             raise FewstepError(f"--image-size {args.image_size}: {args.teacher} takes {teacher.config.image_size}² images "
                                f"(the data is resized to the teacher's size); leave --image-size out")
