@@ -215,3 +215,19 @@ def to_original_format(unet, vae, text_encoder, text_encoder_2=None) -> dict:
         return {**out, **{"cond_stage_model.transformer." + k: v for k, v in te.items()}}
     return {**out, **{"conditioner.embedders.0.transformer." + k: v for k, v in te.items()},
             **_open_clip_to_original(text_encoder_2, "conditioner.embedders.1.model.")}
+
+
+def save_tiny_sdxl(folder, force_zeros: bool = False):
+    """A random-weight SDXL-format pipeline folder of the TINY sizes (no training); ``force_zeros`` as SDXL's
+    ``force_zeros_for_empty_prompt`` (the base model's default True; fewstep's SDXL teacher trains with False)."""
+    from fewstep.nets.sdxl import TinySDXLConfig, build_sdxl_unet, build_text_encoder_2
+    from fewstep.nets.unets import build_text_encoder, build_tokenizer, build_vae
+
+    cfg = TinySDXLConfig(**asdict(TINY))
+    torch.manual_seed(0)
+    tok = build_tokenizer(CAPTIONS, cfg.vocab_size, cfg.max_length)
+    config = ModelConfig(kind="diffusion", parameterization="vp", image_size=32, channels=3, dataset="tiny",
+                         default_sampler="dpmpp-2m", default_steps=4, default_guidance_scale=3.0)
+    model = new_pipeline(config, build_sdxl_unet(cfg), build_vae(cfg), build_text_encoder(cfg, tok), tok, folder,
+                         text_encoder_2=build_text_encoder_2(cfg, tok), tokenizer_2=tok, force_zeros=force_zeros)
+    return save_model(folder, model)

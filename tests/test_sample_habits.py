@@ -5,12 +5,11 @@ image at native resolution with how it was made in its metadata, and the seed â†
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
-from helpers import CAPTIONS, TINY, run_cli, tiny_digits_models
+from helpers import run_cli, save_tiny_sdxl, tiny_digits_models
 from PIL import Image
 
 from fewstep.errors import FewstepError
@@ -41,20 +40,7 @@ def _theirs(pipe, seed: int = 3, negative_prompt: str | None = None, **kwargs) -
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory):
     """A random-weight SDXL-format folder with SDXL's default force_zeros_for_empty_prompt."""
-    from fewstep.models.config import ModelConfig
-    from fewstep.models.folders import new_pipeline, save_model
-    from fewstep.nets.sdxl import TinySDXLConfig, build_sdxl_unet, build_text_encoder_2
-    from fewstep.nets.unets import build_text_encoder, build_tokenizer, build_vae
-
-    cfg = TinySDXLConfig(**asdict(TINY))
-    torch.manual_seed(0)
-    tok = build_tokenizer(CAPTIONS, cfg.vocab_size, cfg.max_length)
-    config = ModelConfig(kind="diffusion", parameterization="vp", image_size=32, channels=3, dataset="tiny",
-                         default_sampler="dpmpp-2m", default_steps=4, default_guidance_scale=3.0)
-    folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
-    model = new_pipeline(config, build_sdxl_unet(cfg), build_vae(cfg), build_text_encoder(cfg, tok), tok, folder,
-                         text_encoder_2=build_text_encoder_2(cfg, tok), tokenizer_2=tok, force_zeros=True)
-    return save_model(folder, model)
+    return save_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", force_zeros=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,13 @@ tiny random SDXL folder built here."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
-from helpers import CAPTIONS, TINY, tiny_data
+from helpers import save_tiny_sdxl, tiny_data
 
 from fewstep.errors import FewstepError
-from fewstep.models.config import ModelConfig
-from fewstep.models.folders import load_model, new_pipeline, save_model
-from fewstep.nets.sdxl import TinySDXLConfig, build_sdxl_unet, build_text_encoder_2
-from fewstep.nets.unets import build_text_encoder, build_tokenizer, build_vae
+from fewstep.models.folders import load_model
 
 PROMPTS = ["red apple", "grinning face"]
 
@@ -29,15 +25,7 @@ def _pipe_images(pipe, steps: int, guidance: float, seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory):
     """A random-weight SDXL-format pipeline folder (no training)."""
-    cfg = TinySDXLConfig(**asdict(TINY))
-    torch.manual_seed(0)
-    tok = build_tokenizer(CAPTIONS, cfg.vocab_size, cfg.max_length)
-    config = ModelConfig(kind="diffusion", parameterization="vp", image_size=32, channels=3, dataset="tiny",
-                         default_sampler="dpmpp-2m", default_steps=4, default_guidance_scale=3.0)
-    folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
-    model = new_pipeline(config, build_sdxl_unet(cfg), build_vae(cfg), build_text_encoder(cfg, tok), tok, folder,
-                         text_encoder_2=build_text_encoder_2(cfg, tok), tokenizer_2=tok, force_zeros=False)
-    return save_model(folder, model)
+    return save_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
 
 
 def test_sdxl_folder_is_a_diffusers_sdxl_pipeline(tiny_sdxl):

@@ -7,16 +7,15 @@ config= their folder; the shipped-config path is the slow full-size test and the
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import CAPTIONS, TINY, run_cli, to_original_format
+from helpers import run_cli, save_tiny_sdxl, to_original_format
 from safetensors.torch import save_file
 
 from fewstep.errors import FewstepError
-from fewstep.models.folders import load_model, new_pipeline, save_model
+from fewstep.models.folders import load_model
 from fewstep.models.single_file import CONFIGS, checkpoint_type, clip_tokenizer, read_shapes
 from fewstep.models.single_file import _shipped_name as shipped_name
 
@@ -35,20 +34,8 @@ def _save_original(model, path: Path, **changes: torch.Tensor) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_sdxl_folder(tmp_path_factory):
-    """A random-weight SDXL-format pipeline folder (as tests/test_sdxl.py builds its own)."""
-    from fewstep.models.config import ModelConfig
-    from fewstep.nets.sdxl import TinySDXLConfig, build_sdxl_unet, build_text_encoder_2
-    from fewstep.nets.unets import build_text_encoder, build_tokenizer, build_vae
-
-    cfg = TinySDXLConfig(**asdict(TINY))
-    torch.manual_seed(0)
-    tok = build_tokenizer(CAPTIONS, cfg.vocab_size, cfg.max_length)
-    config = ModelConfig(kind="diffusion", parameterization="vp", image_size=32, channels=3, dataset="tiny",
-                         default_sampler="dpmpp-2m", default_steps=4, default_guidance_scale=3.0)
-    folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
-    model = new_pipeline(config, build_sdxl_unet(cfg), build_vae(cfg), build_text_encoder(cfg, tok), tok, folder,
-                         text_encoder_2=build_text_encoder_2(cfg, tok), tokenizer_2=tok, force_zeros=False)
-    return save_model(folder, model)
+    """A random-weight SDXL-format pipeline folder."""
+    return save_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
