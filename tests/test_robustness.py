@@ -66,7 +66,7 @@ def _cases(p: Path):
         (["sample", "--model", t, "--scale", "100000", "--out", s], "--allow-large"),
         (["sample", "--model", t, "--steps", "1000000", "--out", s], "--allow-large"),
         (["sample", "--model", t, "--sigmas", "80,nan", "--out", s], "noise levels"),
-        (["sample", "--model", str(p / "afile"), "--out", s], "is a file"),
+        (["sample", "--model", str(p / "afile"), "--out", s], "is not a model: not a safetensors checkpoint"),
         (["sample", "--model", t, "--out", str(p / "mine")], "folder"),
         (["sample", "--model", sd, "--lora", f"{MODELS / 'emoji-lcm-lora'}:nan", "--out", s], "finite"),
         (["sample", "--model", sd, "--lora", str(p / "pickle-lora"), "--out", s], "pickle"),
