@@ -76,4 +76,4 @@ def section(report) -> list[str]:
                             f"`{teacher_name}`'s best ({fid(ref)}, {where}): target ≤ 1.3× "
                             f"{'met' if ok else 'NOT met'}; against the teacher's 25 DPM-Solver++ steps: "
                             f"{verdict(four, next(r for r in q[f'{teacher_name}/dpmpp-2m'] if r['steps'] == 25))}.")
-    return lines + [""] + verdicts
+    return lines + [x for v in verdicts for x in ("", v)]
