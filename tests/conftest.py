@@ -24,3 +24,18 @@ def tiny_sd(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
     return save_pipeline(folder, build_cond_unet(TINY), build_vae(TINY), build_text_encoder(TINY, tok), tok,
                          {"kind": "diffusion", "dataset": "tiny", "default_steps": 4})
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_lora(tiny_sd, tmp_path_factory):
+    """An LCM-LoRA of ``tiny_sd`` trained for 3 steps (read-only: tests copy it before changing anything)."""
+    from helpers import tiny_data
+
+    from fewstep.methods.lcm import LCMSettings, distill_lcm
+    from fewstep.models.folders import load_model
+    from fewstep.training import TrainConfig
+
+    root = tmp_path_factory.mktemp("lcm-lora")
+    config = TrainConfig(out_dir=str(root / "work"), max_steps=3, batch_size=8, lr=1e-2, progress=False, checkpoint_every=3)
+    return distill_lcm(load_model(tiny_sd), tiny_data(), root / "tiny-lcm-lora", config,
+                       LCMSettings(method="lcm-lora", lora_rank=2, guidance_min=2, guidance_max=4), command="test")

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CAPTIONS, TINY, caption_folder, tiny_data
+from helpers import CAPTIONS, TINY, caption_folder
 
 from fewstep.errors import FewstepError
 from fewstep.models.folders import load_model as load_latent_model
-
-
-@pytest.fixture(scope="module")
-def tiny_lcm_lora(tiny_sd, tmp_path_factory):
-    from fewstep.methods.lcm import LCMSettings, distill_lcm
-    from fewstep.training import TrainConfig
-
-    root = tmp_path_factory.mktemp("lcm-lora")
-    config = TrainConfig(out_dir=str(root / "work"), max_steps=3, batch_size=8, lr=1e-2, progress=False, checkpoint_every=3)
-    return distill_lcm(load_latent_model(tiny_sd), tiny_data(), root / "tiny-lcm-lora", config,
-                       LCMSettings(method="lcm-lora", lora_rank=2, guidance_min=2, guidance_max=4), command="test")
 
 
 def test_lcm_lora_is_a_small_diffusers_lora_that_trained(tiny_sd, tiny_lcm_lora):

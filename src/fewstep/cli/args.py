@@ -193,10 +193,12 @@ def add_lora_arg(p: argparse.ArgumentParser, what: str) -> None:
     add_dtype_args(p)
 
 
-def load_options(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
-    """(dtype name, variant, config) from --dtype/--variant/--config, for :func:`fewstep.models.folders.load_model`."""
+def load_options(args: argparse.Namespace) -> dict[str, str | None]:
+    """``dtype``, ``variant`` and ``config`` from --dtype/--variant/--config, as keyword arguments of
+    :func:`fewstep.models.folders.load_model`."""
     dtype = getattr(args, "dtype", None)
-    return (DTYPES[dtype] if dtype else None), getattr(args, "variant", None), getattr(args, "config", None)
+    return {"dtype": DTYPES[dtype] if dtype else None, "variant": getattr(args, "variant", None),
+            "config": getattr(args, "config", None)}
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:

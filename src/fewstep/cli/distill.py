@@ -149,9 +149,6 @@ def run(args: argparse.Namespace) -> None:
             raise FewstepError(f"--teacher-dtype {args.teacher_dtype} applies to lcd, lcm-lora and lcf; --method "
                                f"{args.method} holds its teacher in fp32")
         teacher = _checked_teacher(args.method, load_model(args.teacher, dtype=DTYPES[args.teacher_dtype]))
-        for name in ("vae", "text_encoder", "text_encoder_2"):   # small, used once to encode the data: fp32
-            if name in teacher.parts:
-                teacher.parts[name].float()
         if args.image_size and args.image_size != teacher.config.image_size:
             raise FewstepError(f"--image-size {args.image_size}: {args.teacher} takes {teacher.config.image_size}² images "
                                f"(the data is resized to the teacher's size); leave --image-size out")

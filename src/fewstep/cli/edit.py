@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> None:
     out = check_writable(args.out, ".png")  # fail before any work
     if (args.mask or args.mask_half) and args.task != "inpaint":
         raise FewstepError("--mask and --mask-half apply to --task inpaint only")
-    model = load_with_loras(args.model, args.lora, *load_options(args))
+    model = load_with_loras(args.model, args.lora, **load_options(args))
     size, text = model.config.image_size, model.conditioner.text
     if text and args.task not in ("img2img", "inpaint"):
         raise FewstepError(f"{args.model} is a text-to-image pipeline; its editing tasks are img2img and inpaint "

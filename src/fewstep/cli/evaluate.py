@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
     for path, suffix in ((args.json, None), (args.grid, ".png")):
         if path:
             check_writable(path, suffix)  # fail before any work
-    model = with_tiny_vae(load_with_loras(args.model, args.lora, *load_options(args)), args.tiny_vae)
+    model = with_tiny_vae(load_with_loras(args.model, args.lora, **load_options(args)), args.tiny_vae)
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
     if args.tune_sigmas:
         _tune_sigmas(model, ruler, args)

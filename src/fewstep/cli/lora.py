@@ -82,7 +82,7 @@ def run_merge(args: argparse.Namespace) -> None:
         save_lora_set,
     )
 
-    model = load_with_loras(args.base, args.lora, *load_options(args))    # every adapter checked against the base, fused or not
+    model = load_with_loras(args.base, args.lora, **load_options(args))    # every adapter checked against the base, fused or not
     command = command_line(args)
     if args.no_fuse:
         specs = expand_lora_sets([parse_lora_spec(s) for s in args.lora])

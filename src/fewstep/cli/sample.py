@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> None:
     if args.prompt and args.prompts_file:
         raise FewstepError("give --prompt or --prompts-file, not both")
     prompts = read_prompts(args.prompts_file) if args.prompts_file else args.prompt
-    model = with_tiny_vae(load_with_loras(args.model, args.lora, *load_options(args)), args.tiny_vae)
+    model = with_tiny_vae(load_with_loras(args.model, args.lora, **load_options(args)), args.tiny_vae)
     cond, nrow = conditions(args, model, prompts)
     total = args.num if cond is None else len(cond)
     if total > LIMITS["num"] and not args.allow_large:

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     specs = [parse_lora_spec(s) for s in args.lora or []]
     sock = bind(args.host, args.port)          # a port in use fails before minutes of loading
     try:
-        model = load_model(args.model, **dict(zip(("dtype", "variant", "config"), load_options(args))))
+        model = load_model(args.model, **load_options(args))
         if specs and model.config.serves_steps:
             raise FewstepError(f"{args.model} is a progressive folder (one student per step count); --lora applies to "
                                f"a single pipeline")

@@ -113,6 +113,9 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     check_settings(settings, teacher.schedule.num_train_timesteps)
     check_teacher(teacher, settings.method)
     run = Run(config, command, accelerator)
+    for name in ("vae", "text_encoder", "text_encoder_2"):   # under a bf16/fp16 teacher UNet: small, used once
+        if name in teacher.parts:                            # to encode the data, and saved with the student: fp32
+            teacher.parts[name].float()
     tensors = teacher.training_tensors(data)
     teacher.to(run.device)
     lo, hi = settings.guidance_min, settings.guidance_max
@@ -144,9 +147,6 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     trained = student.derive(net=unwrap(result.ema).net)
     if target is not None:
         return _save_lcm_lora(out, target.remove(trained.unet), teacher, data, settings, record)
-    for name in ("vae", "text_encoder", "text_encoder_2"):   # a bf16/fp16 teacher's parts, saved as fp32
-        if name in trained.parts:
-            trained.parts[name].float()
     what = (f"A latent consistency model ({settings.method.upper()}, Luo et al. 2023) of `{teacher.path}` on "
             f"`{data.name}`: 1–8 steps, guidance scale {lo:g}–{hi:g} as an input (one network evaluation per step). "
             f"Runs in diffusers:")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .unets import TinySDConfig
+from .unets import TinySDConfig, build_cond_unet, build_text_encoder
 
 
 class AddedCondUNet(nn.Module):
@@ -69,25 +69,10 @@ class TinySDXLConfig(TinySDConfig):
 
 
 def build_text_encoder_2(cfg: TinySDXLConfig, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    return CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.text_width_2, intermediate_size=4 * cfg.text_width_2,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_width_2 // 16,
-        max_position_embeddings=cfg.max_length, projection_dim=cfg.projection_dim,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return build_text_encoder(cfg, tokenizer, cfg.text_width_2, cfg.projection_dim)
 
 
 def build_sdxl_unet(cfg: TinySDXLConfig):
-    from diffusers import UNet2DConditionModel
-
-    n = len(cfg.unet_channels)
-    return UNet2DConditionModel(
-        sample_size=cfg.image_size // 2 ** (len(cfg.vae_channels) - 1), in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels, block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=cfg.text_width + cfg.text_width_2,
-        attention_head_dim=[c // cfg.head_dim for c in cfg.unet_channels], norm_num_groups=16,
-        addition_embed_type="text_time", addition_time_embed_dim=cfg.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=6 * cfg.addition_time_embed_dim + cfg.projection_dim)
+    return build_cond_unet(cfg, cross_attention_dim=cfg.text_width + cfg.text_width_2, addition_embed_type="text_time",
+                           addition_time_embed_dim=cfg.addition_time_embed_dim,
+                           projection_class_embeddings_input_dim=6 * cfg.addition_time_embed_dim + cfg.projection_dim)

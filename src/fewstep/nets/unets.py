@@ -80,17 +80,22 @@ def build_vae(cfg: TinySDConfig):
                          sample_size=cfg.image_size)
 
 
-def build_text_encoder(cfg: TinySDConfig, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_text_encoder(cfg: TinySDConfig, tokenizer, width: int | None = None, projection_dim: int | None = None):
+    """A CLIPTextModel of ``cfg``'s sizes (``width`` instead of ``cfg.text_width``); with ``projection_dim`` a
+    CLIPTextModelWithProjection (SDXL's second encoder, whose projected pooled output the UNet takes)."""
+    import transformers
 
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_width // 16,
-        max_position_embeddings=cfg.max_length, projection_dim=cfg.text_width,
+    width = width or cfg.text_width
+    cls = transformers.CLIPTextModelWithProjection if projection_dim else transformers.CLIPTextModel
+    return cls(transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=width // 16,
+        max_position_embeddings=cfg.max_length, projection_dim=projection_dim or width,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 
-def build_cond_unet(cfg: TinySDConfig):
+def build_cond_unet(cfg: TinySDConfig, **changes):
+    """The tiny teacher's cross-attention UNet; ``changes`` override its UNet2DConditionModel arguments."""
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.unet_channels)
@@ -99,5 +104,5 @@ def build_cond_unet(cfg: TinySDConfig):
         out_channels=cfg.latent_channels, block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=cfg.text_width, attention_head_dim=[c // cfg.head_dim for c in cfg.unet_channels],
-        norm_num_groups=16)
+        **{"cross_attention_dim": cfg.text_width, "attention_head_dim": [c // cfg.head_dim for c in cfg.unet_channels],
+           "norm_num_groups": 16, **changes})
