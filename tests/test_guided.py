@@ -4,6 +4,7 @@ N-step sampler against its definition, per-round resume, and the CLI end to end 
 
 import json
 import shutil
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -99,6 +100,35 @@ def test_student_starts_as_the_teachers_conditional_output_and_round_trips(tmp_p
     (tmp_path / "g" / "unet" / "guidance_embedding.safetensors").write_bytes(b"junk")
     with pytest.raises(FewstepError, match="guidance embedding"):
         load_model(tmp_path / "g")
+
+
+def test_concurrent_calls_from_two_threads_each_get_only_their_own_guidance():
+    """``fewstep serve`` runs a shared UNet from several threads; the w-shift hook of one call must not reach
+    another thread's call. Both calls are held inside the UNet, after both hooks exist, before the time
+    embedding runs (a barrier on ``time_proj``), the interleaving that once added both shifts to both."""
+    torch.manual_seed(0)
+    student = EDMDenoiser(GuidedUNet(tiny_unet(num_classes=3).eval(), 32)).eval()
+    torch.nn.init.normal_(student.net.cond_proj.weight)
+    x, sigma, y = torch.randn(2, 1, 8, 8), torch.full((2,), 1.5), torch.tensor([0, 1])
+    with torch.no_grad():
+        alone = {s: student(x, sigma, class_labels=y, guidance_scale=s) for s in (1.5, 4.0)}
+    barrier = threading.Barrier(2, timeout=30)
+
+    def hold(module, args) -> None:
+        barrier.wait()
+    held = student.net.unet.time_proj.register_forward_pre_hook(hold)
+    together: dict[float, torch.Tensor] = {}
+
+    def call(s: float) -> None:
+        with torch.no_grad():
+            together[s] = student(x, sigma, class_labels=y, guidance_scale=s)
+    threads = [threading.Thread(target=call, args=(s,)) for s in alone]
+    [t.start() for t in threads]
+    [t.join(timeout=60) for t in threads]
+    held.remove()
+    for s in alone:
+        torch.testing.assert_close(together[s], alone[s], rtol=0, atol=0)
+    assert not student.net.unet.time_embedding._forward_pre_hooks
 
 
 def test_guided_loss_vanishes_on_the_exact_cfg_student():

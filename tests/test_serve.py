@@ -75,6 +75,30 @@ def test_concurrent_requests_share_batches_and_match_generate(engine, lcm):
         assert (pixels(out["images"]) - pixels(png_data_urls(want))).abs().max() <= 1   # batched float noise only
 
 
+def test_prompts_tokenized_by_many_requests_at_once_are_padded_as_alone(lcm):
+    """A fast CLIP tokenizer's padding is state of one shared backend, set by every call (transformers#47085):
+    requests encoding prompts in their own threads once got each other's settings (5 ids, not 77: another
+    image, then cached as that prompt's). 3 threads x 300 calls gave 16 such calls before the lock."""
+    conditioner = lcm.conditioner
+    prompts = ["dog face", "red apple", "flag: Japan"]
+    alone = {p: conditioner.tokenize([p]) for p in prompts}
+    wrong: list = []
+
+    def hammer(p: str) -> None:
+        for _ in range(300):
+            try:
+                ids = conditioner.tokenize([p])
+                if not torch.equal(ids, alone[p]):
+                    wrong.append(tuple(ids.shape))
+            except Exception as e:  # "Already borrowed"
+                wrong.append(repr(e)[:80])
+    threads = [threading.Thread(target=hammer, args=(p,)) for p in prompts]
+    [t.start() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    assert alone["dog face"].shape[1] == conditioner.tokenizer.model_max_length
+    assert not wrong, f"{len(wrong)} of 900 concurrent tokenizations differed from alone: {wrong[:3]}"
+
+
 def test_latest_request_wins_and_repeats_come_from_the_caches(engine):
     first = engine.submit("typist", Request(prompt="red appl", steps=8, num=8, guidance_scale=3.0, seed=11))
     second = engine.submit("typist", Request(prompt="red apple", steps=4, guidance_scale=3.0, seed=11))

@@ -46,10 +46,15 @@ def shown(driver) -> list[str]:
     return [img.get_attribute("src") for img in driver.find_elements(By.CSS_SELECTOR, "#results img")]
 
 
-def settle(driver, timeout: float = 60) -> list[str]:
-    """Wait until the newest request sent is the one shown; its images."""
+def settle(driver, timeout: float = 120) -> list[str]:
+    """Wait until the newest request sent is the one shown (its images), or the page shows an error (a
+    failure, with the page's message: a request that errs is never shown, so waiting on would only time out)."""
     WebDriverWait(driver, timeout).until(lambda d: d.execute_script(
-        "const p = window.fewstepPage; return p.lastSent > 0 && p.lastShown === p.lastSent;"))
+        "const p = window.fewstepPage; return document.getElementById('error').textContent !== '' || "
+        "(p.lastSent > 0 && p.lastShown === p.lastSent);"))
+    error = driver.find_element(By.ID, "error").text
+    if error:
+        pytest.fail(f"the page shows an error: {error}")
     return shown(driver)
 
 

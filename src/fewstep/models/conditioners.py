@@ -18,6 +18,7 @@ is ``conditioner(negative_prompts, device, size=...)`` used as the unconditional
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any, Sequence
 
@@ -26,6 +27,21 @@ from torch import Tensor, nn
 
 from ..errors import FewstepError
 from ..objectives.base import Cond, ConditionFn, dropout_condition
+
+_TOKENIZING = threading.Lock()
+"""Held around every tokenizer call. A fast (Rust-backed) tokenizer keeps truncation and padding as state of
+the one shared backend, set anew by each call, and releases the GIL while it encodes (transformers#47085,
+tokenizers#537): two threads tokenizing at once (``fewstep serve``'s requests) get "Already borrowed" errors
+or, worse, one call's ids padded by the other's settings — 77 ids in, 5 out, a different image."""
+
+
+def padded_ids(tokenizer, prompts: Sequence[str]) -> Tensor:
+    """Token ids [B, L] padded (and cut) to the tokenizer's ``model_max_length``, as diffusers' pipelines
+    tokenize; thread-safe (:data:`_TOKENIZING`)."""
+    limit = tokenizer.model_max_length
+    with _TOKENIZING:
+        return tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
+                         return_tensors="pt").input_ids
 
 
 class LabelConditioner:
@@ -104,13 +120,14 @@ class TextConditioner:
         pipelines do), since the text encoder has no positions beyond it."""
         limit = self.tokenizer.model_max_length
         prompts = list(prompts)
-        out = self.tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
-        lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]  # one batched call, untruncated
+        ids = padded_ids(self.tokenizer, prompts)
+        with _TOKENIZING:
+            lengths = [len(row) for row in self.tokenizer(prompts).input_ids]  # one batched call, untruncated
         long = [p for p, n in zip(prompts, lengths) if n > limit]
         if long:
             warnings.warn(f"{len(long)} prompt(s) longer than the tokenizer's {limit} tokens were truncated, "
                           f"e.g. {long[0][:60]!r}", stacklevel=3)
-        return out.input_ids
+        return ids
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:
@@ -174,8 +191,7 @@ class SDXLConditioner(TextConditioner):
 
         device = next(self.text_encoder.parameters()).device
         ids = self.tokenize(prompts).to(device)
-        ids_2 = self.tokenizer_2(list(prompts), padding="max_length", max_length=self.tokenizer_2.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(device)
+        ids_2 = padded_ids(self.tokenizer_2, prompts).to(device)
         return sdxl_embeddings(self.text_encoder, self.text_encoder_2, ids, ids_2)
 
     def encode(self, prompts: Sequence[str]) -> Tensor:

@@ -14,6 +14,7 @@ denoiser D_c for every w. The network sees w = s − 1 (:func:`fewstep.core.guid
 from __future__ import annotations
 
 import copy
+import threading
 from pathlib import Path
 
 import torch
@@ -33,7 +34,9 @@ class GuidedUNet(nn.Module):
     plain conditional denoiser (so code written for any denoiser, e.g. label inference, still works).
     For a UNet2DModel (no ``timestep_cond``)
     the projected w-features are added to the input of ``unet.time_embedding`` by a forward pre-hook
-    that lives only for the duration of the call (no state kept between calls); a UNet built with
+    that lives only for the duration of the call and acts only in the calling thread (no state kept
+    between calls; concurrent calls from other threads, as ``fewstep serve`` makes, each add their own
+    shift only); a UNet built with
     ``time_cond_proj_dim`` gets the raw embedding as ``timestep_cond`` and this module has no weights.
     """
 
@@ -67,9 +70,11 @@ class GuidedUNet(nn.Module):
         emb = guidance_scale_embedding(w.expand(sample.shape[0]), self.embedding_dim).to(sample.dtype)
         if self.native:
             return self.unet(sample, timestep, timestep_cond=emb, **cond)
-        shift = self.cond_proj(emb)
+        shift, caller = self.cond_proj(emb), threading.get_ident()
 
         def add_w(module, args):
+            if threading.get_ident() != caller:     # another thread's call of the same UNet
+                return None
             return (args[0] + shift.to(args[0].dtype),) + tuple(args[1:])
 
         handle = self.unet.time_embedding.register_forward_pre_hook(add_w)
