@@ -20,6 +20,7 @@ from fewstep.sampling.generate import generate
 from fewstep.serve.batching import Cancelled, MicroBatcher, Ticket
 from fewstep.serve.engine import Busy, Engine, set_adapter_scales
 from fewstep.serve.protocol import ProtocolError, Request, limits, parse
+from fewstep.serve.traced import Traced
 
 MODELS = shipped_models_dir()
 
@@ -99,6 +100,35 @@ def test_prompts_tokenized_by_many_requests_at_once_are_padded_as_alone(lcm):
     assert not wrong, f"{len(wrong)} of 900 concurrent tokenizations differed from alone: {wrong[:3]}"
 
 
+def test_the_served_networks_run_traced_and_give_the_eager_images(engine, lcm):
+    engine.submit("t", Request(prompt="star", steps=2, guidance_scale=2.0, seed=9)).result(timeout=60)
+    assert engine.trace and sorted(name for name, _ in engine._networks) == ["decode", "denoise"]
+    assert all(net.traced == 1 for net in engine._networks.values())     # neither fell back to eager
+    eager = Engine(lcm, trace=False)
+    try:
+        request = Request(prompt="star", steps=2, guidance_scale=2.0, seed=9, num=2)
+        assert engine.submit("t", request).result(timeout=60)["images"] == \
+            eager.submit("t", request).result(timeout=60)["images"]
+        assert not eager._networks
+    finally:
+        eager.close()
+
+
+def test_a_trace_that_would_freeze_a_value_or_a_batch_size_is_not_used():
+    scale = Traced(lambda x, w: x * w, "scale")
+    x, w = torch.randn(3, 2), torch.rand(3, 1)
+    torch.testing.assert_close(scale(x, w), x * w)
+    torch.testing.assert_close(scale(x[:1], w[:1]), x[:1] * w[:1])     # any batch size, one trace
+    assert scale.traced == 1
+    frozen = Traced(lambda x: x * float(x[0, 0]), "frozen value")      # a tensor value read as a Python number
+    torch.testing.assert_close(frozen(x), x * float(x[0, 0]))
+    y = torch.randn(3, 2)
+    torch.testing.assert_close(frozen(y), y * float(y[0, 0]))          # eager: right for every batch
+    branchy = Traced(lambda x: x + 1 if len(x) == 3 else x - 1, "batch-size branch")
+    assert torch.equal(branchy(x), x + 1) and torch.equal(branchy(x[:2]), x[:2] - 1)
+    assert frozen.traced == 0 and branchy.traced == 0
+
+
 def test_latest_request_wins_and_repeats_come_from_the_caches(engine):
     first = engine.submit("typist", Request(prompt="red appl", steps=8, num=8, guidance_scale=3.0, seed=11))
     second = engine.submit("typist", Request(prompt="red apple", steps=4, guidance_scale=3.0, seed=11))
@@ -156,6 +186,7 @@ def test_lora_sliders_are_adapter_weights_equal_to_diffusers_set_adapters():
     served = apply_loras(base, loras, fuse=False)
     engine = Engine(served)
     try:
+        assert not engine.trace                        # a trace would freeze the sliders' adapter scales
         assert [s["kind"] for s in engine.info["loras"]] == ["style", "lcm-lora"]
         request = Request(prompt="dog face", steps=4, guidance_scale=1.0, seed=3, loras=(0.3, 1.0))
         out = engine.submit("a", request).result(timeout=60)

@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("--queue", type=positive_int, default=64,
                    help="most requests in flight; beyond it a request is refused as busy (default 64)")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-trace", action="store_true",
+                   help="run the denoiser and decoder eagerly instead of as TorchScript traces (traced, each checked "
+                        "against eager at start-up, they skip diffusers' Python per call: ~2x faster at batch 1 on "
+                        "a CPU; never traced under --lora sliders)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
     p.set_defaults(func=run)
 
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> None:
         sock.close()
         raise
     warnings.filterwarnings("ignore", message=".*longer than the tokenizer.*")   # not one log line per long prompt typed
-    engine = Engine(model, max_batch=args.max_batch, queue_limit=args.queue)
+    engine = Engine(model, max_batch=args.max_batch, queue_limit=args.queue, trace=not args.no_trace)
+    engine.warm_up()
     host, port = sock.getsockname()[:2]
     print(f"fewstep serve: {args.model} on http://{host if ':' not in host else f'[{host}]'}:{port}/ (Ctrl-C stops)",
           flush=True)

@@ -14,6 +14,8 @@
 - **LoRA sliders** (Luo et al. 2023b: θ = θ_pre + λ1·τ_style + λ2·τ_LCM): the adapters stay unfused (peft)
   and each request's λs are set as adapter scales just before its batch runs; requests with different λs do
   not share a batch.
+- **No Python per network call**: the denoiser and the decoder run as checked TorchScript traces
+  (:mod:`fewstep.serve.traced`), except under LoRA sliders.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..models.handle import Model
 from ..sampling.generate import generate
 from .batching import Batched, Cancelled, MicroBatcher, Ticket
 from .protocol import MAX_NUM, Request, limits
+from .traced import Traced
 
 
 class Busy(FewstepError):
@@ -114,10 +117,12 @@ class Engine:
     """Serves ``model`` (with its unfused LoRAs, if any) to many clients at once (module docstring)."""
 
     def __init__(self, model: Model, max_batch: int = 64, max_wait: float = 0.004, workers: int = 32,
-                 queue_limit: int = 64, result_cache: int = 256, prompt_cache: int = 1024) -> None:
+                 queue_limit: int = 64, result_cache: int = 256, prompt_cache: int = 1024, trace: bool = True) -> None:
         self.model, self.queue_limit = model, queue_limit
         self.variants = {n: serving(model, n) for n in model.config.serves_steps}   # a progressive folder's students
         self.adapters = list(getattr(model.unet, "peft_config", {})) if model.is_pipeline else []
+        self.trace = trace and not self.adapters     # a trace would freeze the adapters' scales
+        self._networks: dict[tuple, Any] = {}
         weights = [float(lora["weight"]) for lora in model.config.loras][:len(self.adapters)]
         self.info = limits(model, weights)
         self._weights: tuple[float, ...] = tuple(weights)
@@ -154,6 +159,15 @@ class Engine:
             self._latest[client] = job
         job.future.add_done_callback(lambda _, job=job: self._finished(job))
         return job.future
+
+    def warm_up(self) -> float:
+        """One request at the page's defaults, run before any client's (it traces the networks, so the first
+        person does not wait for it); its seconds."""
+        started = time.perf_counter()
+        info = self.info
+        self.submit(("warm-up",), Request(prompt="" if info["text"] else None, steps=info["steps"]["default"],
+                                          guidance_scale=info["guidance"]["default"], loras=self._weights)).result()
+        return time.perf_counter() - started
 
     def cancel(self, client: Hashable) -> None:
         """Drop ``client``'s request, queued or running (it disconnected)."""
@@ -203,18 +217,30 @@ class Engine:
         view.denoiser = Batched(self.batcher, ticket, ("denoise", id(model), weights),
                                 self._denoiser(model, weights), model.denoiser)
         if model.is_pipeline:
-            view.codec = BatchedCodec(model.codec, Batched(self.batcher, ticket, ("decode", id(model.codec)),
-                                                           model.codec.decode))
+            decode = self.network("decode", model.codec, model.codec.decode)
+            view.codec = BatchedCodec(model.codec, Batched(self.batcher, ticket, ("decode", id(model.codec)), decode))
         if self.prompts is not None:
             view.conditioner = self.prompts
         return view
 
+    def network(self, name: str, owner: Any, fn):
+        """``fn`` (``owner``'s denoiser or decoder) as the batcher runs it: traced unless tracing is off."""
+        if not self.trace:
+            return fn
+        key = (name, id(owner))
+        with self._lock:
+            if key not in self._networks:
+                self._networks[key] = Traced(fn, f"{name} of {getattr(owner, 'path', type(owner).__name__)}")
+            return self._networks[key]
+
     def _denoiser(self, model: Model, weights: tuple[float, ...]):
+        denoise = self.network("denoise", model, model.denoiser)
+
         def run(*args: Tensor, **kwargs: Tensor) -> Tensor:   # on the batcher's thread, just before the batch
             if self.adapters and weights != self._weights:
                 set_adapter_scales(self._lora_layers, self.adapters, weights)
                 self._weights = weights
-            return model.denoiser(*args, **kwargs)
+            return denoise(*args, **kwargs)
         return run
 
     # --- reporting -----------------------------------------------------------------------------
