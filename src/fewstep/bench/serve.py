@@ -1,9 +1,9 @@
 """The real-time section of ``fewstep bench`` (``fewstep serve``; StreamDiffusion's levers, Kodaira et al. 2023:
 stream batching, caching what does not change, a tiny decoder), measured side by side in one run:
 
-- **serving**: ``fewstep serve`` on ``emoji-lcm`` (with its own VAE, and with ``--tiny-vae``) against diffusers'
-  ``LatentConsistencyModelPipeline`` called once per request on the same folder
-  (:mod:`fewstep.bench.serve_load`), each a separate process on the same number of torch threads, all three
+- **serving**: ``fewstep serve`` on ``emoji-lcm`` (with its own VAE, with ``--tiny-vae``, and with ``--no-trace``
+  to show what the traces buy) against diffusers' ``LatentConsistencyModelPipeline`` called once per request on
+  the same folder (:mod:`fewstep.bench.serve_load`), each a separate process on the same number of torch threads, all four
   up at once and measured in turn at 1, 4 and 16 closed-loop WebSocket clients, twice (rounds interleaved, the
   mean reported): images/s and p50/p95 latency from send to receipt. Targets: ≥ 5× diffusers' throughput at
   16 clients; p95 ≤ 50 ms for one client.
@@ -34,7 +34,8 @@ from .serve_load import closed_loop, server_process
 TEACHER, LCM, TINY = "emoji-sd", "emoji-lcm", "emoji-tiny-vae"
 CLIENTS = (1, 4, 16)
 BASELINE = "diffusers LatentConsistencyModelPipeline, per request"
-SERVERS = (BASELINE, "fewstep serve", "fewstep serve --tiny-vae")
+EAGER, OURS, OURS_TINY = "fewstep serve --no-trace", "fewstep serve", "fewstep serve --tiny-vae"
+SERVERS = (BASELINE, EAGER, OURS, OURS_TINY)
 
 
 def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | None = None) -> dict:
@@ -55,7 +56,7 @@ def serving(models_dir: Path, threads: int, seconds: float, rounds: int) -> list
     lcm = str(models_dir / LCM)
     ours = python + ["fewstep", "serve", "--model", lcm, "--port", "0", "--threads", str(threads)]
     argvs = {BASELINE: python + ["fewstep.bench.serve_load", "--model", lcm, "--threads", str(threads)],
-             SERVERS[1]: ours, SERVERS[2]: ours + ["--tiny-vae", str(models_dir / TINY)]}
+             EAGER: ours + ["--no-trace"], OURS: ours, OURS_TINY: ours + ["--tiny-vae", str(models_dir / TINY)]}
     prompts = load_captioned("emoji", 32).captions
     request = {"steps": 4, "guidance_scale": 3.0, "num": 1}
     found: dict[tuple[str, int], list[dict]] = {}
@@ -116,9 +117,10 @@ def section(report) -> list[str]:
              f"Written by `{g['command']}`. `{LCM}` at {g['steps']} steps, s = {g['guidance_scale']:g}, one image per "
              f"request, prompts cycling through the emoji captions and a new seed every request (so no answer comes "
              f"from the result cache; prompt embeddings are cached after their first use). Each server is its own "
-             f"process on {g['threads']} torch thread(s); all three were up at once and measured in turn, each client "
+             f"process on {g['threads']} torch thread(s); all {len({r['server'] for r in g['serving']})} were up at once and measured in turn, each client "
              f"count twice (interleaved rounds, mean shown); latency is from the client's send to its receipt of the "
-             f"PNG over the WebSocket.", "",
+             f"PNG over the WebSocket. `fewstep serve` runs its denoiser and decoder as checked TorchScript traces "
+             f"(`--no-trace`: eagerly, as diffusers does).", "",
              "| server | clients | images/s | p50 ms | p95 ms | throughput × diffusers |", "|---|---:|---:|---:|---:|---:|"]
     for name in SERVERS:
         for n in CLIENTS:
@@ -133,7 +135,7 @@ def section(report) -> list[str]:
 
 def _targets(rows: dict, base: dict) -> list[str]:
     out = []
-    for name in SERVERS[1:]:
+    for name in (OURS, OURS_TINY):
         r16, r1 = rows.get((name, 16)), rows.get((name, 1))
         if r16 and base.get(16):
             x = r16["images_per_second"] / base[16]
@@ -163,7 +165,7 @@ def _tiny_section(g: dict) -> list[str]:
              f"{acc(q['tiny'])} | {1e3 * sp['tiny_seconds']:.2f} | {speedup_tiny:.1f}× |",
              f"| teacher `{TEACHER}`, DPM-Solver++ 25 steps, CFG | {params['vae'] / 1e3:.0f}k | | {fid(q['teacher'])} | "
              f"{acc(q['teacher'])} | {1e3 * sp['teacher_seconds']:.2f} | 1.0× |", "",
-             f"End to end with the tiny decoder: {speedup_tiny:.1f}× the teacher's 25 CFG steps (target ≥ 10×: "
+             f"End to end with the tiny decoder: {speedup_tiny:.2f}× the teacher's 25 CFG steps (target ≥ 10×: "
              f"{'met' if speedup_tiny >= 10 else 'missed'}); its FID against the LCM's with the VAE: "
              f"{verdict(q['tiny'], q['vae'])} (target: within the spread, {'met' if same else 'missed'})."]
     return lines
