@@ -166,6 +166,29 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
                    help="start even if the weights, gradients and optimizer state alone need more memory than is free")
 
 
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--crop and --flip: how training images are cut (:mod:`fewstep.models.transforms`, diffusers' scripts'
+    --center_crop/--random_crop/--random_flip)."""
+    g = p.add_argument_group("training data (images from files: short side resized to the training size, aspect "
+                             "ratio kept, then cut to a square)")
+    g.add_argument("--crop", choices=["center", "random"], default="center",
+                   help="center: the middle square of each image (default; diffusers' CenterCrop). random: a new "
+                        "square at a random place each time an image is used (RandomCrop), seeded by --seed and the "
+                        "step, so a resumed run cuts the same crops. Only images that are not square have anything "
+                        "to crop (the embedded digits and emoji are square)")
+    g.add_argument("--flip", action="store_true",
+                   help="flip each training image left-right with probability 0.5 (RandomHorizontalFlip), seeded "
+                        "likewise; off by default, since a flip changes text, digits and arrows. With --crop random "
+                        "or --flip the VAE latents and prompt embeddings are computed per batch instead of once")
+
+
+def augment(args: argparse.Namespace):
+    """The :class:`fewstep.models.transforms.Augment` of --crop/--flip."""
+    from ..models.transforms import Augment
+
+    return Augment(crop=getattr(args, "crop", "center"), flip=getattr(args, "flip", False))
+
+
 def train_config(args: argparse.Namespace):
     """The run's TrainConfig, with --out and the work folder checked before any training."""
     from ..io.atomic import allow_replacing, check_creatable, check_replaceable

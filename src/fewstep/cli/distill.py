@@ -8,7 +8,9 @@ import argparse
 from ..errors import FewstepError
 from .args import (
     DTYPES,
+    add_data_args,
     add_train_args,
+    augment,
     command_line,
     guidance_scale,
     non_negative,
@@ -58,6 +60,7 @@ def add_parsers(sub) -> None:
         if p is distill:
             _guided_args(p)
             _latent_args(p)
+        add_data_args(p)
         add_train_args(p, steps=3000, batch=64, lr=1e-4)
         p.set_defaults(func=run)
 
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
     from ..models.folders import load_model
 
     if args.method in TEACHER_FREE:
-        teacher, data = None, load_dataset(args.dataset or "digits", args.image_size, args.channels)
+        teacher, data = None, load_dataset(args.dataset or "digits", args.image_size, args.channels, augment(args))
     elif not args.teacher:
         raise FewstepError(f"--method {args.method} needs a teacher: --teacher DIR (e.g. "
                            + {"lcf": "models/emoji-lcm", "progressive": "models/digits-guided or models/emoji-guided",
@@ -152,7 +155,7 @@ def run(args: argparse.Namespace) -> None:
         if args.image_size and args.image_size != teacher.config.image_size:
             raise FewstepError(f"--image-size {args.image_size}: {args.teacher} takes {teacher.config.image_size}² images "
                                f"(the data is resized to the teacher's size); leave --image-size out")
-        data = data_for(teacher, args.dataset)
+        data = data_for(teacher, args.dataset, augment(args))
     folder = _distill(args, teacher, data, train_config(args), command_line(args))
     if folder is not None:
         print(f"saved {args.method} model to {folder}")

@@ -6,7 +6,9 @@ import argparse
 
 from ..errors import FewstepError
 from .args import (
+    add_data_args,
     add_train_args,
+    augment,
     command_line,
     positive,
     positive_int,
@@ -40,6 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--pixel", action="store_true",
                    help="on a captioned set (emoji): a class-conditional pixel-space EDM teacher on its classes (the "
                         "emoji's 9 Unicode groups) instead of a text-to-image pipeline")
+    add_data_args(p)
     add_train_args(p, steps=4000, batch=128, lr=2e-4)
     p.set_defaults(func=run)
 
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
     from ..methods.teacher import train_sd_teacher, train_teacher
     from ..models.data import load_dataset
 
-    data = load_dataset(args.dataset, args.image_size, args.channels)
+    data = load_dataset(args.dataset, args.image_size, args.channels, augment(args))
     if data.captions is not None and not args.pixel:  # a text-to-image set: a Stable-Diffusion-format pipeline
         vae = None
         if args.vae_from:

@@ -7,7 +7,7 @@ and :mod:`fewstep.objectives`)::
 
     run = Run(config, command, accelerator)
     teacher.to(run.device)
-    result = run.fit(student, objective, teacher.training_tensors(data), settings)
+    result = run.fit(student, objective, teacher.training_data(data), settings)  # once, or per batch
     if result is None:            # not the main process: it saves nothing
         return None
     return save_model(out, teacher.derive(net=..., config=...), readme)
@@ -19,7 +19,7 @@ from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..training import TrainConfig, TrainResult, train
 
@@ -45,9 +45,10 @@ class Run:
 
         return PartialState().is_main_process
 
-    def fit(self, model: nn.Module, objective, data: dict[str, Tensor], settings: Any = None,
+    def fit(self, model: nn.Module, objective, data, settings: Any = None,
             params: list[nn.Parameter] | None = None, **config_changes: Any) -> TrainResult | None:
-        """Train ``model`` on ``data`` (the recipe's ``settings`` recorded in every checkpoint); the result
+        """Train ``model`` on ``data`` (tensors, or :class:`fewstep.training.loop.Batches` computed per batch; the
+        recipe's ``settings`` recorded in every checkpoint); the result
         on the main process, None on the others, which save nothing."""
         extra = {**(asdict(settings) if is_dataclass(settings) else settings or {}), **config_changes.pop("extra", {})}
         config = replace(self.config, extra=extra, **config_changes)

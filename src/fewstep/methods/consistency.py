@@ -96,7 +96,7 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
         objective = AdversarialConsistencyLoss(objective, disc, settings.gan_weight, settings.d_lr,
                                                settings.r1_gamma, settings.r1_interval, settings.augment,
                                                settings.gan_weighting)
-    result = run.fit(student.denoiser, objective, student.training_tensors(data),
+    result = run.fit(student.denoiser, objective, student.training_data(data),
                      {**asdict(settings), "dataset": data.name, "curriculum": asdict(curriculum)})
     if result is None:
         return None

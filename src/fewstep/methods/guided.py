@@ -68,7 +68,7 @@ def distill_guided(data: ImageData, out: str | Path, config: TrainConfig, settin
     check_range(settings)
     teacher = check_cfg_teacher(teacher, "guided")
     run = Run(config, command, accelerator)
-    tensors = teacher.training_tensors(data)
+    tensors = teacher.training_data(data)
     teacher.to(run.device)
     lo, hi = settings.min_guidance_scale, settings.max_guidance_scale
     student_config = teacher.replace_config(

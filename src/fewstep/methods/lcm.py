@@ -116,7 +116,7 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     for name in ("vae", "text_encoder", "text_encoder_2"):   # under a bf16/fp16 teacher UNet: small, used once
         if name in teacher.parts:                            # to encode the data, and saved with the student: fp32
             teacher.parts[name].float()
-    tensors = teacher.training_tensors(data)
+    tensors = teacher.training_data(data)
     teacher.to(run.device)
     lo, hi = settings.guidance_min, settings.guidance_max
     null = teacher.conditioner.null_like

@@ -130,7 +130,7 @@ def distill_progressive(data: ImageData, out: str | Path, config: TrainConfig, s
     teacher = check_stage1(teacher)
     steps = checked_rounds(settings)
     run = Run(config, command, accelerator)
-    tensors = teacher.training_tensors(data)
+    tensors = teacher.training_data(data)
     condition = teacher.conditioner.training_condition(settings.label_dropout)
     guidance = tuple(teacher.config.guidance_range)
     schedule = teacher.schedule

@@ -25,7 +25,7 @@ def train_style_lora(base: Model, data: ImageData, out: str | Path, config: Trai
     if not base.is_pipeline or base.config.kind != "diffusion":
         raise FewstepError(f"{base.path} is not a diffusion pipeline; a style LoRA fine-tunes one, e.g. models/emoji-sd")
     run = Run(config, command, accelerator)
-    tensors = base.training_tensors(data)
+    tensors = base.training_data(data)
     params = add_lora(base.unet, rank)
     objective = DenoisingLoss(base.schedule, base.conditioner.training_condition(caption_dropout))
     result = run.fit(base.denoiser.train(), objective, tensors,

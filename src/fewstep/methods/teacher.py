@@ -4,7 +4,8 @@
   preconditioning on a diffusers ``UNet2DModel``), label dropout for classifier-free guidance.
 - :func:`train_sd_teacher`: the tiny Stable-Diffusion-format text-to-image pipeline, in two stages:
   1. the AutoencoderKL (:class:`fewstep.objectives.autoencoder.VAELoss`);
-  2. the CLIPTextModel and UNet2DConditionModel together on the VAE's cached latents: the ε-prediction
+  2. the CLIPTextModel and UNet2DConditionModel together on the VAE's latents (cached, or encoded per batch
+     under a random crop or flip): the ε-prediction
      loss of Ho et al. 2020 on SD's scaled-linear schedule, captions dropped to the empty prompt 10% of
      the time for classifier-free guidance. There is no pretrained CLIP here, so the text encoder learns
      with the UNet (as Imagen's ablations and small LDMs do).
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from ..core.denoisers import VPDenoiser
 from ..core.schedules import EDMSchedule, VPSchedule
 from ..models.config import ModelConfig
-from ..models.data import ImageData
+from ..models.data import ImageData, prepared
 from ..models.folders import SD_SCHEDULER, new_pipeline, new_pixel_model, save_model
 from ..models.handle import raw_unet
 from ..nets.sdxl import AddedCondUNet, TinySDXLConfig, build_sdxl_unet, build_text_encoder_2, sdxl_embeddings, time_ids
@@ -48,7 +49,7 @@ def train_teacher(data: ImageData, out: str | Path, config: TrainConfig, width: 
                                dataset=data.name)
     model = new_pixel_model(model_config, build_unet(data.image_size, data.channels, data.num_classes, width=width))
     objective = DenoisingLoss(schedule, model.conditioner.training_condition(label_dropout))
-    result = run.fit(model.denoiser, objective, model.training_tensors(data),
+    result = run.fit(model.denoiser, objective, model.training_data(data),
                      {"width": width, "label_dropout": label_dropout, "dataset": data.name})
     if result is None:
         return None
@@ -86,7 +87,8 @@ class TextDenoiser(nn.Module):
 def train_vae(data: ImageData, config: TrainConfig, sizes: TinySDConfig) -> nn.Module:
     """The AutoencoderKL on the images, with SD's scaling_factor computed so its latents are unit-variance."""
     torch.manual_seed(config.seed)
-    vae = train(VAEWithKL(build_vae(sizes)), VAELoss(), {"images": data.images}, config).ema.vae.eval()
+    vae = train(VAEWithKL(build_vae(sizes)), VAELoss(), prepared(data, lambda d: {"images": d.images}),
+                config).ema.vae.eval()
     with torch.no_grad():
         posterior = torch.cat([vae.encode(data.images[i:i + 256]).latent_dist.mean for i in range(0, len(data), 256)])
     vae.register_to_config(scaling_factor=float(1 / posterior.std()))   # 0.18215 for SD 1.x, computed likewise
@@ -109,11 +111,16 @@ def train_sd_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae_
     torch.manual_seed(vae_config.seed)
     tokenizer = build_tokenizer(data.captions, sizes.vocab_size, sizes.max_length)
     vae = vae.eval() if vae is not None else train_vae(data, vae_config, sizes)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(data.images[i:i + 256]).latent_dist.mean
-                             for i in range(0, len(data), 256)]) * vae.config.scaling_factor
-    ids = tokenizer(data.captions, padding="max_length", max_length=sizes.max_length, truncation=True,
-                    return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def latents_and_ids(d: ImageData) -> dict[str, Tensor]:
+        """The VAE latents of ``d``'s images and its captions' token ids (the text encoder trains with the UNet)."""
+        latents = torch.cat([vae.encode(d.images[i:i + 256].to(vae.device)).latent_dist.mean.cpu()
+                             for i in range(0, len(d), 256)]) * vae.config.scaling_factor
+        ids = tokenizer(d.captions, padding="max_length", max_length=sizes.max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return {"images": latents, "input_ids": ids}
+    tensors = prepared(data, latents_and_ids)    # once, or per batch under a random crop or flip
     empty = tokenizer([""], padding="max_length", max_length=sizes.max_length, return_tensors="pt").input_ids[0]
     schedule = VPSchedule.from_diffusers_config(SD_SCHEDULER)
     torch.manual_seed(unet_config.seed)
@@ -122,7 +129,7 @@ def train_sd_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae_
     model = TextDenoiser(encoders, unet, schedule, time_ids((sizes.image_size, sizes.image_size)) if xl else None)
     objective = DenoisingLoss(schedule, dropout_condition({"input_ids": "input_ids"}, {"input_ids": empty},
                                                           caption_dropout))
-    result = train(model, objective, {"images": latents, "input_ids": ids}, unet_config)
+    result = train(model, objective, tensors, unet_config)
     ema = result.ema
     names = ("text_encoder", "text_encoder_2")
     training = {"command": command, "sizes": asdict(sizes), "caption_dropout": caption_dropout,

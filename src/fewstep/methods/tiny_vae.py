@@ -18,7 +18,7 @@ import torch
 from ..core.solvers import get_sampler
 from ..errors import FewstepError
 from ..models.config import CONFIG_NAME
-from ..models.data import ImageData
+from ..models.data import ImageData, prepared
 from ..models.folders import write_folder
 from ..models.handle import Model
 from ..nets.tiny_vae import build_tiny_vae
@@ -91,7 +91,11 @@ def distill_tiny_vae(base: Model, data: ImageData, out: str | Path, config: Trai
     run = Run(config, command, accelerator)
     base.check_data(data)
     base.to(run.device)
-    tensors = training_set(base, data, sampler.to(run.device) if sampler is not None else None)
+    if sampler is not None and not data.fixed:
+        raise FewstepError("--sample-model adds latents sampled once for the captions to the training set; it "
+                           "cannot be combined with --crop random or --flip (leave those out)")
+    sampler = sampler.to(run.device) if sampler is not None else None
+    tensors = prepared(data, lambda d: training_set(base, d, sampler))   # once, or per batch (a random crop or flip)
     tiny = build_tiny_vae(base.codec.latent_channels, base.codec.factor, settings.width, settings.decoder_blocks,
                           settings.encoder_blocks)
     result = run.fit(TinyVAEPair(tiny), TinyVAELoss(base.codec.decode, settings.encoder_weight),

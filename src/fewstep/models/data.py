@@ -7,11 +7,18 @@
   ``fewstep/assets/emoji.npz`` (licences in ``EMOJI-LICENSE.md`` beside it). The text-to-image set.
 - a folder of images: one sub-folder per class (the torchvision ``ImageFolder`` layout), or a
   flat folder for an unconditional data set.
+
+Images from files (folders, saved HF datasets, webdataset shards) are resized as diffusers' training scripts
+do (:mod:`fewstep.models.transforms`): the short side to the size, the aspect ratio kept, then cut to a
+square at the centre, or at random each time an image is used (``Augment(crop="random")``), and flipped at
+random with ``Augment(flip=True)``. ``ImageData.images`` always holds the centre crops; with a random crop
+each image's uncropped view is kept beside it, and a training batch is cut by :meth:`ImageData.batch`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +28,7 @@ from torch import Tensor
 
 from ..errors import FewstepError
 from ..io.images import image_tensor, open_image
+from .transforms import Augment, center_crop, resize_short_side, training_crops
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
@@ -28,13 +36,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 @dataclass
 class ImageData:
     """Images in [−1, 1] with labels (all 0 for an unconditional set), the class names and, for a
-    text-to-image set, one caption per image."""
+    text-to-image set, one caption per image. ``augment`` says how training batches cut them (module
+    docstring); for a random crop ``views`` holds each image with its short side at the size, uncropped."""
 
     images: Tensor
     labels: Tensor
     class_names: list[str]
     name: str
     captions: list[str] | None = None
+    augment: Augment = field(default_factory=Augment)
+    views: Sequence[Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -65,9 +76,62 @@ class ImageData:
         return self.subset((self.labels == self.class_names.index(name)).nonzero().flatten(), f":{name}")
 
     def subset(self, index: Tensor, suffix: str = "") -> "ImageData":
-        """The images at ``index`` (captions kept)."""
-        captions = None if self.captions is None else [self.captions[i] for i in index.tolist()]
-        return ImageData(self.images[index], self.labels[index], self.class_names, self.name + suffix, captions)
+        """The images at ``index`` (captions, transforms and views kept)."""
+        rows = index.tolist()
+        captions = None if self.captions is None else [self.captions[i] for i in rows]
+        views = None if self.views is None else [self.views[i] for i in rows]
+        return ImageData(self.images[index], self.labels[index], self.class_names, self.name + suffix, captions,
+                         self.augment, views)
+
+    @property
+    def fixed(self) -> bool:
+        """Every use of an image is the same (no random crop or flip): what is computed from the images (VAE
+        latents) can be computed once for the whole run."""
+        return not self.augment.random
+
+    def batch(self, index: Tensor, generator: torch.Generator) -> ImageData:
+        """The images at ``index`` as one training batch sees them: cut and flipped by ``augment`` with
+        ``generator`` (:func:`fewstep.models.transforms.training_crops`); the centre crops when fixed."""
+        if self.fixed:
+            return self.subset(index)
+        rows = index.tolist()
+        views = [self.views[i] for i in rows] if self.augment.crop == "random" else list(self.images[index])
+        captions = None if self.captions is None else [self.captions[i] for i in rows]
+        return ImageData(training_crops(views, self.image_size, self.augment, generator), self.labels[index],
+                         self.class_names, self.name, captions)
+
+    def with_augment(self, augment: Augment | None) -> ImageData:
+        """This set cut by ``augment``; a random crop of a set whose images are all square at the training size
+        (the embedded sets) is refused: there is nothing to crop."""
+        augment = augment or Augment()
+        if augment.crop == "random" and (self.views is None or all(v.shape[-2:] == self.images.shape[-2:]
+                                                                    for v in self.views)):
+            raise FewstepError(f"--crop random: the images of {self.name} are all square at the training size "
+                               f"{self.image_size}x{self.image_size}, so there is nothing to crop; use --crop center "
+                               f"(--flip works on any set)")
+        return ImageData(self.images, self.labels, self.class_names, self.name, self.captions, augment, self.views)
+
+
+class PerBatch:
+    """A training set computed batch by batch: ``fn`` of :meth:`ImageData.batch` (what the training loop calls,
+    with its per-micro-batch generator), for data whose every use differs (a random crop or flip)."""
+
+    def __init__(self, data: ImageData, fn: Callable[[ImageData], dict[str, Tensor]]) -> None:
+        self.data, self.fn = data, fn
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @torch.no_grad()
+    def batch(self, index: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        return self.fn(self.data.batch(index, generator))
+
+
+def prepared(data: ImageData, fn: Callable[[ImageData], dict[str, Tensor]]) -> dict[str, Tensor] | PerBatch:
+    """What a training run cuts its batches from: ``fn(data)`` computed once (the images' VAE latents, the
+    captions' embeddings) when every use of an image is the same, else ``fn`` of each batch (:class:`PerBatch`):
+    one formula either way."""
+    return fn(data) if data.fixed else PerBatch(data, fn)
 
 
 def load_digits(size: int = 16) -> ImageData:
@@ -94,8 +158,9 @@ def load_emoji(size: int = 32) -> ImageData:
                      [str(c) for c in raw["captions"]])
 
 
-def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageData:
-    """Images under ``path``: class sub-folders give labels, a flat folder gives one class."""
+def load_image_folder(path: str | Path, size: int, channels: int = 3, augment: Augment | None = None) -> ImageData:
+    """Images under ``path``: class sub-folders give labels, a flat folder gives one class. Each is resized and cut
+    as diffusers' scripts do (module docstring; ``augment`` for training batches)."""
     root = Path(path)
     if root.is_file():
         raise FewstepError(f"dataset {root} is a file; give a folder of images (one sub-folder per class)")
@@ -103,26 +168,26 @@ def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageDa
         raise FewstepError(f"dataset folder {root} does not exist")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     groups = [(d.name, d) for d in subdirs] if subdirs else [(root.name, root)]
-    images, labels = [], []
+    files, labels = [], []
     for label, (_, folder) in enumerate(groups):
         for f in sorted(folder.iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            images.append(_to_tensor(_open_image(f, str(f)), size, channels))
-            labels.append(label)
-    if not images:
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(label)
+    if not files:
         raise FewstepError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
-    return ImageData(torch.stack(images), torch.tensor(labels), [g[0] for g in groups], root.name)
+    images, views = _cut((_open_image(f, str(f)) for f in files), size, channels, augment)
+    return ImageData(images, torch.tensor(labels), [g[0] for g in groups], root.name, views=views).with_augment(augment)
 
 
-def load_dataset(name: str, size: int | None = None, channels: int = 1) -> ImageData:
-    """``digits``, ``emoji`` or a path to an image folder."""
+def load_dataset(name: str, size: int | None = None, channels: int = 1, augment: Augment | None = None) -> ImageData:
+    """``digits``, ``emoji`` or a path to an image folder; ``augment``: how training batches cut them."""
     if name == "digits":
-        return load_digits(size or 16)
+        return load_digits(size or 16).with_augment(augment)
     if name == "emoji":
-        return load_emoji(size or 32)
+        return load_emoji(size or 32).with_augment(augment)
     if Path(name).exists():
-        return load_image_folder(name, size or 32, channels)
+        return load_image_folder(name, size or 32, channels, augment)
     raise FewstepError(f"unknown dataset {name!r}: use 'digits', 'emoji' or the path of an image folder")
 
 
@@ -130,14 +195,15 @@ def load_dataset(name: str, size: int | None = None, channels: int = 1) -> Image
 CAPTION_KEYS = ("text", "caption", "prompt")
 
 
-def load_captioned(name: str, size: int) -> ImageData:
+def load_captioned(name: str, size: int, augment: Augment | None = None) -> ImageData:
     """A captioned RGB set at ``size``×``size``: ``emoji``; an image folder with a ``metadata.jsonl`` of
     ``{"file_name": ..., "text": ...}`` lines (Hugging Face's imagefolder convention); a folder saved
     by ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package) with an image and a text
     column; or webdataset shards (a ``.tar`` file, or a folder of them, holding ``KEY.png|jpg`` +
-    ``KEY.txt`` pairs). Every image is resized (bicubic) to ``size``."""
+    ``KEY.txt`` pairs). Every image's short side is resized (bicubic) to ``size``, then cut to a square as
+    ``augment`` says (module docstring)."""
     if name == "emoji":
-        return load_emoji(size)
+        return load_emoji(size).with_augment(augment)
     path = Path(name)
     if not path.exists():
         raise FewstepError(f"unknown captioned dataset {name!r}: use 'emoji', an image folder with metadata.jsonl, "
@@ -153,8 +219,9 @@ def load_captioned(name: str, size: int) -> ImageData:
                            f"line), or give a saved HF dataset or webdataset .tar shards")
     if not pairs:
         raise FewstepError(f"no captioned images found in {path}")
-    images = torch.stack([_to_tensor(im, size) for im, _ in pairs])
-    return ImageData(images, torch.zeros(len(pairs), dtype=torch.long), [path.name], path.name, [c for _, c in pairs])
+    images, views = _cut((im for im, _ in pairs), size, 3, augment)
+    return ImageData(images, torch.zeros(len(pairs), dtype=torch.long), [path.name], path.name, [c for _, c in pairs],
+                     views=views).with_augment(augment)
 
 
 def _caption(record: dict, where: str) -> str:
@@ -164,9 +231,23 @@ def _caption(record: dict, where: str) -> str:
     raise FewstepError(f"{where} has no caption field ({', '.join(CAPTION_KEYS)})")
 
 
-def _to_tensor(im, size: int, channels: int = 3) -> Tensor:
-    """A PIL image as [C, size, size] in [−1, 1] (:func:`fewstep.io.images.image_tensor`)."""
-    return image_tensor(im, channels, size)
+def _view(im, size: int, channels: int = 3) -> Tensor:
+    """A PIL image as [C, H, W] in [−1, 1] (:func:`fewstep.io.images.image_tensor`), its short side resized to
+    ``size`` (:func:`fewstep.models.transforms.resize_short_side`)."""
+    return resize_short_side(image_tensor(im, channels), size)
+
+
+def _cut(ims, size: int, channels: int, augment: Augment | None) -> tuple[Tensor, list[Tensor] | None]:
+    """The centre crops [N, C, size, size] of PIL images (converted one at a time) and, for a random crop, their
+    uncropped views."""
+    keep = augment is not None and augment.crop == "random"
+    crops, views = [], []
+    for im in ims:
+        view = _view(im, size, channels)
+        crops.append(center_crop(view, size).contiguous())
+        if keep:
+            views.append(view)
+    return torch.stack(crops), views if keep else None
 
 
 def _open_image(source, where: str):
@@ -226,10 +307,11 @@ def _webdataset_pairs(shards: list[Path]) -> list:
 
 
 
-def data_for(model, name: str | None = None) -> ImageData:
+def data_for(model, name: str | None = None, augment: Augment | None = None) -> ImageData:
     """The training data of ``model`` (its own data set unless ``name`` says otherwise): a captioned set at
-    its image size for a text-to-image model, a labelled image set for a pixel model."""
+    its image size for a text-to-image model, a labelled image set for a pixel model; ``augment``: how
+    training batches cut them."""
     name = name or model.config.dataset.split(":")[0] or ("emoji" if model.conditioner.text else "digits")
     if model.conditioner.text:
-        return load_captioned(name, model.config.image_size)
-    return load_dataset(name, model.config.image_size, model.config.channels)
+        return load_captioned(name, model.config.image_size, augment)
+    return load_dataset(name, model.config.image_size, model.config.channels, augment)

@@ -37,6 +37,7 @@ from ..nets.sdxl import AddedCondUNet, takes_added_cond
 from .codecs import PixelCodec, VAECodec
 from .conditioners import LabelConditioner, TextConditioner
 from .config import ModelConfig
+from .data import prepared
 
 
 def build_denoiser(net: nn.Module, config: ModelConfig) -> nn.Module:
@@ -158,10 +159,17 @@ class Model:
 
     @torch.no_grad()
     def training_tensors(self, data) -> dict[str, Tensor]:
-        """What a training batch is cut from, computed once: the images in the model's space (VAE latents
-        for a pipeline) and each image's cached conditioning."""
+        """The images of ``data`` in the model's space (VAE latents for a pipeline) and each image's conditioning
+        (prompt embeddings for a pipeline)."""
         self.check_data(data)
         return {"images": self.codec.encode(data.images).cpu(), **self.conditioner.training_tensors(data)}
+
+    def training_data(self, data):
+        """What a training run cuts its batches from: :meth:`training_tensors` of the whole set, computed once,
+        or of each batch as it is cut when every use of an image differs (``--crop random``, ``--flip``:
+        :func:`fewstep.models.data.prepared`)."""
+        self.check_data(data)
+        return prepared(data, self.training_tensors)
 
     # --- new models from this one ----------------------------------------------------------------
     def derive(self, net: nn.Module | None = None, config: ModelConfig | None = None, path: Path | str | None = None,

@@ -9,7 +9,11 @@ An objective with state of its own (a target network, a discriminator) may also 
 
 Determinism and exact resume: the data order is a function of (seed, epoch) and every
 micro-batch reseeds torch's RNG from (seed, step, micro-step, rank), so a run restored at step s
-replays exactly what an uninterrupted run does from s on. Checkpoints hold model, optimizer, EMA,
+replays exactly what an uninterrupted run does from s on. The data is a dict of tensors a batch is cut
+from, or :class:`Batches` that compute each batch from its indices (random crops and flips, latents
+encoded on the fly: :class:`fewstep.models.data.PerBatch`) with a generator of their own, seeded from
+(seed, step, micro-step, rank) as well, so that a resumed run sees the same crops and the objective's
+random numbers are those it draws without them. Checkpoints hold model, optimizer, EMA,
 objective state and the step; they are safetensors + JSON (no pickles), written to a temporary
 folder and renamed into place, and only the last ``keep_checkpoints`` are kept.
 """
@@ -68,6 +72,14 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # the objective's own settings, for the record
 
 
+class Batches(Protocol):
+    """Training data computed per batch: ``batch(indices, generator)`` → the batch's tensors."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: Tensor, generator: torch.Generator) -> dict[str, Tensor]: ...
+
+
 class Objective(Protocol):
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]: ...
 
@@ -82,9 +94,10 @@ class TrainResult:
     config: TrainConfig | None = None  # the run's settings
 
 
-def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], config: TrainConfig,
+def train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Batches, config: TrainConfig,
           accelerator: Accelerator | None = None, params: list[nn.Parameter] | None = None) -> TrainResult:
-    """Train ``model`` (the module whose weights are optimized) on in-memory ``data`` tensors.
+    """Train ``model`` (the module whose weights are optimized) on in-memory ``data`` tensors, or on
+    :class:`Batches` computed per batch.
 
     ``params`` restricts what is optimized (e.g. LoRA weights); default: every parameter that
     requires grad. Resumes from the latest checkpoint in ``config.out_dir`` if there is one (of the same
@@ -95,11 +108,11 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor], confi
         return _train(model, objective, data, config, acc, params)
 
 
-def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor], config: TrainConfig,
+def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Batches, config: TrainConfig,
            acc: Accelerator, params: list[nn.Parameter] | None) -> TrainResult:
     out = Path(config.out_dir)
     ckpt_root = out / "checkpoints"
-    n_data = len(next(iter(data.values())))
+    n_data = len(data) if hasattr(data, "batch") else len(next(iter(data.values())))
     micro = _micro_batch_size(config, acc.num_processes)
 
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -130,7 +143,7 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor], conf
             torch.manual_seed(_seed(config.seed, step, m, acc.process_index))
             start = step * config.batch_size + (m * acc.num_processes + acc.process_index) * micro
             idx = order.indices(start, micro)
-            batch = {k: v[idx].to(acc.device) for k, v in data.items()}
+            batch = {k: v.to(acc.device) for k, v in _batch(data, idx, config.seed, step, m, acc.process_index).items()}
             sync = acc.no_sync(ddp_model) if m < config.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 with acc.autocast():
@@ -285,6 +298,14 @@ class _DataOrder:
             mask = pos // self.n == epoch
             out[mask] = self._perm(epoch)[pos[mask] % self.n]
         return out
+
+
+def _batch(data: dict[str, Tensor] | Batches, idx: Tensor, *seed: int) -> dict[str, Tensor]:
+    """The micro-batch at ``idx``: cut from the tensors, or computed by the :class:`Batches` with a generator
+    seeded from (seed, step, micro-step, rank) (apart from torch's RNG, which the objective draws from)."""
+    if not hasattr(data, "batch"):
+        return {k: v[idx] for k, v in data.items()}
+    return data.batch(idx, torch.Generator().manual_seed(_seed(*seed, "data")))
 
 
 def _micro_batch_size(config: TrainConfig, processes: int) -> int:
