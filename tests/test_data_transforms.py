@@ -230,3 +230,70 @@ def test_cli_lcm_lora_with_random_crop_and_flip(tiny_sd, tmp_path, capsys):
                            "--crop", "random", "--flip", "--no-progress", "--work-dir", str(tmp_path / "work"))
     assert rc == 0, err
     assert "saved lcm-lora model" in out
+
+
+def stripe_shards(root, n: int = 6, per_shard: int = 4):
+    """Webdataset shards of ``n`` 48×32 stripe pictures (each with its own colours) and captions."""
+    import io
+    import tarfile
+
+    root.mkdir(parents=True)
+    for s in range(0, n, per_shard):
+        with tarfile.open(root / f"shard-{s // per_shard:05d}.tar", "w") as tar:
+            for i in range(s, min(n, s + per_shard)):
+                arr = np.asarray(stripes(48, 32)).copy()
+                arr[:, :, i % 3] = (arr[:, :, i % 3].astype(int) + 40 * i) % 256
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                for name, payload in ((f"{i:04d}.png", buf.getvalue()), (f"{i:04d}.txt", CAPTIONS[i % 6].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return root
+
+
+@pytest.mark.parametrize("augment", [Augment(), Augment("random"), Augment("random", flip=True)])
+def test_streamed_shards_give_the_batches_of_the_set_in_memory(tmp_path, monkeypatch, augment):
+    import fewstep.models.data as data_module
+
+    shards = stripe_shards(tmp_path / "wds")
+    held = load_captioned(str(shards), 32, augment)
+    decoded = []
+    real = data_module._open_image
+    monkeypatch.setattr(data_module, "_open_image", lambda source, where: decoded.append(where) or real(source, where))
+    streamed = load_captioned(str(shards), 32, augment, stream=True)
+    assert decoded == [] and len(streamed) == len(held) == 6        # the index only: nothing decoded yet
+    assert streamed.captions == held.captions and not streamed.fixed
+    idx = torch.tensor([5, 0, 3])
+    a = streamed.batch(idx, torch.Generator().manual_seed(3))
+    b = held.batch(idx, torch.Generator().manual_seed(3))
+    assert len(decoded) == 3 and decoded[0].endswith("shard-00001.tar:0005")
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    with pytest.raises(FewstepError, match="streamed from its shards"):
+        streamed.images
+
+
+def test_stream_is_automatic_above_a_size_and_refused_where_it_cannot_apply(tmp_path, monkeypatch):
+    import fewstep.models.data as data_module
+    from fewstep.models.data import StreamedImages
+
+    shards = stripe_shards(tmp_path / "wds", n=2)
+    assert not isinstance(load_captioned(str(shards), 32, stream=None), StreamedImages)
+    monkeypatch.setattr(data_module, "STREAM_ABOVE", 2 * 3 * 32 * 32 * 4 - 1)
+    assert isinstance(load_captioned(str(shards), 32, stream=None), StreamedImages)
+    assert not isinstance(load_captioned(str(shards), 32, stream=False), StreamedImages)
+    folder = stripe_folder(tmp_path / "pics", captions=True)
+    for name in (str(folder), "emoji"):
+        with pytest.raises(FewstepError, match="--stream reads webdataset .tar shards"):
+            load_captioned(name, 32, stream=True)
+
+
+def test_cli_lcm_lora_streams_webdataset_shards(tiny_sd, tmp_path, capsys):
+    shards = stripe_shards(tmp_path / "wds")
+    rc, out, err = run_cli(capsys, "distill", "--method", "lcm-lora", "--teacher", str(tiny_sd), "--dataset", str(shards),
+                           "--out", str(tmp_path / "lora"), "--steps", "2", "--batch", "2", "--lora-rank", "2", "--stream",
+                           "--no-progress", "--work-dir", str(tmp_path / "work"))
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "distill", "--method", "ct", "--dataset", "digits", "--stream", "--out",
+                         str(tmp_path / "ct"), "--steps", "1", "--no-progress", "--work-dir", str(tmp_path / "w2"))
+    assert rc != 0 and "leave --stream out" in err

@@ -166,9 +166,9 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
                    help="start even if the weights, gradients and optimizer state alone need more memory than is free")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
+def add_data_args(p: argparse.ArgumentParser, stream: bool = False) -> None:
     """--crop and --flip: how training images are cut (:mod:`fewstep.models.transforms`, diffusers' scripts'
-    --center_crop/--random_crop/--random_flip)."""
+    --center_crop/--random_crop/--random_flip); with ``stream``, --stream/--no-stream for webdataset shards."""
     g = p.add_argument_group("training data (images from files: short side resized to the training size, aspect "
                              "ratio kept, then cut to a square)")
     g.add_argument("--crop", choices=["center", "random"], default="center",
@@ -180,6 +180,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="flip each training image left-right with probability 0.5 (RandomHorizontalFlip), seeded "
                         "likewise; off by default, since a flip changes text, digits and arrows. With --crop random "
                         "or --flip the VAE latents and prompt embeddings are computed per batch instead of once")
+    if stream:
+        g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                       help="webdataset .tar shards: read them batch by batch instead of into memory (only the "
+                            "shards' index and the captions are held; each batch's images are read, decoded and cut, "
+                            "and their latents and prompt embeddings computed, as it is made). Default: streamed "
+                            "when the decoded images would take more than 4 GiB; --no-stream: never")
 
 
 def augment(args: argparse.Namespace):
@@ -187,6 +193,11 @@ def augment(args: argparse.Namespace):
     from ..models.transforms import Augment
 
     return Augment(crop=getattr(args, "crop", "center"), flip=getattr(args, "flip", False))
+
+
+def stream(args: argparse.Namespace) -> bool | None:
+    """--stream (True), --no-stream (False) or neither (None: by size)."""
+    return getattr(args, "stream", False)
 
 
 def train_config(args: argparse.Namespace):

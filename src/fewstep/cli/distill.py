@@ -18,6 +18,7 @@ from .args import (
     positive_int,
     probability,
     step_set,
+    stream,
     train_config,
 )
 
@@ -60,7 +61,7 @@ def add_parsers(sub) -> None:
         if p is distill:
             _guided_args(p)
             _latent_args(p)
-        add_data_args(p)
+        add_data_args(p, stream=p is distill)
         add_train_args(p, steps=3000, batch=64, lr=1e-4)
         p.set_defaults(func=run)
 
@@ -141,6 +142,9 @@ def run(args: argparse.Namespace) -> None:
     from ..models.folders import load_model
 
     if args.method in TEACHER_FREE:
+        if stream(args):
+            raise FewstepError(f"--stream reads captioned webdataset shards for the latent methods; --method "
+                               f"{args.method} trains on images held in memory: leave --stream out")
         teacher, data = None, load_dataset(args.dataset or "digits", args.image_size, args.channels, augment(args))
     elif not args.teacher:
         raise FewstepError(f"--method {args.method} needs a teacher: --teacher DIR (e.g. "
@@ -155,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
         if args.image_size and args.image_size != teacher.config.image_size:
             raise FewstepError(f"--image-size {args.image_size}: {args.teacher} takes {teacher.config.image_size}² images "
                                f"(the data is resized to the teacher's size); leave --image-size out")
-        data = data_for(teacher, args.dataset, augment(args))
+        data = data_for(teacher, args.dataset, augment(args), stream(args))
     folder = _distill(args, teacher, data, train_config(args), command_line(args))
     if folder is not None:
         print(f"saved {args.method} model to {folder}")

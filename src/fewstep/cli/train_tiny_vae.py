@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .args import add_data_args, add_train_args, augment, command_line, positive_int, train_config
+from .args import add_data_args, add_train_args, augment, command_line, positive_int, stream, train_config
 
 
 def add_parser(sub) -> None:
@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--sample-model", metavar="DIR",
                    help="also distil on the latents this few-step model of the pipeline samples for the captions "
                         "(what a real-time server decodes), e.g. models/emoji-lcm")
-    add_data_args(p)
+    add_data_args(p, stream=True)
     add_train_args(p, steps=3000, batch=64, lr=1e-3)
     p.set_defaults(func=run)
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
                                encoder_blocks=tuple(args.encoder_blocks), encoder_weight=args.encoder_weight,
                                sample_model=args.sample_model)
     sampler = load_model(args.sample_model) if args.sample_model else None
-    folder = distill_tiny_vae(base, data_for(base, args.dataset, augment(args)), args.out, train_config(args), settings,
+    folder = distill_tiny_vae(base, data_for(base, args.dataset, augment(args), stream(args)), args.out, train_config(args), settings,
                               command_line(args), sampler=sampler)
     if folder is not None:
         print(f"saved the tiny VAE to {folder}")

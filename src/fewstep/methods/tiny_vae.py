@@ -93,7 +93,8 @@ def distill_tiny_vae(base: Model, data: ImageData, out: str | Path, config: Trai
     base.to(run.device)
     if sampler is not None and not data.fixed:
         raise FewstepError("--sample-model adds latents sampled once for the captions to the training set; it "
-                           "cannot be combined with --crop random or --flip (leave those out)")
+                           "cannot be combined with a set whose batches are computed as they are cut (--crop random, --flip, "
+                           "--stream): leave those out")
     sampler = sampler.to(run.device) if sampler is not None else None
     tensors = prepared(data, lambda d: training_set(base, d, sampler))   # once, or per batch (a random crop or flip)
     tiny = build_tiny_vae(base.codec.latent_channels, base.codec.factor, settings.width, settings.decoder_blocks,

@@ -13,10 +13,14 @@ do (:mod:`fewstep.models.transforms`): the short side to the size, the aspect ra
 square at the centre, or at random each time an image is used (``Augment(crop="random")``), and flipped at
 random with ``Augment(flip=True)``. ``ImageData.images`` always holds the centre crops; with a random crop
 each image's uncropped view is kept beside it, and a training batch is cut by :meth:`ImageData.batch`.
+Webdataset shards may instead be streamed (:class:`StreamedImages`): only their index and captions are held,
+and each batch's images are read and decoded as it is cut.
 """
+
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +32,11 @@ from torch import Tensor
 
 from ..errors import FewstepError
 from ..io.images import image_tensor, open_image
+from .shards import ShardSample, index_shards
 from .transforms import Augment, center_crop, resize_short_side, training_crops
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+STREAM_ABOVE = 4 * 2**30   # stream=None: webdataset shards whose decoded images would take more bytes are streamed
 
 
 @dataclass
@@ -134,6 +140,47 @@ def prepared(data: ImageData, fn: Callable[[ImageData], dict[str, Tensor]]) -> d
     return fn(data) if data.fixed else PerBatch(data, fn)
 
 
+class StreamedImages:
+    """A captioned webdataset read batch by batch (``--stream``): only the shard index and the captions are in
+    memory; :meth:`batch` reads each image from its shard, decodes it and cuts it as :class:`ImageData` does
+    (:func:`fewstep.models.transforms.training_crops`). Never fixed: the latents and prompt embeddings of a
+    streamed set are computed per batch. It has no ``images`` tensor (that is what it does not hold)."""
+
+    fixed = False
+    channels = 3
+
+    def __init__(self, samples: list[ShardSample], size: int, name: str, augment: Augment) -> None:
+        self.samples, self.image_size, self.name, self.augment = samples, size, name, augment
+        self.captions = [s.caption for s in samples]
+        self.class_names = [name]
+        self.labels = torch.zeros(len(samples), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_classes(self) -> int:
+        return 1
+
+    @property
+    def images(self) -> Tensor:
+        raise FewstepError(f"{self.name} is streamed from its shards: its images are read per training batch, not "
+                           f"held; load it without --stream for this")
+
+    def of_class(self, name: str) -> StreamedImages:
+        if name not in self.class_names:
+            raise FewstepError(f"{name!r} is not one of {self.name}'s classes: {', '.join(self.class_names)}")
+        return self
+
+    def batch(self, index: Tensor, generator: torch.Generator) -> ImageData:
+        """The images at ``index`` read, decoded, resized and cut as ``augment`` says, with their captions."""
+        rows = index.tolist()
+        views = [_view(_open_image(io.BytesIO(self.samples[i].read()), self.samples[i].where), self.image_size)
+                 for i in rows]
+        return ImageData(training_crops(views, self.image_size, self.augment, generator), self.labels[index],
+                         self.class_names, self.name, [self.captions[i] for i in rows])
+
+
 def load_digits(size: int = 16) -> ImageData:
     """scikit-learn's digits (values 0–16) scaled to [−1, 1] and resized to ``size``×``size``."""
     from sklearn.datasets import load_digits as sk_digits
@@ -195,33 +242,52 @@ def load_dataset(name: str, size: int | None = None, channels: int = 1, augment:
 CAPTION_KEYS = ("text", "caption", "prompt")
 
 
-def load_captioned(name: str, size: int, augment: Augment | None = None) -> ImageData:
+def load_captioned(name: str, size: int, augment: Augment | None = None,
+                   stream: bool | None = False) -> ImageData | StreamedImages:
     """A captioned RGB set at ``size``×``size``: ``emoji``; an image folder with a ``metadata.jsonl`` of
     ``{"file_name": ..., "text": ...}`` lines (Hugging Face's imagefolder convention); a folder saved
     by ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package) with an image and a text
     column; or webdataset shards (a ``.tar`` file, or a folder of them, holding ``KEY.png|jpg`` +
     ``KEY.txt`` pairs). Every image's short side is resized (bicubic) to ``size``, then cut to a square as
-    ``augment`` says (module docstring)."""
-    if name == "emoji":
-        return load_emoji(size).with_augment(augment)
+    ``augment`` says (module docstring). ``stream``: read webdataset shards batch by batch instead of into
+    memory (:class:`StreamedImages`); None: when their decoded images would take more than
+    :data:`STREAM_ABOVE` bytes."""
     path = Path(name)
+    kind = "emoji" if name == "emoji" else _captioned_kind(path)
+    if stream and kind != "shards":
+        raise FewstepError(f"--stream reads webdataset .tar shards batch by batch; {name} is read into memory: leave "
+                           f"--stream out, or pack it into shards (KEY.png + KEY.txt per sample)")
+    if kind == "emoji":
+        return load_emoji(size).with_augment(augment)
+    if kind == "shards":
+        samples = index_shards(sorted(path.glob("*.tar")) if path.is_dir() else [path])
+        if samples and (stream or (stream is None and len(samples) * 3 * size * size * 4 > STREAM_ABOVE)):
+            return StreamedImages(samples, size, path.name, augment or Augment())
+        ims = (_open_image(io.BytesIO(s.read()), s.where) for s in samples)   # decoded one at a time
+        captions = [s.caption for s in samples]
+    else:
+        pairs = _imagefolder_pairs(path) if kind == "imagefolder" else _hf_dataset_pairs(path)
+        ims, captions = (im for im, _ in pairs), [c for _, c in pairs]
+    if not captions:
+        raise FewstepError(f"no captioned images found in {path}")
+    images, views = _cut(ims, size, 3, augment)
+    return ImageData(images, torch.zeros(len(captions), dtype=torch.long), [path.name], path.name, captions,
+                     views=views).with_augment(augment)
+
+
+def _captioned_kind(path: Path) -> str:
+    """Which captioned layout ``path`` has: imagefolder (metadata.jsonl), hf (a saved dataset) or shards."""
     if not path.exists():
-        raise FewstepError(f"unknown captioned dataset {name!r}: use 'emoji', an image folder with metadata.jsonl, "
+        raise FewstepError(f"unknown captioned dataset {str(path)!r}: use 'emoji', an image folder with metadata.jsonl, "
                            f"a saved HF dataset folder or webdataset .tar shards")
     if path.is_dir() and (path / "metadata.jsonl").exists():
-        pairs = _imagefolder_pairs(path)
-    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
-        pairs = _hf_dataset_pairs(path)
-    elif path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
-        pairs = _webdataset_pairs(sorted(path.glob("*.tar")) if path.is_dir() else [path])
-    else:
-        raise FewstepError(f"{path} has no captions: add a metadata.jsonl ({{\"file_name\": ..., \"text\": ...}} per "
-                           f"line), or give a saved HF dataset or webdataset .tar shards")
-    if not pairs:
-        raise FewstepError(f"no captioned images found in {path}")
-    images, views = _cut((im for im, _ in pairs), size, 3, augment)
-    return ImageData(images, torch.zeros(len(pairs), dtype=torch.long), [path.name], path.name, [c for _, c in pairs],
-                     views=views).with_augment(augment)
+        return "imagefolder"
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        return "hf"
+    if path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
+        return "shards"
+    raise FewstepError(f"{path} has no captions: add a metadata.jsonl ({{\"file_name\": ..., \"text\": ...}} per "
+                       f"line), or give a saved HF dataset or webdataset .tar shards")
 
 
 def _caption(record: dict, where: str) -> str:
@@ -286,32 +352,15 @@ def _hf_dataset_pairs(root: Path) -> list:
     return [(row[image_key], _caption(row, f"{root} row {i}")) for i, row in enumerate(ds)]
 
 
-def _webdataset_pairs(shards: list[Path]) -> list:
-    import io
-    import tarfile
-
-    pairs = []
-    for shard in shards:
-        samples: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.isfile():
-                    key, _, ext = member.name.partition(".")
-                    samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-        for key, parts in samples.items():
-            image = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
-            text = parts.get("txt") or parts.get("caption")
-            if image is not None and text is not None:
-                pairs.append((_open_image(io.BytesIO(image), f"{shard}:{key}"), text.decode("utf-8").strip()))
-    return pairs
-
-
-
-def data_for(model, name: str | None = None, augment: Augment | None = None) -> ImageData:
+def data_for(model, name: str | None = None, augment: Augment | None = None,
+             stream: bool | None = False) -> ImageData | StreamedImages:
     """The training data of ``model`` (its own data set unless ``name`` says otherwise): a captioned set at
     its image size for a text-to-image model, a labelled image set for a pixel model; ``augment``: how
-    training batches cut them."""
+    training batches cut them; ``stream``: of webdataset shards (:func:`load_captioned`)."""
     name = name or model.config.dataset.split(":")[0] or ("emoji" if model.conditioner.text else "digits")
     if model.conditioner.text:
-        return load_captioned(name, model.config.image_size, augment)
+        return load_captioned(name, model.config.image_size, augment, stream)
+    if stream:
+        raise FewstepError(f"--stream reads captioned webdataset shards; {model.path} is a pixel model, trained on "
+                           f"images held in memory: leave --stream out")
     return load_dataset(name, model.config.image_size, model.config.channels, augment)
