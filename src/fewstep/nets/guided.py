@@ -23,11 +23,12 @@ from torch import Tensor, nn
 
 from ..core.guidance import guidance_scale_embedding, lcm_w
 from ..errors import FewstepError
+from .wrapped import WrappedUNet
 
 GUIDANCE_WEIGHTS = "guidance_embedding.safetensors"  # beside diffusion_pytorch_model.safetensors in unet/
 
 
-class GuidedUNet(nn.Module):
+class GuidedUNet(WrappedUNet):
     """A diffusers UNet that takes the guidance scale as an input (see the module docstring).
 
     ``forward(sample, timestep, guidance_scale=s, **cond)``; without ``guidance_scale`` it is s = 1, the
@@ -41,8 +42,7 @@ class GuidedUNet(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, embedding_dim: int = 256) -> None:
-        super().__init__()
-        self.unet = unet
+        super().__init__(unet)
         self.embedding_dim = embedding_dim
         native = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
         self.native = native is not None
@@ -54,14 +54,6 @@ class GuidedUNet(nn.Module):
             features = unet.time_embedding.linear_1.in_features  # the sinusoidal timestep features
             self.cond_proj = nn.Linear(embedding_dim, features, bias=False)
             nn.init.zeros_(self.cond_proj.weight)  # start as the teacher's conditional denoiser
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
 
     def forward(self, sample: Tensor, timestep: Tensor, guidance_scale: Tensor | float | None = None, **cond):
         if guidance_scale is None:

@@ -16,22 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from .unets import TinySDConfig, build_cond_unet, build_text_encoder
+from .wrapped import WrappedUNet
 
 
-class AddedCondUNet(nn.Module):
+class AddedCondUNet(WrappedUNet):
     """``net(x, t, encoder_hidden_states, text_embeds, time_ids[, timestep_cond])`` → an SDXL UNet's output."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
 
     def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, text_embeds: Tensor,
                 time_ids: Tensor, timestep_cond: Tensor | None = None):
