@@ -100,9 +100,11 @@ def test_a_run_that_cannot_fit_stops_in_one_line_before_copying_the_unet(tiny_sd
             "4", "--no-progress"]
     rc, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "a"), "--work-dir", str(tmp_path / "wa"))
     assert rc != 0 and "needs at least" in err and "--ema 0" in err and "--no-memory-check" in err
+    assert "--optimizer adamw-8bit" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "wa" / "checkpoints").exists()
     n = sum(p.numel() for p in load_model(tiny_sd).unet.parameters())
     assert memory.training_bytes(n, target=True, ema=True) == 24 * n
+    assert memory.training_bytes(n, target=True, ema=False, optimizer="adamw-8bit") == 14 * n   # 2 bytes of moments
     rc, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "b"), "--work-dir", str(tmp_path / "wb"),
                          "--no-memory-check")
     assert rc == 0, err

@@ -39,16 +39,30 @@ def killing(objective, at_call: int):
     return wrapped
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+def _has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+OPTIMIZERS = ["adamw", "adamw-fused",
+              pytest.param("adamw-8bit", marks=pytest.mark.skipif(not _has_bitsandbytes(),
+                                                                  reason="bitsandbytes is not installed"))]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, optimizer):
     model, objective, data = tiny_setup()
-    full = train(model, objective, data, config(tmp_path / "a"))
+    full = train(model, objective, data, config(tmp_path / "a", optimizer=optimizer))
 
     model, objective, data = tiny_setup()
     with pytest.raises(Kill):  # dies in step 5 (micro-batch 9), after the checkpoint at step 3
-        train(model, killing(objective, 9), data, config(tmp_path / "b"))
+        train(model, killing(objective, 9), data, config(tmp_path / "b", optimizer=optimizer))
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-0000003"
     model, objective, data = tiny_setup(model_seed=123)  # fresh weights: everything must come from the checkpoint
-    resumed = train(model, objective, data, config(tmp_path / "b"))
+    resumed = train(model, objective, data, config(tmp_path / "b", optimizer=optimizer))
 
     assert resumed.step == full.step == 6
     for a, b in ((full.model, resumed.model), (full.ema, resumed.ema)):
@@ -57,6 +71,36 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     log = lambda d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log("b")] == list(range(1, 7))
     assert [r["loss"] for r in log("a")] == pytest.approx([r["loss"] for r in log("b")], abs=1e-6)
+
+
+def test_the_fused_optimizer_is_adamw_and_8bit_without_bitsandbytes_is_one_clear_error(tmp_path):
+    runs = {}
+    for name in ("adamw", "adamw-fused"):
+        model, objective, data = tiny_setup()
+        runs[name] = train(model, objective, data, config(tmp_path / name, optimizer=name)).model
+    for p, q in zip(runs["adamw"].parameters(), runs["adamw-fused"].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)     # the same update in one kernel (float order)
+    model, objective, data = tiny_setup()
+    with pytest.raises(FewstepError, match="unknown optimizer 'sgd'"):
+        train(model, objective, data, config(tmp_path / "sgd", optimizer="sgd"))
+    if not _has_bitsandbytes():
+        with pytest.raises(FewstepError, match="pip install bitsandbytes"):
+            train(model, objective, data, config(tmp_path / "8bit", optimizer="adamw-8bit"))
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
+    model, objective, data = tiny_setup()
+    with pytest.raises(Kill):
+        train(model, killing(objective, 9), data, config(tmp_path))
+    state_file = latest_checkpoint(tmp_path / "checkpoints") / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["optimizer"]                      # written before --optimizer existed
+    state_file.write_text(json.dumps(state))
+    model, objective, data = tiny_setup()
+    assert train(model, objective, data, config(tmp_path)).step == 6
+    model, objective, data = tiny_setup()
+    with pytest.raises(FewstepError, match="optimizer"):  # but another optimizer is another run
+        train(model, objective, data, config(tmp_path, max_steps=9, optimizer="adamw-fused"))
 
 
 def test_checkpoints_are_safetensors_json_and_pruned(tmp_path):

@@ -163,9 +163,10 @@ def _check_fits(teacher: Model, config: TrainConfig, device) -> None:
     n = sum(p.numel() for p in teacher.unet.parameters())
     ema = config.ema_decay > 0
     advice = ("Add --ema 0 (the target is then the only EMA; −{:.1f} GiB), ".format(4 * n / 2 ** 30) if ema else "") + (
+        "--optimizer adamw-8bit (−{:.1f} GiB), ".format(6 * n / 2 ** 30) if config.optimizer != "adamw-8bit" else "") + (
         "use --method lcm-lora (adapters only), or a machine with more memory. ")
-    check_fits(training_bytes(n, target=True, ema=ema), f"training a full copy of this {n / 1e6:.1f}M-parameter UNet",
-               device, advice)
+    check_fits(training_bytes(n, target=True, ema=ema, optimizer=config.optimizer),
+               f"training a full copy of this {n / 1e6:.1f}M-parameter UNet", device, advice)
 
 
 def with_scale_input(condition, lo: float, hi: float):

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ..errors import FewstepError, TrainingDiverged
 from ..io.atomic import atomic_path
 from .runs import WorkDirLock, all_finite, check_resume, last_good_checkpoint
+from .optimizers import flat_state, make_optimizer, nested_state
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TrainConfig:
     warmup_steps: int = 100            # linear LR warm-up from 0; avoids early Adam blow-ups
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: str = "adamw"           # "adamw" | "adamw-fused" | "adamw-8bit" (fewstep.training.optimizers)
     grad_clip: float = 1.0             # max global grad norm; 0 disables
     ema_decay: float = 0.999           # EMA of the weights, which is what gets saved as the model; 0: no EMA copy
                                        # (the online weights are saved; diffusers' LCD script does so, and a
@@ -116,7 +118,7 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Bat
     micro = _micro_batch_size(config, acc.num_processes)
 
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config.optimizer, config.lr, config.adam_betas, config.weight_decay)
     ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=config.ema_warmup) if config.ema_decay > 0 else None
     saved = _saved_names(model, params)
     step, elapsed = 0, 0.0
@@ -237,13 +239,13 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMA
         save_file({f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
                   tmp / "ema.safetensors")
         opt_state = optimizer.state_dict()
-        save_file({f"{i}.{k}": v.contiguous() for i, s in opt_state["state"].items() for k, v in s.items()},
-                  tmp / "optimizer.safetensors")
+        opt_tensors, opt_values = flat_state(opt_state["state"])
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
         if hasattr(objective, "state_dict"):
             save_file(_contiguous(objective.state_dict()), tmp / "objective.safetensors")
         state = {"step": step, "elapsed_seconds": elapsed, "config": asdict(config), "ema": ema_state if ema else None,
                  "partial": names is not None,
-                 "optimizer_param_groups": opt_state["param_groups"]}
+                 "optimizer_param_groups": opt_state["param_groups"], "optimizer_values": opt_values}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -config.keep_checkpoints]:
         shutil.rmtree(old)
@@ -256,8 +258,11 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel | No
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
         raise FewstepError(f"cannot resume from checkpoint {path}: {e}. Delete it to resume from an earlier one.") from None
-    check_resume(json.loads(json.dumps(state.get("config", {}))), json.loads(json.dumps(asdict(config))), path,
-                 config.force_resume)
+    if not isinstance(state, dict) or not isinstance(state.get("config", {}), dict):
+        raise FewstepError(f"cannot resume from checkpoint {path}: its state.json is not fewstep's. Delete it to resume "
+                           f"from an earlier one.")
+    saved = {**asdict(TrainConfig()), **state.get("config", {})}    # a field newer than the checkpoint: its default
+    check_resume(json.loads(json.dumps(saved)), json.loads(json.dumps(asdict(config))), path, config.force_resume)
     try:
         weights = load_file(path / "model.safetensors")
         if names is not None and set(weights) != names:
@@ -266,11 +271,7 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel | No
         if ema is not None:
             shadow = load_file(path / "ema.safetensors")
             ema.load_state_dict({**state["ema"], "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
-        flat = load_file(path / "optimizer.safetensors")
-        opt_state: dict[int, dict[str, Tensor]] = {}
-        for key, value in flat.items():
-            i, name = key.split(".", 1)
-            opt_state.setdefault(int(i), {})[name] = value
+        opt_state = nested_state(load_file(path / "optimizer.safetensors"), state.get("optimizer_values", {}))
         optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
         if hasattr(objective, "load_state_dict") and (path / "objective.safetensors").exists():
             objective.load_state_dict(load_file(path / "objective.safetensors"))

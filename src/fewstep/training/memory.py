@@ -13,16 +13,18 @@ from __future__ import annotations
 import torch
 
 from ..errors import FewstepError
+from .optimizers import MOMENT_BYTES
 
-ADAM_FP32 = 16   # bytes per trained parameter: weight + gradient + two Adam moments
+WEIGHT_AND_GRAD = 8   # bytes per trained parameter in fp32; the optimizer's moments come on top (MOMENT_BYTES)
 # the activations and the allocator on top, at the smallest batch: the full-size LCD with the defaults passed
 # 19.1 GiB (its weights' 19.2 GiB estimate) before its first step ended, with 19.5 GiB free at its start
 MARGIN = 1.1
 
 
-def training_bytes(trained: int, target: bool, ema: bool) -> int:
-    """Bytes of the trained weights, their gradients, Adam's moments, a target copy and an EMA copy."""
-    return trained * (ADAM_FP32 + 4 * target + 4 * ema)
+def training_bytes(trained: int, target: bool, ema: bool, optimizer: str = "adamw") -> int:
+    """Bytes of the trained weights, their gradients, the optimizer's moments (8 bytes for AdamW's two in fp32,
+    2 for 8-bit AdamW's), a target copy and an EMA copy."""
+    return trained * (WEIGHT_AND_GRAD + MOMENT_BYTES[optimizer] + 4 * target + 4 * ema)
 
 
 def available_bytes(device: torch.device | str = "cpu") -> int | None:
