@@ -7,6 +7,9 @@ captioned emoji; its peak memory is the largest resident set of its process tree
 run that passes ``--limit-gb`` is killed (and reported as not fitting) before it can take the machine with it.
 
     python bench/full_size.py [--work /tmp/full-size] [--steps 2]   # → bench/results/full_size.json
+
+The ``--optimizer adamw-8bit`` run needs bitsandbytes importable (``pip install bitsandbytes``; fewstep does not
+depend on it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ OUT = ROOT / "bench" / "results" / "full_size.json"
 RUNS = {
     "lcd (the defaults), --no-memory-check": ["--method", "lcd", "--no-memory-check"],
     "lcd (the defaults: fp32 teacher, weight EMA)": ["--method", "lcd"],
+    "lcd --ema 0 --optimizer adamw-8bit (fp32 teacher)": ["--method", "lcd", "--ema", "0", "--optimizer", "adamw-8bit"],
     "lcd --teacher-dtype bf16 --ema 0 --gradient-checkpointing":
         ["--method", "lcd", "--teacher-dtype", "bf16", "--ema", "0", "--gradient-checkpointing"],
     "lcm-lora rank 64 (the defaults)": ["--method", "lcm-lora", "--lora-rank", "64"],

@@ -88,6 +88,24 @@ def test_the_fused_optimizer_is_adamw_and_8bit_without_bitsandbytes_is_one_clear
             train(model, objective, data, config(tmp_path / "8bit", optimizer="adamw-8bit"))
 
 
+@pytest.mark.skipif(not _has_bitsandbytes(), reason="bitsandbytes is not installed")
+def test_8bit_adam_resumes_exactly_with_its_shared_quantization_maps(tmp_path):
+    """Tensors of 4,096 elements or more get 8-bit moments, whose quantization maps bitsandbytes shares between
+    parameters (a full-size UNet's first checkpoint once failed on them)."""
+    def setup(seed: int = 0):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+        data = {"x": torch.randn(32, 64, generator=torch.Generator().manual_seed(0))}
+        return model, lambda m, batch: ((m(batch["x"]) - batch["x"]).square().mean(), {}), data
+    full = train(*setup(), config(tmp_path / "a", optimizer="adamw-8bit"))
+    model, objective, data = setup()
+    with pytest.raises(Kill):
+        train(model, killing(objective, 9), data, config(tmp_path / "b", optimizer="adamw-8bit"))
+    resumed = train(*setup(seed=1), config(tmp_path / "b", optimizer="adamw-8bit"))
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
 def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
     model, objective, data = tiny_setup()
     with pytest.raises(Kill):

@@ -240,7 +240,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMA
                   tmp / "ema.safetensors")
         opt_state = optimizer.state_dict()
         opt_tensors, opt_values = flat_state(opt_state["state"])
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")   # 8-bit AdamW shares its quantization maps
         if hasattr(objective, "state_dict"):
             save_file(_contiguous(objective.state_dict()), tmp / "objective.safetensors")
         state = {"step": step, "elapsed_seconds": elapsed, "config": asdict(config), "ema": ema_state if ema else None,
