@@ -160,3 +160,51 @@ def test_refiner_and_mismatched_sdxl_folders_are_clear_errors(tiny_sdxl, tmp_pat
     (mixed / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(FewstepError, match="SDXL's added text/time conditioning"):
         load_model(mixed)
+
+
+def test_sdxl_style_lora_lcm_lora_merge_and_lcf_through_the_cli(tiny_sdxl, tmp_path, capsys):
+    """On an SDXL folder as on SD: train-lora (a style LoRA), distill --method lcm-lora, lora merge of both into
+    a StableDiffusionXLPipeline with LCMScheduler whose images diffusers reproduces, the same pair on the fly
+    with sample --lora, and LCF from an SDXL LCD folder."""
+    import numpy as np
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+    from helpers import caption_folder, run_cli
+    from PIL import Image
+
+    from fewstep.sampling.generate import generate_latent
+
+    folder, _ = caption_folder(tmp_path / "pics", n=8)
+    common = ["--dataset", str(folder), "--steps", "2", "--batch", "4", "--no-progress"]
+    rc, _, err = run_cli(capsys, "train-lora", "--base", str(tiny_sdxl), "--out", str(tmp_path / "style"), "--rank", "2",
+                         "--work-dir", str(tmp_path / "w1"), *common)
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "distill", "--method", "lcm-lora", "--teacher", str(tiny_sdxl), "--out",
+                         str(tmp_path / "lcm-lora"), "--lora-rank", "2", "--work-dir", str(tmp_path / "w2"), *common)
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "lora", "merge", "--base", str(tiny_sdxl), "--lora", f"{tmp_path / 'style'}:0.7",
+                         "--lora", f"{tmp_path / 'lcm-lora'}:1", "--out", str(tmp_path / "merged"))
+    assert rc == 0, err
+    merged = load_model(tmp_path / "merged")
+    assert merged.config.is_lcm and "text_encoder_2" in merged.parts
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "merged")
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    ours = generate_latent(merged, PROMPTS, steps=4, guidance_scale=1.0, seed=5)
+    assert torch.allclose(ours, _pipe_images(pipe, 4, 1.0, 5), atol=3e-3)
+    images = []
+    for i, model in enumerate([["--model", str(tmp_path / "merged")],
+                               ["--model", str(tiny_sdxl), "--lora", f"{tmp_path / 'style'}:0.7", "--lora",
+                                str(tmp_path / "lcm-lora")]]):
+        rc, _, err = run_cli(capsys, "sample", *model, "--prompt", "red apple", "--steps", "2", "--num", "2",
+                             "--out", str(tmp_path / f"{i}.png"))
+        assert rc == 0, err
+        images.append(np.asarray(Image.open(tmp_path / f"{i}.png"), dtype=float))
+    assert np.abs(images[0] - images[1]).max() <= 2                     # fused = on the fly
+    rc, _, err = run_cli(capsys, "distill", "--method", "lcd", "--teacher", str(tiny_sdxl), "--out", str(tmp_path / "lcd"),
+                         "--work-dir", str(tmp_path / "w3"), *common)
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "distill", "--method", "lcf", "--teacher", str(tmp_path / "lcd"), "--out",
+                         str(tmp_path / "lcf"), "--work-dir", str(tmp_path / "w4"), *common)
+    assert rc == 0, err
+    lcf = load_model(tmp_path / "lcf")
+    assert lcf.config.is_lcm and "text_encoder_2" in lcf.parts
+    assert isinstance(StableDiffusionXLPipeline.from_pretrained(tmp_path / "lcf").scheduler, LCMScheduler)

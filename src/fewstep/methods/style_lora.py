@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import FewstepError
 from ..models.data import ImageData
-from ..models.handle import Model
+from ..models.handle import Model, raw_unet
 from ..models.loras import save_lora
 from ..nets.lora import add_lora, trainable_fraction
 from ..objectives.base import unwrap
@@ -32,7 +32,7 @@ def train_style_lora(base: Model, data: ImageData, out: str | Path, config: Trai
                      {"rank": rank, "caption_dropout": caption_dropout, "dataset": data.name}, params=params)
     if result is None:
         return None
-    unet = unwrap(result.ema).net
+    unet = raw_unet(unwrap(result.ema).net)        # SDXL's UNet sits inside AddedCondUNet
     lora, total = trainable_fraction(unet)
     info = {"kind": "style", "base": str(base.path), "dataset": data.name, "rank": rank, "trainable_parameters": lora,
             "base_parameters": total, "training": run.record("style-lora", result, base.path)}
