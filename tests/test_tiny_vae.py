@@ -96,5 +96,5 @@ def test_shipped_tiny_vae_stays_close_to_the_vae_it_was_distilled_from(shipped):
     images = load_emoji().images[::37]
     latents = lcm.codec.encode(images)
     full, small = lcm.codec.decode(latents), tiny.codec.decode(latents)
-    assert (full - small).abs().mean() < 0.1            # in [−1, 1] (~13/255; an untrained decoder is ~0.5)
+    assert (full - small).abs().mean() < 0.06           # in [−1, 1] (the shipped one: 0.041; an untrained one ~0.5)
     assert (tiny.codec.encode(images) - latents).square().mean() < 0.02
