@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from ..errors import FewstepError, TrainingDiverged
 from ..io.atomic import atomic_path
-from .runs import WorkDirLock, all_finite, check_resume, last_good_checkpoint
 from .optimizers import flat_state, make_optimizer, nested_state
+from .runs import WorkDirLock, all_finite, check_resume, last_good_checkpoint
 
 
 @dataclass
