@@ -36,6 +36,13 @@ class Ticket:
     cancelled: bool = False
 
 
+def tensor_signature(args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> tuple:
+    """Batch-first tensors' per-row shapes and dtypes (and the keyword names): what two calls' inputs must share
+    to be concatenated, or to replay one trace."""
+    return (tuple((tuple(a.shape[1:]), a.dtype) for a in args),
+            tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(kwargs.items())))
+
+
 @dataclass
 class _Call:
     key: Hashable
@@ -54,8 +61,7 @@ class _Call:
 
     def signature(self) -> tuple:
         """What must agree for two calls to share a batch."""
-        return (self.key, tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(self.kwargs.items())),
-                tuple((tuple(a.shape[1:]), a.dtype) for a in self.args))
+        return (self.key, *tensor_signature(self.args, self.kwargs))
 
 
 class MicroBatcher:

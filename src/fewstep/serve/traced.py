@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .batching import tensor_signature
+
 log = logging.getLogger("fewstep.serve")
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -38,14 +40,9 @@ class Traced:
         self.fn, self.name = fn, name
         self._traces: dict[tuple, Callable[..., Tensor] | None] = {}
 
-    @staticmethod
-    def signature(args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> tuple:
-        return (tuple((tuple(a.shape[1:]), a.dtype) for a in args),
-                tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(kwargs.items())))
-
     @torch.no_grad()
     def __call__(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
-        sig = self.signature(args, kwargs)
+        sig = tensor_signature(args, kwargs)
         if sig not in self._traces:
             self._traces[sig] = self._trace(args, kwargs)
         traced = self._traces[sig]
