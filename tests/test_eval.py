@@ -111,3 +111,49 @@ def test_benchmarks_md_is_what_bench_json_renders_to(tmp_path):
     ours = [line for line in out.read_text().splitlines() if "![FID versus NFE]" not in line]
     shipped = [line for line in (repo / "BENCHMARKS.md").read_text().splitlines() if "![FID versus NFE]" not in line]
     assert ours == shipped
+
+
+@pytest.mark.slow  # ~80 s: the zero-shot editing measurements of the 32×32 RGB teacher dominate
+def test_bench_emoji_pixel_section_measures_only_what_changed(tmp_path, capsys):
+    """``fewstep bench --only emoji-pixel``: the pixel testbed's teacher and students with spreads and the
+    colorization column; a second run with that report as ``--reuse`` keeps the rows of models whose weights
+    did not change and measures only the one that did (a student retrained in place)."""
+    import shutil
+
+    from helpers import run_cli
+
+    shipped = shipped_models_dir()
+    if not (shipped / "emoji-pixel-teacher").is_dir():
+        pytest.skip("emoji-pixel-teacher not shipped")
+    root = tmp_path / "models"
+    for name in ("emoji-pixel-teacher", "emoji-classifier", "emoji-pixel-ict", "emoji-pixel-ct"):
+        shutil.copytree(shipped / name, root / name)
+    old = {"settings": {"teacher": "digits-teacher", "num": 1000, "seed": 0, "timing_batch": 64, "timing_repeats": 5,
+                        "edit_num": 200}, "machine": "m", "date": "d", "command": "fewstep bench",
+           "quality": {}, "speed": [], "speedup": [], "costs": {}, "editing": {}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+
+    def bench(reuse: Path, out: str) -> dict:
+        code, stdout, err = run_cli(capsys, "bench", "--only", "emoji-pixel", "--quick", "--num", "12",
+                                    "--edit-num", "4", "--reuse", str(reuse), "--models", str(root),
+                                    "--out", str(tmp_path / out), "--markdown", str(tmp_path / f"{out}.md"))
+        assert code == 0, err
+        return json.loads((tmp_path / out / "bench.json").read_text())["emoji_pixel"], stdout
+
+    first, _ = bench(tmp_path / "old.json", "a")
+    assert set(first["quality"]) == {"emoji-pixel-teacher/dpmpp-2m", "emoji-pixel-teacher/heun",
+                                     "emoji-pixel-teacher/euler", "emoji-pixel-ict/consistency",
+                                     "emoji-pixel-ct/consistency"}
+    assert all("fid_std" in r for rows in first["quality"].values() for r in rows)
+    assert set(first["editing"]) == {"emoji-pixel-teacher"} and "psnr" in first["editing"]["emoji-pixel-teacher"]["colorize"]
+    assert "## The emoji pixel testbed" in (tmp_path / "a.md").read_text()
+
+    shutil.rmtree(root / "emoji-pixel-ct")       # "retrained": other weights under the same name
+    shutil.copytree(shipped / "emoji-pixel-cd", root / "emoji-pixel-ct")
+    second, stdout = bench(tmp_path / "a" / "bench.json", "b")
+    assert "emoji-pixel-teacher/heun: reused" in stdout and "emoji-pixel-ict/consistency: reused" in stdout
+    assert "emoji-pixel-ct/consistency: reused" not in stdout
+    for key in ("emoji-pixel-teacher/heun", "emoji-pixel-ict/consistency"):
+        assert second["quality"][key] == first["quality"][key]
+    assert second["quality"]["emoji-pixel-ct/consistency"] != first["quality"]["emoji-pixel-ct/consistency"]
+    assert second["editing"] == first["editing"]

@@ -8,11 +8,14 @@ teacher with each solver at 1 … 25 steps, every student beside it (consistency
 the guided student at 4, 8, 25; the progressive students at the steps they serve), zero-shot editing
 (colorization of grayscale emoji included) and the costs. Rendered with the digits section's columns.
 
-``fewstep bench --only emoji-pixel --reuse OLD/bench.json`` runs just this section.
+``fewstep bench --only emoji-pixel --reuse OLD/bench.json`` runs just this section; a model whose weights
+have not changed since that report (same sample count and seed) keeps its rows, so adding a student
+measures only the student.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ..eval.evaluate import ruler_for
@@ -21,6 +24,7 @@ from ..models.handle import Model
 from .format import acc, fid
 from .measure import quality_rows
 from .pixel import consistency_table, editing_table, measure_editing, training_cost
+from .results import load_report
 
 TEACHER = "emoji-pixel-teacher"
 TEACHER_STEPS = {"dpmpp-2m": (1, 2, 4, 8, 16, 25), "heun": (2, 4, 8, 13), "euler": (4, 8, 25)}
@@ -40,26 +44,62 @@ def student_steps(model: Model) -> tuple[int, ...]:
     return (1, 2, 4) if model.config.kind == "consistency" else (4, 8, 25)
 
 
+def fingerprint(model: Model) -> str:
+    """A digest of the model folder's weight files: rows measured on these weights stay valid."""
+    h = hashlib.sha256()
+    for f in sorted(model.path.rglob("*.safetensors")):
+        h.update(f.relative_to(model.path).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _previous(settings) -> dict:
+    """This section of the ``--reuse`` report, when it was measured with the same sample count and seed."""
+    if not settings.reuse:
+        return {}
+    old = load_report(Path(settings.reuse), "give the bench.json of an earlier run to --reuse").emoji_pixel or {}
+    same = old.get("num") == settings.num and old.get("edit_num") == settings.edit_num and \
+        old.get("seed", 0) == settings.seed
+    return old if same else {}
+
+
 def measure(models_dir: Path, settings, command: str = "") -> dict:
-    """The section's numbers (empty when the testbed's teacher is not there)."""
+    """The section's numbers (empty when the testbed's teacher is not there); rows of models whose weights
+    match the ``--reuse`` report's are taken from it."""
     if not (models_dir / TEACHER).is_dir():
         return {}
     teacher = load_model(models_dir / TEACHER)
     ruler = ruler_for(teacher, models_dir)
     found = students(models_dir, teacher)
-    out: dict = {"command": command, "num": settings.num, "edit_num": settings.edit_num, "quality": {}, "costs": {}}
+    old = _previous(settings)
+    out: dict = {"command": command, "num": settings.num, "edit_num": settings.edit_num, "seed": settings.seed,
+                 "quality": {}, "costs": {}, "editing": {}, "fingerprints": {}}
+
+    def rows(model: Model, key: str, measure_rows) -> None:
+        digest = out["fingerprints"].setdefault(model.path.name, fingerprint(model))
+        if key in old.get("quality", {}) and old.get("fingerprints", {}).get(model.path.name) == digest:
+            print(f"{key}: reused from {settings.reuse}", flush=True)
+            out["quality"][key] = old["quality"][key]
+        else:
+            out["quality"][key] = measure_rows()
+
     s = teacher.config.default_guidance_scale
     steps = {k: v[:2] for k, v in TEACHER_STEPS.items()} if settings.quick else TEACHER_STEPS
     for sampler, counts in steps.items():
-        out["quality"][f"{TEACHER}/{sampler}"] = quality_rows(teacher, ruler, counts, sampler, s, settings.num,
-                                                              settings.seed)
+        rows(teacher, f"{TEACHER}/{sampler}",
+             lambda c=counts, sm=sampler: quality_rows(teacher, ruler, c, sm, s, settings.num, settings.seed))
     for model in found:
         sampler = model.config.default_sampler
-        out["quality"][f"{model.path.name}/{sampler}"] = quality_rows(model, ruler, student_steps(model), sampler, None,
-                                                                      settings.num, settings.seed)
+        rows(model, f"{model.path.name}/{sampler}", lambda m=model, sm=sampler: quality_rows(
+            m, ruler, student_steps(m), sm, None, settings.num, settings.seed))
         out["costs"][model.path.name] = training_cost(model)
     editors = [teacher, *(m for m in found if m.config.kind == "consistency" and m.path.name.endswith("-cd"))]
-    out["editing"] = measure_editing(editors, ruler, settings)
+    for model in editors:
+        name = model.path.name
+        if name in old.get("editing", {}) and old.get("fingerprints", {}).get(name) == out["fingerprints"][name]:
+            out["editing"][name] = old["editing"][name]
+        else:
+            out["editing"].update(measure_editing([model], ruler, settings))
     return out
 
 

@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-markdown", action="store_true", help="do not write the markdown table")
     p.add_argument("--quick", action="store_true", help="small sample counts and step sets (a smoke test)")
     p.add_argument("--num", type=at_least(2), help="samples per quality point (default 1000; quick: 100)")
+    p.add_argument("--edit-num", type=at_least(2),
+                   help="real images per zero-shot editing measurement (default 200; quick: 50)")
     p.add_argument("--reuse", help="a previous bench.json whose teacher quality rows are reused when its sample "
                                    "count and seed match (timings are always re-measured side by side)")
     p.add_argument("--seed", type=seed, default=0)
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> None:
     settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
     if args.num:
         settings.num = args.num
+    if args.edit_num:
+        settings.edit_num = args.edit_num
     settings.seed = args.seed
     settings.reuse = args.reuse
     markdown = None if args.no_markdown else check_writable(args.markdown, ".md", "--markdown")
