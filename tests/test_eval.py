@@ -72,6 +72,19 @@ def test_bench_quick_writes_tables_json_and_plots(models, tmp_path, capsys):
     assert again["quality"]["digits-teacher/heun"] == report["quality"]["digits-teacher/heun"]
     assert (tmp_path / "res" / "fid_vs_nfe.png").exists() and (tmp_path / "res" / "fid_vs_seconds.png").exists()
 
+    # --only digits: quality again where a reused row has no spread (a report from before spreads), the timings kept
+    for row in again["quality"]["digits-teacher/heun"]:
+        del row["fid_std"]
+    (tmp_path / "res2" / "bench.json").write_text(json.dumps(again))
+    code = main(["bench", "--only", "digits", "--quick", "--num", "40", "--models", str(models), "--out",
+                 str(tmp_path / "res3"), "--markdown", str(tmp_path / "B3.md"), "--reuse", str(tmp_path / "res2" / "bench.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "digits-teacher/ddim: reused" in out and "digits-teacher/heun: reused" not in out
+    third = json.loads((tmp_path / "res3" / "bench.json").read_text())
+    assert third["speed"] == again["speed"] and third["command"] == again["command"]
+    assert all("fid_std" in r for r in third["quality"]["digits-teacher/heun"])
+    assert "measured again, with spreads, by `fewstep bench --only digits" in (tmp_path / "B3.md").read_text()
+
 
 def test_ruler_on_real_digits_orders_corruptions():
     """With the shipped classifier's features: the data scores FID ≈ 0 against itself, and FID grows

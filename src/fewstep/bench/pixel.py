@@ -62,13 +62,14 @@ def reusable_quality(settings) -> dict[str, list[dict]]:
 
 
 def measure_quality(teacher: Model, distilled: list[Model], ruler, settings) -> dict[str, list[dict]]:
-    """"model/sampler" → rows: the teacher's solvers (reused from ``--reuse`` when they match), then every
+    """"model/sampler" → rows: the teacher's solvers (reused from ``--reuse`` when they match and have spreads), then every
     distilled model at 1, 2, 4 steps with its own sampler."""
     quality, previous = {}, reusable_quality(settings)
     guidance = teacher.config.default_guidance_scale
     for sampler, steps in teacher_steps(settings.quick).items():
         key = f"{teacher.path.name}/{sampler}"
-        if key in previous and [r["steps"] for r in previous[key]] == list(steps):
+        if key in previous and [r["steps"] for r in previous[key]] == list(steps) and \
+                all("fid_std" in r for r in previous[key]):   # rows from before spreads are measured again
             quality[key] = previous[key]
             print(f"{key}: reused from {settings.reuse}")
             continue

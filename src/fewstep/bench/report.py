@@ -24,7 +24,9 @@ def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
         f"{s['num']} samples per point (labels cycling through the classes, seed {s['seed']}), scored against the "
         f"whole data set with the shipped classifier's features (FID/KID/precision/recall) and its predictions "
         f"(conditional accuracy). Timings: batch {s['timing_batch']}, median of {s['timing_repeats']} runs, in the "
-        "same process.", ""]
+        "same process." + (f" The digits quality and editing rows were measured again, with spreads, by "
+                           f"`{report.remeasured['command']}` on {report.remeasured['date']} (the timings are the "
+                           "first command's)." if report.remeasured else ""), ""]
     lines += pixel.quality_section(report, rel(out_dir / "fid_vs_nfe.png", path), rel(out_dir / "fid_vs_seconds.png", path))
     lines += pixel.consistency_section(report) + pixel.editing_section(report)
     lines += guided.section(report) + guided_latent.section(report)

@@ -23,15 +23,9 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
               markdown: Path | None = None) -> BenchReport:
     """Every section, then speed side by side, then the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher = load_model(models_dir / settings.teacher)
-    ruler = ruler_for(teacher, models_dir)
     report = BenchReport(settings=asdict(settings), machine=machine(), command=command,
                          date=datetime.date.today().isoformat())
-    distilled = pixel.distilled_models(models_dir, teacher)
-    report.costs = {m.path.name: pixel.training_cost(m) for m in distilled}
-    report.quality = pixel.measure_quality(teacher, distilled, ruler, settings)
-    report.editing = pixel.measure_editing([teacher, *(m for m in distilled if m.path.name in settings.edit_models)],
-                                           ruler, settings)
+    teacher, ruler, distilled = _measure_digits(report, models_dir, settings)
     report.guided = guided.measure(models_dir, teacher, ruler, settings, report.quality)
     report.latent = latent.measure(models_dir, settings, command)
     report.lora = lora.measure(models_dir, settings, command, teacher_rows(report.latent))
@@ -44,6 +38,19 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     _write(report, out_dir, markdown)
     plots(report, out_dir)
     return report
+
+
+def _measure_digits(report: BenchReport, models_dir: Path, settings: BenchSettings):
+    """The digits sections' quality and editing rows (the teacher's reused from ``--reuse`` where they match);
+    returns the teacher, its ruler and the distilled models for the sections that build on them."""
+    teacher = load_model(models_dir / settings.teacher)
+    ruler = ruler_for(teacher, models_dir)
+    distilled = pixel.distilled_models(models_dir, teacher)
+    report.costs = {m.path.name: pixel.training_cost(m) for m in distilled}
+    report.quality = pixel.measure_quality(teacher, distilled, ruler, settings)
+    report.editing = pixel.measure_editing([teacher, *(m for m in distilled if m.path.name in settings.edit_models)],
+                                           ruler, settings)
+    return teacher, ruler, distilled
 
 
 def teacher_rows(latent_section: dict) -> dict:
@@ -60,13 +67,18 @@ def render_report(bench_json: Path, markdown: Path, out_dir: Path) -> None:
 
 def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
                      markdown: Path | None) -> None:
-    """``fewstep bench --only guided|guided-latent|latent|lora|emoji-pixel|sdxl|serve``: one section measured alone and merged into
-    the ``--reuse`` report (its other sections, command and date stay as they were)."""
+    """``fewstep bench --only digits|guided|guided-latent|latent|lora|emoji-pixel|sdxl|serve``: one section measured
+    alone and merged into the ``--reuse`` report (its other sections, command and date stay as they were; digits
+    re-measures the digits quality and editing rows, keeps the timings, and matches the speedups to them)."""
     missing = f"--only {name} merges into a previous report: give --reuse OLD/bench.json"
     if not settings.reuse:
         raise FewstepError(missing)
     report = load_report(Path(settings.reuse), missing)
-    if name == "guided":
+    if name == "digits":
+        _measure_digits(report, models_dir, settings)
+        report.speedup = pixel.speedups(report)
+        report.remeasured = {"command": command, "date": datetime.date.today().isoformat()}
+    elif name == "guided":
         teacher = load_model(models_dir / settings.teacher)
         report.guided = guided.measure(models_dir, teacher, ruler_for(teacher, models_dir), settings,
                                        pixel.reusable_quality(settings), command)
