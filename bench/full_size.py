@@ -1,12 +1,14 @@
-"""Full size on 24 GB (issue 15): peak memory and time of LCD and LCM-LoRA on a random-weight
-SD-1.5-architecture pipeline built offline (UNet 859.5M, VAE 83.7M, CLIP-L-shaped text encoder 123M).
-Random weights: this measures memory, speed and plumbing, never quality.
+"""Full size on 24 GB (issue 15): peak memory and time of LCD and LCM-LoRA on random-weight pipelines built
+offline: SD 1.5's architecture (UNet 859.5M, VAE 83.7M, CLIP-L-shaped text encoder 123M) and SDXL base's
+(UNet 2.57B, CLIP-L and OpenCLIP-bigG text encoders 817M, from the shipped configs of
+``fewstep/models/single_file_configs/sdxl-base``). Random weights: this measures memory, speed and plumbing,
+never quality.
 
 Each run is a real ``fewstep distill`` in its own process at 256² (32² latents), batch 1, on a folder of four
 captioned emoji; its peak memory is the largest resident set of its process tree, sampled every 0.2 s, and a
 run that passes ``--limit-gb`` is killed (and reported as not fitting) before it can take the machine with it.
 
-    python bench/full_size.py [--work /tmp/full-size] [--steps 2]   # → bench/results/full_size.json
+    python bench/full_size.py [--work /tmp/full-size] [--steps 2] [--only NAME ...]   # → bench/results/full_size.json
 
 The ``--optimizer adamw-8bit`` run needs bitsandbytes importable (``pip install bitsandbytes``; fewstep does not
 depend on it).
@@ -35,9 +37,42 @@ RUNS = {
     "lcd --teacher-dtype bf16 --ema 0 --gradient-checkpointing":
         ["--method", "lcd", "--teacher-dtype", "bf16", "--ema", "0", "--gradient-checkpointing"],
     "lcm-lora rank 64 (the defaults)": ["--method", "lcm-lora", "--lora-rank", "64"],
+    "lcm-lora rank 64 --gradient-checkpointing (fp32)": ["--method", "lcm-lora", "--lora-rank", "64",
+                                                         "--gradient-checkpointing"],
     "lcm-lora rank 64 --teacher-dtype bf16 --gradient-checkpointing":
         ["--method", "lcm-lora", "--lora-rank", "64", "--teacher-dtype", "bf16", "--gradient-checkpointing"],
 }
+# the same on the SDXL architecture (names start with "sdxl", which --only can pick)
+RUNS_SDXL = {
+    "sdxl lcd (the defaults)": ["--method", "lcd"],
+    "sdxl lcm-lora rank 64 (the defaults)": ["--method", "lcm-lora", "--lora-rank", "64"],
+}
+
+
+def build_sdxl(folder: Path) -> Path:
+    """A random-weight pipeline folder with SDXL base 1.0's architecture, from the configs fewstep ships for
+    single-file checkpoints (UNet, VAE, both text encoders; CLIP's tokenizers built from its BPE file)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from fewstep.models.config import ModelConfig, read_json
+    from fewstep.models.folders import new_pipeline, save_model
+    from fewstep.models.single_file import CONFIGS, clip_tokenizer
+
+    if (folder / "model_index.json").exists():
+        return folder
+    torch.manual_seed(0)
+    cfg = CONFIGS / "sdxl-base"
+    unet = UNet2DConditionModel.from_config(read_json(cfg / "unet" / "config.json"))
+    vae = AutoencoderKL.from_config(read_json(cfg / "vae" / "config.json"))
+    text = CLIPTextModel(CLIPTextConfig.from_json_file(cfg / "text_encoder" / "config.json"))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(cfg / "text_encoder_2" / "config.json"))
+    config = ModelConfig(kind="diffusion", parameterization="vp", image_size=256, channels=3, dataset="emoji",
+                         default_sampler="dpmpp-2m", default_steps=25, default_guidance_scale=5.0)
+    model = new_pipeline(config, unet, vae, text, clip_tokenizer("<|endoftext|>"), folder,   # SDXL's pad tokens
+                         scheduler_config=read_json(cfg / "scheduler" / "scheduler_config.json"),
+                         text_encoder_2=text_2, tokenizer_2=clip_tokenizer("!"))
+    return save_model(folder, model)
 
 
 def build_sd15(folder: Path) -> Path:
@@ -139,14 +174,21 @@ def main() -> None:
     p.add_argument("--limit-gb", type=float, default=19.0, help="kill a run whose memory passes this, in GiB (default 19 of the 23 here)")
     p.add_argument("--only", nargs="*", help="substrings of the run names to do (default all)")
     args = p.parse_args()
-    teacher, data = build_sd15(args.work / "sd15-random"), data_folder(args.work / "data")
-    unet = sum(t.numel() for t in load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors").values())
-    rows = [measure(n, f, teacher, data, args.work, args.steps, args.limit_gb) for n, f in RUNS.items()
-            if not args.only or any(s in n for s in args.only)]
-    old = json.loads(OUT.read_text())["runs"] if OUT.exists() else []
-    rows += [r for r in old if r["name"] not in {x["name"] for x in rows}]
-    OUT.write_text(json.dumps({"command": "python bench/full_size.py " + " ".join(sys.argv[1:]),
-                               "unet_parameters": unet, "threads": torch.get_num_threads(),
+    picked = [(n, f, runs is RUNS_SDXL) for runs in (RUNS, RUNS_SDXL) for n, f in runs.items()
+              if not args.only or any(s in n for s in args.only)]
+    data, rows, params = data_folder(args.work / "data"), [], {}
+    for name, flags, xl in picked:
+        arch = "sdxl" if xl else "sd15"
+        teacher = build_sdxl(args.work / "sdxl-random") if xl else build_sd15(args.work / "sd15-random")
+        params[arch] = sum(t.numel() for t in load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors").values())
+        rows.append({**measure(name, flags, teacher, data, args.work, args.steps, args.limit_gb), "arch": arch,
+                     "date": time.strftime("%Y-%m-%d")})
+    old = json.loads(OUT.read_text()) if OUT.exists() else {}
+    rows += [r for r in old.get("runs", []) if r["name"] not in {x["name"] for x in rows}]
+    params = {**old.get("parameters", {"sd15": old.get("unet_parameters")}), **params}
+    old.pop("unet_parameters", None)
+    OUT.write_text(json.dumps({"command": "python bench/full_size.py " + " ".join(sys.argv[1:]), **old,
+                               "parameters": params, "threads": torch.get_num_threads(),
                                "date": time.strftime("%Y-%m-%d"), "runs": rows}, indent=1) + "\n")
 
 

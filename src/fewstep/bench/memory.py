@@ -1,4 +1,4 @@
-"""The "Full size on 24 GB" section: LCD and LCM-LoRA on a random-weight SD-1.5-architecture pipeline
+"""The "Full size on 24 GB" section: LCD and LCM-LoRA on random-weight SD-1.5- and SDXL-architecture pipelines
 (``bench/full_size.py`` → full_size.json), peak memory, seconds per step and checkpoint size, side by side."""
 
 from __future__ import annotations
@@ -6,19 +6,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+ARCH = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+
 
 def section(results: Path) -> list[str]:
     path = results / "full_size.json"
     if not path.exists():
         return []
     f = json.loads(path.read_text())
+    params = f.get("parameters") or {"sd15": f["unet_parameters"]}
+    archs = " and ".join(f"the {ARCH[a]} architecture (UNet {n / 1e6:.1f}M parameters)" for a, n in params.items() if n)
     lines = ["", "## Full size on 24 GB", "",
-             f"Written by `{f['command']}` on {f['date']} (torch threads: {f['threads']}). A random-weight pipeline with SD 1.5's "
-             f"architecture (UNet {f['unet_parameters'] / 1e6:.1f}M parameters), built offline: memory, speed and "
-             "plumbing only, never quality. Each run is a real `fewstep distill` at 256² (32² latents), batch 1, on "
-             "four captioned emoji, in its own process; peak = the largest resident set of its process tree, and a "
-             "run that passes the limit is killed there (it does not fit).", "",
-             "| run | peak memory | fits in 24 GB | s / step | checkpoint | note |", "|---|---:|---|---:|---:|---|"]
+             f"Written by `{f['command']}` on {f['date']} (torch threads: {f['threads']}). Random-weight pipelines of "
+             f"{archs}, built offline: memory, speed and plumbing only, never quality. Each run "
+             "is a real `fewstep distill` at 256² (32² latents), batch 1, on four captioned emoji, in its own process; "
+             "peak = the largest resident set of its process tree, and a run that passes the limit is killed there "
+             "(it does not fit).", "",
+             "| architecture | run | peak memory | fits in 24 GB | s / step | checkpoint | note |",
+             "|---|---|---:|---|---:|---:|---|"]
     for r in f["runs"]:
         peak = f"> {r['killed_at_gb']:g} GiB (killed)" if r.get("killed_at_gb") else f"{r['peak_gb']:.1f} GiB"
         fits = "yes" if r["fits"] else "no"
@@ -26,7 +31,7 @@ def section(results: Path) -> list[str]:
         ckpt = f"{r['checkpoint_mb'] / 1024:.2f} GB" if r.get("checkpoint_mb", 0) >= 1024 else (
             f"{r['checkpoint_mb']:.0f} MB" if r.get("checkpoint_mb") else "–")
         note = r.get("note") or (_refusal(r.get("log_tail", "")) if not r["fits"] else "")
-        lines.append(f"| `{r['name']}` | {peak} | {fits} | {step} | {ckpt} | {note} |")
+        lines.append(f"| {ARCH[r.get('arch', 'sd15')]} | `{r['name']}` | {peak} | {fits} | {step} | {ckpt} | {note} |")
     lines += ["", f["conclusion"]] if f.get("conclusion") else []
     return lines + ["", "Commands: `" + "`; `".join(r["command"] for r in f["runs"]) + "`."]
 
