@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..core.denoisers import VPDenoiser
 from ..core.schedules import EDMSchedule, VPSchedule
+from ..models.conditioners import padded_ids
 from ..models.config import ModelConfig
 from ..models.data import ImageData, prepared
 from ..models.folders import SD_SCHEDULER, new_pipeline, new_pixel_model, save_model
@@ -117,11 +118,9 @@ def train_sd_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae_
         """The VAE latents of ``d``'s images and its captions' token ids (the text encoder trains with the UNet)."""
         latents = torch.cat([vae.encode(d.images[i:i + 256].to(vae.device)).latent_dist.mean.cpu()
                              for i in range(0, len(d), 256)]) * vae.config.scaling_factor
-        ids = tokenizer(d.captions, padding="max_length", max_length=sizes.max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        return {"images": latents, "input_ids": ids}
+        return {"images": latents, "input_ids": padded_ids(tokenizer, d.captions)}
     tensors = prepared(data, latents_and_ids)    # once, or per batch under a random crop or flip
-    empty = tokenizer([""], padding="max_length", max_length=sizes.max_length, return_tensors="pt").input_ids[0]
+    empty = padded_ids(tokenizer, [""])[0]
     schedule = VPSchedule.from_diffusers_config(SD_SCHEDULER)
     torch.manual_seed(unet_config.seed)
     encoders = [build_text_encoder(sizes, tokenizer)] + ([build_text_encoder_2(sizes, tokenizer)] if xl else [])
