@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "full_size.json"
@@ -120,6 +121,15 @@ def data_folder(folder: Path) -> Path:
     return folder
 
 
+def unet_parameters(folder: Path) -> int:
+    """The parameter count of the weights in ``folder`` (one file or shards), from their headers alone."""
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
 def tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and its children (Linux /proc)."""
     total, todo = 0, [pid]
@@ -180,11 +190,13 @@ def main() -> None:
     for name, flags, xl in picked:
         arch = "sdxl" if xl else "sd15"
         teacher = build_sdxl(args.work / "sdxl-random") if xl else build_sd15(args.work / "sd15-random")
-        params[arch] = sum(t.numel() for t in load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors").values())
+        params[arch] = unet_parameters(teacher / "unet")
         rows.append({**measure(name, flags, teacher, data, args.work, args.steps, args.limit_gb), "arch": arch,
                      "date": time.strftime("%Y-%m-%d")})
     old = json.loads(OUT.read_text()) if OUT.exists() else {}
     rows += [r for r in old.get("runs", []) if r["name"] not in {x["name"] for x in rows}]
+    order = [*RUNS, *RUNS_SDXL]
+    rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     params = {**old.get("parameters", {"sd15": old.get("unet_parameters")}), **params}
     old.pop("unet_parameters", None)
     OUT.write_text(json.dumps({"command": "python bench/full_size.py " + " ".join(sys.argv[1:]), **old,
