@@ -75,23 +75,20 @@ def measure(models_dir: Path, settings, command: str = "") -> dict:
     out: dict = {"command": command, "num": settings.num, "edit_num": settings.edit_num, "seed": settings.seed,
                  "quality": {}, "costs": {}, "editing": {}, "fingerprints": {}}
 
-    def rows(model: Model, key: str, measure_rows) -> None:
-        digest = out["fingerprints"].setdefault(model.path.name, fingerprint(model))
-        if key in old.get("quality", {}) and old.get("fingerprints", {}).get(model.path.name) == digest:
+    def rows(model: Model, sampler: str, steps: tuple[int, ...], guidance: float | None) -> None:
+        key, digest = f"{model.path.name}/{sampler}", out["fingerprints"].setdefault(model.path.name, fingerprint(model))
+        previous = old.get("quality", {}).get(key)
+        if previous and [r["steps"] for r in previous] == list(steps) and \
+                old.get("fingerprints", {}).get(model.path.name) == digest:
             print(f"{key}: reused from {settings.reuse}", flush=True)
-            out["quality"][key] = old["quality"][key]
+            out["quality"][key] = previous
         else:
-            out["quality"][key] = measure_rows()
+            out["quality"][key] = quality_rows(model, ruler, steps, sampler, guidance, settings.num, settings.seed)
 
-    s = teacher.config.default_guidance_scale
-    steps = {k: v[:2] for k, v in TEACHER_STEPS.items()} if settings.quick else TEACHER_STEPS
-    for sampler, counts in steps.items():
-        rows(teacher, f"{TEACHER}/{sampler}",
-             lambda c=counts, sm=sampler: quality_rows(teacher, ruler, c, sm, s, settings.num, settings.seed))
+    for sampler, counts in TEACHER_STEPS.items():
+        rows(teacher, sampler, counts[:2] if settings.quick else counts, teacher.config.default_guidance_scale)
     for model in found:
-        sampler = model.config.default_sampler
-        rows(model, f"{model.path.name}/{sampler}", lambda m=model, sm=sampler: quality_rows(
-            m, ruler, student_steps(m), sm, None, settings.num, settings.seed))
+        rows(model, model.config.default_sampler, student_steps(model), None)
         out["costs"][model.path.name] = training_cost(model)
     editors = [teacher, *(m for m in found if m.config.kind == "consistency" and m.path.name.endswith("-cd"))]
     for model in editors:
