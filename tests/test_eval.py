@@ -170,3 +170,11 @@ def test_bench_emoji_pixel_section_measures_only_what_changed(tmp_path, capsys):
         assert second["quality"][key] == first["quality"][key]
     assert second["quality"]["emoji-pixel-ct/consistency"] != first["quality"]["emoji-pixel-ct/consistency"]
     assert second["editing"] == first["editing"]
+    assert not (tmp_path / "b" / "emoji_pixel.progress.json").exists()      # a finished run leaves no progress file
+
+    # a stopped run resumes from its progress file: with the first run's rows there, nothing is measured again
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "emoji_pixel.progress.json").write_text(json.dumps(second))
+    third, stdout = bench(tmp_path / "old.json", "c")
+    assert third["quality"] == second["quality"] and third["editing"] == second["editing"]
+    assert stdout.count(": reused") == len(second["quality"])

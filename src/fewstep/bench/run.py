@@ -30,7 +30,7 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     report.latent = latent.measure(models_dir, settings, command)
     report.lora = lora.measure(models_dir, settings, command, teacher_rows(report.latent))
     report.guided_latent = guided_latent.measure(models_dir, settings, command, teacher_rows(report.latent))
-    report.emoji_pixel = testbed.measure(models_dir, settings, command)
+    report.emoji_pixel = testbed.measure(models_dir, settings, command, out_dir / testbed.PROGRESS)
     report.sdxl = sdxl.measure(models_dir, settings, command)
     report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent))
     report.speed = pixel.measure_speed(teacher, distilled, settings)
@@ -85,7 +85,7 @@ def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: Bench
     elif name == "latent":
         report.latent = latent.measure(models_dir, settings, command)
     elif name == "emoji-pixel":
-        report.emoji_pixel = testbed.measure(models_dir, settings, command)
+        report.emoji_pixel = testbed.measure(models_dir, settings, command, out_dir / testbed.PROGRESS)
     elif name == "sdxl":
         report.sdxl = sdxl.measure(models_dir, settings, command)
     elif name == "serve":

@@ -10,15 +10,18 @@ the guided student at 4, 8, 25; the progressive students at the steps they serve
 
 ``fewstep bench --only emoji-pixel --reuse OLD/bench.json`` runs just this section; a model whose weights
 have not changed since that report (same sample count and seed) keeps its rows, so adding a student
-measures only the student.
+measures only the student. The rows are also written to ``OUT/emoji_pixel.progress.json`` as each model is
+done, and a run that was stopped takes them from there: the section costs hours on 2 cores.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from ..eval.evaluate import ruler_for
+from ..io.atomic import write_text
 from ..models.folders import is_pipeline_folder, load_model
 from ..models.handle import Model
 from .format import acc, fid, teacher_best
@@ -27,6 +30,7 @@ from .pixel import consistency_table, editing_table, measure_editing, training_c
 from .results import load_report
 
 TEACHER = "emoji-pixel-teacher"
+PROGRESS = "emoji_pixel.progress.json"   # the rows measured so far, beside bench.json
 TEACHER_STEPS = {"dpmpp-2m": (1, 2, 4, 8, 16, 25), "heun": (2, 4, 8, 13), "euler": (4, 8, 25)}
 
 
@@ -53,37 +57,55 @@ def fingerprint(model: Model) -> str:
     return h.hexdigest()[:16]
 
 
-def _previous(settings) -> dict:
-    """This section of the ``--reuse`` report, when it was measured with the same sample count and seed."""
-    if not settings.reuse:
-        return {}
-    old = load_report(Path(settings.reuse), "give the bench.json of an earlier run to --reuse").emoji_pixel or {}
-    same = old.get("num") == settings.num and old.get("edit_num") == settings.edit_num and \
-        old.get("seed", 0) == settings.seed
-    return old if same else {}
+def _previous(settings, progress: Path | None) -> list[dict]:
+    """This section as measured before with the same sample counts and seed: a stopped run's rows
+    (``progress``), then the ``--reuse`` report's."""
+    found = [json.loads(progress.read_text())] if progress is not None and progress.is_file() else []
+    if settings.reuse:
+        found.append(load_report(Path(settings.reuse), "give the bench.json of an earlier run to --reuse").emoji_pixel)
+    return [s for s in found if s and _same(s, settings)]
 
 
-def measure(models_dir: Path, settings, command: str = "") -> dict:
+def _reusable(sources: list[dict], kind: str, key: str, name: str, digest: str):
+    """``kind``/``key`` (quality rows, or a model's editing) from the first source that measured it on the
+    same weights of ``name``; None when none did."""
+    for src in sources:
+        if key in src.get(kind, {}) and src.get("fingerprints", {}).get(name) == digest:
+            return src[kind][key]
+    return None
+
+
+def _same(section: dict, settings) -> bool:
+    return section.get("num") == settings.num and section.get("edit_num") == settings.edit_num and \
+        section.get("seed", 0) == settings.seed
+
+
+def measure(models_dir: Path, settings, command: str = "", progress: Path | None = None) -> dict:
     """The section's numbers (empty when the testbed's teacher is not there); rows of models whose weights
-    match the ``--reuse`` report's are taken from it."""
+    match the ``--reuse`` report's (or a stopped run's ``progress`` file's) are taken from there."""
     if not (models_dir / TEACHER).is_dir():
         return {}
     teacher = load_model(models_dir / TEACHER)
     ruler = ruler_for(teacher, models_dir)
     found = students(models_dir, teacher)
-    old = _previous(settings)
+    old = _previous(settings, progress)
     out: dict = {"command": command, "num": settings.num, "edit_num": settings.edit_num, "seed": settings.seed,
                  "quality": {}, "costs": {}, "editing": {}, "fingerprints": {}}
 
     def rows(model: Model, sampler: str, steps: tuple[int, ...], guidance: float | None) -> None:
         key, digest = f"{model.path.name}/{sampler}", out["fingerprints"].setdefault(model.path.name, fingerprint(model))
-        previous = old.get("quality", {}).get(key)
-        if previous and [r["steps"] for r in previous] == list(steps) and \
-                old.get("fingerprints", {}).get(model.path.name) == digest:
-            print(f"{key}: reused from {settings.reuse}", flush=True)
+        previous = _reusable(old, "quality", key, model.path.name, digest)
+        if previous and [r["steps"] for r in previous] == list(steps):
+            print(f"{key}: reused", flush=True)
             out["quality"][key] = previous
         else:
             out["quality"][key] = quality_rows(model, ruler, steps, sampler, guidance, settings.num, settings.seed)
+        save()
+
+    def save() -> None:
+        if progress is not None:
+            progress.parent.mkdir(parents=True, exist_ok=True)
+            write_text(progress, json.dumps(out, indent=1) + "\n")
 
     for sampler, counts in TEACHER_STEPS.items():
         rows(teacher, sampler, counts[:2] if settings.quick else counts, teacher.config.default_guidance_scale)
@@ -93,10 +115,11 @@ def measure(models_dir: Path, settings, command: str = "") -> dict:
     editors = [teacher, *(m for m in found if m.config.kind == "consistency" and m.path.name.endswith("-cd"))]
     for model in editors:
         name = model.path.name
-        if name in old.get("editing", {}) and old.get("fingerprints", {}).get(name) == out["fingerprints"][name]:
-            out["editing"][name] = old["editing"][name]
-        else:
-            out["editing"].update(measure_editing([model], ruler, settings))
+        previous = _reusable(old, "editing", name, name, out["fingerprints"][name])
+        out["editing"][name] = previous or measure_editing([model], ruler, settings)[name]
+        save()
+    if progress is not None:
+        progress.unlink(missing_ok=True)    # done: the caller writes the section into bench.json
     return out
 
 
