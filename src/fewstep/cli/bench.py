@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                         "solvers and the consistency models, quality and editing; the timings are kept), guided (guided and progressive "
                         "distillation on digits), guided-latent (stages 1 and 2 on the emoji pipeline, beside the LCM), latent (the emoji "
                         "LCM beside its teacher), lora (LCM-LoRA and style arithmetic), emoji-pixel (the emoji pixel "
-                        "testbed: CD, CT, iCT, ACT, guided and progressive students of models/emoji-pixel-teacher), serve (fewstep "
+                        "testbed: CD, CT, iCT, ACT, guided and progressive students of models/emoji-pixel-teacher; a stopped "
+                        "run resumes from OUT/emoji_pixel.progress.json), serve (fewstep "
                         "serve against diffusers' LCM pipeline at 1/4/16 clients, and the tiny VAE end to end)")
     p.set_defaults(func=run)
 
