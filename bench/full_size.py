@@ -199,8 +199,10 @@ def main() -> None:
     rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     params = {**old.get("parameters", {"sd15": old.get("unet_parameters")}), **params}
     old.pop("unet_parameters", None)
-    OUT.write_text(json.dumps({"command": "python bench/full_size.py " + " ".join(sys.argv[1:]), **old,
-                               "parameters": params, "threads": torch.get_num_threads(),
+    # the rows come from several invocations when --only picks some: the command names the pattern, each row its date
+    command = f"python bench/full_size.py --work {args.work} --steps {args.steps}" + (
+        " --only NAME (one invocation per row)" if args.only or "--only NAME" in old.get("command", "") else "")
+    OUT.write_text(json.dumps({**old, "command": command, "parameters": params, "threads": torch.get_num_threads(),
                                "date": time.strftime("%Y-%m-%d"), "runs": rows}, indent=1) + "\n")
 
 

@@ -39,10 +39,15 @@ def verdict(a: dict, b: dict, key: str = "fid") -> str:
     return "wins" if diff > 0 else "loses"
 
 
+def teacher_rows(quality: dict[str, list[dict]], teacher: str) -> list[tuple[str, dict]]:
+    """Every (sampler, row) measured of ``teacher`` in "model/sampler" → rows."""
+    return [(key.split("/", 1)[1], r) for key, found in quality.items() if key.split("/")[0] == teacher for r in found]
+
+
 def teacher_best(quality: dict[str, list[dict]], teacher: str) -> tuple[str, dict] | None:
     """The teacher's best: its lowest FID over every sampler and step count measured ("model/sampler" →
     rows), as ("sampler, N steps", row); None when nothing of it was measured."""
-    rows = [(key.split("/", 1)[1], r) for key, found in quality.items() if key.split("/")[0] == teacher for r in found]
+    rows = teacher_rows(quality, teacher)
     if not rows:
         return None
     sampler, row = min(rows, key=lambda sr: sr[1]["fid"])

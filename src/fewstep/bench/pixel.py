@@ -16,7 +16,7 @@ from ..models.folders import is_pipeline_folder, load_model
 from ..models.handle import Model
 from .format import acc, fid, teacher_best
 from .measure import quality_rows, speed_rows
-from .results import load_report
+from .results import load_report, reusable_rows
 
 TEACHER_SAMPLERS = ("ddim", "euler", "heun", "dpmpp-2m")
 # Heun pays 2 evaluations per step but the last: these step counts give NFE ≈ 1, 3, 7, 15, 25, 49.
@@ -68,8 +68,7 @@ def measure_quality(teacher: Model, distilled: list[Model], ruler, settings) -> 
     guidance = teacher.config.default_guidance_scale
     for sampler, steps in teacher_steps(settings.quick).items():
         key = f"{teacher.path.name}/{sampler}"
-        if key in previous and [r["steps"] for r in previous[key]] == list(steps) and \
-                all("fid_std" in r for r in previous[key]):   # rows from before spreads are measured again
+        if reusable_rows(previous.get(key), steps):
             quality[key] = previous[key]
             print(f"{key}: reused from {settings.reuse}")
             continue

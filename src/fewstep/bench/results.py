@@ -56,3 +56,11 @@ def load_report(bench_json: Path, missing: str) -> BenchReport:
         return BenchReport(**{k: v for k, v in old.items() if k in BenchReport.__dataclass_fields__})
     except (ValueError, TypeError, AttributeError) as e:
         raise FewstepError(f"{bench_json} is not a fewstep bench report ({e}); give the bench.json a run wrote") from None
+
+
+def reusable_rows(rows: list[dict] | None, steps) -> list[dict] | None:
+    """Saved quality rows when they are at exactly these step counts and have their spreads (rows from before
+    spreads were measured are measured again); None otherwise."""
+    if rows and [r["steps"] for r in rows] == list(steps) and all("fid_std" in r for r in rows):
+        return rows
+    return None

@@ -24,10 +24,10 @@ from ..eval.evaluate import ruler_for
 from ..io.atomic import write_text
 from ..models.folders import is_pipeline_folder, load_model
 from ..models.handle import Model
-from .format import acc, fid, teacher_best
+from .format import acc, fid, teacher_best, teacher_rows
 from .measure import quality_rows
 from .pixel import consistency_table, editing_table, measure_editing, training_cost
-from .results import load_report
+from .results import load_report, reusable_rows
 
 TEACHER = "emoji-pixel-teacher"
 PROGRESS = "emoji_pixel.progress.json"   # the rows measured so far, beside bench.json
@@ -94,8 +94,8 @@ def measure(models_dir: Path, settings, command: str = "", progress: Path | None
 
     def rows(model: Model, sampler: str, steps: tuple[int, ...], guidance: float | None) -> None:
         key, digest = f"{model.path.name}/{sampler}", out["fingerprints"].setdefault(model.path.name, fingerprint(model))
-        previous = _reusable(old, "quality", key, model.path.name, digest)
-        if previous and [r["steps"] for r in previous] == list(steps):
+        previous = reusable_rows(_reusable(old, "quality", key, model.path.name, digest), steps)
+        if previous:
             print(f"{key}: reused", flush=True)
             out["quality"][key] = previous
         else:
@@ -126,8 +126,7 @@ def measure(models_dir: Path, settings, command: str = "", progress: Path | None
 def _teacher_note(quality: dict) -> list[str]:
     """Where the teacher's lowest FID and its highest accuracy lie (on this testbed they are not the same
     configuration, so "the teacher's best" by FID is named with its accuracy)."""
-    found = teacher_best(quality, TEACHER)
-    rows = [(k.split("/", 1)[1], r) for k, v in quality.items() if k.startswith(TEACHER + "/") for r in v]
+    found, rows = teacher_best(quality, TEACHER), teacher_rows(quality, TEACHER)
     if found is None or not rows:
         return []
     where, best = found
