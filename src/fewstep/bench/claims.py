@@ -55,7 +55,7 @@ def _claims(report, results: Path) -> list:
                  _versus(f"ACT beats CT at 1 step, equal batch ({label})", "CIFAR-10 FID 6.0 vs 8.7",
                          _row(quality, f"{prefix}-act", 1), _row(quality, f"{prefix}-ct", 1), ("ACT", "CT"), label)]
     rows.append(_versus("ACT at half the batch beats CT (emoji pixel)", "CIFAR-10: under 1/6 of CT's batch, FID 6.0 vs 8.7",
-                        _row(tq, "emoji-pixel-act-b32", 1), _row(tq, "emoji-pixel-ct", 1), ("ACT b32", "CT b64"),
+                        _row(tq, "emoji-pixel-act-b32", 1), _row(tq, "emoji-pixel-ct", 1), ("ACT b32 (λ 0.3)", "CT b64"),
                         "emoji pixel"))
     latent = getattr(report, "latent", {}) or {}
     lbest = teacher_best(latent.get("quality", {}), "emoji-sd")
