@@ -192,17 +192,17 @@ def main() -> None:
         teacher = build_sdxl(args.work / "sdxl-random") if xl else build_sd15(args.work / "sd15-random")
         params[arch] = unet_parameters(teacher / "unet")
         rows.append({**measure(name, flags, teacher, data, args.work, args.steps, args.limit_gb), "arch": arch,
-                     "date": time.strftime("%Y-%m-%d")})
+                     "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()})
     old = json.loads(OUT.read_text()) if OUT.exists() else {}
     rows += [r for r in old.get("runs", []) if r["name"] not in {x["name"] for x in rows}]
     order = [*RUNS, *RUNS_SDXL]
     rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     params = {**old.get("parameters", {"sd15": old.get("unet_parameters")}), **params}
     old.pop("unet_parameters", None)
-    # the rows come from several invocations when --only picks some: the command names the pattern, each row its date
+    # with --only the rows come from several invocations: the command names the pattern, each row its date and threads (killed_at_gb: the limit it passed)
     command = f"python bench/full_size.py --work {args.work} --steps {args.steps}" + (
-        " --only NAME (one invocation per row)" if args.only or "--only NAME" in old.get("command", "") else "")
-    OUT.write_text(json.dumps({**old, "command": command, "parameters": params, "threads": torch.get_num_threads(),
+        " --only NAME (one invocation per row)" if args.only else "")
+    OUT.write_text(json.dumps({**old, "command": command, "parameters": params,
                                "date": time.strftime("%Y-%m-%d"), "runs": rows}, indent=1) + "\n")
 
 

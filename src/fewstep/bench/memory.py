@@ -17,13 +17,13 @@ def section(results: Path) -> list[str]:
     params = f.get("parameters") or {"sd15": f["unet_parameters"]}
     archs = " and ".join(f"the {ARCH[a]} architecture (UNet {n / 1e6:.1f}M parameters)" for a, n in params.items() if n)
     lines = ["", "## Full size on 24 GB", "",
-             f"Written by `{f['command']}` on {f['date']} (torch threads: {f['threads']}). Random-weight pipelines of "
+             f"Written by `{f['command']}` on {f['date']}. Random-weight pipelines of "
              f"{archs}, built offline: memory, speed and plumbing only, never quality. Each run "
              "is a real `fewstep distill` at 256² (32² latents), batch 1, on four captioned emoji, in its own process; "
              "peak = the largest resident set of its process tree, and a run that passes the limit is killed there "
              "(it does not fit).", "",
-             "| architecture | run | peak memory | fits in 24 GB | s / step | checkpoint | note |",
-             "|---|---|---:|---|---:|---:|---|"]
+             "| architecture | run | peak memory | fits in 24 GB | s / step | torch threads | checkpoint | note |",
+             "|---|---|---:|---|---:|---:|---:|---|"]
     for r in f["runs"]:
         peak = f"> {r['killed_at_gb']:g} GiB (killed)" if r.get("killed_at_gb") else f"{r['peak_gb']:.1f} GiB"
         fits = "yes" if r["fits"] else "no"
@@ -31,7 +31,8 @@ def section(results: Path) -> list[str]:
         ckpt = f"{r['checkpoint_mb'] / 1024:.2f} GB" if r.get("checkpoint_mb", 0) >= 1024 else (
             f"{r['checkpoint_mb']:.0f} MB" if r.get("checkpoint_mb") else "–")
         note = r.get("note") or (_refusal(r.get("log_tail", "")) if not r["fits"] else "")
-        lines.append(f"| {ARCH[r.get('arch', 'sd15')]} | `{r['name']}` | {peak} | {fits} | {step} | {ckpt} | {note} |")
+        threads = r.get("threads", f.get("threads", "–"))   # files from before rows had their own: the file's
+        lines.append(f"| {ARCH[r.get('arch', 'sd15')]} | `{r['name']}` | {peak} | {fits} | {step} | {threads} | {ckpt} | {note} |")
     lines += ["", f["conclusion"]] if f.get("conclusion") else []
     return lines + ["", "Commands: `" + "`; `".join(r["command"] for r in f["runs"]) + "`."]
 
