@@ -65,6 +65,11 @@ def group(data):
     return data.of_class(LCF_GROUP)
 
 
+def _scores(row) -> dict:
+    """FID and caption-group accuracy with their bootstrap spreads (the eval's own keys)."""
+    return {k: getattr(row, k) for k in ("fid", "fid_std", "cond_accuracy", "cond_accuracy_std")}
+
+
 def score() -> None:
     teacher = load_model(MODELS / "emoji-sd")
     ruler = ruler_for(teacher, MODELS)
@@ -76,7 +81,7 @@ def score() -> None:
         rows, _ = evaluate(load_model(WORK / name), ruler, [4], None, GUIDANCE, NUM, 0, progress=False)
         runs.append({"name": name, **{k: v for k, v in asdict(settings_of(name)).items()
                                       if k in ("skip", "solver", "guidance_min", "guidance_max")},
-                     "fid": rows[0].fid, "cond_accuracy": rows[0].cond_accuracy})
+                     **_scores(rows[0])})
         print(runs[-1], flush=True)
     result = {"command": "python bench/lcm_ablation.py train --runs ...; python bench/lcm_ablation.py score",
               "budget": f"{STEPS} steps × batch {BATCH} each from the teacher, lr 1e-4", "num": NUM,
@@ -87,7 +92,7 @@ def score() -> None:
         fid = {}
         for key, folder in (("before", MODELS / "emoji-lcm"), ("after", WORK / "lcf")):
             rows, _ = evaluate(load_model(folder), sub_ruler, [4], None, GUIDANCE, NUM, 0, progress=False)
-            fid[key] = rows[0].fid
+            fid[key] = _scores(rows[0])
         result["lcf"] = {"subset": LCF_GROUP, "size": len(sub), "steps": LCF_STEPS, **fid}
         print(result["lcf"])
     write_result(OUT, result)

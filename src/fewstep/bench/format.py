@@ -39,6 +39,29 @@ def verdict(a: dict, b: dict, key: str = "fid") -> str:
     return "wins" if diff > 0 else "loses"
 
 
+def ratio(row: dict, ref: dict, key: str = "fid") -> tuple[float, float | None]:
+    """(row / ref on ``key``, its spread by first-order propagation r·√((σ_a/a)² + (σ_b/b)²); None when either
+    row has no spread)."""
+    r = row[key] / ref[key]
+    sa, sb = row.get(f"{key}_std"), ref.get(f"{key}_std")
+    return r, None if sa is None or sb is None else r * math.hypot(sa / row[key], sb / ref[key])
+
+
+def ratio_cell(row: dict, ref: dict, key: str = "fid") -> str:
+    """"1.23× ± 0.10" (or "1.23×" where no spread was measured)."""
+    r, std = ratio(row, ref, key)
+    return f"{r:.2f}×" + ("" if std is None else f" ± {std:.2f}")
+
+
+def target_verdict(row: dict, ref: dict, target: float, key: str = "fid") -> str:
+    """Whether row/ref ≤ ``target``: "holds" or "does not hold" when the ratio's spread is clear of the target,
+    "not shown (within the spread)" when the target lies inside ratio ± spread."""
+    r, std = ratio(row, ref, key)
+    if std is not None and abs(r - target) <= std:
+        return "not shown (within the spread)"
+    return "holds" if r <= target else "does not hold"
+
+
 def teacher_rows(quality: dict[str, list[dict]], teacher: str) -> list[tuple[str, dict]]:
     """Every (sampler, row) measured of ``teacher`` in "model/sampler" → rows."""
     return [(key.split("/", 1)[1], r) for key, found in quality.items() if key.split("/")[0] == teacher for r in found]

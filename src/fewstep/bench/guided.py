@@ -29,7 +29,7 @@ from ..eval.editing import accuracy, inpaint_metrics
 from ..models.folders import load_model
 from ..models.handle import Model
 from ..sampling.generate import generate
-from .format import acc, fid, teacher_best
+from .format import acc, fid, ratio_cell, teacher_best
 from .measure import quality_rows, speed_rows
 
 GUIDED, PROGRESSIVE = "digits-guided", "digits-progressive"
@@ -142,7 +142,7 @@ def section(report) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|---|"]
 
     def row(name, sampler, r, target=""):
-        lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | {r['fid'] / best['fid']:.2f} | "
+        lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | {ratio_cell(r, best)} | "
                      f"{acc(r)} | {target} |")
 
     for n in (4, 8, 50):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..eval.evaluate import ruler_for
 from ..models.folders import load_model
-from .format import acc, fid, teacher_best
+from .format import acc, fid, ratio_cell, teacher_best
 from .measure import quality_rows, sample_run, side_by_side
 
 EMOJI_TEACHER, EMOJI_GUIDED, EMOJI_PROGRESSIVE, EMOJI_LCM = "emoji-sd", "emoji-guided", "emoji-progressive", "emoji-lcm"
@@ -89,15 +89,15 @@ def section(report) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, rows in ((f"{EMOJI_TEACHER} (CFG)", teacher), (EMOJI_GUIDED, student)):
         for n, r in sorted(rows.items()):
-            ratio = r["fid"] / teacher[n]["fid"] if n in teacher else float("nan")
-            ok = ("met" if ratio <= 1.05 else "missed") + " (≤ 1.05)" if rows is student and n == 25 else ""
-            lines.append(f"| {name} | dpmpp-2m | {n} | {r['nfe']} | {fid(r)} | {ratio:.2f} | "
+            ratio = ratio_cell(r, teacher[n]) if n in teacher else "–"
+            ok = (("met" if r["fid"] <= 1.05 * teacher[n]["fid"] else "missed") + " (≤ 1.05)"
+                  if rows is student and n == 25 and n in teacher else "")
+            lines.append(f"| {name} | dpmpp-2m | {n} | {r['nfe']} | {fid(r)} | {ratio} | "
                          f"{acc(r)} | {ok} |")
     few = [k for k in q if k.startswith((f"{EMOJI_PROGRESSIVE}/", f"{EMOJI_LCM}/"))]
     if few:
         pt = g.get("progressive_training", {})
         where, best = teacher_best({**(getattr(report, "latent", None) or {}).get("quality", {}), **q}, EMOJI_TEACHER)
-        ref = best["fid"]
         lines += ["", f"Progressive distillation of `{EMOJI_GUIDED}` (`{EMOJI_PROGRESSIVE}`: `{pt.get('command', '')}`, "
                   f"{pt.get('wall_seconds', 0) / 60:.0f} min) beside latent consistency distillation (`{EMOJI_LCM}`) at "
                   f"the same step counts, s = {s:g}; the teacher's best FID (its lowest over every sampler and step "
@@ -106,7 +106,7 @@ def section(report) -> list[str]:
         for key in few:
             name, sampler = key.split("/")
             for r in q[key]:
-                lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | {r['fid'] / ref:.2f} | "
+                lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | {ratio_cell(r, best)} | "
                              f"{acc(r)} |")
     lines += ["", f"Guidance after distillation ({max(g['num'] // 2, 10)} samples per point): FID / caption-group "
               "accuracy against s.", "",

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from ..eval.evaluate import ruler_for
 from ..models.folders import load_model
-from .format import acc, fid, teacher_best, verdict
+from .format import acc, fid, ratio_cell, teacher_best, verdict
 from .measure import quality_rows, sample_run, side_by_side
 
 TEACHER, LCM = "emoji-sd", "emoji-lcm"
 TEACHER_STEPS = (1, 2, 4, 8, 25)
 LCM_STEPS = (1, 2, 4, 8)
+_LOWER = {"wins": "lower by more than the spread", "loses": "higher by more than the spread"}
 ABLATION, DRIFT = "lcm_ablation.json", "lcd_drift.json"   # written by bench/lcm_ablation.py, bench/lcd_drift.py
 
 
@@ -84,12 +85,12 @@ def section(report, results: Path) -> list[str]:
              "|---:|---|---|---|---:|"]
     for n in sorted(set(dpm) | set(lcm)):
         cell = lambda r: f"{fid(r)} / {acc(r)} ({r['nfe']})" if r else "–"  # noqa: E731
-        ratio = f"{lcm[n]['fid'] / ref['fid']:.2f}" if n in lcm else "–"
+        ratio = ratio_cell(lcm[n], ref) if n in lcm else "–"
         lines.append(f"| {n} | {cell(ddim.get(n))} | {cell(dpm.get(n))} | {cell(lcm.get(n))} | {ratio} |")
     if 4 in lcm:
         ok_fid = lcm[4]["fid"] <= 1.2 * ref["fid"]
         ok_acc = abs(lcm[4]["cond_accuracy"] - ref["cond_accuracy"]) <= 0.03
-        lines += ["", f"LCM at 4 steps: FID {fid(lcm[4])} = {lcm[4]['fid'] / ref['fid']:.2f}× the teacher's best "
+        lines += ["", f"LCM at 4 steps: FID {fid(lcm[4])} = {ratio_cell(lcm[4], ref)} the teacher's best "
                   f"({'met' if ok_fid else 'missed'}; {verdict(lcm[4], ref)} against it); accuracy {lcm[4]['cond_accuracy']:.3f} vs "
                   f"{acc(ref)} ({'met' if ok_acc else 'missed'})."]
     lines += ["", "Wall-clock, measured side by side in this process: the LCM at 4 steps against the teacher's cheapest "
@@ -118,8 +119,9 @@ def ablation_section(ab: dict | None) -> list[str]:
                      f"{fid(r)} | {acc(r)} |")
     if ab.get("lcf"):
         f = ab["lcf"]
+        before, after = ({"fid": v} if isinstance(v, float) else v for v in (f["before"], f["after"]))  # old files: bare FIDs
         lines += ["", f"LCF: `{LCM}` fine-tuned with no teacher on {f['subset']} ({f['size']} emoji, {f['steps']} steps): "
-                  f"4-step FID on that subset {f['before']:.3f} → {f['after']:.3f}."]
+                  f"4-step FID on that subset {fid(before)} → {fid(after)} ({_LOWER.get(verdict(after, before), verdict(after, before))})."]
     return lines
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..eval.evaluate import Ruler, ruler_for
 from ..models.folders import load_model
 from ..models.loras import apply_loras, lora_info
-from .format import acc, fid, teacher_best
+from .format import acc, fid, ratio_cell, teacher_best
 from .measure import quality_rows
 
 TEACHER, LCM, LCM_LORA, STYLE = "emoji-sd", "emoji-lcm", "emoji-lcm-lora", "emoji-style-lora"
@@ -136,13 +136,13 @@ def section(report, results: Path) -> list[str]:
              "| model | steps | NFE | FID | / teacher's best | acc. |", "|---|---:|---:|---:|---:|---:|",
              f"| {TEACHER} ({where}) | {ref['steps']} | {ref['nfe']} | {fid(ref)} | 1.00 | {acc(ref)} |"]
     for n, r in sorted(accel.items()):
-        lines.append(f"| {TEACHER} + {LCM_LORA} | {n} | {r['nfe']} | {fid(r)} | {r['fid'] / ref['fid']:.2f} | "
+        lines.append(f"| {TEACHER} + {LCM_LORA} | {n} | {r['nfe']} | {fid(r)} | {ratio_cell(r, ref)} | "
                      f"{acc(r)} |")
     for r in q.get(f"{LCM}/consistency", []):
-        lines.append(f"| {LCM} (full LCD) | {r['steps']} | {r['nfe']} | {fid(r)} | {r['fid'] / ref['fid']:.2f} | "
+        lines.append(f"| {LCM} (full LCD) | {r['steps']} | {r['nfe']} | {fid(r)} | {ratio_cell(r, ref)} | "
                      f"{acc(r)} |")
     if 4 in accel:
-        lines += ["", f"4 steps: {accel[4]['fid'] / ref['fid']:.2f}× the teacher's best "
+        lines += ["", f"4 steps: {ratio_cell(accel[4], ref)} the teacher's best "
                   f"({'met' if accel[4]['fid'] <= 1.3 * ref['fid'] else 'missed'})."]
     s25, s4, m4, b25 = st["style_25"], st["style_4"], st["merged_4"], st["base_25"]
     sinfo = g["style_lora"]
@@ -151,7 +151,7 @@ def section(report, results: Path) -> list[str]:
               f"Style measure: FID to those {st['size']} emoji and the share of samples classified into the group, "
               f"{st['num']} samples with the group's captions as prompts. Target: the merge at 4 steps within 1.3× the "
               f"style model's 25-step FID ({'met' if m4['fid'] <= 1.3 * s25['fid'] else 'missed'}: "
-              f"{m4['fid'] / s25['fid']:.2f}×).", "",
+              f"{ratio_cell(m4, s25)}).", "",
               "| model | sampler, steps | style FID | in the group |", "|---|---|---:|---:|",
               f"| {TEACHER} (no style) | DPM-Solver++, 25 | {fid(b25)} | {acc(b25)} |",
               f"| {TEACHER} + {STYLE} | DPM-Solver++, 25 | {fid(s25)} | {acc(s25)} |",
@@ -161,9 +161,9 @@ def section(report, results: Path) -> list[str]:
         s2, m2 = st["style_2"], st["merged_2"]
         lines += [f"| {TEACHER} + {STYLE} | DPM-Solver++, 2 | {fid(s2)} | {acc(s2)} |",
                   f"| {TEACHER} + {STYLE} + {LCM_LORA} | LCM, 2 | {fid(m2)} | {acc(m2)} |",
-                  "", f"The style model alone at 4 DPM-Solver++ steps is {s4['fid'] / s25['fid']:.2f}× its 25-step FID "
+                  "", f"The style model alone at 4 DPM-Solver++ steps is {ratio_cell(s4, s25)} its 25-step FID "
                   f"(this tiny teacher's 8×8 latent ODE is nearly solved in 4 steps); at 2 steps it is "
-                  f"{s2['fid'] / s25['fid']:.2f}×, the merge {m2['fid'] / s25['fid']:.2f}×."]
+                  f"{ratio_cell(s2, s25)}, the merge {ratio_cell(m2, s25)}."]
     c = g.get("cost")
     if c:
         lines += ["", "Training cost per iteration (batch 64, one thread, each in a fresh process, measured one after "

@@ -14,7 +14,7 @@ import torch
 from ..eval.editing import edit_metrics
 from ..models.folders import is_pipeline_folder, load_model
 from ..models.handle import Model
-from .format import acc, fid, teacher_best
+from .format import acc, fid, ratio_cell, teacher_best
 from .measure import quality_rows, speed_rows
 from .results import load_report, reusable_rows
 
@@ -134,10 +134,9 @@ def quality_section(report, nfe_png: str, seconds_png: str) -> list[str]:
     for key, rows in report.quality.items():
         name, sampler = key.split("/")
         for r in rows:
-            acc = "–" if r["cond_accuracy"] is None else f"{r['cond_accuracy']:.3f}"
             lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | "
                          f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['precision']:.3f} | "
-                         f"{r['recall']:.3f} | {acc} |")
+                         f"{r['recall']:.3f} | {acc(r)} |")
     lines += ["", f"![FID versus NFE]({nfe_png}) ![FID versus seconds]({seconds_png})", "",
               "## Speed and sampler overhead", "",
               "Floor = network evaluations × the time of one guided network evaluation (cond + uncond in one batch) "
@@ -175,15 +174,15 @@ def consistency_table(quality: dict[str, list[dict]], costs: dict, teacher: str,
              "acc. 1 step | 1-step FID / teacher best | 2-step FID / teacher best |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines.append(f"| {teacher} (DPM-Solver++, CFG) | – | – | – | {fid(dpm[1])} | {fid(dpm[2])} | "
-                 f"{fid(dpm[4])} | {acc(dpm[1])} | {dpm[1]['fid'] / best['fid']:.2f} | "
-                 f"{dpm[2]['fid'] / best['fid']:.2f} |")
+                 f"{fid(dpm[4])} | {acc(dpm[1])} | {ratio_cell(dpm[1], best)} | "
+                 f"{ratio_cell(dpm[2], best)} |")
     for name, rows in models:
         by = {r["steps"]: r for r in rows}
         t = costs.get(name, {})
         lines.append(f"| {name} | {t.get('method', '?')} | {t.get('steps', '?')} × {t.get('batch', '?')} | "
                      f"{t.get('core_minutes', float('nan')):.0f} | {fid(by[1])} | {fid(by[2])} | "
-                     f"{fid(by[4])} | {acc(by[1])} | {by[1]['fid'] / best['fid']:.2f} | "
-                     f"{by[2]['fid'] / best['fid']:.2f} |")
+                     f"{fid(by[4])} | {acc(by[1])} | {ratio_cell(by[1], best)} | "
+                     f"{ratio_cell(by[2], best)} |")
     return lines
 
 

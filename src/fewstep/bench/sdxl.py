@@ -13,7 +13,7 @@ from pathlib import Path
 from ..eval.evaluate import ruler_for
 from ..models.folders import load_model
 from ..models.loras import apply_loras, lora_info
-from .format import acc, fid, teacher_best, verdict
+from .format import acc, fid, ratio_cell, teacher_best, verdict
 from .measure import quality_rows
 
 PAIRS = (("emoji-sdxl", "emoji-sdxl-lcm-lora"), ("emoji-sd", "emoji-lcm-lora"))
@@ -68,11 +68,11 @@ def section(report) -> list[str]:
             for r in q.get(key, []):
                 name, sampler = key.split("/")
                 lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | "
-                             f"{r['fid'] / ref['fid']:.2f} | {acc(r)} |")
+                             f"{ratio_cell(r, ref)} | {acc(r)} |")
         four = next((r for r in q.get(f"{lora_name}/consistency", []) if r["steps"] == 4), None)
         if four is not None:
             ok = four["fid"] <= 1.3 * ref["fid"]
-            verdicts.append(f"`{lora_name}` at 4 steps: FID {fid(four)} = {four['fid'] / ref['fid']:.2f}× "
+            verdicts.append(f"`{lora_name}` at 4 steps: FID {fid(four)} = {ratio_cell(four, ref)} "
                             f"`{teacher_name}`'s best ({fid(ref)}, {where}): target ≤ 1.3× "
                             f"{'met' if ok else 'NOT met'}; against the teacher's 25 DPM-Solver++ steps: "
                             f"{verdict(four, next(r for r in q[f'{teacher_name}/dpmpp-2m'] if r['steps'] == 25))}.")

@@ -1,0 +1,37 @@
+"""BENCHMARKS.md's verdicts: a comparison or a ratio target is decided only beyond its spread."""
+
+import json
+import math
+
+import pytest
+
+from fewstep.bench.claims import _skip_claim
+from fewstep.bench.format import ratio, ratio_cell, target_verdict, verdict
+
+
+def test_verdict_needs_the_gap_to_exceed_the_spread_of_the_difference():
+    a, b = {"fid": 1.0, "fid_std": 0.3}, {"fid": 1.5, "fid_std": 0.4}   # gap 0.5 = hypot(0.3, 0.4): not beyond
+    assert verdict(a, b) == "within the spread"
+    assert verdict(a, {**b, "fid": 1.51}) == "wins" and verdict({**b, "fid": 1.51}, a) == "loses"
+    assert verdict({"fid": 1.0}, b) == "no spread measured"
+
+
+def test_ratio_spread_is_first_order_propagation_and_targets_are_decided_beyond_it():
+    row, ref = {"fid": 3.0, "fid_std": 0.3}, {"fid": 2.0, "fid_std": 0.1}
+    r, std = ratio(row, ref)
+    assert r == pytest.approx(1.5) and std == pytest.approx(1.5 * math.hypot(0.1, 0.05))
+    assert ratio_cell(row, ref) == f"1.50× ± {std:.2f}" and ratio_cell({"fid": 3.0}, ref) == "1.50×"
+    assert target_verdict(row, ref, 1.74) == "holds"            # 1.5 + 0.17 < 1.74
+    assert target_verdict(row, ref, 1.44) == "not shown (within the spread)"
+    assert target_verdict(row, ref, 1.2) == "does not hold"
+    assert target_verdict({"fid": 3.0}, ref, 1.44) == "does not hold"   # no spread: the point value decides
+
+
+def test_skip_claim_compares_the_runs_that_differ_in_k_alone(tmp_path):
+    """w-narrow also has k = 20 and the DDIM solver: the claim must take k20, not whichever came last."""
+    runs = [{"name": "k1", "skip": 1, "solver": "ddim", "fid": 1.8, "fid_std": 0.1},
+            {"name": "k20", "skip": 20, "solver": "ddim", "fid": 1.1, "fid_std": 0.1},
+            {"name": "w-narrow", "skip": 20, "solver": "ddim", "fid": 1.9, "fid_std": 0.1}]
+    (tmp_path / "lcm_ablation.json").write_text(json.dumps({"runs": runs}))
+    claim, _, ours, _, holds = _skip_claim(tmp_path)
+    assert "1.100" in ours and "1.800" in ours and holds == "holds"
