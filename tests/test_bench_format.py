@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fewstep.bench.claims import _skip_claim
+from fewstep.bench.claims import _act_label, _skip_claim
 from fewstep.bench.format import ratio, ratio_cell, target_verdict, verdict
 
 
@@ -35,3 +35,10 @@ def test_skip_claim_compares_the_runs_that_differ_in_k_alone(tmp_path):
     (tmp_path / "lcm_ablation.json").write_text(json.dumps({"runs": runs}))
     claim, _, ours, _, holds = _skip_claim(tmp_path)
     assert "1.100" in ours and "1.800" in ours and holds == "holds"
+
+
+def test_act_claim_names_the_batch_and_gan_weight_the_model_was_trained_with():
+    costs = {"costs": {"emoji-pixel-act-b32": {"method": "act", "batch": 32, "gan_weight": 0.02}}}
+    assert _act_label(costs, "emoji-pixel-act-b32") == "ACT b32 (λ 0.02)"
+    costs["costs"]["emoji-pixel-act-b32"].pop("gan_weight")   # a bench.json from before λ was recorded
+    assert _act_label(costs, "emoji-pixel-act-b32") == "ACT b32"

@@ -54,7 +54,7 @@ def _claims(report, results: Path) -> list:
                  _versus(f"ACT beats CT at 1 step, equal batch ({label})", "CIFAR-10 FID 6.0 vs 8.7",
                          _row(quality, f"{prefix}-act", 1), _row(quality, f"{prefix}-ct", 1), ("ACT", "CT"), label)]
     rows.append(_versus("ACT at half the batch beats CT (emoji pixel)", "CIFAR-10: under 1/6 of CT's batch, FID 6.0 vs 8.7",
-                        _row(tq, "emoji-pixel-act-b32", 1), _row(tq, "emoji-pixel-ct", 1), ("ACT b32 (λ 0.3)", "CT b64"),
+                        _row(tq, "emoji-pixel-act-b32", 1), _row(tq, "emoji-pixel-ct", 1), (_act_label(tb, "emoji-pixel-act-b32"), "CT b64"),
                         "emoji pixel"))
     latent = getattr(report, "latent", {}) or {}
     lbest = teacher_best(latent.get("quality", {}), "emoji-sd")
@@ -69,6 +69,13 @@ def _claims(report, results: Path) -> list:
                        teacher_best(tq, "emoji-pixel-teacher"), 1.3, "emoji pixel"))
     rows += [_skip_claim(results), _style_claim(report), _editing_claim(report), _colorize_claim(tb)]
     return [r for r in rows if r is not None]
+
+
+def _act_label(testbed: dict, model: str) -> str:
+    """"ACT b32 (λ 0.02)": the batch and GAN weight from the bench's record of the model's training."""
+    cost = testbed.get("costs", {}).get(model, {})
+    weight = cost.get("gan_weight")
+    return f"ACT b{cost.get('batch', '?')}" + ("" if weight is None else f" (λ {weight:g})")
 
 
 def _skip_claim(results: Path):

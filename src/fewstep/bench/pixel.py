@@ -41,12 +41,13 @@ def distilled_models(models_dir: Path, teacher: Model) -> list[Model]:
 
 
 def training_cost(model: Model) -> dict:
-    """What a model cost to make, from its folder's training record: method, steps × batch, and
-    core-minutes (wall-clock × torch threads) on the machine that trained it."""
+    """What a model cost to make, from its folder's training record: method, steps × batch, ACT's GAN weight λ
+    (None for the others), and core-minutes (wall-clock × torch threads) on the machine that trained it."""
     t = model.config.training
     cfg = t.get("config", {})
     wall, threads = t.get("wall_seconds"), t.get("threads")
     return {"method": t.get("method", model.config.kind), "steps": t.get("steps"), "batch": cfg.get("batch_size"),
+            "gan_weight": cfg.get("extra", {}).get("gan_weight") if t.get("method") == "act" else None,
             "wall_minutes": None if wall is None else wall / 60,
             "core_minutes": float("nan") if wall is None or threads is None else wall * threads / 60}
 
