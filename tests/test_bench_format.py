@@ -6,7 +6,7 @@ import math
 import pytest
 
 from fewstep.bench.claims import _act_label, _skip_claim
-from fewstep.bench.format import ratio, ratio_cell, target_verdict, verdict
+from fewstep.bench.format import ratio, ratio_cell, target_met, target_verdict, verdict
 
 
 def test_verdict_needs_the_gap_to_exceed_the_spread_of_the_difference():
@@ -42,3 +42,11 @@ def test_act_claim_names_the_batch_and_gan_weight_the_model_was_trained_with():
     assert _act_label(costs, "emoji-pixel-act-b32") == "ACT b32 (λ 0.02)"
     costs["costs"]["emoji-pixel-act-b32"].pop("gan_weight")   # a bench.json from before λ was recorded
     assert _act_label(costs, "emoji-pixel-act-b32") == "ACT b32"
+
+
+def test_a_table_target_is_met_or_missed_only_beyond_the_ratio_spread():
+    ref = {"fid": 2.0, "fid_std": 0.1}
+    assert target_met({"fid": 2.0, "fid_std": 0.1}, ref, 1.2) == "met"            # 1.00 ± 0.07, clear of 1.2
+    assert target_met({"fid": 3.0, "fid_std": 0.1}, ref, 1.2) == "missed"         # 1.50 ± 0.09
+    assert target_met({"fid": 2.4, "fid_std": 0.3}, ref, 1.2) == "not shown (within the spread)"
+    assert target_met({"fid": 2.3}, {"fid": 2.0}, 1.2) == "met"                   # no spreads: the point decides

@@ -62,6 +62,12 @@ def target_verdict(row: dict, ref: dict, target: float, key: str = "fid") -> str
     return "holds" if r <= target else "does not hold"
 
 
+def target_met(row: dict, ref: dict, target: float, key: str = "fid") -> str:
+    """A table's target cell for row/ref ≤ ``target``: "met", "missed", or "not shown (within the spread)"."""
+    return {"holds": "met", "does not hold": "missed"}.get(target_verdict(row, ref, target, key),
+                                                          "not shown (within the spread)")
+
+
 def teacher_rows(quality: dict[str, list[dict]], teacher: str) -> list[tuple[str, dict]]:
     """Every (sampler, row) measured of ``teacher`` in "model/sampler" → rows."""
     return [(key.split("/", 1)[1], r) for key, found in quality.items() if key.split("/")[0] == teacher for r in found]

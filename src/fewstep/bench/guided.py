@@ -29,7 +29,7 @@ from ..eval.editing import accuracy, inpaint_metrics
 from ..models.folders import load_model
 from ..models.handle import Model
 from ..sampling.generate import generate
-from .format import acc, fid, ratio_cell, teacher_best
+from .format import acc, fid, ratio_cell, target_met, teacher_best
 from .measure import quality_rows, speed_rows
 
 GUIDED, PROGRESSIVE = "digits-guided", "digits-progressive"
@@ -149,11 +149,11 @@ def section(report) -> list[str]:
         if n in tdpm:
             row(f"{teacher} (CFG)", "dpmpp-2m", tdpm[n])
     for n, r in sorted(guided.items()):
-        ok = "" if n != 50 else ("met" if r["fid"] <= 1.05 * same["fid"] else "missed") + f" (≤ {1.05 * same['fid']:.3f})"
+        ok = "" if n != 50 else f"≤ {1.05 * same['fid']:.3f}: {target_met(r, same, 1.05)}"
         row(GUIDED, "dpmpp-2m", r, ok)
     for sampler in ("ddim", "ddim-stochastic"):
         for r in q[f"{PROGRESSIVE}/{sampler}"]:
-            ok = ("met" if r["fid"] <= 1.3 * best["fid"] else "missed") if r["steps"] in (2, 4) and sampler == "ddim" else ""
+            ok = f"≤ 1.3×: {target_met(r, best, 1.3)}" if r["steps"] in (2, 4) and sampler == "ddim" else ""
             row(PROGRESSIVE, sampler, r, ok)
     for n, r in sorted(cd.items()):
         row("digits-cd", "consistency", r)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..eval.evaluate import ruler_for
 from ..models.folders import load_model
-from .format import acc, fid, ratio_cell, teacher_best
+from .format import acc, fid, ratio_cell, target_met, teacher_best
 from .measure import quality_rows, sample_run, side_by_side
 
 EMOJI_TEACHER, EMOJI_GUIDED, EMOJI_PROGRESSIVE, EMOJI_LCM = "emoji-sd", "emoji-guided", "emoji-progressive", "emoji-lcm"
@@ -90,7 +90,7 @@ def section(report) -> list[str]:
     for name, rows in ((f"{EMOJI_TEACHER} (CFG)", teacher), (EMOJI_GUIDED, student)):
         for n, r in sorted(rows.items()):
             ratio = ratio_cell(r, teacher[n]) if n in teacher else "–"
-            ok = (("met" if r["fid"] <= 1.05 * teacher[n]["fid"] else "missed") + " (≤ 1.05)"
+            ok = (f"≤ 1.05×: {target_met(r, teacher[n], 1.05)}"
                   if rows is student and n == 25 and n in teacher else "")
             lines.append(f"| {name} | dpmpp-2m | {n} | {r['nfe']} | {fid(r)} | {ratio} | "
                          f"{acc(r)} | {ok} |")

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..eval.evaluate import Ruler, ruler_for
 from ..models.folders import load_model
 from ..models.loras import apply_loras, lora_info
-from .format import acc, fid, ratio_cell, teacher_best
+from .format import acc, fid, ratio_cell, target_met, teacher_best
 from .measure import quality_rows
 
 TEACHER, LCM, LCM_LORA, STYLE = "emoji-sd", "emoji-lcm", "emoji-lcm-lora", "emoji-style-lora"
@@ -143,14 +143,14 @@ def section(report, results: Path) -> list[str]:
                      f"{acc(r)} |")
     if 4 in accel:
         lines += ["", f"4 steps: {ratio_cell(accel[4], ref)} the teacher's best "
-                  f"({'met' if accel[4]['fid'] <= 1.3 * ref['fid'] else 'missed'})."]
+                  f"(≤ 1.3×: {target_met(accel[4], ref, 1.3)})."]
     s25, s4, m4, b25 = st["style_25"], st["style_4"], st["merged_4"], st["base_25"]
     sinfo = g["style_lora"]
     lines += ["", f"Style + acceleration with no training: `{STYLE}` (rank {sinfo['rank']}, fine-tuned on the "
               f"{st['size']} emoji of \"{st['group']}\", `{sinfo['training']['command']}`) merged with `{LCM_LORA}`. "
               f"Style measure: FID to those {st['size']} emoji and the share of samples classified into the group, "
               f"{st['num']} samples with the group's captions as prompts. Target: the merge at 4 steps within 1.3× the "
-              f"style model's 25-step FID ({'met' if m4['fid'] <= 1.3 * s25['fid'] else 'missed'}: "
+              f"style model's 25-step FID ({target_met(m4, s25, 1.3)}: "
               f"{ratio_cell(m4, s25)}).", "",
               "| model | sampler, steps | style FID | in the group |", "|---|---|---:|---:|",
               f"| {TEACHER} (no style) | DPM-Solver++, 25 | {fid(b25)} | {acc(b25)} |",
