@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.parameterizations import SPACES
 from ..errors import FewstepError
 from .args import (
     add_data_args,
@@ -42,6 +43,14 @@ def add_parser(sub) -> None:
     p.add_argument("--pixel", action="store_true",
                    help="on a captioned set (emoji): a class-conditional pixel-space EDM teacher on its classes (the "
                         "emoji's 9 Unicode groups) instead of a text-to-image pipeline")
+    p.add_argument("--parameterization", choices=sorted(SPACES), default="edm",
+                   help="pixel teachers: the noise space it learns (registered in fewstep.core.parameterizations): edm "
+                        "(Karras et al. 2022, the default), vp (DDPM ε), flow (rectified flow: velocity on x_t = (1-t)x0 "
+                        "+ t·noise, SD3's logit-normal times; sampled with --sampler euler as FlowMatchEulerDiscrete"
+                        "Scheduler) or trigflow (the sCM paper's x_t = cos t·x0 + sin t·noise)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="pixel teachers: start from this model folder's UNet weights (same --width and data set), e.g. "
+                        "a flow teacher from models/emoji-pixel-teacher; default: a fresh UNet")
     add_data_args(p)
     add_train_args(p, steps=4000, batch=128, lr=2e-4)
     p.set_defaults(func=run)
@@ -66,7 +75,12 @@ def run(args: argparse.Namespace) -> None:
                                   xl=args.sdxl, vae=vae)
         print(f"saved text-to-image teacher (diffusers pipeline) to {folder}")
         return
+    init = None
+    if args.init_from:
+        from ..models.folders import load_model
+
+        init = load_model(args.init_from).net
     folder = train_teacher(data, args.out, train_config(args), width=args.width, label_dropout=args.label_dropout,
-                           command=command_line(args))
+                           command=command_line(args), parameterization=args.parameterization, init=init)
     if folder is not None:
         print(f"saved teacher to {folder}")

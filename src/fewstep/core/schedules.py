@@ -194,6 +194,18 @@ class VPSchedule:
         """Karras σ grid spanning this schedule's own σ range (diffusers' ``use_karras_sigmas``)."""
         return append_zero(karras_sigmas(n, self.sigma_min, self.sigma_max, rho)).float()
 
+    def sampling_grid(self, n: int, sampler: str | None = None, rho: float | None = None) -> Tensor:
+        """The grid every sampler of a VP model runs on: :meth:`grid` (``rho`` belongs to EDM σ-space models)."""
+        if rho is not None:
+            raise ValueError("--rho sets the Karras grid of an EDM σ-space model; this model samples on a VP grid")
+        return self.grid(n)
+
+    def consistency_levels(self, index: Tensor, num_scales: int) -> Tensor:
+        """Level i of an N-point consistency grid, increasing: σ at N timesteps evenly spaced over 0 … T−1
+        (LCD instead trains on the skipped grid, ``Curriculum("lcm")``)."""
+        t = torch.as_tensor(index).double() / (num_scales - 1) * (self.num_train_timesteps - 1)
+        return self.t_to_sigma(t)
+
 
 @dataclass(frozen=True)
 class EDMSchedule:
@@ -212,6 +224,24 @@ class EDMSchedule:
     def prior_std(self, sigma: Tensor) -> Tensor:
         """Std of the σ-space start at σmax: σ (EDM Algorithm 1, line 1: x_0 ~ N(0, σ_0² I))."""
         return torch.as_tensor(sigma)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """EDM's model time is σ itself (σ(t) = t, Karras et al. 2022 Table 1); the network sees c_noise = ¼ ln σ."""
+        return torch.as_tensor(t)
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        return torch.as_tensor(sigma)
+
+    def sampling_grid(self, n: int, sampler: str | None = None, rho: float | None = None) -> Tensor:
+        """DDIM's uniform-timestep grid for ``ddim`` (so it differs from Euler only in its discretization, as in
+        Karras et al. 2022 Table 1), the Karras grid (of ``rho``, default the schedule's) for every other sampler."""
+        if rho is None and sampler == "ddim":
+            return self.ddim_grid(n)
+        return self.grid(n, rho)
+
+    def consistency_levels(self, index: Tensor, num_scales: int) -> Tensor:
+        """Level i of the N-point Karras grid, increasing (:func:`karras_levels`)."""
+        return karras_levels(index, num_scales, self.sigma_min, self.sigma_max, self.rho)
 
     def sample_sigmas(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Training noise levels: ln σ ~ N(P_mean, P_std²) (EDM Table 1, "Noise distribution")."""

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ..core.denoisers import VPDenoiser
-from ..core.schedules import EDMSchedule, VPSchedule
+from ..core.parameterizations import parameterization as get_parameterization
+from ..core.schedules import VPSchedule
+from ..errors import FewstepError
 from ..models.conditioners import padded_ids
 from ..models.config import ModelConfig
 from ..models.data import ImageData, prepared
@@ -36,31 +38,53 @@ from .common import Run, parameters, readme
 
 
 def train_teacher(data: ImageData, out: str | Path, config: TrainConfig, width: int = 32,
-                  label_dropout: float = 0.1, command: str = "", accelerator=None) -> Path | None:
-    """Train on ``data`` with the EDM loss and write the EMA weights as a model folder at ``out``.
+                  label_dropout: float = 0.1, command: str = "", accelerator=None,
+                  parameterization: str = "edm", init: nn.Module | None = None) -> Path | None:
+    """Train on ``data`` with the denoising loss of ``parameterization``'s noise space and write the EMA weights
+    as a model folder at ``out``: EDM's (Karras et al. 2022), or any registered space's — ``flow`` is the velocity
+    loss of rectified flow on SD3's logit-normal times (:mod:`fewstep.core.flow`), since λ(σ) = 1/c_out² of its
+    adapter makes ‖D − x_0‖²·λ = ‖v̂ − (ε − x_0)‖².
+
+    ``init``: start from these backbone weights (another teacher's UNet of the same architecture, e.g. an EDM
+    teacher re-learned as a flow model: its features carry over, its time embedding and output re-learn), as
+    ECT (Geng et al. 2024) starts consistency training from a diffusion model; the default is a fresh UNet.
 
     Label dropout (to the null class) makes the one network both conditional and unconditional,
     so classifier-free guidance works at sampling time (Ho & Salimans 2022).
     Returns the folder (on the main process; None on the others).
     """
     run = Run(config, command, accelerator)
-    schedule = EDMSchedule()
-    model_config = ModelConfig(kind="diffusion", parameterization="edm", schedule=asdict(schedule),
+    param = get_parameterization(parameterization)
+    schedule = param.make_schedule()
+    model_config = ModelConfig(kind="diffusion", parameterization=param.name, schedule=asdict(schedule),
                                image_size=data.image_size, channels=data.channels, class_names=data.class_names,
-                               dataset=data.name)
-    model = new_pixel_model(model_config, build_unet(data.image_size, data.channels, data.num_classes, width=width))
+                               dataset=data.name, default_sampler=param.space.default_sampler)
+    unet = build_unet(data.image_size, data.channels, data.num_classes, width=width)
+    if init is not None:
+        _copy_weights(raw_unet(init), unet)
+    model = new_pixel_model(model_config, unet)
     objective = DenoisingLoss(schedule, model.conditioner.training_condition(label_dropout))
     result = run.fit(model.denoiser, objective, model.training_data(data),
-                     {"width": width, "label_dropout": label_dropout, "dataset": data.name})
+                     {"width": width, "label_dropout": label_dropout, "dataset": data.name,
+                      "parameterization": param.name, "init": init is not None})
     if result is None:
         return None
     record = run.record("teacher", result, parameters=parameters(model.net))
-    what = (f"A class-conditional EDM diffusion model on `{data.name}` ({len(data)} images, {data.num_classes} classes, "
+    what = (f"A class-conditional {param.name} diffusion model on `{data.name}` ({len(data)} images, {data.num_classes} classes, "
             f"{data.image_size}×{data.image_size}), {record['parameters'] / 1e6:.2f}M parameters, EMA weights after "
             f"{result.step} steps.")
     return save_model(out, model.derive(net=result.ema.net, config=replace(model_config, training=record)),
                       readme(Path(out).name, what, f"```\nfewstep sample --model {out} --label 3 --out grid.png\n```",
                              command))
+
+
+def _copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """``source``'s weights into ``target``, refused in one line unless every tensor has the same name and shape."""
+    theirs, ours = source.state_dict(), target.state_dict()
+    if {k: v.shape for k, v in theirs.items()} != {k: v.shape for k, v in ours.items()}:
+        raise FewstepError("--init-from has another architecture than this teacher (its UNet's tensors differ in names "
+                           "or shapes): give the same --width and data set, or leave --init-from out")
+    target.load_state_dict(theirs)
 
 
 class TextDenoiser(nn.Module):

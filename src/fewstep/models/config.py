@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..core.schedules import EDMSchedule, VPSchedule
+from ..core.parameterizations import PARAMETERIZATIONS, Parameterization, parameterization
+from ..core.schedules import VPSchedule
 from ..errors import FewstepError
 
 CONFIG_NAME = "fewstep.json"
 FORMAT_VERSION = 2
 KINDS = ("diffusion", "consistency")
-PARAMETERIZATIONS = ("edm", "cm", "vp", "lcm")
 
 
 @dataclass
@@ -27,9 +27,10 @@ class ModelConfig:
     """The contents of ``fewstep.json``."""
 
     kind: str = "diffusion"                    # "diffusion" (a denoiser D) or "consistency" (f(x, σ) → x_0 in one step)
-    parameterization: str = "edm"              # "edm" (Karras preconditioning), "cm" (consistency boundary condition,
-                                               # Song et al. 2023), "vp" (a discrete ε/v/x0 UNet) or "lcm" (Luo et al. 2023)
-    schedule: dict[str, Any] = field(default_factory=dict)  # EDMSchedule or VPSchedule fields
+    parameterization: str = "edm"              # a name in fewstep.core.parameterizations: "edm" (Karras preconditioning),
+                                               # "cm" (consistency boundary condition, Song et al. 2023), "vp" (a discrete
+                                               # ε/v/x0 UNet), "lcm" (Luo et al. 2023), "flow" (rectified flow), "trigflow"
+    schedule: dict[str, Any] = field(default_factory=dict)  # the fields of its space's schedule class
     prediction_type: str = "epsilon"           # for "vp" and "lcm"
     image_size: int = 16                       # of the images (a pipeline's VAE sample size)
     channels: int = 1
@@ -68,8 +69,14 @@ class ModelConfig:
         """The guidance scale is an input of the network (one pass per step), not CFG around it."""
         return bool(self.guidance_range)
 
-    def make_schedule(self) -> EDMSchedule | VPSchedule:
-        return VPSchedule(**self.schedule) if self.parameterization in ("vp", "lcm") else EDMSchedule(**self.schedule)
+    @property
+    def param(self) -> Parameterization:
+        """The registered parameterization this model has (:mod:`fewstep.core.parameterizations`)."""
+        return parameterization(self.parameterization)
+
+    def make_schedule(self):
+        """Its noise space's schedule (EDMSchedule, VPSchedule, FlowSchedule, …) from the ``schedule`` fields."""
+        return self.param.make_schedule(self.schedule)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"

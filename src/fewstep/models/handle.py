@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..core.denoisers import EDMDenoiser, LCMConsistency, VPDenoiser, cm_scalings
 from ..core.guidance import CFGDenoiser
-from ..core.schedules import EDMSchedule, VPSchedule
 from ..errors import FewstepError
 from ..nets.guided import GuidedUNet
 from ..nets.sdxl import AddedCondUNet, takes_added_cond
@@ -41,13 +38,8 @@ from .data import prepared
 
 
 def build_denoiser(net: nn.Module, config: ModelConfig) -> nn.Module:
-    """The σ-space denoiser of ``config.parameterization`` over the backbone ``net``."""
-    if config.parameterization in ("edm", "cm"):
-        schedule = EDMSchedule(**config.schedule)
-        scalings = partial(cm_scalings, sigma_min=schedule.sigma_min) if config.parameterization == "cm" else None
-        return EDMDenoiser(net, sigma_data=schedule.sigma_data, scalings=scalings)
-    denoiser = VPDenoiser(net, config.make_schedule(), config.prediction_type)
-    return LCMConsistency(denoiser, config.timestep_scaling) if config.is_lcm else denoiser
+    """The σ-space denoiser of ``config.parameterization`` over the backbone ``net`` (its registered adapter)."""
+    return config.param.denoiser(net, config.make_schedule(), config)
 
 
 def raw_unet(net: nn.Module) -> nn.Module:
@@ -98,7 +90,7 @@ class Model:
 
     # --- what it is ---------------------------------------------------------------------------------
     @property
-    def schedule(self) -> EDMSchedule | VPSchedule:
+    def schedule(self):
         return self.config.make_schedule()
 
     @property
@@ -124,8 +116,7 @@ class Model:
     def sigma_end(self) -> float:
         """Where multistep consistency sampling re-noises down to: √(σ'² − σmin²)·z for an EDM-space model
         (Song et al. 2023, Algorithm 1), √(σ'²)·z on a VP grid (Luo et al. 2023, Algorithm 3)."""
-        schedule = self.schedule
-        return float(schedule.sigma_min) if isinstance(schedule, EDMSchedule) else 0.0
+        return self.config.param.space.boundary(self.schedule)
 
     @property
     def device(self) -> torch.device:

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 
 from ..core.denoisers import append_dims
-from ..core.schedules import EDMSchedule, VPSchedule
 from ..core.solvers import ODE_SOLVERS, ode_step
 from .base import ConditionFn, TeacherFn, unwrap
 from .curricula import Curriculum
@@ -103,7 +102,7 @@ class ConsistencyLoss:
     ``solver`` is its one-step ODE solver (:data:`fewstep.core.solvers.ODE_SOLVERS`).
     """
 
-    def __init__(self, schedule: EDMSchedule | VPSchedule, curriculum: Curriculum, distance: Distance,
+    def __init__(self, schedule, curriculum: Curriculum, distance: Distance,
                  teacher: TeacherFn | None = None, solver: str = "heun", condition: ConditionFn | None = None,
                  target: EMACopy | None = None) -> None:
         if solver not in ODE_SOLVERS:

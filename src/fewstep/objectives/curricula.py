@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core.schedules import EDMSchedule, VPSchedule, karras_levels, skipped_timesteps
+from ..core.schedules import karras_levels, skipped_timesteps
 
 
 def ct_num_scales(step: int, total_steps: int, s0: int = 2, s1: int = 150) -> int:
@@ -52,10 +52,12 @@ def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
 
 
 def ict_level_probs(num_scales: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                    p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
+                    p_mean: float = -1.1, p_std: float = 2.0, sigmas: Tensor | None = None) -> Tensor:
     """iCT's discretized lognormal over the N−1 adjacent pairs (σ_i, σ_{i+1}) (Song & Dhariwal 2023,
-    §3.5): p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2·P_std)) − erf((ln σ_i − P_mean)/(√2·P_std))."""
-    sigmas = karras_levels(torch.arange(num_scales), num_scales, sigma_min, sigma_max, rho)
+    §3.5): p(i) ∝ erf((ln σ_{i+1} − P_mean)/(√2·P_std)) − erf((ln σ_i − P_mean)/(√2·P_std)), over the N-point
+    Karras grid, or the given increasing levels ``sigmas`` (another space's consistency grid)."""
+    if sigmas is None:
+        sigmas = karras_levels(torch.arange(num_scales), num_scales, sigma_min, sigma_max, rho)
     cdf = torch.erf((sigmas.log() - p_mean) / (math.sqrt(2) * p_std))
     probs = cdf[1:] - cdf[:-1]
     return probs / probs.sum()
@@ -101,8 +103,9 @@ class Curriculum:
             return self.target_ema
         return ct_target_ema(self.scales(step), self.s0, self.mu0) if self.mu0 > 0 else 0.0
 
-    def sample_pairs(self, n: int, step: int, schedule: EDMSchedule | VPSchedule) -> tuple[Tensor, Tensor]:
-        """n pairs (σ_n, σ_{n+1}) of adjacent levels on the current grid. "lcm": t_{n+k} uniform on the
+    def sample_pairs(self, n: int, step: int, schedule) -> tuple[Tensor, Tensor]:
+        """n pairs (σ_n, σ_{n+1}) of adjacent levels on the current grid: the schedule's N-point consistency grid
+        (``consistency_levels``: Karras for EDM, uniform shifted time for flow). "lcm": t_{n+k} uniform on the
         skipped grid {k−1, 2k−1, …, T−1}, t_n = max(t_{n+k} − k, 0) (diffusers' ``train_lcm_distill_sd_wds.py``)."""
         if self.name == "lcm":
             grid = skipped_timesteps(schedule.num_train_timesteps, self.skip)
@@ -110,12 +113,12 @@ class Curriculum:
             return schedule.sigmas[(hi_t - self.skip).clamp(min=0)].float(), schedule.sigmas[hi_t].float()
         scales = self.scales(step)
         if self.name == "ict":
-            index = torch.multinomial(ict_level_probs(scales, schedule.sigma_min, schedule.sigma_max, schedule.rho,
-                                                      self.p_mean, self.p_std), n, replacement=True)
+            levels = schedule.consistency_levels(torch.arange(scales), scales)
+            index = torch.multinomial(ict_level_probs(scales, p_mean=self.p_mean, p_std=self.p_std, sigmas=levels),
+                                      n, replacement=True)
         else:
             index = torch.randint(0, scales - 1, (n,))
-        lo, hi = (karras_levels(i, scales, schedule.sigma_min, schedule.sigma_max, schedule.rho).float()
-                  for i in (index, index + 1))
+        lo, hi = (schedule.consistency_levels(i, scales).float() for i in (index, index + 1))
         return lo, hi
 
     def weight(self, lo: Tensor, hi: Tensor) -> Tensor:

@@ -2,11 +2,11 @@
 
 - A grid stored in the model's ``sampling_sigmas`` (tuned by ``fewstep eval --tune-sigmas``, or a
   progressive student's own) comes first, for the model's default sampler.
-- An LCM: its skipped grid (:func:`fewstep.core.schedules.lcm_timesteps` = ``LCMScheduler.set_timesteps``),
-  truncated by ``strength`` as diffusers' LCM img2img does.
-- EDM σ-space models: DDIM's uniform-timestep grid for ``ddim`` (so it differs from Euler only in its
-  discretization, as in Karras et al. 2022 Table 1), the Karras ρ = 7 grid for every other sampler.
-- Discrete VP models: diffusers' "trailing" timesteps.
+- A parameterization with a grid of its own (the LCM's skipped grid, :func:`fewstep.core.schedules.lcm_timesteps` =
+  ``LCMScheduler.set_timesteps``), truncated by ``strength`` as diffusers' LCM img2img does.
+- Otherwise the schedule's ``sampling_grid`` (its noise space's, :mod:`fewstep.core.parameterizations`): EDM's
+  Karras grid (DDIM's uniform-timestep one for ``ddim``), diffusers' "trailing" VP timesteps, the shifted flow grid
+  of ``FlowMatchEulerDiscreteScheduler``, TrigFlow's.
 
 img2img (SDEdit, Meng et al. 2022) runs the last ⌊strength·N⌋ steps of the N-step grid: diffusers'
 rule (``init_timestep = int(num_inference_steps * strength)``), the one rule for every model.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.schedules import EDMSchedule, append_zero, lcm_timesteps
 from ..errors import FewstepError
 
 
@@ -40,24 +39,20 @@ def sampling_grid(model, steps: int, sampler: str | None = None, strength: float
     if steps < 1:
         raise FewstepError(f"steps must be at least 1, got {steps}")
     config, schedule = model.config, model.schedule
-    if config.is_lcm:
+    if config.param.grid is not None:     # a parameterization with its own grid (LCM's skipped one)
         if not 0 < strength <= 1:
             raise FewstepError(f"strength must be in (0, 1], got {strength}")
         try:
-            ts = lcm_timesteps(steps, config.original_inference_steps, schedule.num_train_timesteps, strength)
+            return config.param.grid(schedule, config, steps, strength)
         except ValueError as e:
             raise FewstepError(str(e)) from None
-        return append_zero(schedule.sigmas[ts]).float()
     sampler = sampler or config.default_sampler
     stored = config.sampling_sigmas.get(str(steps))
-    if rho is not None:
-        if not isinstance(schedule, EDMSchedule):
-            raise FewstepError("--rho sets the Karras grid of an EDM σ-space model; this model samples on a VP grid")
-        grid = schedule.grid(steps, rho)
-    elif stored is not None and sampler == config.default_sampler:
+    if stored is not None and rho is None and sampler == config.default_sampler:
         grid = torch.tensor(stored, dtype=torch.float32)
-    elif isinstance(schedule, EDMSchedule):
-        grid = schedule.ddim_grid(steps) if sampler == "ddim" else schedule.grid(steps)
     else:
-        grid = schedule.grid(steps)
+        try:
+            grid = schedule.sampling_grid(steps, sampler, rho)
+        except ValueError as e:
+            raise FewstepError(str(e)) from None
     return grid[img2img_start(steps, strength):]

@@ -1,0 +1,150 @@
+"""Flow matching (rectified flow), the noise space of SD3 and FLUX, registered as one more parameterization.
+
+Rectified flow (Liu et al. 2022; Esser et al. 2024, *Scaling Rectified Flow Transformers*, §2–3.1) interpolates
+x_t = (1 − t)·x_0 + t·ε for t ∈ [0, 1], and the network predicts the velocity v = ε − x_0 at time t, fed as
+``t · num_train_timesteps`` (diffusers' ``FlowMatchEulerDiscreteScheduler``: ``timesteps = sigmas * 1000``, its
+"sigmas" being this t). In fewstep's σ space (x_σ = x_0 + σ·ε, :mod:`fewstep.core.schedules`) the same point is
+x_σ = x_t / (1 − t), so
+
+    σ = t / (1 − t),   t = σ / (1 + σ),   x_t = x_σ / (1 + σ),   x̂_0 = x_t − t·v̂,
+
+i.e. the preconditioning c_in = 1/(1+σ), c_skip = 1/(1+σ), c_out = −σ/(1+σ) (:class:`FlowDenoiser`), and the
+velocity loss ‖v̂ − (ε − x_0)‖² is the σ-space loss ‖D − x_0‖²/c_out² (:func:`fewstep.objectives.base.weighted_mse`).
+An Euler step in σ space (:func:`fewstep.core.solvers.euler_step`) is then exactly the flow Euler step
+x_{t'} = x_t + (t' − t)·v̂ of ``FlowMatchEulerDiscreteScheduler.step`` (tests/test_parameterizations.py).
+
+Its consistency function is the same adapter: x̂_0 = x_t − t·v̂ meets f(x, 0) = x exactly at t = 0, which is how
+diffusers' ``FlowMatchLCMScheduler`` reads a flow consistency model (boundary at σ = 0, re-noised along the flow).
+
+Deviation: t = 1 is σ = ∞, which no σ-space arithmetic holds, so the grids stop at ``t_max`` = 1 − 10⁻⁵ (σ = 10⁵);
+diffusers starts its first step at exactly t = 1. The first step then differs by at most 10⁻⁵ relative (the
+later steps are the same formula); the prior at t_max is ε/(1 − t_max), diffusers' ε in x_t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .denoisers import _call, append_dims, batch_sigma
+from .schedules import append_zero
+
+
+def flow_t(sigma: Tensor) -> Tensor:
+    """Flow time of a σ-space level: t = σ/(1 + σ)."""
+    return sigma / (1 + sigma)
+
+
+def flow_sigma(t: Tensor) -> Tensor:
+    """σ of a flow time: σ = t/(1 − t)."""
+    return t / (1 - t)
+
+
+def shift_time(t: np.ndarray | Tensor, shift: float) -> np.ndarray | Tensor:
+    """diffusers' static time shift t ↦ s·t/(1 + (s − 1)·t) (Esser et al. 2024 eq. 23; ``shift`` in
+    ``FlowMatchEulerDiscreteScheduler``: 3.0 for SD3): more steps spent at high noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Rectified-flow noise levels: training t ~ logit-normal(m, s) then shifted (Esser et al. 2024 §3.1, "rf/lognorm
+    (0.00, 1.00)" and the shift of SD3's scheduler); sampling grids as ``FlowMatchEulerDiscreteScheduler``."""
+
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    t_max: float = 1 - 1e-5                     # the σ-space stand-in for t = 1 (module docstring)
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict) -> "FlowSchedule":
+        return cls(shift=float(config.get("shift", 1.0)), num_train_timesteps=int(config.get("num_train_timesteps", 1000)))
+
+    @property
+    def t_min(self) -> float:
+        """The scheduler's smallest time, shift(1/T) (its ``sigma_min``)."""
+        return float(shift_time(1 / self.num_train_timesteps, self.shift))
+
+    @property
+    def sigma_min(self) -> float:
+        return float(flow_sigma(torch.tensor(self.t_min, dtype=torch.float64)))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(flow_sigma(torch.tensor(self.t_max, dtype=torch.float64)))
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        return flow_sigma(t.to(torch.float64).clamp(0, self.t_max))
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        return flow_t(sigma)
+
+    def prior_std(self, sigma: Tensor) -> Tensor:
+        """x_t = ε at the top of the grid is x_σ = (1 + σ)·ε."""
+        return 1 + torch.as_tensor(sigma)
+
+    def sample_sigmas(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """t = shift(sigmoid(u)), u ~ N(m, s²) (SD3's logit-normal sampling), as σ."""
+        u = torch.randn(n, generator=generator) * self.logit_std + self.logit_mean
+        return self.t_to_sigma(shift_time(torch.sigmoid(u.double()), self.shift)).float()
+
+    def times(self, n: int) -> np.ndarray:
+        """The n decreasing times of ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)`` (no dynamic shift):
+        linspace(T·t_max', T·t_min, n)/T with the scheduler's own (shifted) bounds, shifted once more, as it does."""
+        T = self.num_train_timesteps
+        times = np.linspace(1.0 * T, self.t_min * T, n) / T
+        return shift_time(times, self.shift)
+
+    def grid(self, n: int) -> Tensor:
+        return append_zero(self.t_to_sigma(torch.from_numpy(self.times(n)))).float()
+
+    def sampling_grid(self, n: int, sampler: str | None = None, rho: float | None = None) -> Tensor:
+        if rho is not None:
+            raise ValueError("--rho sets the Karras grid of an EDM σ-space model; a flow model samples on its shifted "
+                             "time grid (FlowMatchEulerDiscreteScheduler's)")
+        return self.grid(n)
+
+    def consistency_levels(self, index: Tensor, num_scales: int) -> Tensor:
+        """Level i of an N-point consistency grid, increasing: N times uniform in [t_min, t_max], shifted — the
+        flow analogue of the Karras grid (uniform steps in the time the model was trained on)."""
+        u = self.t_min + torch.as_tensor(index).double() / (num_scales - 1) * (self.t_max - self.t_min)
+        return self.t_to_sigma(shift_time(u, self.shift))
+
+
+class FlowDenoiser(nn.Module):
+    """A velocity-predicting backbone as a σ-space denoiser (module docstring): ``net(x_t, t·T, **cond) -> v``."""
+
+    def __init__(self, net: nn.Module, schedule: FlowSchedule) -> None:
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in) = (1/(1+σ), −σ/(1+σ), 1/(1+σ))."""
+        c_in = 1 / (1 + sigma)
+        return c_in, -sigma * c_in, c_in
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        sigma = batch_sigma(sigma.to(x.dtype), x)
+        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
+        v = _call(self.net, c_in * x, flow_t(sigma) * self.schedule.num_train_timesteps, cond)
+        return c_skip * x + c_out * v[:, : x.shape[1]].to(x.dtype)
+
+
+def build(net: nn.Module, schedule: FlowSchedule, options) -> nn.Module:
+    return FlowDenoiser(net, schedule)
+
+
+def _register() -> None:
+    from .parameterizations import NoiseSpace, Parameterization, register, register_space
+
+    space = register_space(NoiseSpace("flow", FlowSchedule, build, "flow", lambda s: 0.0,
+                                      "FlowMatchEulerDiscreteScheduler", "FlowMatchLCMScheduler", default_sampler="euler"))
+    register(Parameterization("flow", space, build))
+
+
+_register()

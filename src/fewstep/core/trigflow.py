@@ -1,0 +1,102 @@
+"""TrigFlow, the noise space of continuous-time consistency models (Lu & Song 2025, *Simplifying, Stabilizing and
+Scaling Continuous-Time Consistency Models*, arXiv 2410.11081, §2 and §3), registered as one more parameterization.
+
+x_t = cos(t)·x_0 + sin(t)·σ_d·z for t ∈ [0, π/2], and the network F_θ(x_t/σ_d, c_noise(t)) predicts
+σ_d·F = cos(t)·σ_d·z − sin(t)·x_0 (the "v" of TrigFlow), so x̂_0 = cos(t)·x_t − sin(t)·σ_d·F_θ (their eq. 6 with the
+consistency parameterization f_θ(x_t, t) = cos(t)·x_t − sin(t)·σ_d·F_θ, which meets f(x, 0) = x exactly). In
+fewstep's σ space (x_σ = x_0 + σ·z) the same point is x_σ = x_t/cos(t):
+
+    σ = σ_d·tan(t),   t = arctan(σ/σ_d),   c_skip = cos²t,   c_out = −σ_d·sin t,   c_in = cos t/σ_d,
+
+which is EDM's preconditioning (Karras et al. 2022, Table 1) with F's sign flipped and c_noise(t) = t: the paper's
+remark that TrigFlow "unifies EDM and flow matching". diffusers' ``SCMScheduler`` runs such a model
+(``pred_x0 = cos(s)·sample − sin(s)·model_output`` on ``sample`` = x_t/σ_d). Training levels: ln σ = ln(σ_d·tan t)
+~ N(P_mean, P_std²) (the paper's proposal distribution, P_mean = −1.0, P_std = 1.4 on CIFAR-10 / ImageNet 64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .denoisers import _call, append_dims, batch_sigma
+from .schedules import append_zero, karras_levels, karras_sigmas
+
+
+@dataclass(frozen=True)
+class TrigFlowSchedule:
+    """TrigFlow levels: t ∈ [arctan(σmin/σd), arctan(σmax/σd)]; sampling at t_max (1 step) or through sCM's
+    intermediate time (2 steps, ``SCMScheduler``'s ``intermediate_timesteps`` = 1.3), Karras σ otherwise."""
+
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    intermediate_t: float = 1.3
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_data * torch.tan(t.to(torch.float64))
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        return torch.atan(sigma / self.sigma_data)
+
+    def prior_std(self, sigma: Tensor) -> Tensor:
+        """x_t = σ_d·z at the top is x_σ = σ_d·z/cos t: std √(σ² + σ_d²)."""
+        sigma = torch.as_tensor(sigma)
+        return (sigma**2 + self.sigma_data**2).sqrt()
+
+    def sample_sigmas(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return (torch.randn(n, generator=generator) * self.p_std + self.p_mean).exp()
+
+    def grid(self, n: int) -> Tensor:
+        if n == 2:   # sCM's 2-step sampler: t_max, then the intermediate time (SCMScheduler.set_timesteps)
+            mid = self.t_to_sigma(torch.tensor(self.intermediate_t)).float()
+            return torch.tensor([self.sigma_max, float(mid), 0.0])
+        return append_zero(karras_sigmas(n + 1, self.sigma_min, self.sigma_max, self.rho)[:-1]).float()
+
+    def sampling_grid(self, n: int, sampler: str | None = None, rho: float | None = None) -> Tensor:
+        if rho is not None:
+            return append_zero(karras_sigmas(n + 1, self.sigma_min, self.sigma_max, rho)[:-1]).float()
+        return self.grid(n)
+
+    def consistency_levels(self, index: Tensor, num_scales: int) -> Tensor:
+        return karras_levels(index, num_scales, self.sigma_min, self.sigma_max, self.rho)
+
+
+class TrigFlowDenoiser(nn.Module):
+    """A TrigFlow backbone ``net(x_t/σ_d, t, **cond) -> F`` as a σ-space denoiser (module docstring)."""
+
+    def __init__(self, net: nn.Module, schedule: TrigFlowSchedule) -> None:
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        t = self.schedule.sigma_to_t(sigma)
+        sd = self.schedule.sigma_data
+        return torch.cos(t) ** 2, -sd * torch.sin(t), torch.cos(t) / sd
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        sigma = batch_sigma(sigma.to(x.dtype), x)
+        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
+        out = _call(self.net, c_in * x, self.schedule.sigma_to_t(sigma), cond)
+        return c_skip * x + c_out * out[:, : x.shape[1]].to(x.dtype)
+
+
+def build(net: nn.Module, schedule: TrigFlowSchedule, options) -> nn.Module:
+    return TrigFlowDenoiser(net, schedule)
+
+
+def _register() -> None:
+    from .parameterizations import NoiseSpace, Parameterization, register, register_space
+
+    space = register_space(NoiseSpace("trigflow", TrigFlowSchedule, build, "trigflow", lambda s: 0.0,
+                                      "SCMScheduler", "SCMScheduler", default_sampler="euler"))
+    register(Parameterization("trigflow", space, build))
+
+
+_register()
