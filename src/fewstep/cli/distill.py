@@ -22,45 +22,53 @@ from .args import (
     train_config,
 )
 
-CONSISTENCY, GUIDED, LATENT = ("cd", "ct", "ict", "act"), ("guided", "progressive"), ("lcd", "lcf", "lcm-lora")
-TEACHER_FREE = ("ct", "ict", "act")
+OPTION_GROUPS: dict = {}   # name -> add(parser, distances): the flags a registered method's settings read
+
+
+def _methods():
+    from ..methods.registry import METHODS
+
+    return METHODS
+
+
+def _method_list(methods) -> str:
+    """The registered methods for --help, by family: "name (summary)"."""
+    families: dict[str, list[str]] = {}
+    for m in methods:
+        families.setdefault(m.family, []).append(f"{m.name} ({m.summary})")
+    return "; ".join(f"{family.capitalize()}: {', '.join(items)}" for family, items in families.items())
 
 
 def add_parsers(sub) -> None:
+    from ..methods.registry import teacher_free
     from ..objectives.distances import DISTANCES
 
+    methods = _methods()
+    free = teacher_free()
     distill = sub.add_parser(
-        "distill", help="make a few-step model: cd, ct, ict, act, lcd, lcf, lcm-lora, guided, progressive",
-        description="Distill a diffusion teacher into a few-step model, or train one from data. Pixel space (fewstep "
-                    "model folders): --method cd (consistency distillation, Song et al. 2023: the student maps every "
-                    "point of the teacher's guided PF-ODE to its origin, so 1-2 steps suffice), ct | ict | act "
-                    "(consistency training from data alone; improved CT of Song & Dhariwal 2023; adversarial CT of "
-                    "Kong et al. 2024). Latent space (any diffusers SD 1.x/2.x pipeline folder): --method lcd (latent "
-                    "consistency distillation, Luo et al. 2023), lcf (fine-tune an LCM on new data with no teacher), "
-                    "lcm-lora (LCD training only LoRA weights, Luo et al. 2023b). Either: guided | progressive (Meng et "
-                    "al. 2023: a w-conditioned student, then halving its DDIM steps). Runs under `accelerate launch`, "
-                    "resumes from --work-dir.")
-    train = sub.add_parser("train", help="train a consistency model from data alone (ct, ict, act)",
+        "distill", help=f"make a few-step model: {', '.join(methods)}",
+        description="Distill a diffusion teacher into a few-step model, or train one from data. The registered "
+                    f"methods — {_method_list(methods.values())}. Runs under `accelerate launch`, resumes from "
+                    "--work-dir.")
+    train = sub.add_parser("train", help=f"train a consistency model from data alone ({', '.join(free)})",
                            description="Train a consistency model without a teacher: the same as "
-                                       "`fewstep distill --method ct|ict|act`.")
-    for p, methods in ((distill, CONSISTENCY + LATENT + GUIDED), (train, TEACHER_FREE)):
-        p.add_argument("--method", choices=methods, required=True,
-                       help="cd, guided, progressive, lcd, lcf and lcm-lora need --teacher; ct, ict and act need only "
-                            "--dataset")
-        p.add_argument("--teacher", help="teacher model folder: cd a fewstep pixel model (models/digits-teacher); "
-                                         "lcd/lcm-lora any local diffusers SD 1.x/2.x folder (models/emoji-sd); lcf an "
-                                         "LCM folder; guided either; progressive a stage-1 student (models/digits-guided, "
-                                         "models/emoji-guided)")
+                                       f"`fewstep distill --method {'|'.join(free)}`.")
+    for p, names in ((distill, list(methods)), (train, free)):
+        needing = [n for n in names if methods[n].needs_teacher]
+        p.add_argument("--method", choices=names, required=True,
+                       help=(f"{', '.join(needing)} need --teacher; " if needing else "")
+                       + f"{', '.join(n for n in names if n in free)} need only --dataset")
+        p.add_argument("--teacher", help="teacher model folder: "
+                       + "; ".join(f"{n} {methods[n].teacher}" for n in needing) if needing else argparse.SUPPRESS)
         p.add_argument("--dataset", help="'digits', 'emoji', an image folder (text-to-image: with metadata.jsonl "
                                          "captions), a saved HF dataset or webdataset .tar shards (default: the "
                                          "teacher's data set)")
         p.add_argument("--out", required=True, help="model folder to write")
         p.add_argument("--image-size", type=positive_int, default=None, help="ct/ict/act: resize the images")
         p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="ct/ict/act on an image folder: L or RGB")
-        _consistency_args(p, DISTANCES)
-        if p is distill:
-            _guided_args(p)
-            _latent_args(p)
+        groups = dict.fromkeys(g for n in names for g in methods[n].options)
+        for group in groups:
+            OPTION_GROUPS[group](p, DISTANCES)
         add_data_args(p, stream=p is distill)
         add_train_args(p, steps=3000, batch=64, lr=1e-4)
         p.set_defaults(func=run)
@@ -90,6 +98,9 @@ def _consistency_args(p: argparse.ArgumentParser, distances) -> None:
     g.add_argument("--width", type=positive_int, default=32, help="ct/ict/act: UNet base width")
     g.add_argument("--classifier", help="classifier folder for --distance classifier (default: models/<data>-classifier)")
     g.add_argument("--lpips-weights", help="local LPIPS weights for --distance lpips")
+
+
+def _adversarial_args(p: argparse.ArgumentParser, distances=None) -> None:
     g = p.add_argument_group("adversarial consistency training (act)")
     g.add_argument("--gan-weight", type=probability, default=0.3, help="λ in (1 − λ)·L_CT + λ·L_G (default 0.3)")
     g.add_argument("--gan-weighting", choices=["none", "edm"], default="none",
@@ -100,7 +111,7 @@ def _consistency_args(p: argparse.ArgumentParser, distances) -> None:
     g.add_argument("--augment", type=probability, default=0.0, help="probability of each differentiable augmentation")
 
 
-def _guided_args(p: argparse.ArgumentParser) -> None:
+def _guided_args(p: argparse.ArgumentParser, distances=None) -> None:
     g = p.add_argument_group("guided distillation (guided: stage 1; progressive: stage 2; Meng et al. 2023)")
     g.add_argument("--min-guidance-scale", type=guidance_scale, default=None,
                    help="guided, lcd, lcm-lora: lowest guidance scale s the student learns (w = s - 1 ~ U[w_min, w_max]; "
@@ -119,7 +130,7 @@ def _guided_args(p: argparse.ArgumentParser) -> None:
                    help="progressive: the students saved in the model folder (default 4,2,1; the largest is the default)")
 
 
-def _latent_args(p: argparse.ArgumentParser) -> None:
+def _latent_args(p: argparse.ArgumentParser, distances=None) -> None:
     g = p.add_argument_group("latent consistency (lcd: distil an SD-format teacher; lcf: fine-tune an LCM; lcm-lora; "
                              "Luo et al. 2023). The guidance range is --min/--max-guidance-scale")
     g.add_argument("--skip", type=positive_int, default=20,
@@ -137,86 +148,40 @@ def _latent_args(p: argparse.ArgumentParser) -> None:
                    help="lcm-lora: rank of the LoRA adapters (default 8; the paper uses 64 on SD-size UNets)")
 
 
+OPTION_GROUPS.update(consistency=_consistency_args, adversarial=_adversarial_args, guided=_guided_args,
+                     latent=_latent_args)
+
+
 def run(args: argparse.Namespace) -> None:
+    """Load the teacher (checked by the method before any data loads) or the data set, build the method's
+    settings from the flags, and run its recipe."""
     from ..models.data import data_for, load_dataset
     from ..models.folders import load_model
 
-    if args.method in TEACHER_FREE:
+    method = _methods()[args.method]
+    if not method.needs_teacher:
         if stream(args):
             raise FewstepError(f"--stream reads captioned webdataset shards for the latent methods; --method "
                                f"{args.method} trains on images held in memory: leave --stream out")
         teacher, data = None, load_dataset(args.dataset or "digits", args.image_size, args.channels, augment(args))
     elif not args.teacher:
-        raise FewstepError(f"--method {args.method} needs a teacher: --teacher DIR (e.g. "
-                           + {"lcf": "models/emoji-lcm", "progressive": "models/digits-guided or models/emoji-guided",
-                              "guided": "models/digits-teacher or models/emoji-sd", "cd": "models/digits-teacher"}
-                           .get(args.method, "models/emoji-sd") + ")")
+        raise FewstepError(f"--method {args.method} needs a teacher: --teacher DIR (e.g. {method.teacher})")
     else:
-        if args.teacher_dtype != "fp32" and args.method not in LATENT:
-            raise FewstepError(f"--teacher-dtype {args.teacher_dtype} applies to lcd, lcm-lora and lcf; --method "
+        teacher_dtype = getattr(args, "teacher_dtype", "fp32")
+        if teacher_dtype != "fp32" and not method.frozen_teacher_dtype:
+            frozen = [m.name for m in _methods().values() if m.frozen_teacher_dtype]
+            raise FewstepError(f"--teacher-dtype {teacher_dtype} applies to {', '.join(frozen)}; --method "
                                f"{args.method} holds its teacher in fp32")
-        teacher = _checked_teacher(args.method, load_model(args.teacher, dtype=DTYPES[args.teacher_dtype]))
+        teacher = load_model(args.teacher, dtype=DTYPES[teacher_dtype])
+        if method.check is not None:
+            teacher = method.check(teacher, args.method)
         if args.image_size and args.image_size != teacher.config.image_size:
             raise FewstepError(f"--image-size {args.image_size}: {args.teacher} takes {teacher.config.image_size}² images "
                                f"(the data is resized to the teacher's size); leave --image-size out")
         data = data_for(teacher, args.dataset, augment(args), stream(args))
-    folder = _distill(args, teacher, data, train_config(args), command_line(args))
+    settings = method.make_settings(vars(args))
+    folder = method.recipe(teacher, data, args.out, train_config(args), settings, command_line(args))
     if folder is not None:
         print(f"saved {args.method} model to {folder}")
-
-
-def _checked_teacher(method: str, teacher):
-    """The teacher, refused before any data loads if the method cannot start from it."""
-    if method in GUIDED:
-        from ..methods.guided import check_cfg_teacher
-        from ..methods.progressive import check_stage1
-
-        return check_cfg_teacher(teacher, method) if method == "guided" else check_stage1(teacher)
-    if method in LATENT:
-        from ..methods.lcm import check_teacher
-
-        return check_teacher(teacher, method)
-    return teacher
-
-
-def _distill(args: argparse.Namespace, teacher, data, config, command: str):
-    """The recipe of ``args.method`` with its settings from the flags."""
-    method = args.method
-    if method in CONSISTENCY:
-        from ..methods.consistency import ConsistencySettings, distill_consistency
-        from ..models.folders import shipped_models_dir
-
-        classifier = args.classifier or (str(shipped_models_dir() / f"{data.name.split(':')[0]}-classifier")
-                                         if args.distance == "classifier" else None)
-        settings = ConsistencySettings(
-            method=method, distance=args.distance, solver=args.solver or "heun", guidance_scale=args.guidance_scale,
-            label_dropout=args.label_dropout, num_scales=args.num_scales, start_scales=args.start_scales,
-            target_ema=args.target_ema, ct_curriculum=args.ct_curriculum, width=args.width, classifier=classifier,
-            lpips_weights=args.lpips_weights,
-            gan_weight=args.gan_weight, d_lr=args.d_lr, r1_gamma=args.r1_gamma, r1_interval=args.r1_interval,
-            augment=args.augment, gan_weighting=args.gan_weighting)
-        return distill_consistency(data, args.out, config, settings, teacher, command=command)
-    scales = {k: v for k, v in (("min", args.min_guidance_scale), ("max", args.max_guidance_scale)) if v is not None}
-    if method == "guided":
-        from ..methods.guided import GuidedSettings, distill_guided
-
-        settings = GuidedSettings(label_dropout=args.label_dropout,
-                                  **{f"{k}_guidance_scale": v for k, v in scales.items()})
-        return distill_guided(data, args.out, config, settings, teacher, command=command)
-    if method == "progressive":
-        from ..methods.progressive import ProgressiveSettings, distill_progressive
-
-        settings = ProgressiveSettings(start_steps=args.start_steps, final_steps=args.final_steps,
-                                       keep_steps=args.keep_steps, label_dropout=args.label_dropout,
-                                       first_solver=args.first_solver)
-        return distill_progressive(data, args.out, config, settings, teacher, command=command)
-    from ..methods.lcm import LCMSettings, distill_lcm
-
-    settings = LCMSettings(method=method, skip=args.skip, solver=args.solver or "ddim", distance=args.distance,
-                           target_ema=LCMSettings.target_ema if args.target_ema is None else args.target_ema,
-                           gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank,
-                           **{f"guidance_{k}": v for k, v in scales.items()})
-    folder = distill_lcm(teacher, data, args.out, config, settings, command=command)
-    if folder is not None and method == "lcm-lora":
-        print(f"(a diffusers LoRA: {folder}/pytorch_lora_weights.safetensors)")
-    return folder
+        if method.note is not None:
+            print(method.note(folder))

@@ -5,6 +5,12 @@ The student is f_θ(x, σ) = c_skip(σ)·x + c_out(σ)·F_θ(c_in(σ)·x, ¼ ln 
 boundary condition (Song et al. 2023, Appendix C; :func:`fewstep.core.denoisers.cm_scalings`), on the
 same diffusers UNet2DModel backbone as the teacher. For CD it starts from the teacher's weights
 (Song et al. 2023, §5: "initialize the consistency model with the pre-trained diffusion model").
+
+CD takes a pixel teacher of any registered noise space (:mod:`fewstep.core.parameterizations`): the student is
+the space's consistency form (``cm`` for an EDM teacher; a flow teacher's own adapter, whose x̂_0 = x_t − t·v
+meets f(x, 0) = x, as ``FlowMatchLCMScheduler`` reads it), trained on the space's N-point consistency grid
+(Karras for EDM, uniform shifted time for flow) with the teacher's ODE step in σ space (Euler there is the flow
+Euler step of ``FlowMatchEulerDiscreteScheduler``). CT, iCT and ACT train EDM-space students from data.
 The teacher's PF-ODE is the classifier-free-guided one at ``guidance_scale``, so the student
 samples in one step with the guidance built in (it is then sampled at guidance scale 1).
 """
@@ -15,11 +21,12 @@ import copy
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..core.parameterizations import consistency_of, parameterization
 from ..core.schedules import EDMSchedule
 from ..errors import FewstepError
 from ..models.config import ModelConfig
 from ..models.data import ImageData
-from ..models.folders import new_pixel_model, save_model
+from ..models.folders import new_pixel_model, save_model, shipped_models_dir
 from ..models.handle import Model
 from ..nets.unets import build_unet
 from ..objectives.consistency import ConsistencyLoss
@@ -27,6 +34,7 @@ from ..objectives.curricula import Curriculum
 from ..objectives.distances import get_distance
 from ..training import TrainConfig
 from .common import Run, parameters, readme
+from .registry import Method, register
 
 CM_METHODS = ("cd", "ct", "ict", "act")
 
@@ -68,13 +76,16 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
     if method not in CM_METHODS:
         raise FewstepError(f"unknown consistency method {method!r}; choose one of {', '.join(CM_METHODS)}")
     run = Run(config, command, accelerator)
-    schedule = EDMSchedule()
-    student_config = ModelConfig(kind="consistency", parameterization="cm", schedule=asdict(schedule),
+    if method == "cd":
+        teacher = check_teacher(teacher, data, "cd").to(run.device)
+        param, schedule = consistency_of(teacher.config.param.space), teacher.schedule
+    else:
+        param, schedule = parameterization("cm"), EDMSchedule()
+    student_config = ModelConfig(kind="consistency", parameterization=param.name, schedule=asdict(schedule),
                                  image_size=data.image_size, channels=data.channels, class_names=data.class_names,
                                  dataset=data.name, default_sampler="consistency", default_steps=1,
                                  default_guidance_scale=1.0)
     if method == "cd":
-        teacher = check_teacher(teacher, data, "cd").to(run.device)
         guidance = settings.guidance_scale
         student = teacher.derive(net=copy.deepcopy(teacher.net).requires_grad_(True).train(), config=student_config)
         def teacher_fn(cond: dict) -> tuple:
@@ -85,7 +96,9 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
     curriculum = Curriculum.for_method(method, config.max_steps, num_scales=settings.num_scales if method == "cd" else None,
                                        s1=settings.num_scales if method != "cd" else None, s0=settings.start_scales,
                                        target_ema=settings.target_ema, fitted=settings.ct_curriculum == "fitted")
-    distance = get_distance(settings.distance, settings.classifier, settings.lpips_weights)
+    classifier = settings.classifier or (str(shipped_models_dir() / f"{data.name.split(':')[0]}-classifier")
+                                         if settings.distance == "classifier" else None)
+    distance = get_distance(settings.distance, classifier, settings.lpips_weights)
     objective = ConsistencyLoss(schedule, curriculum, distance, teacher=teacher_fn, solver=settings.solver,
                                 condition=student.conditioner.training_condition(settings.label_dropout))
     if method == "act":
@@ -106,15 +119,24 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
                       _readme(out, method, data, result.step, guidance, command))
 
 
-def check_teacher(teacher: Model | None, data: ImageData, method: str) -> Model:
-    """A pixel-space EDM diffusion teacher of ``data`` (what CD and guided distillation of pixel models need)."""
+def check_cd_teacher(teacher: Model | None, method: str = "cd") -> Model:
+    """A pixel-space diffusion teacher of a registered noise space (EDM, VP, flow, TrigFlow), before data loads."""
     if teacher is None:
         raise FewstepError(f"--method {method} needs a teacher: --teacher DIR (e.g. models/digits-teacher)")
     cfg = teacher.config
-    if cfg.kind != "diffusion" or cfg.parameterization != "edm":
-        raise FewstepError(f"{teacher.path} is a {cfg.kind} model ({cfg.parameterization}); --method {method} needs an "
-                           f"EDM diffusion teacher such as models/digits-teacher")
-    teacher.check_data(data)
+    if cfg.kind != "diffusion" or teacher.takes_guidance:
+        raise FewstepError(f"{teacher.path} is a {cfg.kind} model ({cfg.parameterization}"
+                           f"{', guidance as an input' if teacher.takes_guidance else ''}); --method {method} needs a "
+                           f"classifier-free-guided diffusion teacher such as models/digits-teacher")
+    if teacher.is_pipeline:
+        raise FewstepError(f"{teacher.path} is a latent pipeline; consistency distillation of a pipeline is --method "
+                           f"lcd (or lcm-lora)")
+    return teacher
+
+
+def check_teacher(teacher: Model | None, data: ImageData, method: str) -> Model:
+    """A pixel-space diffusion teacher of ``data`` (:func:`check_cd_teacher`, and the data fits it)."""
+    check_cd_teacher(teacher, method).check_data(data)
     return teacher
 
 
@@ -126,3 +148,19 @@ def _readme(out: str | Path, method: str, data: ImageData, steps: int, guidance:
     return readme(Path(out).name, f"A consistency model on `{data.name}` ({data.image_size}×{data.image_size}), {what}; "
                   f"EMA weights after {steps} steps. Sample in 1–4 steps:",
                   f"```\nfewstep sample --model {out} --steps 1 --label 3 --num 16 --out grid.png\n```", command)
+
+
+def _recipe(teacher: Model | None, data: ImageData, out: str | Path, config: TrainConfig,
+            settings: ConsistencySettings, command: str) -> Path | None:
+    return distill_consistency(data, out, config, settings, teacher, command=command)
+
+
+for _name, _summary, _teacher in (
+        ("cd", "consistency distillation (Song et al. 2023) of a pixel teacher's guided PF-ODE: 1-2 steps",
+         "models/digits-teacher"),
+        ("ct", "consistency training from data alone (Song et al. 2023)", None),
+        ("ict", "improved consistency training (Song & Dhariwal 2023): pseudo-Huber, lognormal levels", None),
+        ("act", "adversarial consistency training (Kong et al. 2024): CT + a discriminator", None)):
+    register(Method(_name, _summary, ConsistencySettings, _recipe, teacher=_teacher,
+                    check=check_cd_teacher if _teacher else None, family="consistency models (pixel space)",
+                    options=("consistency", "adversarial") if _name == "act" else ("consistency",)))

@@ -26,6 +26,7 @@ from ..objectives.base import unwrap
 from ..objectives.guided import GuidedDistillationLoss
 from ..training import TrainConfig
 from .common import Run, parameters, readme
+from .registry import Method, register
 
 
 @dataclass
@@ -49,7 +50,7 @@ def check_cfg_teacher(teacher: Model | None, method: str) -> Model:
     if teacher is None:
         raise FewstepError(f"--method {method} needs --teacher DIR (e.g. models/digits-teacher or models/emoji-sd)")
     cfg = teacher.config
-    if cfg.kind != "diffusion" or cfg.parameterization not in ("edm", "vp"):
+    if cfg.kind != "diffusion":
         raise FewstepError(f"{teacher.path} is a {cfg.kind} model ({cfg.parameterization}); --method {method} needs a "
                            f"diffusion teacher such as models/digits-teacher or models/emoji-sd")
     if teacher.takes_guidance:
@@ -94,3 +95,12 @@ def distill_guided(data: ImageData, out: str | Path, config: TrainConfig, settin
     return save_model(out, student.derive(net=unwrap(result.ema).net, config=student.replace_config(training=record)),
                       readme(Path(out).name, what, usage, command))
 
+
+def _recipe(teacher: Model | None, data: ImageData, out: str | Path, config: TrainConfig, settings: GuidedSettings,
+            command: str) -> Path | None:
+    return distill_guided(data, out, config, settings, teacher, command=command)
+
+
+register(Method("guided", "guided distillation stage 1 (Meng et al. 2023): one student that takes the guidance scale",
+                GuidedSettings, _recipe, teacher="models/digits-teacher or models/emoji-sd", check=check_cfg_teacher,
+                options=("consistency", "guided"), family="guided distillation (pixel or latent)"))

@@ -38,6 +38,7 @@ from ..objectives.distances import get_distance
 from ..training import TrainConfig
 from ..training.memory import check_fits, training_bytes
 from .common import Run, readme
+from .registry import Method, register
 
 LCM_METHODS = ("lcd", "lcf", "lcm-lora")
 
@@ -207,3 +208,23 @@ def _save_lcm_lora(out, unet, teacher: Model, data: ImageData, settings: LCMSett
               f"```\n\nor `fewstep sample --model {teacher.path} --lora {out} --steps 4`. Trained with:\n\n"
               f"```\n{command}\n```\n")
     return save_lora(out, unet, info, readme)
+
+
+def _recipe(teacher: Model, data: ImageData, out: str | Path, config: TrainConfig, settings: LCMSettings,
+            command: str) -> Path | None:
+    return distill_lcm(teacher, data, out, config, settings, command=command)
+
+
+def _lora_note(folder: Path) -> str:
+    return f"(a diffusers LoRA: {folder}/pytorch_lora_weights.safetensors)"
+
+
+for _name, _summary, _teacher in (
+        ("lcd", "latent consistency distillation (Luo et al. 2023) of a diffusers SD/SDXL pipeline", "models/emoji-sd"),
+        ("lcf", "latent consistency fine-tuning (Luo et al. 2023): an LCM on new data, no teacher", "models/emoji-lcm"),
+        ("lcm-lora", "LCM-LoRA (Luo et al. 2023b): LCD training only LoRA weights, an acceleration vector",
+         "models/emoji-sd")):
+    register(Method(_name, _summary, LCMSettings, _recipe, teacher=_teacher, check=check_teacher,
+                    options=("consistency", "guided", "latent"), family="latent consistency models (pipelines)",
+                    flags={"guidance_min": "min_guidance_scale", "guidance_max": "max_guidance_scale"},
+                    frozen_teacher_dtype=True, note=_lora_note if _name == "lcm-lora" else None))

@@ -34,6 +34,7 @@ from ..objectives.base import unwrap
 from ..objectives.progressive import ProgressiveLoss
 from ..training import TrainConfig
 from .common import Run, readme
+from .registry import Method, register
 
 
 @dataclass
@@ -190,3 +191,14 @@ def _readme(out: Path, students: dict[int, Model], teacher: Model, command: str)
         usage = (f"```\nfewstep sample --model {out} --steps 2 --guidance-scale 3 --label 3 --out grid.png\n"
                  f"fewstep sample --model {out} --steps {top} --sampler ddim-stochastic --label 3 --out grid.png\n```")
     return readme(out.name, what, usage, command)
+
+
+def _recipe(teacher: Model | None, data: ImageData, out: str | Path, config: TrainConfig,
+            settings: ProgressiveSettings, command: str) -> Path | None:
+    return distill_progressive(data, out, config, settings, teacher, command=command)
+
+
+register(Method("progressive", "progressive distillation, stage 2 (Meng et al. 2023; Salimans & Ho 2022): halve the "
+                "DDIM steps each round", ProgressiveSettings, _recipe,
+                teacher="models/digits-guided or models/emoji-guided", check=lambda teacher, _: check_stage1(teacher),
+                options=("consistency", "guided"), family="guided distillation (pixel or latent)"))
