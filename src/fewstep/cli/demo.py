@@ -102,7 +102,7 @@ def run_demo(models_dir: Path, out_dir: Path, per_class: int = 20, seed: int = 0
             print(_format_row(row) if len(rows) > 1 else _header() + "\n" + _format_row(row), flush=True)
             strips.append((f"{name}\n{sampler}, {steps} step{'s' * (steps > 1)}\nFID {row.fid:.2f}, "
                            f"acc {row.cond_accuracy:.0%}",
-                           make_grid(images[: 2 * num_classes], nrow=num_classes, scale=2 if model.is_pipeline else 3)))
+                           make_grid(images[: 2 * num_classes], nrow=num_classes, scale=3 if model.config.image_size <= 16 else 2)))
     print(f"\nFID: Fréchet distance of the data set's classifier features of the samples ({per_class} per class or "
           "caption group) to the whole data set (lower is better; small sample counts inflate it equally for every row). "
           "emoji: prompts are the emoji's own captions, accuracy = classified into the caption's Unicode group.")

@@ -77,7 +77,7 @@ def edit(model: Model, y: Tensor | None, sigmas: Sequence[float] | None = None,
     clipped to [−1, 1] (as in the reference code); after the replacement a colorized or super-resolved
     pixel can still leave that range slightly where the kept coefficients demand it.
     """
-    if model.is_pipeline:
+    if not model.codec.pixels:
         raise FewstepError(f"{model.path} is a latent pipeline; zero-shot editing works on pixels: use --task img2img, "
                            f"or inpaint with --steps")
     sigmas = default_sigmas(model) if sigmas is None else check_sigmas(sigmas)
@@ -129,7 +129,7 @@ def infer_labels(model: Model, images: Tensor, known: Tensor, sigmas: Sequence[f
             noisy = x * keep + sigma * torch.randn(x.shape, generator=gen).to(device)
             for c in range(model.config.num_classes):
                 out = model.denoiser(noisy, torch.full((len(x),), sigma, device=device),
-                                    class_labels=torch.full((len(x),), c, device=device))
+                                     **model.conditioner(torch.full((len(x),), c), device))
                 err[:, c] += ((out - x) * keep).square().flatten(1).sum(1)
     return err.argmin(1).cpu()
 

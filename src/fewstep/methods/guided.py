@@ -75,7 +75,7 @@ def distill_guided(data: ImageData, out: str | Path, config: TrainConfig, settin
     student_config = teacher.replace_config(
         kind="diffusion", default_guidance_scale=min(max(teacher.config.default_guidance_scale, lo), hi),
         sampling_sigmas={}, guidance_range=[lo, hi], embedding_dim=settings.embedding_dim)
-    net = guidance_conditioned(teacher.unet, settings.embedding_dim).requires_grad_(True).train()
+    net = guidance_conditioned(teacher.backbone, settings.embedding_dim).requires_grad_(True).train()
     student = teacher.derive(net=net, config=student_config)
     objective = GuidedDistillationLoss(per_sample_cfg(teacher.denoiser, teacher.conditioner.null_like),
                                        teacher.schedule, teacher.conditioner.training_condition(settings.label_dropout),
@@ -84,9 +84,10 @@ def distill_guided(data: ImageData, out: str | Path, config: TrainConfig, settin
     if result is None:
         return None
     record = run.record("guided", result, teacher.path, parameters=parameters(student.net))
-    usage = (f"```python\nfrom diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("
+    cls = teacher.diffusers_pipeline
+    usage = (f"```python\nfrom diffusers import {cls}\npipe = {cls}.from_pretrained("
              f"'{out}')\nimage = pipe('grinning face', num_inference_steps=25, guidance_scale=3.0, height=32, "
-             f"width=32).images[0]\n```" if teacher.is_pipeline else
+             f"width=32).images[0]\n```" if cls else
              f"```\nfewstep sample --model {out} --guidance-scale 3 --label 3 --out grid.png\n```")
     what = (f"Stage 1 of guided distillation (Meng et al. 2023) of `{teacher.path}`: it takes the guidance scale "
             f"s ∈ [{lo:g}, {hi:g}] as an input (w = s − 1 through diffusers' guidance-scale embedding) and matches the "

@@ -123,15 +123,15 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     null = teacher.conditioner.null_like
     params, target, condition = None, None, teacher.conditioner.training_condition(0.0)
     if settings.method == "lcm-lora":
-        unet = teacher.unet                      # one UNet: the adapters are the student, the base is the teacher
+        unet = teacher.backbone                      # one UNet: the adapters are the student, the base is the teacher
         params = add_lora(unet, settings.lora_rank)
         target = EMAAdapter(unet)                # ... and the target network a second adapter on it
         teacher_fn = with_scales(per_sample_cfg(AdaptersOff(teacher.denoiser, unet), null), lo, hi)
     else:
         if config.memory_check:
             _check_fits(teacher, config, run.device)
-        unet = (w_conditioned_unet(teacher.unet, settings.cond_proj_dim) if settings.method == "lcd"
-                else copy.deepcopy(teacher.unet)).float().requires_grad_(True)  # fp32 under a bf16/fp16 teacher
+        unet = (w_conditioned_unet(teacher.backbone, settings.cond_proj_dim) if settings.method == "lcd"
+                else copy.deepcopy(teacher.backbone)).float().requires_grad_(True)  # fp32 under a bf16/fp16 teacher
         teacher_fn = per_sample_cfg(teacher.denoiser, null) if settings.method == "lcd" else None
         condition = with_scale_input(condition, lo, hi)   # the student takes s, the teacher guides at it
     if settings.gradient_checkpointing:
@@ -147,21 +147,21 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     record = run.record(settings.method, result, teacher.path)
     trained = student.derive(net=unwrap(result.ema).net)
     if target is not None:
-        return _save_lcm_lora(out, target.remove(trained.unet), teacher, data, settings, record)
+        return _save_lcm_lora(out, target.remove(trained.backbone), teacher, data, settings, record)
     what = (f"A latent consistency model ({settings.method.upper()}, Luo et al. 2023) of `{teacher.path}` on "
             f"`{data.name}`: 1–8 steps, guidance scale {lo:g}–{hi:g} as an input (one network evaluation per step). "
             f"Runs in diffusers:")
-    cls = "StableDiffusionXLPipeline" if "text_encoder_2" in teacher.parts else "LatentConsistencyModelPipeline"
+    final = trained.derive(config=trained.replace_config(training=record))
+    cls = final.diffusers_pipeline
     usage = (f"```python\nfrom diffusers import {cls}\n"
              f"pipe = {cls}.from_pretrained('{out}')  # with its LCMScheduler\n"
              f"image = pipe('grinning face', num_inference_steps=4, guidance_scale=4.0, height=32, width=32).images[0]\n```")
-    return save_model(out, trained.derive(config=trained.replace_config(training=record)),
-                      readme(Path(out).name, what, usage, command))
+    return save_model(out, final, readme(Path(out).name, what, usage, command))
 
 
 def _check_fits(teacher: Model, config: TrainConfig, device) -> None:
     """LCD/LCF train a full copy of the UNet: refuse before copying it if its weights cannot fit."""
-    n = sum(p.numel() for p in teacher.unet.parameters())
+    n = sum(p.numel() for p in teacher.backbone.parameters())
     ema = config.ema_decay > 0
     advice = ("Add --ema 0 (the target is then the only EMA; −{:.1f} GiB), ".format(4 * n / 2 ** 30) if ema else "") + (
         "--optimizer adamw-8bit (−{:.1f} GiB), ".format(6 * n / 2 ** 30) if config.optimizer != "adamw-8bit" else "") + (
@@ -193,7 +193,7 @@ def _save_lcm_lora(out, unet, teacher: Model, data: ImageData, settings: LCMSett
     """An LCM-LoRA folder: the acceleration vector τ_LCM in diffusers' LoRA format + what it is."""
     original_steps, command = teacher.schedule.num_train_timesteps // settings.skip, record["command"]
     lora, base = trainable_fraction(unet)
-    cls = "StableDiffusionXLPipeline" if "text_encoder_2" in teacher.parts else "StableDiffusionPipeline"
+    cls = teacher.diffusers_pipeline
     info = {"kind": "lcm-lora", "base": str(teacher.path), "dataset": data.name, "rank": settings.lora_rank,
             "original_inference_steps": original_steps, "guidance_range": [settings.guidance_min, settings.guidance_max],
             "trainable_parameters": lora, "base_parameters": base, "training": record}

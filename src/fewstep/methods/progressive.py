@@ -117,7 +117,7 @@ def student_config(stage1: ModelConfig, serves: list[int], schedule, training: d
 def ddim_scheduler(teacher: Model) -> dict:
     """A pipeline student's scheduler: DDIM on diffusers' trailing timesteps, final ᾱ = 1, which runs exactly
     the grid the student was distilled for (pixel students have none)."""
-    if not teacher.is_pipeline:
+    if "scheduler_config" not in teacher.parts:      # a folder without a diffusers scheduler (a pixel model)
         return {}
     base = {k: v for k, v in teacher.parts["scheduler_config"].items() if not k.startswith("_")}
     return {"scheduler_config": {**base, "_class_name": "DDIMScheduler", "timestep_spacing": "trailing",
@@ -183,8 +183,9 @@ def _readme(out: Path, students: dict[int, Model], teacher: Model, command: str)
             f"is the {top}-step student; the others are complete folders under `students/N/` "
             f"({', '.join(str(n) for n in sorted(students, reverse=True) if n != top) or 'none'}). The guidance scale "
             f"is still an input: one network evaluation per step.")
-    if teacher.is_pipeline:
-        usage = (f"```python\nfrom diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("
+    if teacher.diffusers_pipeline:
+        cls = teacher.diffusers_pipeline
+        usage = (f"```python\nfrom diffusers import {cls}\npipe = {cls}.from_pretrained("
                  f"'{out}')\nimage = pipe('grinning face', num_inference_steps={top}, guidance_scale=3.0, height=32, "
                  f"width=32).images[0]\n```\n\n```\nfewstep sample --model {out} --prompt 'red apple' --steps {top}\n```")
     else:

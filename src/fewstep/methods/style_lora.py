@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import FewstepError
 from ..models.data import ImageData
-from ..models.handle import Model, raw_unet
+from ..models.handle import Model, raw_backbone
 from ..models.loras import save_lora
 from ..nets.lora import add_lora, trainable_fraction
 from ..objectives.base import unwrap
@@ -26,13 +26,13 @@ def train_style_lora(base: Model, data: ImageData, out: str | Path, config: Trai
         raise FewstepError(f"{base.path} is not a diffusion pipeline; a style LoRA fine-tunes one, e.g. models/emoji-sd")
     run = Run(config, command, accelerator)
     tensors = base.training_data(data)
-    params = add_lora(base.unet, rank)
+    params = add_lora(base.backbone, rank)
     objective = DenoisingLoss(base.schedule, base.conditioner.training_condition(caption_dropout))
     result = run.fit(base.denoiser.train(), objective, tensors,
                      {"rank": rank, "caption_dropout": caption_dropout, "dataset": data.name}, params=params)
     if result is None:
         return None
-    unet = raw_unet(unwrap(result.ema).net)        # SDXL's UNet sits inside AddedCondUNet
+    unet = raw_backbone(unwrap(result.ema).net)        # SDXL's UNet sits inside AddedCondUNet
     lora, total = trainable_fraction(unet)
     info = {"kind": "style", "base": str(base.path), "dataset": data.name, "rank": rank, "trainable_parameters": lora,
             "base_parameters": total, "training": run.record("style-lora", result, base.path)}

@@ -27,7 +27,7 @@ from ..models.conditioners import padded_ids
 from ..models.config import ModelConfig
 from ..models.data import ImageData, prepared
 from ..models.folders import SD_SCHEDULER, new_pipeline, new_pixel_model, save_model
-from ..models.handle import raw_unet
+from ..models.handle import raw_backbone
 from ..nets.sdxl import AddedCondUNet, TinySDXLConfig, build_sdxl_unet, build_text_encoder_2, sdxl_embeddings, time_ids
 from ..nets.unets import TinySDConfig, build_cond_unet, build_text_encoder, build_tokenizer, build_unet, build_vae
 from ..objectives.autoencoder import VAELoss, VAEWithKL
@@ -61,7 +61,7 @@ def train_teacher(data: ImageData, out: str | Path, config: TrainConfig, width: 
                                dataset=data.name, default_sampler=param.space.default_sampler)
     unet = build_unet(data.image_size, data.channels, data.num_classes, width=width)
     if init is not None:
-        _copy_weights(raw_unet(init), unet)
+        _copy_weights(raw_backbone(init), unet)
     model = new_pixel_model(model_config, unet)
     objective = DenoisingLoss(schedule, model.conditioner.training_condition(label_dropout))
     result = run.fit(model.denoiser, objective, model.training_data(data),
@@ -167,7 +167,7 @@ def train_sd_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae_
     what = (f"A tiny {kind}-format text-to-image pipeline trained from scratch on fewstep's `{data.name}` "
             f"set ({len(data)} captioned images, {sizes.image_size}×{sizes.image_size}).")
     te = dict(zip(names, ema.text_encoders))
-    pipeline = new_pipeline(config_, raw_unet(ema.denoiser.net), vae, te["text_encoder"], tokenizer, out,
+    pipeline = new_pipeline(config_, raw_backbone(ema.denoiser.net), vae, te["text_encoder"], tokenizer, out,
                             text_encoder_2=te.get("text_encoder_2"), tokenizer_2=tokenizer if xl else None,
                             force_zeros=False)
     cls = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"

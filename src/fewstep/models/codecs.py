@@ -18,6 +18,8 @@ class PixelCodec:
     """Images are the model's space."""
 
     factor = 1
+    pixels = True         # the denoiser works on pixels: zero-shot editing's linear constraints apply to it
+    resizable = False     # a pixel model samples its own size only
 
     def __init__(self, channels: int, image_size: int) -> None:
         self.channels, self.image_size = channels, image_size
@@ -45,6 +47,9 @@ class PixelCodec:
 
 class VAECodec:
     """Stable Diffusion's latent space."""
+
+    pixels = False
+    resizable = True      # any multiple of the VAE's factor (diffusers' rule)
 
     def __init__(self, vae: nn.Module, latent_channels: int, latent_size: int) -> None:
         self.vae = vae

@@ -48,6 +48,7 @@ class LabelConditioner:
     """Class labels for a class-conditional pixel model (or nothing, for an unconditional one)."""
 
     text = False
+    pipeline: str | None = None            # the diffusers pipeline family that runs such a model (none: fewstep's own)
 
     def __init__(self, class_names: Sequence[str], where: str = "the model") -> None:
         self.class_names = list(class_names)
@@ -104,6 +105,7 @@ class TextConditioner:
 
     text = True
     conditional = True
+    pipeline: str | None = "StableDiffusionPipeline"
 
     def __init__(self, tokenizer, text_encoder: nn.Module, where: str = "the model") -> None:
         self.tokenizer, self.text_encoder, self.where = tokenizer, text_encoder, where
@@ -177,6 +179,8 @@ class SDXLConditioner(TextConditioner):
     ``encoder_hidden_states`` (both penultimate layers), ``text_embeds`` (the second encoder's pooled
     projection) and ``time_ids`` (original size, crop, target size). The unconditional input is all zeros
     when the pipeline says ``force_zeros_for_empty_prompt`` (SDXL's default), else the empty prompt's."""
+
+    pipeline = "StableDiffusionXLPipeline"
 
     def __init__(self, tokenizers: Sequence, text_encoders: Sequence[nn.Module], time_ids: Tensor,
                  force_zeros: bool = True, where: str = "the model") -> None:

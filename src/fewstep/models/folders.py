@@ -276,11 +276,10 @@ def pipeline_of(model: Model, unet=None):
     scheduler = getattr(diffusers, config.get("_class_name", "DDIMScheduler")).from_config(config)
     parts = {"vae": model.parts["vae"], "text_encoder": model.parts["text_encoder"],
              "tokenizer": model.parts["tokenizer"], "unet": model.unet if unet is None else unet, "scheduler": scheduler}
+    cls = pipeline_class(model.diffusers_pipeline)
     if "text_encoder_2" in model.parts:
-        return pipeline_class("StableDiffusionXLPipeline")(
-            **parts, text_encoder_2=model.parts["text_encoder_2"], tokenizer_2=model.parts["tokenizer_2"],
-            force_zeros_for_empty_prompt=model.conditioner.force_zeros)
-    cls = pipeline_class("LatentConsistencyModelPipeline" if model.config.is_lcm else "StableDiffusionPipeline")
+        return cls(**parts, text_encoder_2=model.parts["text_encoder_2"], tokenizer_2=model.parts["tokenizer_2"],
+                   force_zeros_for_empty_prompt=model.conditioner.force_zeros)
     return cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

@@ -42,11 +42,14 @@ def build_denoiser(net: nn.Module, config: ModelConfig) -> nn.Module:
     return config.param.denoiser(net, config.make_schedule(), config)
 
 
-def raw_unet(net: nn.Module) -> nn.Module:
-    """The diffusers UNet inside a backbone's wrappers."""
+def raw_backbone(net: nn.Module) -> nn.Module:
+    """The diffusers network (a UNet, or a transformer) inside a backbone's wrappers (GuidedUNet, AddedCondUNet)."""
     while hasattr(net, "unet"):
         net = net.unet
     return net
+
+
+raw_unet = raw_backbone   # the name before backbones other than UNets (kept: scripts import it)
 
 
 def as_backbone(net: nn.Module) -> nn.Module:
@@ -56,7 +59,7 @@ def as_backbone(net: nn.Module) -> nn.Module:
     GuidedUNet (with its own projection) is kept as it is; the other wrappers hold no weights."""
     if isinstance(net, GuidedUNet) and not net.native:
         return net
-    unet = raw_unet(net)
+    unet = raw_backbone(net)
     inner = AddedCondUNet(unet) if takes_added_cond(unet) else unet
     dim = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
     return GuidedUNet(inner, dim) if dim else inner
@@ -94,13 +97,29 @@ class Model:
         return self.config.make_schedule()
 
     @property
+    def backbone(self) -> nn.Module:
+        """The diffusers network inside the σ-space wrappers: a ``UNet2DModel`` / ``UNet2DConditionModel`` (or a
+        transformer): what LoRAs adapt, what a student copies, what a diffusers pipeline takes as its ``unet``."""
+        return raw_backbone(self.net)
+
+    @property
     def unet(self) -> nn.Module:
-        """The diffusers UNet inside the backbone."""
-        return raw_unet(self.net)
+        """:attr:`backbone` by its name from before transformers (kept for scripts and the README's examples)."""
+        return self.backbone
 
     @property
     def is_pipeline(self) -> bool:
         return isinstance(self.codec, VAECodec)
+
+    @property
+    def diffusers_pipeline(self) -> str | None:
+        """The diffusers pipeline class that runs this model's folder as it is saved: its conditioner's family
+        (StableDiffusionPipeline, StableDiffusionXLPipeline), LatentConsistencyModelPipeline for an SD 1.x/2.x LCM;
+        None for a pixel model (a fewstep folder)."""
+        family = self.conditioner.pipeline
+        if family == "StableDiffusionPipeline" and self.config.is_lcm:
+            return "LatentConsistencyModelPipeline"
+        return family
 
     @property
     def takes_guidance(self) -> bool:

@@ -25,11 +25,23 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 
+# the modules a LoRA adapts, by backbone class: a new backbone (a diffusers transformer) registers its own here
+BACKBONE_LORA_TARGETS: dict[str, tuple[str, ...]] = {"UNet2DConditionModel": LORA_TARGETS, "UNet2DModel": LORA_TARGETS}
+
+
+def lora_targets(backbone: nn.Module) -> tuple[str, ...]:
+    """The LoRA target modules of ``backbone``'s class (:data:`BACKBONE_LORA_TARGETS`; UNets' by default)."""
+    return BACKBONE_LORA_TARGETS.get(type(backbone).__name__, LORA_TARGETS)
+
+
 def add_lora(unet: nn.Module, rank: int = 8, alpha: float | None = None,
-             targets: Sequence[str] = LORA_TARGETS, adapter_name: str = "default") -> list[nn.Parameter]:
+             targets: Sequence[str] | None = None, adapter_name: str = "default") -> list[nn.Parameter]:
     """Add a peft LoRA adapter (B zero-initialised: the model is unchanged until it trains) and
-    freeze everything else; returns the adapter's parameters."""
+    freeze everything else; returns the adapter's parameters. ``targets``: the backbone's own
+    (:func:`lora_targets`) unless given."""
     from peft import LoraConfig
+
+    targets = lora_targets(unet) if targets is None else targets
 
     if rank < 1:
         raise FewstepError(f"LoRA rank must be at least 1, got {rank}")

@@ -81,7 +81,7 @@ class AdversarialConsistencyLoss:
         disc = self.discriminator.to(pair.online.device)
         logits = disc(diff_augment(pair.online, self.augment), pair.sigma, **pair.cond)
         loss_g = (self.weight(pair.sigma) * F.softplus(-logits)).mean()
-        self._last = {"real": batch["images"], "fake": pair.online.detach(), "sigma": pair.sigma, **pair.cond}
+        self._last = {"real": batch["images"], "fake": pair.online.detach(), "sigma": pair.sigma, "cond": pair.cond}
         loss = torch.lerp(loss_ct, loss_g, self.gan_weight)
         return loss, {**self.consistency.logs(), "loss_ct": float(loss_ct.detach()), "loss_g": float(loss_g.detach()), **self._d_logs}
 
@@ -90,7 +90,7 @@ class AdversarialConsistencyLoss:
         if self._last is None:
             return
         last, self._last = self._last, None
-        cond = {k: v for k, v in last.items() if k == "class_labels"}
+        cond = last["cond"]                                 # the student's conditioning, whatever its conditioner
         disc = self.discriminator
         self.optimizer.zero_grad(set_to_none=True)
         fake = disc(diff_augment(last["fake"], self.augment), last["sigma"], **cond)

@@ -87,7 +87,7 @@ def sample_shape(model: Model, height: int | None, width: int | None) -> tuple[t
     height, width = height or h * f, width or w * f
     if (height, width) == (h * f, w * f):
         return model.shape, None
-    if not model.is_pipeline:
+    if not model.codec.resizable:
         raise FewstepError(f"{model.path} is a pixel model of {w}×{h} images only; it cannot sample {width}×{height} "
                            f"(drop --height/--width)")
     bad = [f"{name} {v}" for name, v in (("height", height), ("width", width)) if v % f]
