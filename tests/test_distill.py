@@ -81,7 +81,7 @@ def test_sample_cli_uses_the_models_defaults_and_chosen_levels(distilled, tmp_pa
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "cd"], "needs a teacher"),
-    (["--method", "lcd", "--teacher", "TEACHER_IS_CM"], "not a diffusers pipeline folder"),
+    (["--method", "lcd", "--teacher", "TEACHER_IS_CM"], "--method lcd distils a discrete-VP teacher"),
     (["--method", "cd", "--teacher", "TEACHER_IS_CM"], "--method cd needs a classifier-free-guided diffusion teacher"),
     (["--method", "ct", "--distance", "classifier", "--classifier", "/nonexistent"], "classifier"),
     (["--method", "cd", "--teacher", "/nonexistent"], "does not exist"),

@@ -123,7 +123,7 @@ def test_cli_lcd_then_sample_and_img2img(tiny_sd, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["distill", "--method", "lcd", "--teacher", "models/digits-teacher", "--out", "X"], "not a diffusers pipeline"),
+    (["distill", "--method", "lcd", "--teacher", "models/digits-teacher", "--out", "X"], "--method lcd distils a discrete-VP teacher"),
     (["distill", "--method", "lcd", "--out", "X"], "needs a teacher: --teacher"),
 ])
 def test_cli_bad_teacher_is_one_clear_line(argv, message, capsys):

@@ -84,3 +84,21 @@ def test_a_registered_method_is_listed_checked_and_dispatched(tmp_path, capsys):
         assert settings == EchoSettings(method="echo", label_dropout=0.1, skip=10) and "--method echo" in command
     finally:
         del METHODS["echo"]
+
+
+def test_lcd_is_the_same_recipe_on_a_pixel_vp_teacher(tmp_path):
+    """LCD = CD on a VP model with a skipping step and a w input: a pixel VP teacher gives a pixel LCM that takes
+    the guidance scale and samples on the skipped grid."""
+    common = ["--batch", "8", "--no-progress", "--steps", "2"]
+    assert main(["train-teacher", "--dataset", "digits", "--parameterization", "vp", "--width", "8",
+                 "--out", str(tmp_path / "vp"), "--work-dir", str(tmp_path / "r1"), *common]) == 0
+    assert main(["distill", "--method", "lcd", "--teacher", str(tmp_path / "vp"), "--skip", "50",
+                 "--min-guidance-scale", "1", "--max-guidance-scale", "3", "--out", str(tmp_path / "lcm"),
+                 "--work-dir", str(tmp_path / "r2"), *common]) == 0
+    lcm = load_model(tmp_path / "lcm")
+    assert (lcm.config.kind, lcm.config.parameterization, lcm.config.original_inference_steps) == ("consistency", "lcm", 20)
+    assert lcm.takes_guidance and lcm.diffusers_pipeline is None and lcm.codec.pixels
+    grid = sampling_grid(lcm, 2)
+    assert torch.allclose(grid[:2], lcm.schedule.sigmas[torch.tensor([999, 499])].float())   # LCMScheduler's grid
+    images = generate(lcm, torch.tensor([1, 2]), steps=2, guidance_scale=2.0, seed=0)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()

@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> None:
         teacher_dtype = getattr(args, "teacher_dtype", "fp32")
         if teacher_dtype != "fp32" and not method.frozen_teacher_dtype:
             frozen = [m.name for m in _methods().values() if m.frozen_teacher_dtype]
-            raise FewstepError(f"--teacher-dtype {teacher_dtype} applies to {', '.join(frozen)}; --method "
+            raise FewstepError(f"--teacher-dtype {teacher_dtype} applies to {', '.join(frozen[:-1])} and {frozen[-1]}; --method "
                                f"{args.method} holds its teacher in fp32")
         teacher = load_model(args.teacher, dtype=DTYPES[teacher_dtype])
         if method.check is not None:

@@ -27,7 +27,7 @@ Nothing above ``core`` branches on a space: it asks the registry (``parameteriza
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Callable, Protocol
 
@@ -77,6 +77,12 @@ class Parameterization:
 
     def denoiser(self, net: nn.Module, schedule: Any, options: DenoiserOptions) -> nn.Module:
         return self.build(net, schedule, options)
+
+
+def schedule_fields(schedule: Any) -> dict[str, Any]:
+    """The fields a schedule is made from (``fewstep.json``'s ``schedule``): its dataclass's init fields, not the
+    tables it derives from them (VPSchedule's ᾱ)."""
+    return {f.name: getattr(schedule, f.name) for f in fields(schedule) if f.init}
 
 
 SPACES: dict[str, NoiseSpace] = {}

@@ -21,7 +21,7 @@ import copy
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..core.parameterizations import consistency_of, parameterization
+from ..core.parameterizations import consistency_of, parameterization, schedule_fields
 from ..core.schedules import EDMSchedule
 from ..errors import FewstepError
 from ..models.config import ModelConfig
@@ -81,7 +81,7 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
         param, schedule = consistency_of(teacher.config.param.space), teacher.schedule
     else:
         param, schedule = parameterization("cm"), EDMSchedule()
-    student_config = ModelConfig(kind="consistency", parameterization=param.name, schedule=asdict(schedule),
+    student_config = ModelConfig(kind="consistency", parameterization=param.name, schedule=schedule_fields(schedule),
                                  image_size=data.image_size, channels=data.channels, class_names=data.class_names,
                                  dataset=data.name, default_sampler="consistency", default_steps=1,
                                  default_guidance_scale=1.0)

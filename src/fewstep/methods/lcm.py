@@ -1,5 +1,7 @@
 """Latent consistency models (Luo et al. 2023, arXiv 2310.04378): the w-conditioned student, latent
-consistency distillation (LCD) and fine-tuning (LCF), saved as a diffusers LCM pipeline.
+consistency distillation (LCD) and fine-tuning (LCF), saved as a diffusers LCM pipeline — or, on a pixel model of
+the discrete VP space (``train-teacher --parameterization vp``), as a pixel LCM: the same recipe, as LCD is CD on a
+VP model with a skipping step and a w input (the w input of a pixel UNet2DModel is :class:`fewstep.nets.guided.GuidedUNet`'s).
 
 The student is f_θ(z, c, w, t) = c_skip(t)·z_t + c_out(t)·ẑ_0(ε_θ(z_t, t, c, ψ(w)))   (eq. 9 + §4.2)
 on a UNet2DConditionModel built from the teacher's config with ``time_cond_proj_dim`` set: the guidance
@@ -27,9 +29,9 @@ from ..core.guidance import per_sample_cfg, sample_guidance_scales
 from ..errors import FewstepError
 from ..models.data import ImageData
 from ..models.folders import save_model
-from ..models.handle import Model
+from ..models.handle import Model, raw_backbone
 from ..models.loras import save_lora
-from ..nets.guided import w_conditioned_unet
+from ..nets.guided import guidance_conditioned
 from ..nets.lora import AdaptersOff, EMAAdapter, add_lora, trainable_fraction
 from ..objectives.base import unwrap
 from ..objectives.consistency import ConsistencyLoss
@@ -78,10 +80,17 @@ def check_settings(settings: LCMSettings, num_train_timesteps: int) -> None:
 
 
 def check_teacher(teacher: Model, method: str) -> Model:
-    if not teacher.is_pipeline:
+    """A teacher LCD can start from: a model of the discrete VP space (its skipped grid is of the teacher's
+    timesteps), pixel or latent; LCM-LoRA's adapters are saved in diffusers' pipeline LoRA format, so it takes a
+    pipeline folder; LCF an LCM."""
+    if method == "lcm-lora" and not teacher.diffusers_pipeline:
         raise FewstepError(f"{teacher.path} is not a diffusers pipeline folder; --method {method} takes a "
                            f"Stable-Diffusion-style folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), e.g. "
                            f"models/emoji-sd")
+    if teacher.config.param.space.name != "vp":
+        raise FewstepError(f"{teacher.path} is a model of the {teacher.config.param.space.name} noise space; --method "
+                           f"{method} distils a discrete-VP teacher (a diffusers SD/SDXL pipeline such as models/emoji-sd, "
+                           f"or a pixel model trained with --parameterization vp); for this one use --method cd")
     if method != "lcf" and teacher.config.is_lcm:
         raise FewstepError(f"{teacher.path} is already an LCM; distil a diffusion teacher, or fine-tune it with --method lcf")
     if method == "lcf" and not (teacher.config.is_lcm and teacher.takes_guidance):
@@ -130,12 +139,12 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     else:
         if config.memory_check:
             _check_fits(teacher, config, run.device)
-        unet = (w_conditioned_unet(teacher.backbone, settings.cond_proj_dim) if settings.method == "lcd"
-                else copy.deepcopy(teacher.backbone)).float().requires_grad_(True)  # fp32 under a bf16/fp16 teacher
+        unet = (guidance_conditioned(teacher.backbone, settings.cond_proj_dim) if settings.method == "lcd"
+                else copy.deepcopy(teacher.net)).float().requires_grad_(True)  # fp32 under a bf16/fp16 teacher
         teacher_fn = per_sample_cfg(teacher.denoiser, null) if settings.method == "lcd" else None
         condition = with_scale_input(condition, lo, hi)   # the student takes s, the teacher guides at it
     if settings.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        raw_backbone(unet).enable_gradient_checkpointing()
     student = teacher.derive(net=unet.train(), config=lcm_config(teacher, settings))
     curriculum = Curriculum.for_method("lcd" if settings.method == "lcm-lora" else settings.method, config.max_steps,
                                        skip=settings.skip, target_ema=settings.target_ema)
@@ -149,13 +158,13 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     if target is not None:
         return _save_lcm_lora(out, target.remove(trained.backbone), teacher, data, settings, record)
     what = (f"A latent consistency model ({settings.method.upper()}, Luo et al. 2023) of `{teacher.path}` on "
-            f"`{data.name}`: 1–8 steps, guidance scale {lo:g}–{hi:g} as an input (one network evaluation per step). "
-            f"Runs in diffusers:")
+            f"`{data.name}`: 1–8 steps, guidance scale {lo:g}–{hi:g} as an input (one network evaluation per step).")
     final = trained.derive(config=trained.replace_config(training=record))
     cls = final.diffusers_pipeline
-    usage = (f"```python\nfrom diffusers import {cls}\n"
+    usage = (f"Runs in diffusers:\n\n```python\nfrom diffusers import {cls}\n"
              f"pipe = {cls}.from_pretrained('{out}')  # with its LCMScheduler\n"
-             f"image = pipe('grinning face', num_inference_steps=4, guidance_scale=4.0, height=32, width=32).images[0]\n```")
+             f"image = pipe('grinning face', num_inference_steps=4, guidance_scale=4.0, height=32, width=32).images[0]\n```"
+             if cls else f"```\nfewstep sample --model {out} --steps 4 --guidance-scale 3 --label 3 --out grid.png\n```")
     return save_model(out, final, readme(Path(out).name, what, usage, command))
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..core.denoisers import VPDenoiser
 from ..core.parameterizations import parameterization as get_parameterization
+from ..core.parameterizations import schedule_fields
 from ..core.schedules import VPSchedule
 from ..errors import FewstepError
 from ..models.conditioners import padded_ids
@@ -56,7 +57,7 @@ def train_teacher(data: ImageData, out: str | Path, config: TrainConfig, width: 
     run = Run(config, command, accelerator)
     param = get_parameterization(parameterization)
     schedule = param.make_schedule()
-    model_config = ModelConfig(kind="diffusion", parameterization=param.name, schedule=asdict(schedule),
+    model_config = ModelConfig(kind="diffusion", parameterization=param.name, schedule=schedule_fields(schedule),
                                image_size=data.image_size, channels=data.channels, class_names=data.class_names,
                                dataset=data.name, default_sampler=param.space.default_sampler)
     unet = build_unet(data.image_size, data.channels, data.num_classes, width=width)
