@@ -84,7 +84,9 @@ def add_parser(sub) -> None:
                         "order of the grid, each with its prompt or label, negative prompt, seed, index, steps, "
                         "sampler, guidance, size, model and LoRAs as PNG text: 'parameters' (AUTOMATIC1111's "
                         "infotext) and 'fewstep' (JSON)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir and everything in it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing --out-dir that fewstep did not write: its PNGs of the same names are "
+                        "replaced, everything else there stays")
     add_grid_args(p)
     add_limits(p, "steps", "num", "scale", "height", "width")
     p.set_defaults(func=run)
@@ -111,8 +113,9 @@ def conditions(args: argparse.Namespace, model, prompts: list[str] | None):
 
 
 def outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
-    """(the grid file, the per-image folder), checked before any work: an existing --out-dir is replaced only
-    with --overwrite (or when it is empty)."""
+    """(the grid file, the per-image folder), checked before any work: neither may be (in, around) the model or
+    another input; an existing --out-dir that fewstep did not write is written into only with --overwrite (or
+    when it is empty)."""
     from ..io.atomic import allow_replacing, check_replaceable, check_writable
 
     out = check_writable(args.out or "samples.png", ".png") if args.out or not args.out_dir else None
