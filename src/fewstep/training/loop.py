@@ -222,7 +222,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint folder (``step-0001000``) under ``root``, or None."""
     if not root.is_dir():
         return None
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").exists())
+    done = sorted(p for p in root.glob("step-*") if _is_checkpoint(p))    # never a user's folder of that name
     return done[-1] if done else None
 
 
@@ -260,7 +260,7 @@ def _is_checkpoint(folder: Path) -> bool:
         return False
     marker = read_marker(folder)
     if marker is not None:
-        return marker.get("kind") == "checkpoint"
+        return marker.get("kind") == "checkpoint" and (folder / "state.json").is_file()
     try:
         state = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError):
