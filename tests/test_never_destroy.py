@@ -153,7 +153,8 @@ def test_an_output_over_an_input_or_a_users_folder_is_refused_and_nothing_change
 
 def test_overwrite_puts_fewsteps_files_in_and_keeps_the_users(tmp_path, capsys):
     """--overwrite onto a user's folder: fewstep's files go in, notes.txt and photo.png stay; the next run
-    (now fewstep's own folder) needs no --overwrite and removes only the files fewstep wrote last time."""
+    removes only the files fewstep wrote last time (an --out-dir of earlier images needs --overwrite again:
+    sampled images are results, not a model a re-run rebuilds)."""
     shutil.copytree(MODELS / "digits-teacher", tmp_path / "teacher")
     out = user_folder(tmp_path / "shots")
     mine = {n: (out / n).read_bytes() for n in ("notes.txt", "photo.png")}
@@ -165,7 +166,9 @@ def test_overwrite_puts_fewsteps_files_in_and_keeps_the_users(tmp_path, capsys):
                                                      "photo.png"]
     assert json.loads((out / MARKER).read_text())["files"] == ["00000.png", "00001.png", "00002.png"]
     (out / "later.txt").write_text("added after the first run")
-    code, _, err = run_cli(capsys, *sample, "--label", "7")                   # one image now: no --overwrite needed
+    code, _, err = run_cli(capsys, *sample, "--label", "7")
+    assert code == 2 and "earlier run" in err and "--overwrite" in err
+    code, _, err = run_cli(capsys, *sample, "--label", "7", "--overwrite")    # one image now
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "00000.png", "later.txt", "notes.txt", "photo.png"]
     assert {n: (out / n).read_bytes() for n in mine} == mine
