@@ -328,6 +328,15 @@ def test_a_full_disk_in_a_plain_write_is_one_line(tmp_path, monkeypatch):
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
+def test_a_full_disk_that_does_not_name_its_file_names_the_outputs(tmp_path):
+    from fewstep.io.atomic import io_error_message
+
+    message = io_error_message(OSError(errno.ENOSPC, "No space left on device"), None, writing=False,
+                               outputs={"--out": str(tmp_path / "o"), "--work-dir": str(tmp_path / "w")})
+    assert message.startswith("no space left on device while writing the outputs: --out ") and "--work-dir" in message
+    assert "MB free" in message and io_error_message(ValueError("a bug"), tmp_path) is None
+
+
 def _read_only(monkeypatch, folder: Path, code: int = errno.EROFS):
     """Writes under ``folder`` fail as on a read-only file system (chmod does not stop root, who runs the tests)."""
     import builtins

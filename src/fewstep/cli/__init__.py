@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fewstep: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:                    # a full disk or an unwritable place outside fewstep's own writes
-        message = io_error_message(e, getattr(e, "filename", None), writing=False)
+        outputs = {flag: getattr(args, attr) for attr, flag in OUTPUTS.items() if isinstance(getattr(args, attr, None), str)}
+        message = io_error_message(e, getattr(e, "filename", None), writing=False, outputs=outputs)
         if message is None:
             raise
         print(f"fewstep: error: {message}", file=sys.stderr)

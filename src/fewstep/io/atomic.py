@@ -473,21 +473,31 @@ def error_number(e: BaseException) -> int | None:
     return None
 
 
+def _free_mb(path: Path) -> str:
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return f"{shutil.disk_usage(existing).free / 2**20:,.0f} MB" if existing is not None else "unknown"
+
+
 def io_error_message(e: BaseException, path: str | Path | None, existed: bool | None = None,
-                     writing: bool = True) -> str | None:
+                     writing: bool = True, outputs: dict[str, str] | None = None) -> str | None:
     """One line for a full disk or an unwritable place while writing ``path`` (``writing``; else while using it
     somehow: then a permission problem may be a read's), or None for any other error. ``existed``: whether
-    ``path`` was there before (then it is said to be unchanged)."""
+    ``path`` was there before (then it is said to be unchanged). Where the error does not say which file it
+    was (``path`` None), the command's ``outputs`` (flag -> path) are named instead, each with its free space."""
     number = error_number(e)
     if number is None:
         return None
+    path = path if path is not None else getattr(e, "filename", None)
     if path is None:
-        path = getattr(e, "filename", None) or "the output"
-    path = Path(path)
+        where = ", ".join(f"{flag} {value} ({_free_mb(Path(value))} free)" for flag, value in (outputs or {}).items())
+        what = "no space left on device" if number in NO_SPACE else os.strerror(number).lower()
+        fix = "free some space or write elsewhere" if number in NO_SPACE else "write elsewhere, or make it writable"
+        return f"{what} while writing {'the outputs: ' + where if where else 'the output'}; {fix}, and run again"
+    path = Path(os.fsdecode(path))
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     kept = " (the existing one is unchanged)" if existed else ""
     if number in NO_SPACE:
-        free = f"{shutil.disk_usage(existing).free / 2**20:,.0f} MB free there" if existing else "no space free"
+        free = f"{_free_mb(path)} free there"
         return (f"no space left on device writing {path}: {free}{kept}; free some space or write elsewhere, "
                 f"and run again")
     folder = existing if existing is not None and existing.is_dir() else path.parent
