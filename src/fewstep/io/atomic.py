@@ -167,7 +167,8 @@ def _legacy_output(folder: Path) -> bool:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    command = config.get("training", {}).get("command", "") if isinstance(config, dict) else ""
+    training = config.get("training") if isinstance(config, dict) else None
+    command = training.get("command") if isinstance(training, dict) else None
     return isinstance(command, str) and command.startswith("fewstep ")
 
 
@@ -177,8 +178,10 @@ def read_marker(folder: str | Path) -> dict | None:
         marker = json.loads((Path(folder) / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or "fewstep" not in marker or not isinstance(marker.get("files", []), list):
-        return None
+    files = marker.get("files", []) if isinstance(marker, dict) else None
+    if "fewstep" not in (marker if isinstance(marker, dict) else {}) or not isinstance(files, list) \
+            or not all(isinstance(f, str) and f and "/" not in f and f not in (".", "..") for f in files):
+        return None                                   # not a marker fewstep wrote: it names top-level entries
     return marker
 
 
