@@ -43,7 +43,7 @@ from . import (
 )
 from .args import Parser, check_limits, command_line
 
-__all__ = ["build_parser", "main", "shipped_models_dir", "input_paths"]
+__all__ = ["build_parser", "input_paths", "main", "shipped_models_dir"]
 
 # every argument of any subcommand that names something the command reads: attribute -> flag
 INPUTS = {"teacher": "--teacher", "base": "--base", "model": "--model", "lora": "--lora", "input": "--input",

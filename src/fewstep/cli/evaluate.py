@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> None:
 
     from ..eval.evaluate import eval_report, evaluate, ruler_for
     from ..io.atomic import check_writable, write_text, writing_into
-    from ..models.config import CONFIG_NAME
     from ..io.images import labeled_rows, make_grid, save_png
+    from ..models.config import CONFIG_NAME
     from ..models.folders import shipped_models_dir
     from ..models.loras import load_with_loras
     from ..models.tiny_vae import with_tiny_vae

@@ -44,10 +44,10 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..errors import FewstepError
 
