@@ -50,7 +50,7 @@ INPUTS = {"teacher": "--teacher", "base": "--base", "model": "--model", "lora": 
           "dataset": "--dataset", "tiny_vae": "--tiny-vae", "classifier": "--classifier", "mask": "--mask",
           "prompts_file": "--prompts-file", "config": "--config", "vae_from": "--vae-from",
           "sample_model": "--sample-model", "models": "--models", "lpips_weights": "--lpips-weights",
-          "resume": "--resume", "images": "--images"}
+          "init_from": "--init-from", "resume": "--resume", "images": "--images"}
 # (``bench --reuse`` is read and then deliberately rewritten beside the new report: not an input here)
 # every argument that names something the command writes: attribute -> flag
 OUTPUTS = {"out": "--out", "out_dir": "--out-dir", "json": "--json", "grid": "--grid", "work_dir": "--work-dir",
