@@ -159,7 +159,8 @@ def test_export_refuses_to_replace_without_overwrite(tiny_lcm_lora, tmp_path):
     export_lora(tiny_lcm_lora, "kohya", out, overwrite=True)
     assert out.read_bytes() != b"the user's file" and not list(tmp_path.glob(".*tmp*"))
     export_lora(tiny_lcm_lora, "peft", tmp_path / "theirs", overwrite=True)
-    assert not (tmp_path / "theirs" / "notes.txt").exists() and (tmp_path / "theirs" / "adapter_config.json").exists()
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep"          # --overwrite keeps the user's files
+    assert (tmp_path / "theirs" / "adapter_config.json").exists()
     with pytest.raises(FewstepError, match="must end in .safetensors"):
         export_lora(tiny_lcm_lora, "kohya", tmp_path / "folder")
     with pytest.raises(FewstepError, match="already in kohya's layout"):

@@ -125,7 +125,8 @@ def test_existing_user_folder_is_replaced_only_with_overwrite(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train-classifier", "--dataset", "digits", "--out", str(tmp_path / "mine"),
                            "--epochs", "1", "--no-progress", "--overwrite")
     assert code == 0, err
-    assert (tmp_path / "mine" / "model.safetensors").exists() and not (tmp_path / "mine" / "notes.txt").exists()
+    assert (tmp_path / "mine" / "model.safetensors").exists()
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"    # --overwrite adds fewstep's files, keeps the user's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]            # no temporary or old copy left
 
 

@@ -148,7 +148,7 @@ def test_batch_size_on_a_pixel_model_and_the_cli(digits, tmp_path, capsys):
         rc, _, err = run_cli(capsys, "sample", "--model", str(digits), "--steps", "2", "--label", "1", "4",
                              "--num", "2", "--out-dir", str(outs[-1]), *batch)
         assert rc == 0, err
-    pixels = [[np.array(Image.open(p)) for p in sorted(out.iterdir())] for out in outs]
+    pixels = [[np.array(Image.open(p)) for p in sorted(out.glob("*.png"))] for out in outs]
     assert len(pixels[0]) == 4 and all((a == b).all() for a, b in zip(*pixels))   # the same 8-bit images
 
 
@@ -178,7 +178,7 @@ def test_prompts_file_and_out_dir_write_one_png_per_image_with_its_record(tiny_s
                            "--negative-prompt", NEGATIVE, "--height", "32", "--width", "48", "--out-dir", "imgs")
     assert rc == 0, err
     assert not (tmp_path / "samples.png").exists()    # --out-dir alone writes no grid
-    files = sorted((tmp_path / "imgs").iterdir())
+    files = sorted((tmp_path / "imgs").glob("*.png"))
     assert [f.name for f in files] == ["00000.png", "00001.png", "00002.png", "00003.png"]
     model = load_model(tiny_sd)
     expected = generate_latent(model, ["red apple"] * 2 + ["smiling cat, café ☕"] * 2, steps=2, sampler="euler",
@@ -205,7 +205,7 @@ def test_grid_and_out_dir_together_and_overwriting(tiny_sd, tmp_path, capsys):
     rc, out, err = _sample(capsys, tiny_sd, *args)
     assert rc == 0 and "wrote 3 samples to" in out and "wrote 3 images to" in out, err
     assert Image.open(grid).size == (4 * (3 * 33 + 1), 4 * 34)   # the grid, upscaled 4× as before
-    assert [Image.open(p).size for p in sorted(folder.iterdir())] == [(32, 32)] * 3
+    assert [Image.open(p).size for p in sorted(folder.glob("*.png"))] == [(32, 32)] * 3
     before = (folder / "00000.png").read_bytes()
     rc, _, err = _sample(capsys, tiny_sd, *args, "--seed", "1")
     assert rc == 2 and "--out-dir" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1

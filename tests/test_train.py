@@ -127,7 +127,7 @@ def test_checkpoints_are_safetensors_json_and_pruned(tmp_path):
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["step-0000006", "step-0000009"]  # last 2 kept, no temporary folders left
     files = sorted(p.name for p in (tmp_path / "checkpoints" / "step-0000009").iterdir())
-    assert files == ["ema.safetensors", "model.safetensors", "optimizer.safetensors", "state.json"]
+    assert files == [".fewstep-output", "ema.safetensors", "model.safetensors", "optimizer.safetensors", "state.json"]
     state = json.loads((tmp_path / "checkpoints" / "step-0000009" / "state.json").read_text())
     assert state["step"] == 9 and state["config"]["batch_size"] == 8
     assert load_file(tmp_path / "checkpoints" / "step-0000009" / "model.safetensors")

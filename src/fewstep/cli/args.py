@@ -163,11 +163,13 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
     g.add_argument("--seed", type=seed, default=0)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace --out even if it is an existing folder that fewstep did not write")
+                   help="write --out even if it is an existing folder that fewstep did not write: fewstep's files "
+                        "are put in (replacing those of the same names), everything else there stays")
     g.add_argument("--force-resume", action="store_true",
                    help="resume the work folder's checkpoint even though settings that define the run differ")
     g.add_argument("--no-memory-check", action="store_true",
                    help="start even if the weights, gradients and optimizer state alone need more memory than is free")
+    p.set_defaults(folder_outputs=("out",))              # checked before any work (fewstep.cli.check_outputs)
 
 
 def add_data_args(p: argparse.ArgumentParser, stream: bool = False) -> None:
@@ -206,6 +208,7 @@ def stream(args: argparse.Namespace) -> bool | None:
 
 def train_config(args: argparse.Namespace):
     """The run's TrainConfig, with --out and the work folder checked before any training."""
+    from ..errors import FewstepError
     from ..io.atomic import allow_replacing, check_creatable, check_replaceable
     from ..training import TrainConfig
 
@@ -213,6 +216,11 @@ def train_config(args: argparse.Namespace):
         check_replaceable(args.out)
     work = args.work_dir or str(Path("runs") / Path(args.out).name)
     check_creatable(work, "--work-dir")
+    out, resolved_work = Path(args.out).resolve(), Path(work).resolve()
+    if resolved_work == out or out in resolved_work.parents or resolved_work / "checkpoints" in (out, *out.parents):
+        flag = "--work-dir" if args.work_dir else "the default work folder (runs/<name of --out>)"
+        raise FewstepError(f"--out {args.out} and {flag} {work} overlap: the finished model would be written over "
+                           f"the run's checkpoints; give --work-dir a folder of its own (or --out another name)")
     return TrainConfig(out_dir=work, max_steps=args.steps, force_resume=args.force_resume,
                        batch_size=args.batch, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
                        grad_clip=args.grad_clip, ema_decay=args.ema, mixed_precision=args.mixed_precision,

@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> None:
     import json
 
     from ..eval.evaluate import eval_report, evaluate, ruler_for
-    from ..io.atomic import check_writable, write_text
+    from ..io.atomic import check_writable, write_text, writing_into
     from ..io.images import labeled_rows, make_grid, save_png
+    from ..models.config import CONFIG_NAME
     from ..models.folders import shipped_models_dir
     from ..models.loras import load_with_loras
     from ..models.tiny_vae import with_tiny_vae
@@ -51,6 +52,12 @@ def run(args: argparse.Namespace) -> None:
     for path, suffix in ((args.json, None), (args.grid, ".png")):
         if path:
             check_writable(path, suffix)  # fail before any work
+    if args.save_sigmas:
+        if not Path(args.model).is_dir():
+            raise FewstepError(f"--save-sigmas stores the grids in the model folder's {CONFIG_NAME}; {args.model} is "
+                               f"not a folder")
+        with writing_into(Path(args.model) / CONFIG_NAME):
+            check_writable(Path(args.model) / CONFIG_NAME, what="--save-sigmas")
     model = with_tiny_vae(load_with_loras(args.model, args.lora, **load_options(args)), args.tiny_vae)
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
     if args.tune_sigmas:
@@ -77,7 +84,7 @@ def _tune_sigmas(model, ruler, args: argparse.Namespace) -> None:
     """``--tune-sigmas``: ternary-search each multi-step count's intermediate levels and use them for the
     evaluation that follows; ``--save-sigmas`` also stores them in the model's fewstep.json."""
     from ..eval.evaluate import tune_sigmas
-    from ..io.atomic import write_text
+    from ..io.atomic import write_text, writing_into
     from ..models.config import CONFIG_NAME
 
     if model.config.is_lcm:
@@ -88,6 +95,7 @@ def _tune_sigmas(model, ruler, args: argparse.Namespace) -> None:
                                 guidance_scale=args.guidance_scale)
         model.config.sampling_sigmas[str(n)] = [round(s, 4) for s in grid]
         print(f"{n} steps: best σ grid {', '.join(f'{s:.4g}' for s in grid)} (FID {fid:.3f} on {min(args.num, 500)} samples)")
-    if args.save_sigmas:
-        write_text(model.path / CONFIG_NAME, model.config.to_json())
+    if args.save_sigmas:                                  # the one write into an input this command is for
+        with writing_into(model.path / CONFIG_NAME):
+            write_text(model.path / CONFIG_NAME, model.config.to_json())
         print(f"saved the tuned grids to {model.path / CONFIG_NAME}")

@@ -29,9 +29,10 @@ def add_parser(sub) -> None:
     m.add_argument("--no-fuse", action="store_true",
                    help="keep the adapters separate: a folder of the LoRAs and their weights, not a fused pipeline")
     m.add_argument("--overwrite", action="store_true",
-                   help="replace --out even if it is an existing folder that fewstep did not write")
+                   help="write --out even if it is an existing folder that fewstep did not write: fewstep's files "
+                        "are put in (replacing those of the same names), everything else there stays")
     add_dtype_args(m)
-    m.set_defaults(func=run_merge)
+    m.set_defaults(func=run_merge, folder_outputs=("out",))   # checked before any work (fewstep.cli.check_outputs)
     add_export_parser(lora_sub)
 
 

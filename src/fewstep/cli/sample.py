@@ -84,7 +84,9 @@ def add_parser(sub) -> None:
                         "order of the grid, each with its prompt or label, negative prompt, seed, index, steps, "
                         "sampler, guidance, size, model and LoRAs as PNG text: 'parameters' (AUTOMATIC1111's "
                         "infotext) and 'fewstep' (JSON)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir and everything in it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing --out-dir that fewstep did not write: its PNGs of the same names are "
+                        "replaced, everything else there stays")
     add_grid_args(p)
     add_limits(p, "steps", "num", "scale", "height", "width")
     p.set_defaults(func=run)
@@ -111,15 +113,22 @@ def conditions(args: argparse.Namespace, model, prompts: list[str] | None):
 
 
 def outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
-    """(the grid file, the per-image folder), checked before any work: an existing --out-dir is replaced only
-    with --overwrite (or when it is empty)."""
-    from ..io.atomic import allow_replacing, check_replaceable, check_writable
+    """(the grid file, the per-image folder), checked before any work: neither may be (in, around) the model or
+    another input; an existing --out-dir is written into only with --overwrite (or when it is empty), even one
+    an earlier ``sample`` wrote: sampled images are results, not a model a re-run rebuilds. With --overwrite only
+    fewstep's images there are replaced (:mod:`fewstep.io.atomic`)."""
+    from ..io.atomic import MARKER, allow_replacing, check_replaceable, check_writable, is_fewstep_output
 
     out = check_writable(args.out or "samples.png", ".png") if args.out or not args.out_dir else None
     if args.out_dir is None:
         return out, None
+    folder = Path(args.out_dir)
     with allow_replacing(*([args.out_dir] if args.overwrite else [])):
-        return out, check_replaceable(args.out_dir, "--out-dir")
+        check_replaceable(folder, "--out-dir")
+    if not args.overwrite and is_fewstep_output(folder) and any(p.name != MARKER for p in folder.iterdir()):
+        raise FewstepError(f"--out-dir {folder} holds the images of an earlier run; give a new folder, or pass "
+                           f"--overwrite to replace fewstep's images there (nothing else there is touched)")
+    return out, folder
 
 
 def run(args: argparse.Namespace) -> None:

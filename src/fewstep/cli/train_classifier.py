@@ -20,8 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace --out even if it is an existing folder that fewstep did not write")
-    p.set_defaults(func=run)
+                   help="write --out even if it is an existing folder that fewstep did not write: fewstep's files "
+                        "are put in (replacing those of the same names), everything else there stays")
+    p.set_defaults(func=run, folder_outputs=("out",))      # checked before any work (fewstep.cli.check_outputs)
 
 
 def run(args: argparse.Namespace) -> None:

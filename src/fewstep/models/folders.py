@@ -204,12 +204,14 @@ def serving(model: Model, steps: int) -> Model:
 
 
 # --- writing ------------------------------------------------------------------------------------------
-def write_folder(folder: str | Path, write: Callable[[Path], None], readme: str = "") -> Path:
+def write_folder(folder: str | Path, write: Callable[[Path], None], readme: str = "", kind: str | None = None) -> Path:
     """Write a folder atomically: ``write(tmp)`` fills a temporary sibling (plus ``readme`` as README.md),
-    which then replaces ``folder``. The one folder writer of models, LoRAs and checkpoints' outputs."""
+    which then takes the place of ``folder`` (:func:`fewstep.io.atomic.atomic_path`: refused before any
+    work if ``folder`` is an input or a folder fewstep did not write; only fewstep's files there are replaced,
+    and only once the new ones are complete; the folder is marked as fewstep's, recording ``kind``, default
+    the ``kind`` of its fewstep.json). The one folder writer of models, LoRAs and checkpoints' outputs."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder, directory=True) as tmp:
+    with atomic_path(folder, directory=True, kind=kind) as tmp:
         write(tmp)
         if readme:
             (tmp / "README.md").write_text(readme)

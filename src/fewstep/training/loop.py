@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import FewstepError, TrainingDiverged
-from ..io.atomic import atomic_path
+from ..io.atomic import allow_replacing, atomic_path, read_marker
 from .optimizers import flat_state, make_optimizer, nested_state
 from .runs import WorkDirLock, all_finite, check_resume, last_good_checkpoint
 
@@ -222,7 +222,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint folder (``step-0001000``) under ``root``, or None."""
     if not root.is_dir():
         return None
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").exists())
+    done = sorted(p for p in root.glob("step-*") if _is_checkpoint(p))    # never a user's folder of that name
     return done[-1] if done else None
 
 
@@ -232,7 +232,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMA
     the model's entries to keep (default all; :func:`_saved_names`)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    with atomic_path(final, directory=True) as tmp:
+    legacy = [final] if _is_checkpoint(final) else []      # one written before markers: fewstep's own too
+    with allow_replacing(*legacy), atomic_path(final, directory=True, kind="checkpoint") as tmp:
         state_dict = model.state_dict() if names is None else {k: v for k, v in model.state_dict().items() if k in names}
         save_file(_contiguous(state_dict), tmp / "model.safetensors")
         ema_state = ema.state_dict() if ema is not None else {"shadow_params": []}
@@ -247,9 +248,24 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMA
                  "partial": names is not None,
                  "optimizer_param_groups": opt_state["param_groups"], "optimizer_values": opt_values}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -config.keep_checkpoints]:
-        shutil.rmtree(old)
+    for old in sorted(p for p in root.glob("step-*") if _is_checkpoint(p))[: -config.keep_checkpoints]:
+        shutil.rmtree(old)                                  # only checkpoints fewstep wrote, never another folder
     return final
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder fewstep wrote: marked so (:func:`fewstep.io.atomic.read_marker`), or written before
+    markers existed, with a state.json holding what :func:`save_checkpoint` writes (not the name alone)."""
+    if not folder.is_dir():
+        return False
+    marker = read_marker(folder)
+    if marker is not None:
+        return marker.get("kind") == "checkpoint" and (folder / "state.json").is_file()
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and {"step", "config", "optimizer_param_groups"} <= set(state)
 
 
 def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel | None, objective,
