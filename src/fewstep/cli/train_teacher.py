@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
             from ..models.folders import load_model
 
             source = load_model(args.vae_from)
-            if not source.is_pipeline:
+            if "vae" not in source.parts:
                 raise FewstepError(f"--vae-from {args.vae_from} is not a pipeline folder with a VAE")
             vae = source.parts["vae"].requires_grad_(False)
         folder = train_sd_teacher(data, args.out, train_config(args), vae_steps=0 if vae is not None else args.vae_steps,

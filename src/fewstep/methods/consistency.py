@@ -128,7 +128,7 @@ def check_cd_teacher(teacher: Model | None, method: str = "cd") -> Model:
         raise FewstepError(f"{teacher.path} is a {cfg.kind} model ({cfg.parameterization}"
                            f"{', guidance as an input' if teacher.takes_guidance else ''}); --method {method} needs a "
                            f"classifier-free-guided diffusion teacher such as models/digits-teacher")
-    if teacher.is_pipeline:
+    if not teacher.codec.pixels:    # the latent family's consistency distillation has a w input and a skipping step
         raise FewstepError(f"{teacher.path} is a latent pipeline; consistency distillation of a pipeline is --method "
                            f"lcd (or lcm-lora)")
     return teacher

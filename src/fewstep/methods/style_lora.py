@@ -22,7 +22,7 @@ from .common import Run, readme
 def train_style_lora(base: Model, data: ImageData, out: str | Path, config: TrainConfig, rank: int = 8,
                      caption_dropout: float = 0.1, command: str = "", accelerator=None) -> Path | None:
     """Train a style LoRA of ``base`` (a diffusion pipeline) on ``data`` and save it at ``out``."""
-    if not base.is_pipeline or base.config.kind != "diffusion":
+    if not base.diffusers_pipeline or base.config.kind != "diffusion":   # its LoRA is saved in diffusers' format
         raise FewstepError(f"{base.path} is not a diffusion pipeline; a style LoRA fine-tunes one, e.g. models/emoji-sd")
     run = Run(config, command, accelerator)
     tensors = base.training_data(data)
