@@ -87,7 +87,27 @@ def edm_noise_embedding(sigma: Tensor) -> Tensor:
     return sigma.log() / 4
 
 
-class EDMDenoiser(nn.Module):
+class Preconditioned(nn.Module):
+    """D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ)) (Karras et al. 2022, eq. 7): the one forward of
+    every adapter of a backbone into the σ-space contract. A subclass says its ``scalings`` (c_skip, c_out, c_in)
+    and ``noise_input`` (what the backbone is given as its time: ¼ ln σ, a VP timestep, flow time × 1000, …)."""
+
+    net: nn.Module
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def noise_input(self, sigma: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        sigma = batch_sigma(sigma.to(x.dtype), x)
+        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
+        out = _call(self.net, c_in * x, self.noise_input(sigma), cond)
+        return c_skip * x + c_out * out[:, : x.shape[1]].to(x.dtype)
+
+
+class EDMDenoiser(Preconditioned):
     """D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ)), with swappable c_skip/c_out.
 
     ``scalings`` maps σ to (c_skip, c_out, c_in); the default is EDM's, and
@@ -106,14 +126,11 @@ class EDMDenoiser(nn.Module):
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.scalings_fn(sigma, self.sigma_data)
 
-    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        sigma = batch_sigma(sigma.to(x.dtype), x)
-        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
-        out = _call(self.net, c_in * x, edm_noise_embedding(sigma), cond)
-        return c_skip * x + c_out * out.to(x.dtype)
+    def noise_input(self, sigma: Tensor) -> Tensor:
+        return edm_noise_embedding(sigma)
 
 
-class VPDenoiser(nn.Module):
+class VPDenoiser(Preconditioned):
     """Adapter for a discrete-time VP diffusers UNet predicting ε, v or x_0.
 
     With ᾱ = 1/(1+σ²) the UNet sees x_t = √ᾱ·x at timestep t(σ), and its prediction is turned
@@ -142,12 +159,8 @@ class VPDenoiser(nn.Module):
             return alpha_bar, -sigma * alpha_bar.sqrt(), c_in
         return torch.zeros_like(sigma), torch.ones_like(sigma), c_in
 
-    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        sigma = batch_sigma(sigma.to(x.dtype), x)
-        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
-        t = self.schedule.sigma_to_t(sigma)
-        out = _call(self.net, c_in * x, t, cond)
-        return c_skip * x + c_out * out[:, : x.shape[1]].to(x.dtype)
+    def noise_input(self, sigma: Tensor) -> Tensor:
+        return self.schedule.sigma_to_t(sigma)
 
 
 class LCMConsistency(nn.Module):

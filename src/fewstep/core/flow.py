@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .denoisers import _call, append_dims, batch_sigma
+from .denoisers import Preconditioned
+from .parameterizations import NoiseSpace, register_space
 from .schedules import append_zero
 
 
@@ -115,7 +116,7 @@ class FlowSchedule:
         return self.t_to_sigma(shift_time(u, self.shift))
 
 
-class FlowDenoiser(nn.Module):
+class FlowDenoiser(Preconditioned):
     """A velocity-predicting backbone as a σ-space denoiser (module docstring): ``net(x_t, t·T, **cond) -> v``."""
 
     def __init__(self, net: nn.Module, schedule: FlowSchedule) -> None:
@@ -128,23 +129,11 @@ class FlowDenoiser(nn.Module):
         c_in = 1 / (1 + sigma)
         return c_in, -sigma * c_in, c_in
 
-    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        sigma = batch_sigma(sigma.to(x.dtype), x)
-        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
-        v = _call(self.net, c_in * x, flow_t(sigma) * self.schedule.num_train_timesteps, cond)
-        return c_skip * x + c_out * v[:, : x.shape[1]].to(x.dtype)
+    def noise_input(self, sigma: Tensor) -> Tensor:
+        """The backbone's timestep: t·T, as diffusers' flow pipelines pass ``scheduler.timesteps``."""
+        return flow_t(sigma) * self.schedule.num_train_timesteps
 
 
-def build(net: nn.Module, schedule: FlowSchedule, options) -> nn.Module:
-    return FlowDenoiser(net, schedule)
-
-
-def _register() -> None:
-    from .parameterizations import NoiseSpace, Parameterization, register, register_space
-
-    space = register_space(NoiseSpace("flow", FlowSchedule, build, "flow", lambda s: 0.0,
-                                      "FlowMatchEulerDiscreteScheduler", "FlowMatchLCMScheduler", default_sampler="euler"))
-    register(Parameterization("flow", space, build))
-
-
-_register()
+register_space(NoiseSpace("flow", FlowSchedule, lambda net, schedule, options: FlowDenoiser(net, schedule), "flow",
+                          lambda schedule: 0.0, "FlowMatchEulerDiscreteScheduler", "FlowMatchLCMScheduler",
+                          default_sampler="euler"))

@@ -90,7 +90,9 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {}
 
 
 def register_space(space: NoiseSpace) -> NoiseSpace:
+    """Register a space and its diffusion parameterization (named like the space, its ``build``)."""
     SPACES[space.name] = space
+    register(Parameterization(space.name, space, space.build))
     return space
 
 
@@ -124,7 +126,6 @@ def _cm(net: nn.Module, schedule: EDMSchedule, options: Any) -> nn.Module:
 
 EDM = register_space(NoiseSpace("edm", EDMSchedule, _edm, "cm", lambda s: float(s.sigma_min), "EDMEulerScheduler",
                                 "CMStochasticIterativeScheduler"))
-register(Parameterization("edm", EDM, _edm))
 register(Parameterization("cm", EDM, _cm))
 
 
@@ -144,6 +145,5 @@ def _lcm_grid(schedule: VPSchedule, options: Any, steps: int, strength: float) -
 
 
 VP = register_space(NoiseSpace("vp", VPSchedule, _vp, "lcm", lambda s: 0.0, "DDIMScheduler", "LCMScheduler"))
-register(Parameterization("vp", VP, _vp))
 register(Parameterization("lcm", VP, _lcm, grid=_lcm_grid))
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .denoisers import _call, append_dims, batch_sigma
+from .denoisers import Preconditioned
+from .parameterizations import NoiseSpace, register_space
 from .schedules import append_zero, karras_levels, karras_sigmas
 
 
@@ -67,7 +68,7 @@ class TrigFlowSchedule:
         return karras_levels(index, num_scales, self.sigma_min, self.sigma_max, self.rho)
 
 
-class TrigFlowDenoiser(nn.Module):
+class TrigFlowDenoiser(Preconditioned):
     """A TrigFlow backbone ``net(x_t/σ_d, t, **cond) -> F`` as a σ-space denoiser (module docstring)."""
 
     def __init__(self, net: nn.Module, schedule: TrigFlowSchedule) -> None:
@@ -80,23 +81,10 @@ class TrigFlowDenoiser(nn.Module):
         sd = self.schedule.sigma_data
         return torch.cos(t) ** 2, -sd * torch.sin(t), torch.cos(t) / sd
 
-    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        sigma = batch_sigma(sigma.to(x.dtype), x)
-        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.scalings(sigma))
-        out = _call(self.net, c_in * x, self.schedule.sigma_to_t(sigma), cond)
-        return c_skip * x + c_out * out[:, : x.shape[1]].to(x.dtype)
+    def noise_input(self, sigma: Tensor) -> Tensor:
+        """c_noise(t) = t (Lu & Song 2025, TrigFlow's time conditioning)."""
+        return self.schedule.sigma_to_t(sigma)
 
 
-def build(net: nn.Module, schedule: TrigFlowSchedule, options) -> nn.Module:
-    return TrigFlowDenoiser(net, schedule)
-
-
-def _register() -> None:
-    from .parameterizations import NoiseSpace, Parameterization, register, register_space
-
-    space = register_space(NoiseSpace("trigflow", TrigFlowSchedule, build, "trigflow", lambda s: 0.0,
-                                      "SCMScheduler", "SCMScheduler", default_sampler="euler"))
-    register(Parameterization("trigflow", space, build))
-
-
-_register()
+register_space(NoiseSpace("trigflow", TrigFlowSchedule, lambda net, schedule, options: TrigFlowDenoiser(net, schedule),
+                          "trigflow", lambda schedule: 0.0, "SCMScheduler", "SCMScheduler", default_sampler="euler"))
