@@ -393,13 +393,18 @@ def test_serve_command_line_errors_are_one_line(capsys, tmp_path):
         for argv, message in [(["--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
                               (["--port", "70000"], "--port must be in 0..65535"),
                               (["--lora", str(tmp_path / "none.safetensors")], "does not exist"),
-                              (["--tiny-vae", str(tmp_path)], "not an AutoencoderTiny folder"),
-                              (["--host", "0.0.0.0"], "give --token TOKEN"),
+                              (["--tiny-vae", str(tmp_path)], "not an AutoencoderTiny folder")]:
+            code, _, err = run_cli(capsys, "serve", "--model", str(MODELS / "emoji-lcm"), *argv)
+            assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        # the safety options are refused before anything is loaded (the model here does not even exist)
+        for argv, message in [(["--host", "0.0.0.0"], "give --token TOKEN (every request must carry it), or "
+                                                      "--insecure-open"),
                               (["--host", "0.0.0.0", "--token", "short"], "--token must be 8 to 256 characters"),
+                              (["--token", "has space in it"], "--token must be 8 to 256 characters"),
                               (["--allow-origin", "null"], "--allow-origin 'null' is not an origin"),
                               (["--allow-origin", "evil.example"], "is not an origin"),
                               (["--allow-origin", "http://a.example/page"], "is not an origin")]:
-            code, _, err = run_cli(capsys, "serve", "--model", str(MODELS / "emoji-lcm"), *argv)
+            code, _, err = run_cli(capsys, "serve", "--model", str(tmp_path / "no-model"), "--port", "0", *argv)
             assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         code, _, err = run_cli(capsys, "serve", "--model", str(MODELS / "emoji-progressive"), "--lora",
                                str(MODELS / "emoji-style-lora"), "--port", "0")

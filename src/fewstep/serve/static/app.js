@@ -196,18 +196,19 @@ function schedule() {
   pending();
 }
 
-function pending(note) {                  // the newest request is neither shown nor refused: say so
-  const waiting = page.lastSent > page.lastShown && page.lastSent !== page.lastFailed;
-  $("pending").hidden = !waiting;
+function pending(note) {                  // the newest request is neither shown nor refused (or waits to be
+  const waiting = Boolean(note) || (page.lastSent > page.lastShown && page.lastSent !== page.lastFailed);
+  $("pending").hidden = !waiting;         // sent again, with ``note`` saying why): say so
   $("pending").textContent = note || "generating…";
-  $("results").classList.toggle("stale", page.lastSent !== page.lastShown);
+  $("results").classList.toggle("stale", waiting || page.lastSent !== page.lastShown);
 }
 
 function retryBusy() {                    // the server was busy: ask again for the newest request, backing off
   clearTimeout(page.busyTimer);
-  page.busyTimer = setTimeout(() => { page.busyRetries += 1; page.lastMessage = ""; schedule(); }, page.busyDelay);
-  page.busyDelay = Math.min(page.busyDelay * 2, 4000);
-  pending(`server busy: trying again in ${(page.busyDelay / 2000).toFixed(1)} s…`);
+  const delay = page.busyDelay;
+  page.busyTimer = setTimeout(() => { page.busyRetries += 1; page.lastMessage = ""; schedule(); }, delay);
+  page.busyDelay = Math.min(delay * 2, 4000);
+  pending(`server busy: trying again in ${(delay / 1000).toFixed(1)} s…`);
 }
 
 function show(msg) {
