@@ -2,9 +2,13 @@
 (alone and batched with others), latest wins, back-pressure, the caches, LoRA weights as adapter scales,
 pixel models with labels, and every kind of bad request as one clear message."""
 
+import asyncio
 import base64
 import io
 import json
+import re
+import struct
+import zlib
 import threading
 import time
 
@@ -257,6 +261,13 @@ BAD = [
     ('{"type": "generate", "image": "data:text/html;base64,aGVsbG8="}', "base64 data URL"),
     ('{"type": "generate", "image": 5}', "image must be a data URL string"),
     ('{"type": "generate", "id": "seven"}', "id must be an integer"),
+    ('{"type": "generate", "prompt": "\\ud800 apple"}', "prompt is not valid text: it holds a lone UTF-16 surrogate"),
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+    ('{"type": "generate", "steps": ' + "[" * 900 + "]" * 900 + "}", "steps must be an integer, got a JSON array"),
+    ('{"type": "generate", "guidance_scale": ' + "9" * 4000 + "}", "guidance_scale must be a finite number"),
+    ('{"type": "generate", "seed": ' + "9" * 4000 + "}", "seed must be in 0..4294967295, got 99999"),
+    ('{"type": "generate", "image": "data:image/png;base64,' + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"junk" * 20)
+     .decode() + '"}', "could not be read as a PNG, JPEG or WebP image"),
 ]
 
 
@@ -266,6 +277,7 @@ def test_bad_requests_are_one_clear_message(engine, text, message):
         parse(text, engine.info)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+    assert not re.search(r"0x[0-9a-f]{6}|BytesIO|Error\b", str(caught.value)), str(caught.value)   # no Python text
 
 
 def test_oversized_and_huge_uploads_are_refused(engine):
@@ -280,9 +292,77 @@ def test_oversized_and_huge_uploads_are_refused(engine):
     assert caught.value.request_id == 12
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and IHDR chunk claiming ``width``×``height``, then a truncated IDAT: readable only up to
+    its header (decoding it fails)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000))[:30])
+
+
+def test_uploads_are_refused_from_their_header_before_decoding(engine):
+    """The size is read from the PNG header: a 4096×4096 claim is refused as too large (had it been decoded first,
+    its truncated data would have been the complaint), and a damaged image is one line without PIL's text."""
+    def upload(raw: bytes) -> str:
+        return json.dumps({"type": "generate", "image": "data:image/png;base64," + base64.b64encode(raw).decode()})
+    with pytest.raises(ProtocolError, match="at most 2048×2048 pixels, got 4096×4096"):
+        parse(upload(png_header(4096, 4096)), engine.info)
+    with pytest.raises(ProtocolError, match="at most 2048×2048 pixels; this one is far larger"):
+        parse(upload(png_header(100_000, 100_000)), engine.info)      # past PIL's own bomb limit
+    with pytest.raises(ProtocolError) as caught:
+        parse(upload(png_header(64, 64)), engine.info)
+    assert str(caught.value) == "the uploaded image is damaged or truncated: it could not be decoded"
+
+
+def test_a_large_upload_is_reduced_first_and_matches_the_exact_resize():
+    """2048×1500 with alpha: box-reduced in PIL (over white) before the float resize, within two 8-bit levels of
+    the exact path (:func:`fewstep.io.images.image_tensor` on the full image; [−1, 1] spans 255 levels as 2)."""
+    from fewstep.io.images import image_tensor
+    from fewstep.serve.uploads import decode_upload
+
+    ramp = np.linspace(0, 255, 2048).astype(np.uint8)
+    rgba = np.stack([np.tile(ramp, (1500, 1)), np.tile(ramp[:1500, None], (1, 2048)), np.full((1500, 2048), 90, np.uint8),
+                     np.tile(ramp[::-1], (1500, 1))], -1)
+    image = Image.fromarray(rgba, "RGBA")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    fast = decode_upload(buf.getvalue(), 3, 32)
+    assert fast.shape == (1, 3, 32, 32)
+    assert (fast[0] - image_tensor(image, 3, 32)).abs().max() < 4 / 255
+    gray = decode_upload(buf.getvalue(), 1, 16)
+    assert (gray[0] - image_tensor(image, 1, 16)).abs().max() < 4 / 255
+
+
+def test_a_busy_refusal_says_so_and_a_bad_message_keeps_the_connection():
+    """Over a :class:`~fewstep.serve.app.Connection` (a fake socket and engine): a busy engine's refusal carries
+    ``busy: true`` (the page retries on it), a message parse() did not foresee is one line, no traceback."""
+    from fewstep.serve.app import Connection, Reader
+    from fewstep.serve.engine import Busy
+
+    class BusyEngine:
+        info = {**limits(load_model(MODELS / "digits-cd"), []), "model": "digits-cd"}
+
+        def submit(self, client, request):
+            raise Busy("server busy: 1 requests in flight (the limit is 1); try again in a moment")
+
+    reader = Reader()
+    connection = Connection(BusyEngine(), None, reader)
+    try:
+        asyncio.run(connection._handle('{"type": "generate", "id": 4, "label": 1}'))
+        asyncio.run(connection._handle(None))
+    finally:
+        reader.close()
+    busy, binary = connection.outbox.get_nowait(), connection.outbox.get_nowait()
+    assert busy == {"type": "error", "id": 4, "error": busy["error"], "busy": True} and "server busy" in busy["error"]
+    assert binary["error"] == "send JSON text frames, not binary ones" and "busy" not in binary
+
+
 def test_limits_follow_the_model(lcm):
     info = limits(lcm, [])
     assert info["guidance"] == {"min": 1.0, "max": 6.0, "default": 3.0, "input": True}
+    for name in ("emoji-sd", "digits-cd"):     # no range in the config: 1 (no guidance) to 10, never 0
+        assert limits(load_model(MODELS / name), [])["guidance"]["min"] == 1.0
     assert info["steps"] == {"min": 1, "max": 8, "default": 4}
     progressive = limits(load_model(MODELS / "emoji-progressive"), [])
     assert progressive["steps"]["allowed"] == [1, 2, 4]
@@ -315,7 +395,17 @@ def test_serve_command_line_errors_are_one_line(capsys, tmp_path):
                               (["--lora", str(tmp_path / "none.safetensors")], "does not exist"),
                               (["--tiny-vae", str(tmp_path)], "not an AutoencoderTiny folder")]:
             code, _, err = run_cli(capsys, "serve", "--model", str(MODELS / "emoji-lcm"), *argv)
-            assert code == 2 and message in err and "Traceback" not in err, err
+            assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        # the safety options are refused before anything is loaded (the model here does not even exist)
+        for argv, message in [(["--host", "0.0.0.0"], "give --token TOKEN (every request must carry it), or "
+                                                      "--insecure-open"),
+                              (["--host", "0.0.0.0", "--token", "short"], "--token must be 8 to 256 characters"),
+                              (["--token", "has space in it"], "--token must be 8 to 256 characters"),
+                              (["--allow-origin", "null"], "--allow-origin 'null' is not an origin"),
+                              (["--allow-origin", "evil.example"], "is not an origin"),
+                              (["--allow-origin", "http://a.example/page"], "is not an origin")]:
+            code, _, err = run_cli(capsys, "serve", "--model", str(tmp_path / "no-model"), "--port", "0", *argv)
+            assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         code, _, err = run_cli(capsys, "serve", "--model", str(MODELS / "emoji-progressive"), "--lora",
                                str(MODELS / "emoji-style-lora"), "--port", "0")
         assert code == 2 and "progressive folder" in err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 
 from ..errors import FewstepError
 from .args import add_lora_arg, load_options, positive_int
@@ -16,13 +15,32 @@ def add_parser(sub) -> None:
                                    "strength slider, a slider per LoRA (applied as adapter weights, never re-fused), "
                                    "latency and images/s shown. Concurrent requests share one network batch per "
                                    "step (stream batching); prompt embeddings are cached; each client's newest "
-                                   "request wins. Models and LoRAs are chosen here, never by the page.")
+                                   "request wins. Models and LoRAs are chosen here, never by the page. Safe by "
+                                   "default: it listens on 127.0.0.1, answers only requests addressed to a loopback "
+                                   "name (127.0.0.1, localhost, [::1]: no DNS rebinding), takes WebSockets only from "
+                                   "its own page's origin (so other web sites you visit cannot drive it; clients that "
+                                   "send no Origin, such as scripts, are taken) and sends a strict "
+                                   "Content-Security-Policy. Listening beyond loopback needs --token (or "
+                                   "--insecure-open).")
     p.add_argument("--model", required=True, help="model folder (an LCM such as models/emoji-lcm, a pixel model, any "
                                                   "pipeline with an LCM-LoRA via --lora)")
     add_lora_arg(p, "plug in a LoRA, kept unfused with a live slider on the page")
     p.add_argument("--tiny-vae", metavar="DIR", help="decode with this AutoencoderTiny (fewstep train-tiny-vae), e.g. "
                                                      "models/emoji-tiny-vae")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only); any other address (0.0.0.0, a "
+                        "LAN address) is refused unless --token is given (or --insecure-open)")
+    p.add_argument("--token", metavar="TOKEN",
+                   help="require TOKEN on every request and WebSocket: open http://HOST:PORT/?token=TOKEN once and the "
+                        "page keeps it as a cookie; scripts send ?token=TOKEN or 'Authorization: Bearer TOKEN'. 8+ "
+                        "characters of letters, digits and . _ ~ - (python -c 'import secrets; "
+                        "print(secrets.token_urlsafe())')")
+    p.add_argument("--insecure-open", action="store_true",
+                   help="with a non-loopback --host and no --token: serve anyone who can reach the address (any "
+                        "Host, no token; a warning is printed). Without it such a --host is refused")
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN", default=[],
+                   help="also take WebSockets from pages of ORIGIN (scheme://host[:port], e.g. http://localhost:3000); "
+                        "repeatable. The page's own origin is always allowed; 'null' never is")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--max-batch", type=positive_int, default=64, help="most images in one network batch (default 64)")
     p.add_argument("--queue", type=positive_int, default=64,
@@ -40,15 +58,21 @@ def run(args: argparse.Namespace) -> None:
     import warnings
 
     import torch
+    from PIL import Image
 
     from ..models.folders import load_model
     from ..models.loras import apply_loras, parse_lora_spec
     from ..models.tiny_vae import with_tiny_vae
     from ..serve.app import bind, serve
     from ..serve.engine import Engine
+    from ..serve.security import Policy, is_loopback
 
     if not 0 <= args.port <= 65535:
         raise FewstepError(f"--port must be in 0..65535 (0 picks a free one), got {args.port}")
+    if not is_loopback(args.host) and not args.token and not args.insecure_open:
+        raise FewstepError(f"--host {args.host} lets other machines reach this page: give --token TOKEN (every "
+                           f"request must carry it), or --insecure-open to serve anyone who can reach it")
+    Policy.for_server(args.host, args.port, args.allow_origin, args.token)    # bad --allow-origin/--token: fail now
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = [parse_lora_spec(s) for s in args.lora or []]
@@ -63,18 +87,15 @@ def run(args: argparse.Namespace) -> None:
         sock.close()
         raise
     warnings.filterwarnings("ignore", message=".*longer than the tokenizer.*")   # not one log line per long prompt typed
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)   # uploads: refused from the header
     engine = Engine(model, max_batch=args.max_batch, queue_limit=args.queue, trace=not args.no_trace)
     engine.warm_up()
     host, port = sock.getsockname()[:2]
-    print(f"fewstep serve: {args.model} on http://{host if ':' not in host else f'[{host}]'}:{port}/ (Ctrl-C stops)",
-          flush=True)
-    if not _loopback(args.host):
-        print(f"fewstep: warning: listening on {args.host}: other machines can reach this page", flush=True)
-    serve(engine, sock, args.log_level)
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    policy = Policy.for_server(args.host, port, args.allow_origin, args.token)
+    address = f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
+    opened = f"; open {address}?token={args.token}" if args.token else ""
+    print(f"fewstep serve: {args.model} on {address} (Ctrl-C stops{opened})", flush=True)
+    if not is_loopback(args.host) and not args.token:
+        print(f"fewstep: warning: listening on {args.host} with --insecure-open: anyone who can reach this address "
+              f"can use the page and the WebSocket", flush=True)
+    serve(engine, sock, policy, args.log_level)

@@ -111,6 +111,7 @@ class Job:
     ticket: Ticket
     submitted: float
     future: Future | None = None
+    counted: bool = True          # still counted in flight (a cancelled job stops counting at once)
 
 
 class Engine:
@@ -178,13 +179,19 @@ class Engine:
         job = self._latest.pop(client, None)
         if job is not None:
             self.batcher.cancel(job.ticket)
-            job.future.cancel()
+            if not job.future.cancel():      # already running: it stops at its next network call, and no longer
+                self._release(job)           # counts against the queue limit (a typist's superseded requests)
 
     def _finished(self, job: Job) -> None:
         with self._lock:
-            self._inflight -= 1
+            self._release(job)
             if self._latest.get(job.client) is job:
                 del self._latest[job.client]
+
+    def _release(self, job: Job) -> None:
+        if job.counted:
+            job.counted = False
+            self._inflight -= 1
 
     # --- running one -----------------------------------------------------------------------------
     def _run(self, job: Job) -> dict[str, Any]:

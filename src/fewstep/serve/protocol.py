@@ -7,12 +7,16 @@ Client → server, one JSON object per WebSocket text frame::
 
 Server → client: ``{"type": "hello", "info": {...}}`` on connecting (the ranges below, the LoRA sliders),
 ``{"type": "result", "id": 7, "images": ["data:image/png;base64,..."], "latency_ms": ..., "stats": {...}}``,
-``{"type": "error", "id": 7 | null, "error": "one clear line"}``.
+``{"type": "error", "id": 7 | null, "error": "one clear line"}`` (with ``"busy": true`` when the server was too
+busy to take the request: the page sends its newest request again after a short back-off).
 
-Every field is checked against the model's ranges (:func:`limits`); anything else — not JSON, a wrong type,
-an unknown field, a too-long prompt, a non-image or oversized upload — is a :class:`ProtocolError` with a
-message for the person at the page. Nothing a client sends names a file: models and LoRAs are chosen when
-the server starts, and a request picks LoRA *weights* by position.
+Every field is checked against the model's ranges (:func:`limits`); anything else — not JSON, JSON nested too
+deeply, a wrong type, an unknown field, a too-long prompt, text that is not Unicode (a lone UTF-16 surrogate
+such as ``"\\ud800"``: refused, not replaced, so no one is served a prompt they did not write), a non-image,
+damaged or oversized upload — is a :class:`ProtocolError` with one line for the person at the page (never a
+Python object's text). :func:`parse` decodes the uploaded image, so the server calls it off the event loop.
+Nothing a client sends names a file: models and LoRAs are chosen when the server starts, and a request picks
+LoRA *weights* by position.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -29,16 +32,15 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import FewstepError
-from ..io.images import image_tensor, open_image
+from .uploads import MAX_SIDE, UploadError, decode_upload
 
 MAX_PROMPT = 500                 # characters (the tokenizer keeps 32 tokens; longer is a mistake or abuse)
 MAX_NUM = 8                      # images per request
 MAX_UPLOAD = 2 * 1024 * 1024     # bytes of an uploaded image
-MAX_UPLOAD_SIDE = 2048           # pixels
+MAX_UPLOAD_SIDE = MAX_SIDE       # pixels, each side (refused from the image's header, before decoding)
 MAX_SEED = 2**32 - 1
 LORA_RANGE = (-2.0, 2.0)
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
-SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")   # PNG, JPEG, RIFF (WebP's container)
 FIELDS = {"type", "id", "prompt", "label", "steps", "guidance_scale", "seed", "num", "image", "strength", "loras"}
 
 
@@ -79,7 +81,8 @@ def limits(model, lora_weights: list[float]) -> dict[str, Any]:
         steps = {"min": min(c.serves_steps), "max": max(c.serves_steps), "allowed": sorted(c.serves_steps)}
     else:
         steps = {"min": 1, "max": 8 if c.kind == "consistency" else 50}
-    lo, hi = (c.guidance_range or [0.0, 10.0])[:2] if model.takes_guidance else (0.0, 10.0)
+    lo, hi = (c.guidance_range or [1.0, 10.0])[:2] if model.takes_guidance else (1.0, 10.0)
+    lo = max(1.0, lo)                       # 1 = no guidance; below it the prompt fades out (0: ignored)
     return {"model": model.path.name, "text": model.conditioner.text, "classes": list(c.class_names),
             "conditional": model.conditioner.conditional, "channels": c.channels, "image_size": c.image_size,
             "steps": {**steps, "default": c.default_steps}, "sampler": c.default_sampler,
@@ -98,7 +101,9 @@ def parse(text: str | None, info: dict[str, Any]) -> Request:
     try:
         msg = json.loads(text)
     except ValueError as e:
-        raise ProtocolError(f"malformed message: not JSON ({e})") from None
+        raise ProtocolError(f"malformed message: not JSON ({str(e)[:120]})") from None
+    except RecursionError:
+        raise ProtocolError("malformed message: JSON nested too deeply (a request is one flat object)") from None
     if not isinstance(msg, dict):
         raise ProtocolError("malformed message: expected a JSON object like {\"type\": \"generate\", ...}")
     rid = msg.get("id")
@@ -113,9 +118,13 @@ def parse(text: str | None, info: dict[str, Any]) -> Request:
 def _request(msg: dict, info: dict, rid: int | None) -> Request:
     unknown = sorted(set(msg) - FIELDS)
     if unknown:
-        raise ProtocolError(f"unknown field {unknown[0]!r}; a request has {', '.join(sorted(FIELDS))}")
+        raise ProtocolError(f"unknown field {unknown[0][:40]!r}; a request has {', '.join(sorted(FIELDS))}")
+    for key, value in msg.items():
+        if isinstance(value, str) and not _unicode(value):
+            raise ProtocolError(f"{key} is not valid text: it holds a lone UTF-16 surrogate (such as \\ud800); send "
+                                f"Unicode text")
     if msg.get("type") != "generate":
-        raise ProtocolError(f"unknown message type {msg.get('type')!r}; send {{\"type\": \"generate\", ...}}")
+        raise ProtocolError(f"unknown message type {_show(msg.get('type'))}; send {{\"type\": \"generate\", ...}}")
     if "id" in msg and rid is None:
         raise ProtocolError("id must be an integer")
     steps = _int(msg, "steps", info["steps"]["default"], info["steps"]["min"], info["steps"]["max"])
@@ -161,7 +170,7 @@ def _loras(value: Any, sliders: list[dict]) -> tuple[float, ...]:
     lo, hi = LORA_RANGE
     for v in value:
         if not _is_number(v) or not lo <= v <= hi:
-            raise ProtocolError(f"LoRA weights must be numbers in [{lo:g}, {hi:g}], got {json.dumps(v)[:40]}")
+            raise ProtocolError(f"LoRA weights must be numbers in [{lo:g}, {hi:g}], got {_show(v)}")
     return tuple(float(v) for v in value)
 
 
@@ -181,15 +190,28 @@ def _image(value: Any, info: dict) -> tuple[Tensor | None, str]:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError("image is not valid base64") from None
-    if not any(raw.startswith(magic) for magic in SIGNATURES) or (raw.startswith(b"RIFF") and raw[8:12] != b"WEBP"):
-        raise ProtocolError("the upload is not an image this server reads: send a PNG, JPEG or WebP")
     try:
-        im = open_image(io.BytesIO(raw), "the uploaded image")
-    except FewstepError as e:
+        image = decode_upload(raw, info["channels"], info["image_size"])
+    except UploadError as e:
         raise ProtocolError(str(e)) from None
-    if max(im.size) > MAX_UPLOAD_SIDE:
-        raise ProtocolError(f"image must be at most {MAX_UPLOAD_SIDE}×{MAX_UPLOAD_SIDE} pixels, got {im.width}×{im.height}")
-    return image_tensor(im, info["channels"], info["image_size"])[None], hashlib.sha1(raw).hexdigest()
+    return image, hashlib.sha1(raw).hexdigest()
+
+
+def _unicode(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8 (JSON's ``\\ud800`` escapes make lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show(v: Any) -> str:
+    """A client's value, short and safe to echo: JSON for a scalar (cut at 40 characters), the kind of a container."""
+    if isinstance(v, (list, dict)):
+        return f"a JSON {'array' if isinstance(v, list) else 'object'}"
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def _is_int(v: Any) -> bool:
@@ -197,27 +219,33 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:          # an integer of hundreds of digits
+        return False
 
 
 def _int(msg: dict, key: str, default: int | None, lo: int, hi: int) -> int:
     v = msg.get(key, default)
     if not _is_int(v):
-        raise ProtocolError(f"{key} must be an integer, got {json.dumps(v)[:40]}")
+        raise ProtocolError(f"{key} must be an integer, got {_show(v)}")
     if not lo <= v <= hi:
-        raise ProtocolError(f"{key} must be in {lo}..{hi}, got {v}")
+        raise ProtocolError(f"{key} must be in {lo}..{hi}, got {_show(v)}")
     return v
 
 
 def _number(msg: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
     v = msg.get(key, default)
     if not _is_number(v):
-        raise ProtocolError(f"{key} must be a finite number, got {json.dumps(v)[:40]}")
+        raise ProtocolError(f"{key} must be a finite number, got {_show(v)}")
     if v < lo or v > hi or (lo_open and v == lo):
         raise ProtocolError(f"{key} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v:g}")
     return float(v)
 
 
 def to_json(message: dict) -> str:
+    """A server message as one compact JSON text (ASCII: anything a client sent is escaped)."""
     return json.dumps(message, separators=(",", ":"))
 

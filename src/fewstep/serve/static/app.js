@@ -1,19 +1,25 @@
 // fewstep serve: every change of a control sends one request over the WebSocket; the server keeps only the
-// newest per client (latest wins), so the page never waits for stale images. No build step, no CDN.
+// newest per client (latest wins), so the page never waits for stale images. A request the server was too busy
+// to take is sent again after a short back-off; while the newest request is pending the page says so. No build
+// step, no CDN, no inline script (the server's Content-Security-Policy allows only this file).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const page = { info: null, ws: null, nextId: 1, lastSent: 0, lastShown: 0, lastMessage: "", sentAt: {},
-               results: 0, errors: 0, retry: 500 };
+const page = { info: null, ws: null, nextId: 1, lastSent: 0, lastShown: 0, lastFailed: 0, lastMessage: "",
+               sentAt: {}, results: 0, errors: 0, retry: 500, busyDelay: 250, busyTimer: 0, busyRetries: 0 };
 window.fewstepPage = page;                     // read by the browser test
+const token = new URLSearchParams(location.search).get("token");   // --token: also kept as a cookie by the server
 
 function connect() {
-  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+  const query = token ? `?token=${encodeURIComponent(token)}` : "";
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws${query}`);
   page.ws = ws;
   ws.onopen = () => { $("conn").textContent = "live"; $("conn").classList.add("live"); page.retry = 500; };
-  ws.onclose = () => {
-    $("conn").textContent = "reconnecting…"; $("conn").classList.remove("live");
+  ws.onclose = (event) => {
+    $("conn").textContent = event.code === 1008 ? `refused: ${event.reason}` : "reconnecting…";
+    $("conn").classList.remove("live");
     page.lastMessage = "";
+    clearTimeout(page.busyTimer);
     setTimeout(connect, page.retry); page.retry = Math.min(page.retry * 2, 8000);
   };
   ws.onmessage = (event) => {
@@ -45,8 +51,8 @@ function setup(info) {
     }
     const steps = info.steps;
     setRange($("steps"), steps.min, steps.max, steps.default, 1);
-    const g = info.guidance;
-    setRange($("guidance"), g.min, g.max, g.default, 0.1);
+    const g = info.guidance;                   // 1 = no guidance: the slider never goes below it
+    setRange($("guidance"), Math.max(1, g.min), Math.max(1, g.max), Math.max(1, g.default), 0.1);
     $("guidance-row").hidden = g.min === g.max;
     $("num").max = info.max_num;
     $("prompt").maxLength = info.max_prompt;
@@ -134,7 +140,7 @@ function sketchData() {
   return small.toDataURL("image/png");
 }
 
-$("clear").addEventListener("click", () => { resetCanvas(); schedule(); });
+$("clear").addEventListener("click", () => { resetCanvas(); $("use-sketch").checked = false; schedule(); });
 $("upload").addEventListener("change", (event) => {
   const file = event.target.files[0];
   if (!file) return;
@@ -150,10 +156,22 @@ $("upload").addEventListener("change", (event) => {
 });
 
 // --- requests and results ------------------------------------------------------------------------------
+function seed() {                         // the seed box's value, or null (and the reason shown) when it is not one
+  const input = $("seed"), text = input.value.trim(), max = page.info.seed_max;
+  let error = "";
+  if (input.validity.badInput || !/^[0-9]+$/.test(text)) error = `seed must be a whole number from 0 to ${max}`;
+  else if (Number(text) > max) error = `seed must be at most ${max}`;
+  $("seed-error").textContent = error;
+  $("seed-error").hidden = !error;
+  input.setAttribute("aria-invalid", String(Boolean(error)));
+  return error ? null : Number(text);
+}
+
 function request() {
   const info = page.info;
-  const msg = { type: "generate", steps: Number($("steps").value), num: Number($("num").value),
-                seed: Math.max(0, Math.floor(Number($("seed").value) || 0)) };
+  const s = seed();
+  if (s === null) return null;
+  const msg = { type: "generate", steps: Number($("steps").value), num: Number($("num").value), seed: s };
   if (info.guidance.min !== info.guidance.max) msg.guidance_scale = Number($("guidance").value);
   if (info.text) msg.prompt = $("prompt").value;
   else if (info.conditional && $("label").value !== "") msg.label = Number($("label").value);
@@ -166,19 +184,38 @@ function schedule() {
   if (!page.info || !page.ws || page.ws.readyState !== WebSocket.OPEN) return;
   outputs();
   const msg = request();
+  if (msg === null) return;               // a control holds a bad value: its message is shown, nothing sent
   const key = JSON.stringify(msg);
   if (key === page.lastMessage) return;   // nothing changed: nothing to ask for
+  clearTimeout(page.busyTimer);
   page.lastMessage = key;
   msg.id = page.nextId++;
   page.sentAt[msg.id] = performance.now();
   page.lastSent = msg.id;
   page.ws.send(JSON.stringify(msg));
+  pending();
+}
+
+function pending(note) {                  // the newest request is neither shown nor refused (or waits to be
+  const waiting = Boolean(note) || (page.lastSent > page.lastShown && page.lastSent !== page.lastFailed);
+  $("pending").hidden = !waiting;         // sent again, with ``note`` saying why): say so
+  $("pending").textContent = note || "generating…";
+  $("results").classList.toggle("stale", waiting || page.lastSent !== page.lastShown);
+}
+
+function retryBusy() {                    // the server was busy: ask again for the newest request, backing off
+  clearTimeout(page.busyTimer);
+  const delay = page.busyDelay;
+  page.busyTimer = setTimeout(() => { page.busyRetries += 1; page.lastMessage = ""; schedule(); }, delay);
+  page.busyDelay = Math.min(delay * 2, 4000);
+  pending(`server busy: trying again in ${(delay / 1000).toFixed(1)} s…`);
 }
 
 function show(msg) {
   if (msg.id < page.lastShown) return;     // an older request finished after a newer one was shown
   page.lastShown = msg.id;
   page.results += 1;
+  page.busyDelay = 250;
   const box = $("results");
   while (box.children.length > msg.images.length) box.lastChild.remove();
   msg.images.forEach((src, i) => {
@@ -195,11 +232,19 @@ function show(msg) {
   $("throughput").textContent = `${s.images_per_second.toFixed(1)} images/s over 5 s · mean batch ` +
     `${s.mean_batch.toFixed(1)} · p95 ${s.p95_ms === null ? "–" : s.p95_ms.toFixed(0)} ms`;
   $("error").textContent = "";
+  pending();
 }
 
 function fail(msg) {
+  delete page.sentAt[msg.id];
+  if (msg.busy) {                          // not an error of the request: it is sent again when it is the newest
+    if (msg.id === page.lastSent) retryBusy();
+    return;
+  }
   page.errors += 1;
+  if (msg.id !== null && msg.id !== undefined) page.lastFailed = Math.max(page.lastFailed, msg.id);
   $("error").textContent = msg.error;
+  pending();
 }
 
 for (const id of ["prompt", "label", "steps", "guidance", "num", "seed", "strength", "use-sketch"]) {
