@@ -38,18 +38,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
 from ..errors import FewstepError
+from .faults import NO_SPACE, NOT_WRITABLE, error_number, io_error_message  # noqa: F401  (re-exported)
+from .inputs import check_not_input, protect_inputs, writing_into  # noqa: F401  (re-exported)
 
 MARKER = ".fewstep-output"          # what makes a folder fewstep's own (module docstring, rule 1)
 LEGACY_RECORD = "fewstep.json"      # fewstep's model/LoRA record, in every folder it wrote before markers
@@ -57,16 +58,8 @@ LEGACY_RECORD = "fewstep.json"      # fewstep's model/LoRA record, in every fold
 MARKERS = (MARKER, LEGACY_RECORD)
 
 _replaceable: ContextVar[frozenset[Path]] = ContextVar("replaceable", default=frozenset())
-_inputs: ContextVar[tuple[tuple[Path, str], ...]] = ContextVar("inputs", default=())
-_writable_inputs: ContextVar[frozenset[Path]] = ContextVar("writable_inputs", default=frozenset())
 _command: ContextVar[str | None] = ContextVar("command", default=None)
 
-# errno values that are the user's situation (a full disk, a read-only or foreign folder), not a bug
-NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
-_STRERROR = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
-             "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES,
-             "Operation not permitted": errno.EPERM, "File too large": errno.EFBIG}
 
 
 # --- what may be written ----------------------------------------------------------------------------
@@ -83,29 +76,6 @@ def allow_replacing(*paths: str | Path) -> Iterator[None]:
 
 
 @contextmanager
-def protect_inputs(inputs: Iterable[tuple[str | Path, str]]) -> Iterator[None]:
-    """Within the block, no output may be one of ``inputs`` — (path, what it is, e.g. "--teacher") — nor lie
-    inside one, nor contain one (:func:`check_not_input`; every check and write of this module asks it)."""
-    token = _inputs.set(_inputs.get() + tuple((Path(p), what) for p, what in inputs))
-    try:
-        yield
-    finally:
-        _inputs.reset(token)
-
-
-@contextmanager
-def writing_into(*paths: str | Path) -> Iterator[None]:
-    """Within the block, the files ``paths`` may be written although they lie in an input: for a command whose
-    job is to update its input in place (``eval --tune-sigmas --save-sigmas`` stores the grids in the model's
-    ``fewstep.json``)."""
-    token = _writable_inputs.set(_writable_inputs.get() | {Path(p).resolve() for p in paths})
-    try:
-        yield
-    finally:
-        _writable_inputs.reset(token)
-
-
-@contextmanager
 def recording_command(command: str | None) -> Iterator[None]:
     """Within the block, the markers of the folders written record ``command`` (the command line)."""
     token = _command.set(command)
@@ -113,44 +83,6 @@ def recording_command(command: str | None) -> Iterator[None]:
         yield
     finally:
         _command.reset(token)
-
-
-def _identity(path: Path) -> tuple:
-    """What makes two spellings of a path the same place: the file's (device, inode) where it exists (so a
-    symlink, a bind mount or another case spelling cannot hide an input), else its resolved path."""
-    try:
-        st = path.stat()
-        return ("inode", st.st_dev, st.st_ino)
-    except OSError:
-        return ("path", str(path))
-
-
-def _relation(output: Path, source: Path) -> str | None:
-    """How ``output`` overlaps ``source`` ("is", "is inside", "contains") or None."""
-    out, src = output.resolve(), source.resolve()
-    out_id, src_id = _identity(out), _identity(src)
-    if out_id == src_id:
-        return "is"
-    if src_id in {_identity(p) for p in out.parents}:
-        return "is inside"
-    if out_id in {_identity(p) for p in src.parents}:
-        return "contains"
-    return None
-
-
-def check_not_input(path: str | Path, what: str = "--out") -> Path:
-    """``path``, refused with one line if it is one of the command's inputs (:func:`protect_inputs`), inside
-    one or contains one: writing there would replace or change what the command reads."""
-    path = Path(path)
-    if path.resolve() in _writable_inputs.get():
-        return path
-    for source, name in _inputs.get():
-        relation = _relation(path, source)
-        if relation is not None:
-            kind = "folder" if source.is_dir() else "file"
-            raise FewstepError(f"{what} {path} {relation} the {name} {kind} {source}, an input of this command "
-                               f"that fewstep never writes over; give {what} a path outside it")
-    return path
 
 
 def _legacy_output(folder: Path) -> bool:
@@ -453,59 +385,3 @@ def _remove_quietly(path: Path) -> None:
         _remove(path)
     except OSError:
         pass                                          # a later run removes it (remove_stale_temporaries)
-
-
-# --- errors the user can act on ---------------------------------------------------------------------
-def error_number(e: BaseException) -> int | None:
-    """The errno of a full disk or an unwritable place behind ``e`` (an OSError, or a library's wrapping of one,
-    such as safetensors' "I/O error: No space left on device (os error 28)"), else None."""
-    seen = set()
-    while e is not None and id(e) not in seen and not isinstance(e, FewstepError):
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in NO_SPACE | NOT_WRITABLE:
-            return e.errno
-        if not isinstance(e, OSError) or e.errno is None:
-            text = str(e)
-            found = re.search(r"os error (\d+)|code: (\d+)", text)
-            if found and int(found[1] or found[2]) in NO_SPACE | NOT_WRITABLE:
-                return int(found[1] or found[2])
-            for words, number in _STRERROR.items():
-                if words in text:
-                    return number
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _free_mb(path: Path) -> str:
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    return f"{shutil.disk_usage(existing).free / 2**20:,.0f} MB" if existing is not None else "unknown"
-
-
-def io_error_message(e: BaseException, path: str | Path | None, existed: bool | None = None,
-                     writing: bool = True, outputs: dict[str, str] | None = None) -> str | None:
-    """One line for a full disk or an unwritable place while writing ``path`` (``writing``; else while using it
-    somehow: then a permission problem may be a read's), or None for any other error. ``existed``: whether
-    ``path`` was there before (then it is said to be unchanged). Where the error does not say which file it
-    was (``path`` None), the command's ``outputs`` (flag -> path) are named instead, each with its free space."""
-    number = error_number(e)
-    if number is None:
-        return None
-    path = path if path is not None else getattr(e, "filename", None)
-    if path is None:
-        where = ", ".join(f"{flag} {value} ({_free_mb(Path(value))} free)" for flag, value in (outputs or {}).items())
-        what = "no space left on device" if number in NO_SPACE else os.strerror(number).lower()
-        fix = "free some space or write elsewhere" if number in NO_SPACE else "write elsewhere, or make it writable"
-        return f"{what} while writing {'the outputs: ' + where if where else 'the output'}; {fix}, and run again"
-    path = Path(os.fsdecode(path))
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    kept = " (the existing one is unchanged)" if existed else ""
-    if number in NO_SPACE:
-        free = f"{_free_mb(path)} free there"
-        return (f"no space left on device writing {path}: {free}{kept}; free some space or write elsewhere, "
-                f"and run again")
-    folder = existing if existing is not None and existing.is_dir() else path.parent
-    if number == errno.EROFS:
-        return f"cannot write {path}: {folder} is on a read-only file system{kept}; write elsewhere"
-    if not writing:
-        return f"permission denied on {path}; check its permissions (or those of {folder})"
-    return f"cannot write {path}: {folder} is not writable (permission denied){kept}; write elsewhere, or make it writable"

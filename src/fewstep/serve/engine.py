@@ -121,13 +121,13 @@ class Engine:
                  queue_limit: int = 64, result_cache: int = 256, prompt_cache: int = 1024, trace: bool = True) -> None:
         self.model, self.queue_limit = model, queue_limit
         self.variants = {n: serving(model, n) for n in model.config.serves_steps}   # a progressive folder's students
-        self.adapters = list(getattr(model.unet, "peft_config", {})) if model.is_pipeline else []
+        self.adapters = list(getattr(model.backbone, "peft_config", {}))    # unfused LoRAs (sliders), if any
         self.trace = trace and not self.adapters     # a trace would freeze the adapters' scales
         self._networks: dict[tuple, Any] = {}
         weights = [float(lora["weight"]) for lora in model.config.loras][:len(self.adapters)]
         self.info = limits(model, weights)
         self._weights: tuple[float, ...] = tuple(weights)
-        self._lora_layers = _lora_layers(model.unet) if self.adapters else []
+        self._lora_layers = _lora_layers(model.backbone) if self.adapters else []
         self.batcher = MicroBatcher(max_batch, max_wait)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fewstep-request")
         self.prompts = PromptCache(model.conditioner, prompt_cache) if model.conditioner.text else None
@@ -223,7 +223,7 @@ class Engine:
         view = copy.copy(model)
         view.denoiser = Batched(self.batcher, ticket, ("denoise", id(model), weights),
                                 self._denoiser(model, weights), model.denoiser)
-        if model.is_pipeline:
+        if not model.codec.pixels:       # a decoder worth batching across requests (a pixel codec is the identity)
             decode = self.network("decode", model.codec, model.codec.decode)
             view.codec = BatchedCodec(model.codec, Batched(self.batcher, ticket, ("decode", id(model.codec)), decode))
         if self.prompts is not None:
