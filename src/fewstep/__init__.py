@@ -2,13 +2,15 @@
 consistency models and LCM-LoRA, on diffusers, peft and accelerate.
 
 The layers, each importing only the ones below it: ``core`` (schedules, denoisers and scalings,
-guidance, solvers, oracle) → ``nets`` → ``objectives`` → ``models`` (the one :class:`Model` handle,
+guidance, solvers, oracle, the parameterization registry) → ``nets`` → ``objectives`` → ``models`` (the one :class:`Model` handle,
 conditioners, codecs, folders, LoRA files, data) → ``training`` → ``sampling`` → ``editing`` →
-``methods`` → ``eval`` → ``bench`` → ``cli``.
+``methods`` (recipes and the method registry) → ``eval`` → ``bench`` → ``cli``.
 """
 
 from .core.denoisers import EDMDenoiser, VPDenoiser
+from .core.flow import FlowDenoiser, FlowSchedule
 from .core.guidance import CFGDenoiser, guide
+from .core.parameterizations import PARAMETERIZATIONS, SPACES, parameterization
 from .core.schedules import EDMSchedule, VPSchedule
 from .core.solvers import (
     SAMPLERS,
@@ -19,10 +21,12 @@ from .core.solvers import (
     sample_euler,
     sample_heun,
 )
+from .core.trigflow import TrigFlowDenoiser, TrigFlowSchedule
 from .methods.consistency import ConsistencySettings, distill_consistency
 from .methods.guided import GuidedSettings, distill_guided
 from .methods.lcm import LCMSettings, distill_lcm
 from .methods.progressive import ProgressiveSettings, distill_progressive
+from .methods.registry import METHODS, Method
 from .methods.style_lora import train_style_lora
 from .models.data import load_captioned, load_dataset
 from .models.folders import load_model, save_model
@@ -55,4 +59,7 @@ __all__ = ["EDMDenoiser", "VPDenoiser", "CFGDenoiser", "guide", "Model", "Loaded
            # training: one TrainConfig (steps, batch, lr, work dir) and each method's settings
            "TrainConfig", "load_dataset", "load_captioned", "ConsistencySettings", "distill_consistency",
            "GuidedSettings", "distill_guided", "distill_guided_latent", "ProgressiveSettings", "distill_progressive",
-           "distill_progressive_latent", "LCMSettings", "distill_lcm", "train_style_lora"]
+           "distill_progressive_latent", "LCMSettings", "distill_lcm", "train_style_lora",
+           # the registries: noise spaces (EDM, VP, flow, TrigFlow) and methods
+           "PARAMETERIZATIONS", "SPACES", "parameterization", "FlowSchedule", "FlowDenoiser", "TrigFlowSchedule",
+           "TrigFlowDenoiser", "METHODS", "Method"]
