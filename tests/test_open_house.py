@@ -102,3 +102,17 @@ def test_lcd_is_the_same_recipe_on_a_pixel_vp_teacher(tmp_path):
     assert torch.allclose(grid[:2], lcm.schedule.sigmas[torch.tensor([999, 499])].float())   # LCMScheduler's grid
     images = generate(lcm, torch.tensor([1, 2]), steps=2, guidance_scale=2.0, seed=0)
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+def test_every_shipped_kind_of_model_fits_the_three_protocols():
+    from fewstep.models.protocols import Backbone, Codec, Conditioner
+
+    for name in ("digits-teacher", "emoji-sd", "emoji-sdxl", "emoji-lcm"):
+        model = load_model(f"models/{name}")
+        assert isinstance(model.conditioner, Conditioner) and isinstance(model.codec, Codec), name
+        assert isinstance(model.backbone, Backbone), name
+        assert model.unet is model.backbone        # the old name still works
+    assert load_model("models/emoji-sd").diffusers_pipeline == "StableDiffusionPipeline"
+    assert load_model("models/emoji-sdxl").diffusers_pipeline == "StableDiffusionXLPipeline"
+    assert load_model("models/emoji-lcm").diffusers_pipeline == "LatentConsistencyModelPipeline"
+    assert load_model("models/digits-teacher").diffusers_pipeline is None

@@ -31,9 +31,8 @@ from ..core.guidance import CFGDenoiser
 from ..errors import FewstepError
 from ..nets.guided import GuidedUNet
 from ..nets.sdxl import AddedCondUNet, takes_added_cond
-from .codecs import PixelCodec, VAECodec
-from .conditioners import LabelConditioner, TextConditioner
 from .config import ModelConfig
+from .protocols import Codec, Conditioner
 from .data import prepared
 
 
@@ -79,9 +78,10 @@ class Model:
     """A model ready to sample, edit, evaluate or distil (module docstring)."""
 
     config: ModelConfig
-    net: nn.Module                                  # the backbone: a diffusers UNet, or a GuidedUNet around one
-    conditioner: LabelConditioner | TextConditioner     # SDXLConditioner is a TextConditioner
-    codec: PixelCodec | VAECodec
+    net: nn.Module                                  # the backbone (protocols.Backbone): a diffusers UNet or transformer,
+                                                    # in its wrappers (GuidedUNet's w input, AddedCondUNet's SDXL inputs)
+    conditioner: Conditioner                        # LabelConditioner, TextConditioner, SDXLConditioner, …
+    codec: Codec                                    # PixelCodec, VAECodec, TinyVAECodec, …
     path: Path
     parts: dict[str, Any] = field(default_factory=dict)  # a pipeline's other parts: vae, text_encoder, tokenizer,
                                                     # scheduler_config (what its folder holds besides the UNet)
@@ -109,7 +109,7 @@ class Model:
 
     @property
     def is_pipeline(self) -> bool:
-        return isinstance(self.codec, VAECodec)
+        return not self.codec.pixels
 
     @property
     def diffusers_pipeline(self) -> str | None:
