@@ -50,3 +50,15 @@ def test_a_table_target_is_met_or_missed_only_beyond_the_ratio_spread():
     assert target_met({"fid": 3.0, "fid_std": 0.1}, ref, 1.2) == "missed"         # 1.50 ± 0.09
     assert target_met({"fid": 2.4, "fid_std": 0.3}, ref, 1.2) == "not shown (within the spread)"
     assert target_met({"fid": 2.3}, {"fid": 2.0}, 1.2) == "met"                   # no spreads: the point decides
+
+
+def test_a_student_of_another_testbed_teacher_is_judged_against_its_own_teacher():
+    from fewstep.bench.testbed import own_teacher_note
+
+    quality = {"emoji-pixel-flow/euler": [{"steps": 25, "fid": 5.0, "fid_std": 0.2, "nfe": 50}],
+               "emoji-pixel-flow/dpmpp-2m": [{"steps": 8, "fid": 4.0, "fid_std": 0.2, "nfe": 16}],
+               "emoji-pixel-flow-cd/consistency": [{"steps": 1, "fid": 6.0, "fid_std": 0.3}],
+               "emoji-pixel-cd/consistency": [{"steps": 1, "fid": 7.0, "fid_std": 0.3}]}
+    lines = own_teacher_note(quality)
+    assert len([line for line in lines if line.startswith("- ")]) == 1          # emoji-pixel-cd's teacher is the testbed's
+    assert "best is FID 4.000 ± 0.200 (dpmpp-2m, 8 steps)" in lines[-1] and "1.50×" in lines[-1]

@@ -5,7 +5,9 @@ and 100%).
 
 Measured with the emoji ruler (the shipped emoji classifier's features against all 3,655 emoji): the
 teacher with each solver at 1 … 25 steps, every student beside it (consistency models at 1, 2, 4 steps;
-the guided student at 4, 8, 25; the progressive students at the steps they serve), zero-shot editing
+the guided student at 4, 8, 25; the progressive students at the steps they serve; another teacher of the testbed,
+such as the flow-matching ``emoji-pixel-flow``, with its own sampler and DPM-Solver++, its students also against its
+own best), zero-shot editing
 (colorization of grayscale emoji included) and the costs. Rendered with the digits section's columns.
 
 ``fewstep bench --only emoji-pixel --reuse OLD/bench.json`` runs just this section; a model whose weights
@@ -24,7 +26,7 @@ from ..eval.evaluate import ruler_for
 from ..io.atomic import write_text
 from ..models.folders import is_pipeline_folder, load_model
 from ..models.handle import Model
-from .format import acc, fid, teacher_best, teacher_rows
+from .format import acc, fid, ratio_cell, teacher_best, teacher_rows
 from .measure import quality_rows
 from .pixel import consistency_table, editing_table, measure_editing, training_cost
 from .results import load_report, reusable_rows
@@ -46,6 +48,31 @@ def student_steps(model: Model) -> tuple[int, ...]:
     if model.config.serves_steps:
         return tuple(sorted(model.config.serves_steps))
     return (1, 2, 4) if model.config.kind == "consistency" else (4, 8, 25)
+
+
+def samplers(model: Model) -> tuple[str, ...]:
+    """A student is measured with its own sampler; another teacher of the testbed (one taking no guidance input,
+    e.g. the flow-matching ``emoji-pixel-flow``) with its own and DPM-Solver++, so its best ranges over both."""
+    if model.config.kind == "diffusion" and not model.takes_guidance:
+        return tuple(dict.fromkeys((model.config.default_sampler, "dpmpp-2m")))
+    return (model.config.default_sampler,)
+
+
+def own_teacher_note(quality: dict) -> list[str]:
+    """For a student distilled from another teacher of the testbed (``X-cd`` from ``X``), its ratios to that
+    teacher's own best: the flow-matching CD student against the flow teacher."""
+    lines = []
+    for key, rows in quality.items():
+        name = key.split("/")[0]
+        parent = name.removesuffix("-cd")
+        found = teacher_best(quality, parent) if parent != name and parent != TEACHER else None
+        if found is None or not key.endswith("/consistency"):
+            continue
+        where, best = found
+        by = {r["steps"]: r for r in rows}
+        cells = ", ".join(f"{n} step{'s' * (n > 1)} {fid(by[n])} ({ratio_cell(by[n], best)})" for n in (1, 2) if n in by)
+        lines.append(f"- `{name}` against its own teacher `{parent}`, whose best is FID {fid(best)} ({where}): {cells}.")
+    return ["", "Students of the testbed's other teachers, against their own teacher's best:", "", *lines] if lines else []
 
 
 def fingerprint(model: Model) -> str:
@@ -110,7 +137,8 @@ def measure(models_dir: Path, settings, command: str = "", progress: Path | None
     for sampler, counts in TEACHER_STEPS.items():
         rows(teacher, sampler, counts[:2] if settings.quick else counts, teacher.config.default_guidance_scale)
     for model in found:
-        rows(model, model.config.default_sampler, student_steps(model), None)
+        for sampler in samplers(model):
+            rows(model, sampler, student_steps(model), None)
         out["costs"][model.path.name] = training_cost(model)
     editors = [teacher, *(m for m in found if m.config.kind == "consistency" and m.path.name.endswith("-cd"))]
     for model in editors:
@@ -154,5 +182,6 @@ def section(report) -> list[str]:
                          f"{1e3 * r['kid_std']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {acc(r)} |")
     lines += _teacher_note(g["quality"])
     lines += consistency_table(g["quality"], g["costs"], TEACHER, "### Consistency models on the testbed")
+    lines += own_teacher_note(g["quality"])
     lines += editing_table(g.get("editing", {}), g["edit_num"], "emoji", "### Zero-shot editing on the testbed")
     return lines
