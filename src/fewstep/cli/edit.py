@@ -102,12 +102,12 @@ def run(args: argparse.Namespace) -> None:
     images = _inputs(args, model)
     known = read_png(args.mask, 1, (size,))[0] > 0 if args.mask else None
     known = half_mask(size, args.mask_half) if args.mask_half else known
-    if text:
-        grid = make_grid(_pipeline_rows(args, model, images, known), nrow=len(args.prompt or [""]) + 1, scale=args.scale)
+    if text:   # a prompt-conditioned model: each input under each --prompt (labels take the zero-shot task grid)
+        grid = make_grid(_prompt_rows(args, model, images, known), nrow=len(args.prompt or [""]) + 1, scale=args.scale)
         save_png(grid, out)
         print(f"wrote {len(images)} input(s) and their {args.task} results to {out}")
         return
-    rows = _pixel_rows(args, model, images, known)
+    rows = _task_rows(args, model, images, known)
     save_png(labeled_rows([(name, make_grid(row, nrow=len(row), scale=args.scale)) for name, row in rows], margin=110),
              out)
     print(f"wrote {args.task}: {len(rows)} rows of {len(rows[0][1])} images to {out}")
@@ -137,7 +137,7 @@ def _inputs(args: argparse.Namespace, model):
     return None
 
 
-def _pipeline_rows(args: argparse.Namespace, model, images, known):
+def _prompt_rows(args: argparse.Namespace, model, images, known):
     """One row per input: the input, then its result for each prompt (img2img at --strength, or inpainting
     the masked part)."""
     import torch
@@ -160,7 +160,7 @@ def _pipeline_rows(args: argparse.Namespace, model, images, known):
                       for i in range(len(images))])
 
 
-def _pixel_rows(args: argparse.Namespace, model, images, known):
+def _task_rows(args: argparse.Namespace, model, images, known):
     from ..editing.constraints import half_mask
     from ..editing.tasks import run_task
     from ..editing.zero_shot import infer_labels
