@@ -92,7 +92,10 @@ class Preconditioned(nn.Module):
     every adapter of a backbone into the σ-space contract. A subclass says its ``scalings`` (c_skip, c_out, c_in)
     and ``noise_input`` (what the backbone is given as its time: ¼ ln σ, a VP timestep, flow time × 1000, …)."""
 
-    net: nn.Module
+    def __init__(self, net: nn.Module, schedule=None) -> None:
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
@@ -118,8 +121,7 @@ class EDMDenoiser(Preconditioned):
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5,
                  scalings: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None) -> None:
-        super().__init__()
-        self.net = net
+        super().__init__(net)
         self.sigma_data = sigma_data
         self.scalings_fn = scalings or edm_scalings
 
@@ -142,11 +144,9 @@ class VPDenoiser(Preconditioned):
     """
 
     def __init__(self, net: nn.Module, schedule: VPSchedule, prediction_type: PredictionType = "epsilon") -> None:
-        super().__init__()
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or sample")
-        self.net = net
-        self.schedule = schedule
+        super().__init__(net, schedule)
         self.prediction_type = prediction_type
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .denoisers import Preconditioned
 from .parameterizations import NoiseSpace, register_space
@@ -118,11 +118,6 @@ class FlowSchedule:
 
 class FlowDenoiser(Preconditioned):
     """A velocity-predicting backbone as a σ-space denoiser (module docstring): ``net(x_t, t·T, **cond) -> v``."""
-
-    def __init__(self, net: nn.Module, schedule: FlowSchedule) -> None:
-        super().__init__()
-        self.net = net
-        self.schedule = schedule
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in) = (1/(1+σ), −σ/(1+σ), 1/(1+σ))."""

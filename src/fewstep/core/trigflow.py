@@ -19,22 +19,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .denoisers import Preconditioned
 from .parameterizations import NoiseSpace, register_space
-from .schedules import append_zero, karras_levels, karras_sigmas
+from .schedules import EDMSchedule
 
 
 @dataclass(frozen=True)
-class TrigFlowSchedule:
-    """TrigFlow levels: t ∈ [arctan(σmin/σd), arctan(σmax/σd)]; sampling at t_max (1 step) or through sCM's
-    intermediate time (2 steps, ``SCMScheduler``'s ``intermediate_timesteps`` = 1.3), Karras σ otherwise."""
+class TrigFlowSchedule(EDMSchedule):
+    """TrigFlow levels: EDM's σ range, Karras grids and lognormal training levels (with sCM's P_mean, P_std), the
+    model time t = arctan(σ/σ_d), the prior σ_d·z at t_max, and sCM's 2-step grid through the intermediate time
+    (``SCMScheduler``'s ``intermediate_timesteps`` = 1.3)."""
 
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
     p_mean: float = -1.0
     p_std: float = 1.4
     intermediate_t: float = 1.3
@@ -50,31 +47,15 @@ class TrigFlowSchedule:
         sigma = torch.as_tensor(sigma)
         return (sigma**2 + self.sigma_data**2).sqrt()
 
-    def sample_sigmas(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return (torch.randn(n, generator=generator) * self.p_std + self.p_mean).exp()
-
-    def grid(self, n: int) -> Tensor:
-        if n == 2:   # sCM's 2-step sampler: t_max, then the intermediate time (SCMScheduler.set_timesteps)
+    def grid(self, n: int, rho: float | None = None) -> Tensor:
+        if n == 2 and rho is None:   # sCM's 2-step sampler: t_max, then the intermediate time (SCMScheduler)
             mid = self.t_to_sigma(torch.tensor(self.intermediate_t)).float()
             return torch.tensor([self.sigma_max, float(mid), 0.0])
-        return append_zero(karras_sigmas(n + 1, self.sigma_min, self.sigma_max, self.rho)[:-1]).float()
-
-    def sampling_grid(self, n: int, sampler: str | None = None, rho: float | None = None) -> Tensor:
-        if rho is not None:
-            return append_zero(karras_sigmas(n + 1, self.sigma_min, self.sigma_max, rho)[:-1]).float()
-        return self.grid(n)
-
-    def consistency_levels(self, index: Tensor, num_scales: int) -> Tensor:
-        return karras_levels(index, num_scales, self.sigma_min, self.sigma_max, self.rho)
+        return super().grid(n, rho)
 
 
 class TrigFlowDenoiser(Preconditioned):
     """A TrigFlow backbone ``net(x_t/σ_d, t, **cond) -> F`` as a σ-space denoiser (module docstring)."""
-
-    def __init__(self, net: nn.Module, schedule: TrigFlowSchedule) -> None:
-        super().__init__()
-        self.net = net
-        self.schedule = schedule
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         t = self.schedule.sigma_to_t(sigma)
