@@ -315,7 +315,7 @@ def _commit_folder(tmp: Path, final: Path, kind: str | None) -> None:
     listed = set(marker.get("files", [])) & old if marker is not None else set()
     kept = old - listed - set(new)             # the user's files (or an old fewstep's we cannot tell): they stay
     if not kept:
-        _swap_in(tmp, final)
+        _replace_entry(tmp, final)               # the whole folder: one exchange where the OS has it
         return
     interim = _sibling(final / MARKER, "tmp")  # until done, the marker claims the old and the new entries
     interim.write_text(_marker_text(kind or _kind_of(tmp), sorted(listed | set(new))))
@@ -345,19 +345,6 @@ def _replace_entry(src: Path, dst: Path) -> None:
     aside = _sibling(dst, "old")
     os.rename(dst, aside)
     os.rename(src, dst)
-    _remove(aside)
-
-
-def _swap_in(new: Path, final: Path) -> None:
-    """``new`` becomes ``final``; the old ``final`` is deleted afterwards. One atomic exchange where the OS
-    has it, else two renames (between them the old version waits under a name beside it that a later run
-    puts back if this one is killed there)."""
-    if _exchange(new, final):
-        _remove(new)                                  # it now holds the old version
-        return
-    aside = _sibling(final, "old")
-    os.replace(final, aside)
-    os.replace(new, final)
     _remove(aside)
 
 
