@@ -95,7 +95,8 @@ class FlowSchedule:
 
     def times(self, n: int) -> np.ndarray:
         """The n decreasing times of ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)`` (no dynamic shift):
-        linspace(T·t_max', T·t_min, n)/T with the scheduler's own (shifted) bounds, shifted once more, as it does."""
+        linspace(T·1, T·t_min, n)/T between the scheduler's own (already shifted) bounds, shifted once more, as it
+        does; the first, t = 1, becomes t_max in σ (:meth:`t_to_sigma`)."""
         T = self.num_train_timesteps
         times = np.linspace(1.0 * T, self.t_min * T, n) / T
         return shift_time(times, self.shift)

@@ -19,8 +19,9 @@ name           space (schedule)            network                         diffu
 ``trigflow``   TrigFlow (:mod:`.trigflow`)  σ_d·F; f is the same             ``SCMScheduler``
 =============  ==========================  ==============================  ===================================
 
-Adding a noise space is one module that defines its schedule and adapter and calls :func:`register_space` and
-:func:`register` (:mod:`fewstep.core.flow` is the worked example), plus its import in ``fewstep/core/__init__.py``
+Adding a noise space is one module that defines its schedule and adapter and calls :func:`register_space` (and
+:func:`register` for a consistency form with scalings of its own; :mod:`fewstep.core.flow` is the worked example),
+plus its import in ``fewstep/core/__init__.py``
 (importing any ``fewstep.core`` module runs it first, so every space is registered before a lookup).
 Nothing above ``core`` branches on a space: it asks the registry (``parameterization(config.parameterization)``).
 """
@@ -72,8 +73,9 @@ class Parameterization:
     build: Builder                              # (backbone, schedule, options) -> the σ-space network
     grid: Callable[..., Tensor] | None = None   # its own sampling grid (schedule, options, steps, strength), if any
 
-    def make_schedule(self, fields: dict[str, Any] | None = None):
-        return self.space.schedule(**(fields or {}))
+    def make_schedule(self, values: dict[str, Any] | None = None):
+        """Its space's schedule from ``fewstep.json``'s ``schedule`` fields (the defaults where empty)."""
+        return self.space.schedule(**(values or {}))
 
     def denoiser(self, net: nn.Module, schedule: Any, options: DenoiserOptions) -> nn.Module:
         return self.build(net, schedule, options)
