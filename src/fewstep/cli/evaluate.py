@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=step_list, default=[1, 2, 4], help="comma-separated step counts (default 1,2,4)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's")
     p.add_argument("--guidance-scale", type=guidance_scale, default=None, help="1.0 = none (default: the model's)")
-    p.add_argument("--num", type=at_least(2), default=1000, help="samples per step count (default 1000)")
+    p.add_argument("--num", type=at_least(4), default=1000,
+                   help="samples per step count (default 1000; at least 4: precision/recall take each sample's 3 "
+                        "nearest neighbours)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--classifier", help="classifier folder (default: models/<dataset>-classifier)")
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
