@@ -112,6 +112,31 @@ def test_diffusers_and_peft_exports_load_where_they_are_meant_to(tiny_sd, tiny_l
     assert_same_weights(peft_unet.state_dict(), fused(tiny_sd, tiny_lcm_lora))
 
 
+def test_fewstep_reads_its_own_peft_exports_with_their_alpha(tiny_sd, tiny_lcm_lora, tmp_path):
+    """--lora takes peft's layout (issue 31: it was refused as "made for another base model?"): the file and the
+    save_pretrained folder fuse to the same UNet as the fewstep folder, and a peft folder whose α ≠ r (α in
+    adapter_config.json, none in the file) has α/r folded in."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from fewstep.models.lora_export import export_lora
+
+    one = export_lora(tiny_lcm_lora, "peft", tmp_path / "p.safetensors")
+    folder = export_lora(tiny_lcm_lora, "peft", tmp_path / "peft")
+    reference = fused(tiny_sd, tiny_lcm_lora)
+    assert_same_weights(fused(tiny_sd, one), reference)
+    assert_same_weights(fused(tiny_sd, folder), reference)
+    state = load_file(folder / "adapter_model.safetensors")          # the same ΔW as α = 4, r = 2, B halved
+    scaled = tmp_path / "scaled"
+    scaled.mkdir()
+    save_file({k: v / 2 if k.endswith("lora_B.weight") else v for k, v in state.items()},
+              str(scaled / "adapter_model.safetensors"))             # no metadata: α from the config
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (scaled / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 2 * config["r"]}))
+    assert_same_weights(fused(tiny_sd, scaled), reference)
+
+
 def test_a_bare_lcm_lora_file_is_sampled_as_an_lcm(tiny_sd, tiny_lcm_lora, tmp_path):
     """The LoRA's file copied out of its folder says it is an LCM-LoRA (its metadata): LCM's sampler, the
     folder's images; with no metadata it warns once, counts as a style LoRA, and ``:lcm`` declares it."""

@@ -271,6 +271,36 @@ def _pickle_message(path: Path) -> str:
             f"st.save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\"")
 
 
+PEFT_PREFIX = "base_model.model."   # a PeftModel's state dict: peft's save_pretrained, `lora export --format peft`
+
+
+def peft_unet_state(path: Path) -> dict[str, torch.Tensor] | None:
+    """A peft-layout LoRA file as diffusers' loader reads it (``base_model.model.<module>`` → ``unet.<module>``), the
+    adapter's α folded into lora_B (ΔW = α/r·B·A; diffusers reads these keys with α = r); α from the file's
+    metadata (``fewstep_alpha``) or peft's ``adapter_config.json`` beside it (``lora_alpha``). None for any other
+    layout (diffusers' loader reads those itself)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata() or {}
+        if not keys or not all(k.startswith(PEFT_PREFIX) for k in keys):
+            return None
+        state = {k: f.get_tensor(k) for k in keys}
+    alpha = metadata.get("fewstep_alpha")
+    config = path.parent / "adapter_config.json"
+    if alpha is None and config.is_file():
+        try:
+            alpha = json.loads(config.read_text()).get("lora_alpha")
+        except ValueError:
+            raise FewstepError(f"{config} is corrupt: not JSON") from None
+    out = {}
+    for key, value in state.items():
+        if alpha is not None and key.endswith(".lora_B.weight"):
+            value = value * (float(alpha) / value.shape[1])
+        out["unet." + key[len(PEFT_PREFIX):]] = value
+    return out
+
+
 def _load(pipe, path: Path, name: str, base: Path) -> None:
     """Load one LoRA file as adapter ``name`` through diffusers' loader; a LoRA made for another base model
     (other shapes or module names, no weights for this UNet, keys it lacks) is a clear error."""
@@ -283,7 +313,11 @@ def _load(pipe, path: Path, name: str, base: Path) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pipe.load_lora_weights(str(source), adapter_name=name, **kwargs)
+            peft = peft_unet_state(path)
+            if peft is not None:
+                pipe.load_lora_weights(peft, adapter_name=name)
+            else:
+                pipe.load_lora_weights(str(source), adapter_name=name, **kwargs)
     except Exception as e:  # diffusers/peft raise ValueError/RuntimeError/KeyError on a mismatch
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FewstepError(f"LoRA {path} does not fit {base} (made for another base model?): {first[:300]}") from None
