@@ -184,6 +184,37 @@ def test_batcher_cancels_a_waiting_call_and_runs_nothing_for_it():
     batcher.stop()
 
 
+def test_cancelling_one_of_several_waiting_calls_leaves_the_others():
+    """Cancel looks the request's calls up among the waiting ones by identity: with another call waiting before
+    it (tensors of several values) the dataclass's field-by-field == raised "Boolean value of Tensor … ambiguous"
+    and the server dropped the connection (seen in CI)."""
+    batcher = MicroBatcher(max_wait=10.0)
+    first, second = Ticket(), Ticket()
+    for _ in range(3):
+        batcher.enter()                 # three requests in flight: the two calls wait for the third
+    outcome = {}
+
+    def network(x):                     # one network for every call, as the engine has: == reaches the tensors
+        return x + 1
+
+    def call(name, ticket):
+        try:
+            outcome[name] = batcher.call(ticket, "k", network, torch.zeros(1, 4)).tolist()
+        except Cancelled:
+            outcome[name] = "cancelled"
+    threads = [threading.Thread(target=call, args=a) for a in (("first", first), ("second", second))]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)                # first waits before second
+    batcher.cancel(second)
+    batcher.leave()
+    batcher.leave()                     # the third request and the cancelled one leave: first runs alone
+    for t in threads:
+        t.join(5)
+    assert outcome == {"first": [[1.0] * 4], "second": "cancelled"}
+    batcher.stop()
+
+
 def test_lora_sliders_are_adapter_weights_equal_to_diffusers_set_adapters():
     base = load_model(MODELS / "emoji-sd")
     loras = [(MODELS / "emoji-style-lora", 1.0), (MODELS / "emoji-lcm-lora", 1.0)]

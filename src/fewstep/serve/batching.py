@@ -29,7 +29,7 @@ class Cancelled(Exception):
     """The request was superseded (latest wins), its client left, or the server is stopping."""
 
 
-@dataclass
+@dataclass(eq=False)          # one request: two tickets are never "equal" because their flags are
 class Ticket:
     """One request in flight: its cancellation flag."""
 
@@ -43,7 +43,7 @@ def tensor_signature(args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> tup
             tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(kwargs.items())))
 
 
-@dataclass
+@dataclass(eq=False)          # a call is itself: compared by identity (the default eq would compare its tensors)
 class _Call:
     key: Hashable
     fn: Callable[..., Tensor]
