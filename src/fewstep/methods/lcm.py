@@ -229,7 +229,8 @@ def _lora_note(folder: Path) -> str:
 
 
 for _name, _summary, _teacher in (
-        ("lcd", "latent consistency distillation (Luo et al. 2023) of a diffusers SD/SDXL pipeline", "models/emoji-sd"),
+        ("lcd", "latent consistency distillation (Luo et al. 2023) of a discrete-VP teacher: a diffusers SD/SDXL "
+                "pipeline, or a pixel model trained with --parameterization vp", "models/emoji-sd"),
         ("lcf", "latent consistency fine-tuning (Luo et al. 2023): an LCM on new data, no teacher", "models/emoji-lcm"),
         ("lcm-lora", "LCM-LoRA (Luo et al. 2023b): LCD training only LoRA weights, an acceleration vector",
          "models/emoji-sd")):
