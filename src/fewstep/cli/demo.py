@@ -19,7 +19,7 @@ import torch
 
 from ..errors import FewstepError
 from ..eval.evaluate import eval_conditions, ruler_for
-from ..io.atomic import write_text
+from ..io.atomic import check_creatable, write_text
 from ..io.images import labeled_rows, make_grid, save_png
 from ..models.folders import load_model, shipped_models_dir
 from ..models.loras import apply_loras
@@ -45,6 +45,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FewstepError(f"--out {args.out} is a file; the demo writes a folder (demo.png, demo.json)")
+    check_creatable(args.out)        # an unwritable place is refused before minutes of sampling, not after
     run_demo(Path(args.models or shipped_models_dir()), Path(args.out), per_class=args.per_class, seed=args.seed)
 
 
