@@ -61,10 +61,6 @@ class FlowSchedule:
     logit_std: float = 1.0
     t_max: float = 1 - 1e-5                     # the σ-space stand-in for t = 1 (module docstring)
 
-    @classmethod
-    def from_diffusers_config(cls, config: dict) -> "FlowSchedule":
-        return cls(shift=float(config.get("shift", 1.0)), num_train_timesteps=int(config.get("num_train_timesteps", 1000)))
-
     @property
     def t_min(self) -> float:
         """The scheduler's smallest time, shift(1/T) (its ``sigma_min``)."""

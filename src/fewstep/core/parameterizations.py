@@ -77,9 +77,6 @@ class Parameterization:
         """Its space's schedule from ``fewstep.json``'s ``schedule`` fields (the defaults where empty)."""
         return self.space.schedule(**(values or {}))
 
-    def denoiser(self, net: nn.Module, schedule: Any, options: DenoiserOptions) -> nn.Module:
-        return self.build(net, schedule, options)
-
 
 def schedule_fields(schedule: Any) -> dict[str, Any]:
     """The fields a schedule is made from (``fewstep.json``'s ``schedule``): its dataclass's init fields, not the

@@ -49,7 +49,7 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from ..errors import FewstepError
-from .faults import NO_SPACE, NOT_WRITABLE, error_number, io_error_message  # noqa: F401  (re-exported)
+from .faults import io_error_message
 from .inputs import check_not_input, protect_inputs, writing_into  # noqa: F401  (re-exported)
 
 MARKER = ".fewstep-output"          # what makes a folder fewstep's own (module docstring, rule 1)

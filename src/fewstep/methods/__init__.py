@@ -4,4 +4,4 @@ teachers, consistency models (CD, CT, iCT, ACT), guided and progressive distilla
 consistency models (LCD, LCF, LCM-LoRA) and style LoRAs. Each family registers its methods in
 :mod:`fewstep.methods.registry` when imported, here."""
 
-from . import consistency, lcm, guided, progressive  # noqa: F401  (each registers its methods; the CLI lists them in this order)
+from . import consistency, lcm, guided, progressive  # noqa: F401, I001  (each registers its methods; the CLI lists them in this order)

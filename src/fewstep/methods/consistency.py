@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..core.parameterizations import consistency_of, parameterization, schedule_fields
-from ..core.schedules import EDMSchedule
 from ..errors import FewstepError
 from ..models.config import ModelConfig
 from ..models.data import ImageData
@@ -80,7 +79,8 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
         teacher = check_teacher(teacher, data, "cd").to(run.device)
         param, schedule = consistency_of(teacher.config.param.space), teacher.schedule
     else:
-        param, schedule = parameterization("cm"), EDMSchedule()
+        param = parameterization("cm")
+        schedule = param.make_schedule()            # EDM's defaults (Karras et al. 2022, Table 1)
     student_config = ModelConfig(kind="consistency", parameterization=param.name, schedule=schedule_fields(schedule),
                                  image_size=data.image_size, channels=data.channels, class_names=data.class_names,
                                  dataset=data.name, default_sampler="consistency", default_steps=1,

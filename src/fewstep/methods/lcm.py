@@ -25,6 +25,8 @@ import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from torch import nn
+
 from ..core.guidance import per_sample_cfg, sample_guidance_scales
 from ..errors import FewstepError
 from ..models.data import ImageData
@@ -123,9 +125,9 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     check_settings(settings, teacher.schedule.num_train_timesteps)
     check_teacher(teacher, settings.method)
     run = Run(config, command, accelerator)
-    for name in ("vae", "text_encoder", "text_encoder_2"):   # under a bf16/fp16 teacher UNet: small, used once
-        if name in teacher.parts:                            # to encode the data, and saved with the student: fp32
-            teacher.parts[name].float()
+    for part in teacher.parts.values():      # the codec's and conditioner's networks under a bf16/fp16 teacher
+        if isinstance(part, nn.Module):      # UNet: small, used once to encode the data, saved with the student: fp32
+            part.float()
     tensors = teacher.training_data(data)
     teacher.to(run.device)
     lo, hi = settings.guidance_min, settings.guidance_max

@@ -62,14 +62,6 @@ def register(method: Method) -> Method:
     return method
 
 
-def method(name: str) -> Method:
-    """The registered method ``name``; a ValueError naming the registered ones otherwise."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)}") from None
-
-
 def teacher_free() -> list[str]:
     """The methods that train from data alone (``fewstep train``)."""
     return [name for name, m in METHODS.items() if not m.needs_teacher]

@@ -32,13 +32,13 @@ from ..errors import FewstepError
 from ..nets.guided import GuidedUNet
 from ..nets.sdxl import AddedCondUNet, takes_added_cond
 from .config import ModelConfig
-from .protocols import Codec, Conditioner
 from .data import prepared
+from .protocols import Codec, Conditioner
 
 
 def build_denoiser(net: nn.Module, config: ModelConfig) -> nn.Module:
     """The σ-space denoiser of ``config.parameterization`` over the backbone ``net`` (its registered adapter)."""
-    return config.param.denoiser(net, config.make_schedule(), config)
+    return config.param.build(net, config.make_schedule(), config)
 
 
 def raw_backbone(net: nn.Module) -> nn.Module:
