@@ -15,6 +15,7 @@ name           space (schedule)            network                         diffu
 ``cm``         EDM σ                       f, Song et al. 2023 App. C       ``CMStochasticIterativeScheduler``
 ``vp``         discrete VP (:class:`VPSchedule`)  ε / v / x0 UNet          ``DDIMScheduler`` (and the rest)
 ``lcm``        discrete VP                 f, LCM's c_skip/c_out (eq. 9)    ``LCMScheduler``
+``tcd``        discrete VP                 ε UNet; f(x_t, t, s) = DDIM t→s  ``TCDScheduler``
 ``flow``       rectified flow (:mod:`.flow`)  velocity; f is the same       ``FlowMatchEulerDiscreteScheduler``
 ``trigflow``   TrigFlow (:mod:`.trigflow`)  σ_d·F; f is the same             ``SCMScheduler``
 =============  ==========================  ==============================  ===================================
@@ -146,3 +147,8 @@ def _lcm_grid(schedule: VPSchedule, options: Any, steps: int, strength: float) -
 VP = register_space(NoiseSpace("vp", VPSchedule, _vp, "lcm", lambda s: 0.0, "DDIMScheduler", "LCMScheduler"))
 register(Parameterization("lcm", VP, _lcm, grid=_lcm_grid))
 
+
+# --- trajectory consistency models (Zheng et al. 2024): an ε/v/x0 UNet like a VP teacher's (no boundary scalings:
+# f_θ(x_t, t, s) is the DDIM step t → s with its ε, TCD eq. 9 and scheduling_tcd.py:656–668), sampled on LCM's
+# skipped grid (TCDScheduler.set_timesteps, scheduling_tcd.py:481–587, is LCMScheduler's).
+register(Parameterization("tcd", VP, _vp, grid=_lcm_grid))

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import trange
 
 from .denoisers import append_dims, batch_sigma
+from .schedules import vp_alpha_cumprod
 
 Model = Callable[..., Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -150,6 +151,39 @@ def consistency_step(denoised: Tensor, sigma_next: Tensor, noise: Tensor, sigma_
     return denoised + append_dims((sigma_next**2 - sigma_end**2).clamp(min=0).sqrt(), denoised.ndim) * noise
 
 
+TCD_GAMMA = 0.3   # TCDScheduler.step's default eta (scheduling_tcd.py:599; "0.3 often yields good results", TCD README)
+
+
+def tcd_timestep_s(t_next: Tensor, gamma: float) -> Tensor:
+    """Strategic stochastic sampling's intermediate timestep s = ⌊(1 − γ)·t_prev⌋ (Zheng et al. 2024, Algorithm 4;
+    diffusers ``TCDScheduler.step``, scheduling_tcd.py:645), with the integer timestep ``t_next`` of the next
+    grid level (0 after the last step). Computed as TCDScheduler does it, a float32 product of γ's complement and
+    a long tensor, so the floor agrees with it at every timestep."""
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"gamma (eta) must be in [0, 1], got {gamma}")
+    return torch.floor((1 - gamma) * t_next.long()).long()
+
+
+def tcd_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_s: Tensor, sigma_next: Tensor,
+             noise: Tensor | None) -> Tensor:
+    """One step of TCD's strategic stochastic sampling (Zheng et al. 2024, Algorithm 4; ``TCDScheduler.step``,
+    scheduling_tcd.py:656–691), in σ space: the trajectory consistency function to s ≤ t_prev, then the forward
+    process back up to the next level,
+
+        x_s = D + σ_s·(x − D)/σ                (the DDIM / first-order exponential-integrator step t → s, eq. 9's
+                                                semi-linear f_θ(x_t, t, s) with the network's ε: :func:`ddim_step`)
+        x'  = x_s + √(σ'² − σ_s²)·z            (VP: √(ᾱ'/ᾱ_s)·x_s + √(1 − ᾱ'/ᾱ_s)·z, divided by √ᾱ')
+
+    ``noise`` None: x' = x_s (γ = 0, and the last step, where TCDScheduler adds none). The one copy of the γ step:
+    :func:`sample_tcd` runs it, and TCD's loss (:mod:`fewstep.objectives.trajectory`) uses its first line."""
+    x_s = ddim_step(x, denoised, sigma, sigma_s)
+    if noise is None:
+        return x_s
+    up = (torch.as_tensor(sigma_next, dtype=x.dtype, device=x.device) ** 2
+          - torch.as_tensor(sigma_s, dtype=x.dtype, device=x.device) ** 2).clamp(min=0).sqrt()
+    return x_s + append_dims(up, x.ndim) * noise
+
+
 # --- samplers ----------------------------------------------------------------------------------
 def _denoise(model: Model, x: Tensor, sigmas: Tensor, i: int, extra_args: dict | None,
              callback: Callback | None) -> Tensor:
@@ -248,6 +282,37 @@ def sample_ddim_stochastic(model: Model, x: Tensor, sigmas: Tensor, extra_args: 
     return x
 
 
+@torch.no_grad()
+def sample_tcd(model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
+               callback: Callback | None = None, disable: bool | None = None,
+               generator: torch.Generator | None = None, gamma: float = TCD_GAMMA, schedule=None) -> Tensor:
+    """TCD's strategic stochastic sampling (Zheng et al. 2024, Algorithm 4) = diffusers' ``TCDScheduler`` loop with
+    ``eta`` = γ, on a discrete VP ``schedule`` (its integer timesteps decide s, :func:`tcd_timestep_s`). ``model``
+    is the σ-space denoiser of an ε-prediction UNet: D(x, σ) = x − σ·ε̂, so x_s is f_θ(x_t, t, s). γ = 0 is
+    deterministic (DDIM between the grid's levels), γ = 1 denoises fully each step and re-noises (multistep
+    consistency sampling). Fresh noise is drawn only where TCDScheduler draws it (γ > 0, not the last step), from
+    ``generator``, so the same seed gives its images.
+
+    The last step ends at s = 0, the timestep-0 level σ_0 > 0 (scheduling_tcd.py:641–653: ``prev_timestep`` 0 is
+    ᾱ_0, not 1), and TCDScheduler hands the VAE that VP sample √ᾱ_0·x_s: this sampler returns it too (a 0.04 %
+    scale and σ_0·ε̂ ≈ 0.03 of noise apart from x̂_0 on SD's schedule), so its images are diffusers'."""
+    if schedule is None:
+        raise ValueError("sample_tcd needs the model's discrete VP schedule (its timesteps decide s)")
+    sigmas = sigmas.to(x.device, x.dtype)
+    table = schedule.sigmas.to(x.device)
+    for i in _range(sigmas, disable):
+        denoised = _denoise(model, x, sigmas, i, extra_args, callback)
+        last = i == len(sigmas) - 2
+        t_next = torch.zeros((), dtype=torch.long) if _is_zero(sigmas[i + 1]) else \
+            schedule.sigma_to_t(sigmas[i + 1].double()).round().long()
+        sigma_s = table[tcd_timestep_s(t_next, gamma)].to(x.dtype)
+        noise = _randn(x, generator) if gamma > 0 and not last else None
+        x = tcd_step(x, denoised, sigmas[i], sigma_s, sigmas[i + 1], noise)
+        if last:
+            x = x * vp_alpha_cumprod(sigma_s).sqrt()
+    return x
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     """A sampler by name, with its cost: network evaluations for an n-step grid ending in 0."""
@@ -265,6 +330,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(sample_ddpm, lambda n: n, stochastic=True),
     "ddim-stochastic": SamplerSpec(sample_ddim_stochastic, lambda n: n, stochastic=True),
     "consistency": SamplerSpec(sample_consistency, lambda n: n, stochastic=True),
+    "tcd": SamplerSpec(sample_tcd, lambda n: n, stochastic=True),
 }
 
 
