@@ -93,7 +93,7 @@ def _lora_path(spec: str) -> str:
         try:
             float(parts[-1])
         except ValueError:
-            if parts[-1].strip().lower() not in ("lcm", "style", "lora"):
+            if parts[-1].strip().lower() not in ("lcm", "tcd", "style", "lora"):
                 break
         parts.pop()
     return ":".join(parts)

@@ -17,6 +17,7 @@ from .args import (
     guidance_scale,
     load_options,
     positive_int,
+    probability,
     seed,
     sigma_list,
 )
@@ -42,8 +43,14 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                    help="ddim (= euler in σ space), euler, heun (2 evaluations/step), dpmpp-2m, ddpm (stochastic), "
                         "ddim-stochastic (Meng et al.'s, for progressive students), consistency (multistep consistency "
-                        "sampling); default: the model's (dpmpp-2m for a diffusion model, consistency for a consistency "
-                        "model or an LCM)")
+                        "sampling), tcd (TCD's strategic stochastic sampling with γ = --eta, diffusers' TCDScheduler; "
+                        "any discrete-VP model); default: the model's (dpmpp-2m for a diffusion model, consistency for "
+                        "a consistency model or an LCM, tcd for a TCD model or a pipeline with a TCD-LoRA)")
+    p.add_argument("--eta", "--gamma", dest="eta", type=probability, default=None, metavar="G",
+                   help="--sampler tcd: γ in [0, 1], the stochasticity of each step (TCD's 'gamma', diffusers' eta): "
+                        "each step maps to s = floor((1 - γ)·t_next) and re-noises from s to the next timestep; 0 is "
+                        "deterministic, 1 denoises fully each step (multistep consistency sampling); default 0.3, "
+                        "TCDScheduler's. diffusers' pipelines default to eta=0: pass eta=G there for the same images")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="sampling steps (default: the model's, e.g. 50 for a diffusion model, 1 for a consistency model)")
     p.add_argument("--guidance-scale", type=guidance_scale, default=None,
@@ -156,12 +163,12 @@ def run(args: argparse.Namespace) -> None:
     images = generate(model, cond, num=args.num if cond is None else None, steps=args.steps, sampler=args.sampler,
                       guidance_scale=args.guidance_scale, seed=args.seed, progress=True, sigmas=sigmas,
                       rho=args.rho, clamp_x0=args.clamp_x0, negative_prompt=args.negative_prompt,
-                      height=args.height, width=args.width, network_batch=args.batch_size)
+                      height=args.height, width=args.width, network_batch=args.batch_size, eta=args.eta)
     if out is not None:
         save_png(make_grid(images, nrow=nrow, scale=args.scale), out)
         print(f"wrote {len(images)} samples to {out}")
     if out_dir is not None:
-        settings = run_settings(model, args.steps, args.sampler, args.guidance_scale, args.sigmas)
+        settings = run_settings(model, args.steps, args.sampler, args.guidance_scale, args.sigmas, args.eta)
         records = image_records(model, cond, len(images), args.seed, settings, tuple(images.shape[-2:]),
                                 args.negative_prompt, model=args.model, loras=args.lora or [],
                                 command=command_line(args), version=__version__)

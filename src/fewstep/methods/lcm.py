@@ -17,6 +17,9 @@ DPM-Solver++ teacher step (Algorithm 1) and a fixed EMA target (μ = 0.95, as di
 noised to both levels with the same noise (CT in latent space). LCM-LoRA (Luo et al. 2023b) is LCD
 training only LoRA weights of the teacher's own UNet: the teacher is that UNet with its adapters off,
 the target network a second adapter on it (:mod:`fewstep.nets.lora`).
+
+The recipe is shared with the methods built on LCD (TCD, :mod:`fewstep.methods.tcd`): what differs — the method
+names, the student's config, the objective, the diffusers scheduler and the LoRA's kind — is a :class:`Family`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from torch import nn
 
@@ -52,7 +56,8 @@ class LCMSettings:
     """The method's own settings (recorded in the model folder)."""
 
     method: str = "lcd"                     # lcd (distil a teacher) | lcf (fine-tune an LCM on data, no teacher) |
-                                            # lcm-lora (LCD training only LoRA weights; Luo et al. 2023b)
+                                            # lcm-lora (LCD training only LoRA weights; Luo et al. 2023b) |
+                                            # tcd | tcd-lora (the same, with TCD's loss; fewstep.methods.tcd)
     skip: int = 20                          # k: teacher step t_{n+k} → t_n (Luo et al. §4.3; diffusers' default 20)
     solver: str = "ddim"                    # ddim | dpm-solver | dpm-solver++ (the teacher's one-step ψ)
     guidance_min: float = 1.0               # s ~ U[s_min, s_max] (w = s − 1; the paper's w ∈ [2, 14] for SD); the CLI's
@@ -67,9 +72,9 @@ class LCMSettings:
     lora_rank: int = 8                      # lcm-lora: rank of the adapters (the paper's SD runs use 64)
 
 
-def check_settings(settings: LCMSettings, num_train_timesteps: int) -> None:
-    if settings.method not in LCM_METHODS:
-        raise FewstepError(f"unknown latent consistency method {settings.method!r}; choose lcd, lcf or lcm-lora")
+def check_settings(settings: LCMSettings, num_train_timesteps: int, methods: tuple[str, ...] = LCM_METHODS) -> None:
+    if settings.method not in methods:
+        raise FewstepError(f"unknown latent consistency method {settings.method!r}; choose {', '.join(methods)}")
     if settings.solver not in ("ddim", "dpm-solver", "dpm-solver++"):
         raise FewstepError(f"unknown teacher solver {settings.solver!r} for lcd; choose ddim, dpm-solver or dpm-solver++")
     if not 1 <= settings.skip < num_train_timesteps or num_train_timesteps % settings.skip:
@@ -85,7 +90,7 @@ def check_teacher(teacher: Model, method: str) -> Model:
     """A teacher LCD can start from: a model of the discrete VP space (its skipped grid is of the teacher's
     timesteps), pixel or latent; LCM-LoRA's adapters are saved in diffusers' pipeline LoRA format, so it takes a
     pipeline folder; LCF an LCM."""
-    if method == "lcm-lora" and not teacher.diffusers_pipeline:
+    if method.endswith("-lora") and not teacher.diffusers_pipeline:
         raise FewstepError(f"{teacher.path} is not a diffusers pipeline folder; --method {method} takes a "
                            f"Stable-Diffusion-style folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), e.g. "
                            f"models/emoji-sd")
@@ -117,12 +122,34 @@ def lcm_config(teacher: Model, settings: LCMSettings):
         timestep_scaling=settings.timestep_scaling)
 
 
+@dataclass(frozen=True)
+class Family:
+    """What :func:`distill_lcm` takes from the method family it runs (LCM's below; TCD's in
+    :mod:`fewstep.methods.tcd`): the rest of the recipe — teacher, guided teacher step, w-conditioned student or
+    LoRA adapters with an EMA target, training, saving — is LCD's, written once here."""
+
+    name: str                                   # "LCM", "TCD": the model folder's README names it
+    paper: str                                  # "Luo et al. 2023"
+    methods: tuple[str, ...]                    # its method names; the one ending in "-lora" trains adapters only
+    config: Callable[[Model, Any], Any]         # (teacher, settings) -> the student's ModelConfig
+    objective: type                             # ConsistencyLoss or a subclass (same constructor)
+    scheduler: str                              # the diffusers scheduler that runs what it makes
+    call_args: str = ""                         # extra pipeline call arguments in the README (TCD's eta)
+    lora_title: str = "An LCM-LoRA (Luo et al. 2023b)"   # what its LoRA folder's README calls it
+
+    @property
+    def lora(self) -> str:
+        return next(m for m in self.methods if m.endswith("-lora"))
+
+
 def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainConfig, settings: LCMSettings,
-                command: str = "", accelerator=None) -> Path | None:
+                command: str = "", accelerator=None, family: Family | None = None) -> Path | None:
     """LCD or LCM-LoRA (``teacher`` a diffusion pipeline) or LCF (``teacher`` an LCM pipeline to fine-tune)
     on ``data``; saves a LatentConsistencyModelPipeline folder at ``out`` (the student's EMA weights), or
-    for LCM-LoRA the acceleration vector as a diffusers LoRA."""
-    check_settings(settings, teacher.schedule.num_train_timesteps)
+    for LCM-LoRA the acceleration vector as a diffusers LoRA. ``family``: LCM's (default) or another built on LCD
+    (TCD's)."""
+    family = family or LCM
+    check_settings(settings, teacher.schedule.num_train_timesteps, family.methods)
     check_teacher(teacher, settings.method)
     run = Run(config, command, accelerator)
     for part in teacher.parts.values():      # the codec's and conditioner's networks under a bf16/fp16 teacher
@@ -133,7 +160,7 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     lo, hi = settings.guidance_min, settings.guidance_max
     null = teacher.conditioner.null_like
     params, target, condition = None, None, teacher.conditioner.training_condition(0.0)
-    if settings.method == "lcm-lora":
+    if settings.method == family.lora:
         unet = teacher.backbone                      # one UNet: the adapters are the student, the base is the teacher
         params = add_lora(unet, settings.lora_rank)
         target = EMAAdapter(unet)                # ... and the target network a second adapter on it
@@ -141,31 +168,34 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     else:
         if config.memory_check:
             _check_fits(teacher, config, run.device)
-        unet = (guidance_conditioned(teacher.backbone, settings.cond_proj_dim) if settings.method == "lcd"
+        distil = settings.method != "lcf"           # lcd, tcd: a w-conditioned copy of the teacher; lcf: the LCM itself
+        unet = (guidance_conditioned(teacher.backbone, settings.cond_proj_dim) if distil
                 else copy.deepcopy(teacher.net)).float().requires_grad_(True)  # fp32 under a bf16/fp16 teacher
-        teacher_fn = per_sample_cfg(teacher.denoiser, null) if settings.method == "lcd" else None
+        teacher_fn = per_sample_cfg(teacher.denoiser, null) if distil else None
         condition = with_scale_input(condition, lo, hi)   # the student takes s, the teacher guides at it
     if settings.gradient_checkpointing:
         raw_backbone(unet).enable_gradient_checkpointing()
-    student = teacher.derive(net=unet.train(), config=lcm_config(teacher, settings))
-    curriculum = Curriculum.for_method("lcd" if settings.method == "lcm-lora" else settings.method, config.max_steps,
+    student = teacher.derive(net=unet.train(), config=family.config(teacher, settings))
+    curriculum = Curriculum.for_method("lcf" if settings.method == "lcf" else "lcd", config.max_steps,
                                        skip=settings.skip, target_ema=settings.target_ema)
-    objective = ConsistencyLoss(teacher.schedule, curriculum, get_distance(settings.distance), teacher=teacher_fn,
-                                solver=settings.solver, condition=condition, target=target)
+    objective = family.objective(teacher.schedule, curriculum, get_distance(settings.distance), teacher=teacher_fn,
+                                 solver=settings.solver, condition=condition, target=target)
     result = run.fit(student.denoiser, objective, tensors, {**asdict(settings), "dataset": data.name}, params=params)
     if result is None:
         return None
     record = run.record(settings.method, result, teacher.path)
     trained = student.derive(net=unwrap(result.ema).net)
     if target is not None:
-        return _save_lcm_lora(out, target.remove(trained.backbone), teacher, data, settings, record)
-    what = (f"A latent consistency model ({settings.method.upper()}, Luo et al. 2023) of `{teacher.path}` on "
+        return _save_lcm_lora(out, target.remove(trained.backbone), teacher, data, settings, record, family)
+    what = (f"A {'latent' if family is LCM else 'trajectory'} consistency model ({settings.method.upper()}, "
+            f"{family.paper}) of `{teacher.path}` on "
             f"`{data.name}`: 1–8 steps, guidance scale {lo:g}–{hi:g} as an input (one network evaluation per step).")
     final = trained.derive(config=trained.replace_config(training=record))
     cls = final.diffusers_pipeline
     usage = (f"Runs in diffusers:\n\n```python\nfrom diffusers import {cls}\n"
-             f"pipe = {cls}.from_pretrained('{out}')  # with its LCMScheduler\n"
-             f"image = pipe('grinning face', num_inference_steps=4, guidance_scale=4.0, height=32, width=32).images[0]\n```"
+             f"pipe = {cls}.from_pretrained('{out}')  # with its {family.scheduler}\n"
+             f"image = pipe('grinning face', num_inference_steps=4, guidance_scale=4.0{family.call_args}, height=32, "
+             f"width=32).images[0]\n```"
              if cls else f"```\nfewstep sample --model {out} --steps 4 --guidance-scale 3 --label 3 --out grid.png\n```")
     return save_model(out, final, readme(Path(out).name, what, usage, command))
 
@@ -200,25 +230,30 @@ def with_scales(teacher_fn, lo: float, hi: float):
 
 
 def _save_lcm_lora(out, unet, teacher: Model, data: ImageData, settings: LCMSettings,
-                   record: dict) -> Path:
-    """An LCM-LoRA folder: the acceleration vector τ_LCM in diffusers' LoRA format + what it is."""
+                   record: dict, family: Family | None = None) -> Path:
+    """An LCM-LoRA (TCD-LoRA) folder: the acceleration vector τ_LCM in diffusers' LoRA format + what it is."""
+    family = family or LCM
     original_steps, command = teacher.schedule.num_train_timesteps // settings.skip, record["command"]
     lora, base = trainable_fraction(unet)
-    cls = teacher.diffusers_pipeline
-    info = {"kind": "lcm-lora", "base": str(teacher.path), "dataset": data.name, "rank": settings.lora_rank,
+    cls, sched = teacher.diffusers_pipeline, family.scheduler
+    info = {"kind": family.lora, "base": str(teacher.path), "dataset": data.name, "rank": settings.lora_rank,
             "original_inference_steps": original_steps, "guidance_range": [settings.guidance_min, settings.guidance_max],
             "trainable_parameters": lora, "base_parameters": base, "training": record}
-    readme = (f"# {Path(out).name}\n\nAn LCM-LoRA (Luo et al. 2023b) for `{teacher.path}`: rank {settings.lora_rank}, "
+    readme = (f"# {Path(out).name}\n\n{family.lora_title} for `{teacher.path}`: rank {settings.lora_rank}, "
               f"{lora:,} parameters ({100 * lora / base:.1f}% of the UNet). Plug it into the base model (or a "
-              f"fine-tuned one) and sample in 2–8 steps with LCMScheduler:\n\n```python\n"
-              f"from diffusers import {cls}, LCMScheduler\n"
+              f"fine-tuned one) and sample in 2–8 steps with {sched}:\n\n```python\n"
+              f"from diffusers import {cls}, {sched}\n"
               f"pipe = {cls}.from_pretrained('{teacher.path}')\n"
-              f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps={original_steps})\n"
+              f"pipe.scheduler = {sched}.from_config(pipe.scheduler.config, original_inference_steps={original_steps})\n"
               f"pipe.load_lora_weights('{out}')\n"
-              f"image = pipe('red apple', num_inference_steps=4, guidance_scale=1.0, height=32, width=32).images[0]\n"
+              f"image = pipe('red apple', num_inference_steps=4, guidance_scale=1.0{family.call_args}, height=32, "
+              f"width=32).images[0]\n"
               f"```\n\nor `fewstep sample --model {teacher.path} --lora {out} --steps 4`. Trained with:\n\n"
               f"```\n{command}\n```\n")
     return save_lora(out, unet, info, readme)
+
+
+LCM = Family("LCM", "Luo et al. 2023", LCM_METHODS, lcm_config, ConsistencyLoss, "LCMScheduler")
 
 
 def _recipe(teacher: Model, data: ImageData, out: str | Path, config: TrainConfig, settings: LCMSettings,

@@ -151,6 +151,9 @@ def pipeline_defaults(scheduler_config: dict, image_size: int) -> dict:
     """What a diffusers text-to-image pipeline is, read off its scheduler: a VP diffusion model (an LCM if
     its scheduler is LCMScheduler), sampled with DPM-Solver++ in 25 steps at guidance 3 (an LCM: 4 steps)."""
     lcm = scheduler_config.get("_class_name") == "LCMScheduler"
+    if scheduler_config.get("_class_name") == "TCDScheduler":   # a TCD model (Zheng et al. 2024): ε UNet, γ sampler
+        return {"kind": "consistency", "parameterization": "tcd", "image_size": image_size, "channels": 3,
+                "default_sampler": "tcd", "default_steps": 4, "default_guidance_scale": 1.0}
     return {"kind": "consistency" if lcm else "diffusion", "parameterization": "lcm" if lcm else "vp",
             "image_size": image_size, "channels": 3, "default_sampler": "consistency" if lcm else "dpmpp-2m",
             "default_steps": 4 if lcm else 25, "default_guidance_scale": 3.0}

@@ -265,6 +265,8 @@ def scheduler_config_of(model: Model) -> dict:
     if model.config.is_lcm:
         config.update(_class_name="LCMScheduler", original_inference_steps=model.config.original_inference_steps,
                       timestep_scaling=model.config.timestep_scaling)
+    elif model.config.parameterization == "tcd":   # a TCD model: TCDScheduler on its skipped grid
+        config.update(_class_name="TCDScheduler", original_inference_steps=model.config.original_inference_steps)
     return config
 
 

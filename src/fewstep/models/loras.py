@@ -35,7 +35,9 @@ from .handle import Model
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_SET = "lora-set"                     # fewstep.json kind of an unfused set of adapters with weights
 LCM_LORA, STYLE, UNKNOWN = "lcm-lora", "style", "lora"   # fewstep.json kinds of one adapter (UNKNOWN: made elsewhere)
-DECLARED = {"lcm": LCM_LORA, "style": STYLE}         # PATH[:WEIGHT][:KIND] → kind
+TCD_LORA = "tcd-lora"                     # a TCD acceleration vector (Zheng et al. 2024): TCD's sampler, not LCM's
+DECLARED = {"lcm": LCM_LORA, "style": STYLE, "tcd": TCD_LORA}   # PATH[:WEIGHT][:KIND] → kind
+ACCELERATORS = (LCM_LORA, TCD_LORA)       # kinds that make the base a few-step model on the skipped grid
 META = "fewstep_"                         # prefix of fewstep's keys in a LoRA file's safetensors __metadata__
 DEFAULT_ORIGINAL_STEPS = 50               # an LCM-LoRA's grid when nothing says: 1000/20, LCMScheduler's default
 
@@ -151,7 +153,7 @@ def resolve_lora_info(path: str | Path, declared: str | None = None) -> dict:
                       f"an LCM-LoRA, write --lora {path}:lcm (or PATH:WEIGHT:lcm)", stacklevel=2)
         kind = UNKNOWN
     out = {**info, "kind": kind}
-    if kind == LCM_LORA:
+    if kind in ACCELERATORS:
         out.setdefault("original_inference_steps", DEFAULT_ORIGINAL_STEPS)
     return out
 
@@ -195,16 +197,17 @@ def _set_readme(folder: Path, entries: list[dict], base) -> str:
             return f"pipe.load_lora_weights('{member.parent}', weight_name='{member.name}', adapter_name='{name}')\n"
         return f"pipe.load_lora_weights('{member}', adapter_name='{name}')\n"
 
-    lcm = next((e for e in entries if e["kind"] == LCM_LORA), None)
+    lcm = next((e for e in entries if e["kind"] in ACCELERATORS), None)
+    sched, what = ("TCDScheduler", "a TCD-LoRA") if lcm and lcm["kind"] == TCD_LORA else ("LCMScheduler", "an LCM-LoRA")
     return (f"# {folder.name}\n\nLoRAs for `{base}`, unfused, with their weights: "
             + ", ".join(f"`{e['source']}` × {e['weight']:g}" for e in entries) + ".\n\n"
             f"`fewstep sample --model {base} --lora {folder}` applies them all. In diffusers:\n\n```python\n"
-            f"from diffusers import StableDiffusionPipeline{', LCMScheduler' if lcm else ''}\n"
+            f"from diffusers import StableDiffusionPipeline{', ' + sched if lcm else ''}\n"
             f"pipe = StableDiffusionPipeline.from_pretrained('{base}')\n"
             + "".join(load(e, n) for e, n in zip(entries, names))
             + f"pipe.set_adapters({names}, adapter_weights={[e['weight'] for e in entries]})\n"
-            + (f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps="
-               f"{lcm.get('original_inference_steps', 50)})  # an LCM-LoRA is among them\n" if lcm else "")
+            + (f"pipe.scheduler = {sched}.from_config(pipe.scheduler.config, original_inference_steps="
+               f"{lcm.get('original_inference_steps', 50)})  # {what} is among them\n" if lcm else "")
             + "```\n")
 
 
@@ -354,8 +357,11 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
         pipe.unload_lora_weights()
     changes: dict = {"loras": [*model.config.loras, *({"path": str(p), "weight": w, "kind": i["kind"]}
                                                       for (p, w), i in zip(loras, infos))]}
-    accel = next((i for i in infos if i["kind"] == LCM_LORA), None)
-    if accel is not None:
+    accel = next((i for i in infos if i["kind"] in ACCELERATORS), None)
+    if accel is not None and accel["kind"] == TCD_LORA:   # TCD's ε student: the γ sampler on the skipped grid
+        changes.update(kind="consistency", parameterization="tcd", default_sampler="tcd", default_steps=4,
+                       default_guidance_scale=1.0, original_inference_steps=int(accel["original_inference_steps"]))
+    elif accel is not None:
         changes.update(kind="consistency", parameterization="lcm", default_sampler="consistency", default_steps=4,
                        default_guidance_scale=1.0, original_inference_steps=int(accel["original_inference_steps"]))
     return model.derive(net=unet.requires_grad_(False).eval(), config=model.replace_config(**changes))

@@ -160,9 +160,23 @@ def in_slices(fn, n: int | None):
     return lambda x: fn(x) if len(x) <= n else torch.cat([fn(x[i:i + n]) for i in range(0, len(x), n)])
 
 
-def sampler_options(model: Model, sampler: str) -> dict:
+def sampler_options(model: Model, sampler: str, eta: float | None = None) -> dict:
     """Model-specific keyword arguments of a sampler: multistep consistency sampling re-noises to
-    √(σ'² − σ_end²) (Song et al. 2023, Algorithm 1; σ_end = σmin for an EDM-space model)."""
+    √(σ'² − σ_end²) (Song et al. 2023, Algorithm 1; σ_end = σmin for an EDM-space model); TCD's γ sampler takes
+    γ = ``eta`` (default 0.3, TCDScheduler's) and the discrete VP schedule whose timesteps decide its s."""
+    if eta is not None and sampler != "tcd":
+        raise FewstepError(f"--eta (TCD's γ) applies to --sampler tcd, not {sampler}")
+    if sampler == "tcd":
+        from ..core.schedules import VPSchedule
+        from ..core.solvers import TCD_GAMMA
+
+        if not isinstance(model.schedule, VPSchedule):
+            raise FewstepError(f"--sampler tcd runs models of the discrete VP space (a diffusers SD pipeline, a TCD "
+                               f"model); {model.path} is a model of the {model.config.param.space.name} space")
+        gamma = TCD_GAMMA if eta is None else float(eta)
+        if not 0 <= gamma <= 1:
+            raise FewstepError(f"--eta (TCD's γ) must be in [0, 1] (0 deterministic, 1 fully stochastic), got {eta}")
+        return {"gamma": gamma, "schedule": model.schedule}
     return {"sigma_end": model.sigma_end} if sampler == "consistency" else {}
 
 
@@ -173,7 +187,7 @@ def generate(model: Model, cond: Any = None, num: int | None = None, steps: int 
              sigmas: Tensor | None = None, progress: bool = False, *, labels: Any = None,
              prompts: Sequence[str] | None = None, clamp_x0: bool = False, rho: float | None = None,
              negative_prompt: str | Sequence[str] | None = None, height: int | None = None, width: int | None = None,
-             network_batch: int | None = None) -> Tensor:
+             network_batch: int | None = None, eta: float | None = None) -> Tensor:
     """Images in [−1, 1], [N, C, H, W], of any model (module docstring).
 
     ``cond`` (or ``labels=`` / ``prompts=``): class labels for a class-conditional model, prompts for a
@@ -186,7 +200,8 @@ def generate(model: Model, cond: Any = None, num: int | None = None, steps: int 
     ``height``/``width``: pipelines, in pixels, multiples of the VAE factor (default the model's size; the
     init images' size for img2img). ``batch_size``: images per noise chunk (module docstring: changing it
     changes the images of calls with more images than it); ``network_batch``: images per network and VAE call
-    (with CFG each call also carries their unconditional twins), never changing the images.
+    (with CFG each call also carries their unconditional twins), never changing the images. ``eta``: γ of TCD's
+    strategic stochastic sampling (``sampler`` "tcd", the default of a TCD model; None: 0.3, as TCDScheduler's).
     """
     cond = next((c for c in (cond, labels, prompts) if c is not None), None)
     if mask is not None and init_images is None:
@@ -204,6 +219,7 @@ def generate(model: Model, cond: Any = None, num: int | None = None, steps: int 
     if model.config.is_lcm and sampler != "consistency":
         raise FewstepError(f"{model.path} is a latent consistency model; it samples with --sampler consistency")
     spec = get_sampler(sampler)
+    options = sampler_options(model, sampler, eta)
     guidance = guidance_or_default(model, guidance_scale)
     negatives = negative_prompts(model, negative_prompt, cond, n, guidance)
     _warn_double_guidance(model, guidance)
@@ -223,8 +239,7 @@ def generate(model: Model, cond: Any = None, num: int | None = None, steps: int 
         x = _start(shape, model, grid, b, init, encode, pure_noise=mask is not None and strength == 1,
                    generator=generator)
         if mask is None:
-            x = spec.fn(den, x, grid, extra_args=extra, generator=generator, disable=not progress,
-                        **sampler_options(model, sampler))
+            x = spec.fn(den, x, grid, extra_args=extra, generator=generator, disable=not progress, **options)
         else:
             y = encode(init).to(model.device)
             x = sample_replacing(den, x, grid, extra, inpainting(model.codec.mask(mask)), y, clip=model.codec.clip,

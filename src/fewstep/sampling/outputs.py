@@ -37,12 +37,16 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def run_settings(model: Model, steps: int | None, sampler: str | None, guidance_scale: float | None,
-                 sigmas: Sequence[float] | None = None) -> dict[str, Any]:
+                 sigmas: Sequence[float] | None = None, eta: float | None = None) -> dict[str, Any]:
     """The steps, sampler and guidance scale a run of ``model`` uses, its defaults filled in (what
-    :func:`fewstep.sampling.generate.generate` resolves)."""
+    :func:`fewstep.sampling.generate.generate` resolves), and TCD's γ (``eta``) where the sampler is tcd."""
     settings = {"steps": len(sigmas) if sigmas is not None else steps or model.config.default_steps,
                 "sampler": sampler or model.config.default_sampler,
                 "guidance_scale": guidance_or_default(model, guidance_scale)}
+    if settings["sampler"] == "tcd":
+        from ..core.solvers import TCD_GAMMA
+
+        settings["eta"] = TCD_GAMMA if eta is None else eta
     if sigmas is not None:
         settings["sigmas"] = list(sigmas)
     return settings
