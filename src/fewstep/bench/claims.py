@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import tcd
 from .format import fid, ratio_cell, target_verdict, teacher_best, verdict
 
 
@@ -68,6 +69,7 @@ def _claims(report, results: Path) -> list:
                        "ImageNet-64: 4-step FID comparable to the teacher's", _row(tq, "emoji-pixel-progressive", 4),
                        teacher_best(tq, "emoji-pixel-teacher"), 1.3, "emoji pixel"))
     rows += [_skip_claim(results), _style_claim(report), _editing_claim(report), _colorize_claim(tb)]
+    rows += tcd.claims(report)
     return [r for r in rows if r is not None]
 
 

@@ -29,11 +29,11 @@ from ..sampling.grids import sampling_grid
 
 
 def quality_rows(model: Model, ruler, steps, sampler: str | None, guidance: float | None, num: int, seed: int,
-                 confidence: bool = False, name: str | None = None) -> list[dict]:
+                 confidence: bool = False, name: str | None = None, **sampling) -> list[dict]:
     """:func:`fewstep.eval.evaluate.evaluate` rows as dicts, printed as they come; with ``confidence`` also
     the classifier's mean probability of the asked label, which keeps moving with s after accuracy
-    saturates at 1."""
-    rows, samples = evaluate(model, ruler, list(steps), sampler, guidance, num, seed, progress=False)
+    saturates at 1. ``sampling``: more of ``generate``'s options (TCD's ``eta``)."""
+    rows, samples = evaluate(model, ruler, list(steps), sampler, guidance, num, seed, progress=False, **sampling)
     out = []
     for r in rows:
         row = asdict(r)

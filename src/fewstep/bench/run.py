@@ -14,7 +14,7 @@ from ..errors import FewstepError
 from ..eval.evaluate import ruler_for
 from ..io.atomic import write_text
 from ..models.folders import load_model
-from . import guided, guided_latent, latent, lora, pixel, sdxl, serve, testbed
+from . import guided, guided_latent, latent, lora, pixel, sdxl, serve, tcd, testbed
 from .report import machine, plots, write_markdown
 from .results import BenchReport, BenchSettings, load_report
 
@@ -29,6 +29,7 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     report.guided = guided.measure(models_dir, teacher, ruler, settings, report.quality)
     report.latent = latent.measure(models_dir, settings, command)
     report.lora = lora.measure(models_dir, settings, command, teacher_rows(report.latent))
+    report.tcd = tcd.measure(models_dir, settings, command, teacher_rows(report.latent))
     report.guided_latent = guided_latent.measure(models_dir, settings, command, teacher_rows(report.latent))
     report.emoji_pixel = testbed.measure(models_dir, settings, command, out_dir / testbed.PROGRESS)
     report.sdxl = sdxl.measure(models_dir, settings, command)
@@ -67,7 +68,7 @@ def render_report(bench_json: Path, markdown: Path, out_dir: Path) -> None:
 
 def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
                      markdown: Path | None) -> None:
-    """``fewstep bench --only digits|guided|guided-latent|latent|lora|emoji-pixel|sdxl|serve``: one section measured
+    """``fewstep bench --only digits|guided|guided-latent|latent|lora|tcd|emoji-pixel|sdxl|serve``: one section measured
     alone and merged into the ``--reuse`` report (its other sections, command and date stay as they were; digits
     re-measures the digits quality and editing rows, keeps the timings, and matches the speedups to them)."""
     missing = f"--only {name} merges into a previous report: give --reuse OLD/bench.json"
@@ -90,6 +91,8 @@ def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: Bench
         report.sdxl = sdxl.measure(models_dir, settings, command)
     elif name == "serve":
         report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent))
+    elif name == "tcd":
+        report.tcd = tcd.measure(models_dir, settings, command, teacher_rows(report.latent))
     elif name == "guided-latent":
         report.guided_latent = guided_latent.measure(models_dir, settings, command, teacher_rows(report.latent))
     else:
