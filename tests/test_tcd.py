@@ -205,3 +205,30 @@ def test_cli_tcd_full_model_runs_in_stable_diffusion_pipeline_with_tcd_scheduler
         theirs = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=3.0, eta=gamma, height=32, width=32,
                       output_type="pt", generator=torch.Generator().manual_seed(5)).images * 2 - 1
         assert (ours - theirs.clamp(-1, 1)).abs().max() <= 4 / 255, (ours - theirs).abs().max()
+
+
+def test_shipped_tcd_lora_in_diffusers_gives_fewstep_samples_images(tmp_path, capsys):
+    """The acceptance test on the shipped models: ``fewstep sample --model models/emoji-sd --lora
+    models/emoji-tcd-lora --steps 4`` (TCD's sampler, γ 0.3, by the LoRA's kind) and diffusers'
+    StableDiffusionPipeline + load_lora_weights + TCDScheduler (eta 0.3) give the same 8-bit images, ≤ 2/255 apart."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from fewstep.models.folders import shipped_models_dir
+
+    models = shipped_models_dir()
+    if not (models / "emoji-tcd-lora").is_dir():
+        pytest.skip("models/emoji-tcd-lora is not trained here")
+    rc, _, err = run_cli(capsys, "sample", "--model", str(models / "emoji-sd"), "--lora", str(models / "emoji-tcd-lora"),
+                         "--steps", "4", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num", "2", "--seed", "3",
+                         "--out-dir", str(tmp_path / "ours"))
+    assert rc == 0, err
+    ours = np.stack([np.asarray(Image.open(tmp_path / "ours" / f"{i:05d}.png"), dtype=int) for i in range(4)])
+    pipe = StableDiffusionPipeline.from_pretrained(models / "emoji-sd")
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(models / "emoji-tcd-lora"))
+    theirs = pipe([p for p in PROMPTS for _ in range(2)], num_inference_steps=4, guidance_scale=1.0, eta=0.3, height=32,
+                  width=32, output_type="np", generator=torch.Generator().manual_seed(3)).images
+    theirs = np.round(theirs * 255).astype(int)
+    assert np.abs(ours - theirs).max() <= 2, np.abs(ours - theirs).max()
