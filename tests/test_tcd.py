@@ -232,3 +232,32 @@ def test_shipped_tcd_lora_in_diffusers_gives_fewstep_samples_images(tmp_path, ca
                   width=32, output_type="np", generator=torch.Generator().manual_seed(3)).images
     theirs = np.round(theirs * 255).astype(int)
     assert np.abs(ours - theirs).max() <= 2, np.abs(ours - theirs).max()
+
+
+def test_bench_tcd_claims_are_decided_beyond_the_spread_and_name_what_was_tried(tmp_path):
+    """The TCD claims compare TCD-LoRA at γ 0.3 with LCM-LoRA beyond the spread, and where TCD does not win they
+    name the best TCD point measured (the γ sweep, the ablation's variants when its JSON is there)."""
+    import json
+    from types import SimpleNamespace
+
+    from fewstep.bench import tcd as bench_tcd
+
+    def row(n, f, eta=None):
+        return {"steps": n, "fid": f, "fid_std": 0.05, "cond_accuracy": 0.7, "cond_accuracy_std": 0.01,
+                **({} if eta is None else {"eta": eta})}
+    info = {"rank": 4, "training": {"command": "c", "steps": 600, "config": {"batch_size": 64, "lr": 1e-3,
+                                                                           "extra": {"target_ema": 0.95}}}}
+    gamma = {"0.3": [row(2, 1.6, 0.3), row(4, 1.0, 0.3), row(8, 0.6, 0.3)], "1": [row(4, 0.85, 1.0), row(8, 0.7, 1.0)]}
+    report = SimpleNamespace(tcd={"command": "bench", "num": 10, "seed": 0, "spread": "bootstrap", "guidance_scale": 1.0,
+                                  "lcm_lora": info, "tcd_lora": info, "gamma": gamma,
+                                  "quality": {"emoji-lcm-lora/consistency": [row(2, 1.4), row(4, 0.9), row(8, 0.8)],
+                                              "emoji-tcd-lora/tcd": gamma["0.3"]}})
+    eight, four = bench_tcd.claims(report)
+    assert eight[-1] == "holds"                                       # 0.6 vs 0.8, spread 0.07
+    assert four[-1].startswith("does not hold; best TCD point tried at 4 steps: γ 1, FID 0.850")
+    (tmp_path / bench_tcd.ABLATION).write_text(json.dumps({"command": "a", "budget": "b", "num": 10, "seed": 0, "runs": [
+        {"name": "mu0", "target_ema": 0.0, "lr": 1e-3, "rows": [row(4, 0.7, 0.3)]}]}))
+    four = bench_tcd.claims(report, tmp_path)[1]
+    assert "mu0, γ 0.3, FID 0.700" in four[-1] and "TCD better beyond the spread" in four[-1]
+    text = "\n".join(bench_tcd.section(report, tmp_path))
+    assert "| mu0 | 0 | 0.001 |" in text and "0.700 ± 0.050" in text

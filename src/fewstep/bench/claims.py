@@ -69,7 +69,7 @@ def _claims(report, results: Path) -> list:
                        "ImageNet-64: 4-step FID comparable to the teacher's", _row(tq, "emoji-pixel-progressive", 4),
                        teacher_best(tq, "emoji-pixel-teacher"), 1.3, "emoji pixel"))
     rows += [_skip_claim(results), _style_claim(report), _editing_claim(report), _colorize_claim(tb)]
-    rows += tcd.claims(report)
+    rows += tcd.claims(report, results)
     return [r for r in rows if r is not None]
 
 

@@ -30,7 +30,7 @@ def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
     lines += pixel.quality_section(report, rel(out_dir / "fid_vs_nfe.png", path), rel(out_dir / "fid_vs_seconds.png", path))
     lines += pixel.consistency_section(report) + pixel.editing_section(report)
     lines += guided.section(report) + guided_latent.section(report)
-    lines += latent.section(report, out_dir) + lora.section(report, out_dir) + tcd.section(report)
+    lines += latent.section(report, out_dir) + lora.section(report, out_dir) + tcd.section(report, out_dir)
     lines += pixel.speedup_section(report)
     lines += sdxl.section(report) + memory.section(out_dir) + serve.section(report)
     lines += testbed.section(report) + pixel.heun_section(out_dir) + claims.section(report, out_dir)

@@ -8,11 +8,14 @@ emoji ruler, the bench's sample count and seed:
 - TCD over γ ∈ {0, 0.3, 0.5, 1} at 4 and 8 steps (γ = 1 denoises fully each step: LCM's sampling with TCD's
   parameterization).
 Every FID and accuracy carries its bootstrap spread (:data:`fewstep.eval.evaluate.SPREAD`); "beats" only beyond it.
-Its two claims go to the claims table (:func:`claims`).
+Its two claims go to the claims table (:func:`claims`), each with the best TCD point tried beside it; what else was
+tried at the same budget (``bench/tcd_ablation.py``: target μ = 0, lr 2e-3) is rendered from
+``bench/results/tcd_ablation.json`` when that script has written it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..models.folders import load_model
@@ -21,6 +24,7 @@ from .format import acc, fid, ratio_cell, teacher_best, verdict
 from .measure import quality_rows
 
 TEACHER, LCM_LORA, TCD_LORA = "emoji-sd", "emoji-lcm-lora", "emoji-tcd-lora"
+ABLATION = "tcd_ablation.json"   # written by bench/tcd_ablation.py beside bench.json
 STEPS = (2, 4, 8)
 GAMMAS = (0.0, 0.3, 0.5, 1.0)
 GAMMA_STEPS = (4, 8)
@@ -40,7 +44,8 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
                  "lcm_lora": lora_info(models_dir / LCM_LORA), "tcd_lora": lora_info(models_dir / TCD_LORA),
                  "quality": {}, "gamma": {}}
     lcm = apply_loras(load_model(models_dir / TEACHER), [(models_dir / LCM_LORA, 1.0)])
-    out["quality"][f"{LCM_LORA}/consistency"] = quality_rows(lcm, ruler, STEPS, "consistency", 1.0, num, seed)
+    out["quality"][f"{LCM_LORA}/consistency"] = quality_rows(lcm, ruler, STEPS, "consistency", 1.0, num, seed,
+                                                             name=LCM_LORA)
     tcd = apply_loras(load_model(models_dir / TEACHER), [(models_dir / TCD_LORA, 1.0)])
     for gamma in GAMMAS:
         steps = tuple(sorted({*GAMMA_STEPS, *(STEPS if gamma == DEFAULT_GAMMA else ())}))
@@ -56,7 +61,12 @@ def _at(rows: list[dict], steps: int) -> dict | None:
     return next((r for r in rows if r["steps"] == steps), None)
 
 
-def section(report) -> list[str]:
+def _ablation(results: Path | None) -> dict | None:
+    path = None if results is None else results / ABLATION
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
+def section(report, results: Path | None = None) -> list[str]:
     g = getattr(report, "tcd", None) or {}
     if not g:
         return []
@@ -91,6 +101,31 @@ def section(report) -> list[str]:
         lines += ["", f"Best TCD point measured: γ {top['eta']:g} at {top['steps']} steps, FID {fid(top)}"
                   + (f" (LCM-LoRA at {top['steps']} steps: {fid(ref)}; {_said(verdict(top, ref))})." if ref else ".")
                   + " The claims below use the default γ = 0.3, fixed before measuring, not the best γ."]
+    return lines + ablation_section(g, _ablation(results))
+
+
+def ablation_section(g: dict, ab: dict | None) -> list[str]:
+    """``bench/tcd_ablation.py``'s variants beside the shipped TCD-LoRA and LCM-LoRA."""
+    if not ab or not ab.get("runs"):
+        return []
+    cols = [(gamma, n) for gamma in (DEFAULT_GAMMA, 1.0) for n in GAMMA_STEPS]
+    lcm = g["quality"][f"{LCM_LORA}/consistency"]
+
+    def cell(rows: list[dict], gamma: float, n: int) -> str:
+        r = next((r for r in rows if r["steps"] == n and abs(r.get("eta", -1) - gamma) < 1e-9), None)
+        return fid(r)
+    shipped = [r for rows in g["gamma"].values() for r in rows]
+    lines = ["", f"### What else was tried for TCD-LoRA at the same budget ({ab['budget']})", "",
+             f"Written by `{ab['command']}`. FID at 4 and 8 TCD steps, γ {DEFAULT_GAMMA:g} and 1, guidance 1, "
+             f"{ab['num']} samples, seed {ab['seed']}; one change from the shipped run each.", "",
+             "| TCD-LoRA | target μ | lr | " + " | ".join(f"γ {gm:g}, {n} steps" for gm, n in cols) + " |",
+             "|---|---:|---:|" + "---:|" * len(cols),
+             f"| shipped `{TCD_LORA}` | {g['tcd_lora']['training']['config']['extra']['target_ema']:g} | "
+             f"{g['tcd_lora']['training']['config']['lr']:g} | " + " | ".join(cell(shipped, gm, n) for gm, n in cols) + " |"]
+    for run in ab["runs"]:
+        lines.append(f"| {run['name']} | {run['target_ema']:g} | {run['lr']:g} | "
+                     + " | ".join(cell(run["rows"], gm, n) for gm, n in cols) + " |")
+    lines.append("| LCM-LoRA (its own sampler) | | | " + " | ".join(fid(_at(lcm, n)) for _, n in cols) + " |")
     return lines
 
 
@@ -98,11 +133,20 @@ def _said(v: str) -> str:
     return {"wins": "TCD better beyond the spread", "loses": "LCM better beyond the spread"}.get(v, v)
 
 
-def claims(report) -> list:
-    """Rows for the claims table: (claim, paper, fewstep, section, holds)."""
+def _tried(g: dict, ab: dict | None, n: int) -> tuple[str, dict] | None:
+    """The lowest-FID TCD point at ``n`` steps over everything measured: the γ sweep and the ablation's variants."""
+    found = [(f"γ {r['eta']:g}", r) for rows in g["gamma"].values() for r in rows if r["steps"] == n]
+    found += [(f"{run['name']}, γ {r['eta']:g}", r) for run in (ab or {}).get("runs", []) for r in run["rows"]
+              if r["steps"] == n]
+    return min(found, key=lambda lr: lr[1]["fid"]) if found else None
+
+
+def claims(report, results: Path | None = None) -> list:
+    """Rows for the claims table: (claim, paper, fewstep, section, holds), each with the best TCD point tried."""
     g = getattr(report, "tcd", None) or {}
     if not g:
         return []
+    ab = _ablation(results)
     lcm, tcd = g["quality"][f"{LCM_LORA}/consistency"], g["quality"][f"{TCD_LORA}/tcd"]
     out = []
     for claim, paper, n in (
@@ -116,5 +160,9 @@ def claims(report) -> list:
         holds = {"wins": "holds", "loses": "does not hold",
                  "within the spread": f"not shown (within the spread; TCD {'lower' if a['fid'] <= b['fid'] else 'higher'})"
                  }.get(v, v)
+        best = _tried(g, ab, n)
+        if best is not None and v != "wins":
+            holds += (f"; best TCD point tried at {n} steps: {best[0]}, FID {fid(best[1])}, "
+                      f"{_said(verdict(best[1], b))} (γ sweep{' and ablation' if ab else ''} in the TCD section)")
         out.append((claim, paper, f"TCD {fid(a)} vs LCM {fid(b)}", "TCD-LoRA against LCM-LoRA", holds))
     return out
