@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import FewstepError
-from .args import add_grid_args, add_lora_arg, at_least, guidance_scale, load_options, seed, step_list
+from .args import add_grid_args, add_lora_arg, at_least, guidance_scale, load_options, probability, seed, step_list
 
 
 def add_parser(sub) -> None:
@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--steps", type=step_list, default=[1, 2, 4], help="comma-separated step counts (default 1,2,4)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's")
+    p.add_argument("--eta", "--gamma", dest="eta", type=probability, default=None, metavar="G",
+                   help="--sampler tcd: TCD's γ in [0, 1] (default 0.3; see fewstep sample --help)")
     p.add_argument("--guidance-scale", type=guidance_scale, default=None, help="1.0 = none (default: the model's)")
     p.add_argument("--num", type=at_least(4), default=1000,
                    help="samples per step count (default 1000; at least 4: precision/recall take each sample's 3 "
@@ -65,8 +67,12 @@ def run(args: argparse.Namespace) -> None:
     if args.tune_sigmas:
         _tune_sigmas(model, ruler, args)
     rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed,
-                             rho=args.rho, clamp_x0=args.clamp_x0)
+                             rho=args.rho, clamp_x0=args.clamp_x0, eta=args.eta)
     report = eval_report(model, rows, args.num, args.seed)
+    if (args.sampler or model.config.default_sampler) == "tcd":   # TCD's γ beside its rows (a key added, none renamed)
+        from ..core.solvers import TCD_GAMMA
+
+        report["eta"] = TCD_GAMMA if args.eta is None else args.eta
     print(f"{'steps':>5} {'NFE':>4} {'FID':>8} {'KID':>9} {'prec':>6} {'recall':>6} {'acc':>6} {'s/img':>8}")
     for r in rows:
         acc = "-" if r.cond_accuracy is None else f"{r.cond_accuracy:.3f}"
