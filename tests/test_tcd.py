@@ -261,3 +261,18 @@ def test_bench_tcd_claims_are_decided_beyond_the_spread_and_name_what_was_tried(
     assert "mu0, γ 0.3, FID 0.700" in four[-1] and "TCD better beyond the spread" in four[-1]
     text = "\n".join(bench_tcd.section(report, tmp_path))
     assert "| mu0 | 0 | 0.001 |" in text and "0.700 ± 0.050" in text
+
+
+def test_a_bare_tcd_lora_file_declared_with_tcd_samples_with_tcds_sampler(tiny_sd, tiny_tcd_lora, tmp_path):
+    """A TCD-LoRA file that says nothing (no fewstep.json, no metadata: downloaded) is declared PATH:WEIGHT:tcd and
+    then sampled with TCD's sampler, as the folder is."""
+    from safetensors.torch import load_file, save_file
+
+    from fewstep.models.loras import LORA_FILE, load_with_loras
+
+    bare = tmp_path / "tcd.safetensors"
+    save_file(load_file(tiny_tcd_lora / LORA_FILE), bare)
+    model = load_with_loras(tiny_sd, [f"{bare}:1:tcd"])
+    assert model.config.default_sampler == "tcd" and model.config.loras[0]["kind"] == "tcd-lora"
+    folder = load_with_loras(tiny_sd, [str(tiny_tcd_lora)])
+    torch.testing.assert_close(generate(model, PROMPTS, steps=2, seed=1), generate(folder, PROMPTS, steps=2, seed=1))

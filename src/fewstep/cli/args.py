@@ -235,7 +235,8 @@ def add_lora_arg(p: argparse.ArgumentParser, what: str) -> None:
                         f"set) with weight λ (default 1); repeat to combine, e.g. a style LoRA and an LCM-LoRA (then "
                         f"2–8 steps). What a LoRA is comes from its folder's fewstep.json or its file's metadata; "
                         f"a file that says nothing counts as a style LoRA (with a warning): add :lcm to declare an "
-                        f"LCM-LoRA (sampled with LCM's sampler on the 50-step grid), e.g. lcm-lora.safetensors:1:lcm")
+                        f"LCM-LoRA (sampled with LCM's sampler on the 50-step grid), e.g. lcm-lora.safetensors:1:lcm, or :tcd a "
+                        f"TCD-LoRA (sampled with TCD's γ sampler, --sampler tcd)")
 
     add_dtype_args(p)
 
