@@ -17,6 +17,7 @@ name           space (schedule)            network                         diffu
 ``lcm``        discrete VP                 f, LCM's c_skip/c_out (eq. 9)    ``LCMScheduler``
 ``flow``       rectified flow (:mod:`.flow`)  velocity; f is the same       ``FlowMatchEulerDiscreteScheduler``
 ``trigflow``   TrigFlow (:mod:`.trigflow`)  σ_d·F; f is the same             ``SCMScheduler``
+``trigflow-edm`` TrigFlow                  f over an EDM backbone (sCD/sCT)  ``SCMScheduler``
 =============  ==========================  ==============================  ===================================
 
 Adding a noise space is one module that defines its schedule and adapter and calls :func:`register_space` (and
