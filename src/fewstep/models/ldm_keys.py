@@ -169,6 +169,7 @@ def _open_clip_name(key: str) -> str:
 
 
 # --- kohya LoRA names ------------------------------------------------------------------------------------
+SGM_KOHYA = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")  # SDXL's kohya names
 def kohya_name(module: str) -> str:
     """kohya's name of a module path (``lora_unet_`` + the path with ``_`` for ``.``)."""
     return "lora_unet_" + module.replace(".", "_")
@@ -180,8 +181,7 @@ def kohya_original_to_diffusers(state: dict[str, Tensor], unet) -> dict[str, Ten
     of ``unet``'s own modules, exactly (by :func:`unet_block_map` of its config), which diffusers' loader reads
     for any layout (its own ``_maybe_map_sgm_blocks_to_diffusers`` assumes SDXL's: an upsampler always at index
     2). Other keys (text encoders) are kept. None if no key has an original block name."""
-    if not any(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
-               for k in state):
+    if not any(k.startswith(SGM_KOHYA) for k in state):
         return None
     blocks = unet_block_map(unet.config)
     names = {}

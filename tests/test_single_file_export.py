@@ -1,0 +1,129 @@
+"""Single-file export (issue 31, item 3b): ``fewstep export --single-file`` and ``fewstep lora merge ...
+--single-file`` write the original-format (LDM) checkpoint of a pipeline that diffusers' own reader
+(``from_single_file`` with the folder as its local config) and fewstep's ``--model FILE`` load back as the same
+pipeline: the same weights exactly, the same images for the same seed. Written atomically, never over an input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import run_cli
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fewstep.errors import FewstepError
+from fewstep.models.folders import load_model, shipped_models_dir
+from fewstep.models.single_file import _open_clip_encoder
+from fewstep.models.single_file_export import write_single_file
+
+MODELS = shipped_models_dir()
+PROMPTS = ["red apple", "flag: Japan"]
+
+
+def _diffusers_images(pipe, xl: bool) -> torch.Tensor:
+    size = {"height": 32, "width": 32}
+    return pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, output_type="pt", **size,
+                generator=torch.Generator().manual_seed(5)).images
+
+
+def _same_parts(a, b, names) -> None:
+    for name in names:
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys(), name
+        bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
+        assert not bad, (name, bad[:3])
+
+
+@pytest.mark.parametrize("name", ["emoji-sd", "emoji-sdxl"])
+def test_single_file_loads_in_diffusers_and_fewstep_as_the_folder(name, tmp_path, capsys):
+    """The acceptance test: the shipped pipeline exported by the CLI, read by diffusers' from_single_file(file,
+    config=folder, local_files_only=True): every part's weights equal the folder's and the images are the folder's
+    (≤ 2/255; in fact equal); fewstep's --model FILE --config FOLDER samples the folder's images."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from fewstep.sampling.generate import generate_latent
+
+    folder, out = MODELS / name, tmp_path / f"{name}.safetensors"
+    rc, stdout, err = run_cli(capsys, "export", "--single-file", "--model", str(folder), "--out", str(out))
+    assert rc == 0 and "AUTOMATIC1111" in stdout, err
+    with safe_open(str(out), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert meta["fewstep_format"] == "ldm-single-file" and meta["fewstep_source"] == str(folder)
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
+               for k in keys)
+
+    xl = name == "emoji-sdxl"
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    extra = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
+    reference = cls.from_pretrained(folder, **extra)
+    if xl:
+        # from_single_file picks a text encoder's converter by width; emoji-sdxl's two encoders are both 64 wide, so
+        # it would fill text_encoder_2 with text_encoder's weights. Its second encoder is read here with diffusers'
+        # own convert_open_clip_checkpoint, as fewstep's reader does (single_file._open_clip_encoder).
+        extra["text_encoder_2"] = _open_clip_encoder(out, folder, torch.float32)
+    single = cls.from_single_file(str(out), config=str(folder), local_files_only=True, **extra)
+    _same_parts(reference, single, ("unet", "vae", "text_encoder") + (("text_encoder_2",) if xl else ()))
+    ours, theirs = _diffusers_images(reference, xl), _diffusers_images(single, xl)
+    assert (ours - theirs).abs().max() <= 2 / 255
+
+    model = load_model(folder)
+    loaded = load_model(out, config=folder)
+    assert loaded.config.prediction_type == model.config.prediction_type
+    assert torch.equal(generate_latent(loaded, PROMPTS, steps=2, guidance_scale=3.0, seed=3),
+                       generate_latent(model, PROMPTS, steps=2, guidance_scale=3.0, seed=3))
+
+
+def test_lora_merge_single_file_is_the_merged_pipeline_in_one_file(tmp_path, capsys):
+    """``lora merge --single-file``: the LCM-LoRA fused into emoji-sd, as one file, holds the merged folder's
+    weights (read by fewstep and diffusers), says it is an LCM, and fewstep samples it as one."""
+    from fewstep.sampling.generate import generate_latent
+
+    base, lora = MODELS / "emoji-sd", MODELS / "emoji-lcm-lora"
+    merged, out = tmp_path / "merged", tmp_path / "merged.safetensors"
+    rc, _, err = run_cli(capsys, "lora", "merge", "--base", str(base), "--lora", f"{lora}:1.0", "--out", str(merged))
+    assert rc == 0, err
+    rc, stdout, err = run_cli(capsys, "lora", "merge", "--base", str(base), "--lora", f"{lora}:1.0",
+                              "--single-file", "--out", str(out))
+    assert rc == 0 and "LCM" in stdout, err
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["fewstep_kind"] == "lcm"
+    folder, single = load_model(merged), load_model(out, config=merged)
+    _same_parts(folder, single, ("unet",))
+    assert torch.equal(single.parts["vae"].state_dict()["decoder.conv_out.bias"],
+                       folder.parts["vae"].state_dict()["decoder.conv_out.bias"])
+    assert single.config.is_lcm
+    assert torch.equal(generate_latent(single, PROMPTS, steps=2, seed=3), generate_latent(folder, PROMPTS, steps=2, seed=3))
+    base_unet = load_model(base).unet.state_dict()
+    assert any(not torch.equal(v, single.unet.state_dict()[k]) for k, v in base_unet.items())   # the LoRA is in
+
+
+def test_dtype_and_what_is_refused(tmp_path, capsys):
+    """--dtype fp16 writes fp16 weights; an existing file needs --overwrite (and is left as it was without);
+    an output that is an input, a pixel model, an LCD LCM (guidance embedding) and a non-.safetensors name are
+    refused in one line, before anything is written."""
+    sd = MODELS / "emoji-sd"
+    half = tmp_path / "half.safetensors"
+    rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(sd), "--out", str(half), "--dtype", "fp16")
+    assert rc == 0, err
+    assert {v.dtype for v in load_file(half).values()} == {torch.float16}
+    before = half.read_bytes()
+    rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(sd), "--out", str(half))
+    assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert half.read_bytes() == before
+    rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(half), "--config", str(sd), "--out",
+                         str(half), "--overwrite")
+    assert rc == 2 and "an input of this command" in err and half.read_bytes() == before
+    rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(sd), "--out", str(half), "--overwrite")
+    assert rc == 0 and load_file(half)["first_stage_model.decoder.conv_out.bias"].dtype == torch.float32, err
+    assert not list(tmp_path.glob(".*tmp*"))
+    for model, match in ((MODELS / "digits-teacher", "pixel model"), (MODELS / "emoji-lcm", "guidance-scale embedding")):
+        rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(model), "--out", str(tmp_path / "x.safetensors"))
+        assert rc == 2 and match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(sd), "--out", str(tmp_path / "x.ckpt"))
+    assert rc == 2 and "must end in .safetensors" in err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.ckpt").exists()
+    rc, _, err = run_cli(capsys, "lora", "merge", "--base", str(sd), "--lora", str(MODELS / "emoji-lcm-lora"),
+                         "--no-fuse", "--single-file", "--out", str(tmp_path / "y.safetensors"))
+    assert rc == 2 and "choose one" in err
+    with pytest.raises(FewstepError, match="exists"):
+        write_single_file(load_model(sd), half)
