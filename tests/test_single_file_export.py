@@ -1,7 +1,9 @@
 """Single-file export (issue 31, item 3b): ``fewstep export --single-file`` and ``fewstep lora merge ...
 --single-file`` write the original-format (LDM) checkpoint of a pipeline that diffusers' own reader
 (``from_single_file`` with the folder as its local config) and fewstep's ``--model FILE`` load back as the same
-pipeline: the same weights exactly, the same images for the same seed. Written atomically, never over an input."""
+pipeline: the same weights exactly, the same images for the same seed; every UNet weight where ComfyUI's own map
+(comfy/utils.py unet_to_diffusers, replayed in test_lora_export_tools) looks for it. Written atomically, never over
+an input."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from helpers import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_lora_export_tools import comfy_config, comfy_unet_to_diffusers
 
 from fewstep.errors import FewstepError
 from fewstep.models.folders import load_model, shipped_models_dir
@@ -53,6 +56,10 @@ def test_single_file_loads_in_diffusers_and_fewstep_as_the_folder(name, tmp_path
                for k in keys)
 
     xl = name == "emoji-sdxl"
+    unet = load_model(folder).unet
+    written, right = load_file(out), comfy_unet_to_diffusers(comfy_config(dict(unet.config)))
+    assert all(torch.equal(written["model.diffusion_model." + v], unet.state_dict()[k])      # where ComfyUI looks
+               for k, v in right.items() if k in unet.state_dict())
     cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     extra = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
     reference = cls.from_pretrained(folder, **extra)
