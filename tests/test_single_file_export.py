@@ -134,3 +134,20 @@ def test_dtype_and_what_is_refused(tmp_path, capsys):
     assert rc == 2 and "choose one" in err
     with pytest.raises(FewstepError, match="exists"):
         write_single_file(load_model(sd), half)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    """Out of space halfway through the file: one line, the previous file intact, no temporary left."""
+    from test_never_destroy import _disk_full, one_line
+
+    out = tmp_path / "sd.safetensors"
+    rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(MODELS / "emoji-sd"), "--out", str(out))
+    assert rc == 0, err
+    before = out.read_bytes()
+    with monkeypatch.context() as m:
+        _disk_full(m)
+        rc, _, err = run_cli(capsys, "lora", "merge", "--base", str(MODELS / "emoji-sd"), "--lora",
+                             str(MODELS / "emoji-lcm-lora"), "--single-file", "--out", str(out), "--overwrite")
+    lines = one_line(err)
+    assert rc == 2 and len(lines) == 1 and "no space left" in lines[0].lower(), err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["sd.safetensors"]
