@@ -151,3 +151,54 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, capsys, monkey
     lines = one_line(err)
     assert rc == 2 and len(lines) == 1 and "no space left" in lines[0].lower(), err
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["sd.safetensors"]
+
+
+@pytest.mark.parametrize("name,kind", [("sd-v1-5", "v1"), ("sdxl-base", "xl_base")])
+def test_full_size_files_are_what_diffusers_infers_and_converts(name, kind):
+    """The published SD 1.5 and SDXL architectures (built on the meta device: shapes, no weights): diffusers' type
+    inference names the written file's type, fewstep picks the shipped config for it, and diffusers' converters
+    (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint,
+    convert_open_clip_checkpoint) give back every weight of every part under its diffusers name and shape."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from fewstep.models.ldm_keys import (
+        CLIP_XL_1,
+        clip_to_original,
+        open_clip_to_original,
+        unet_to_original,
+        vae_to_original,
+    )
+    from fewstep.models.single_file import CONFIGS, SHIPPED, _check_config_fits, checkpoint_type
+
+    folder = CONFIGS / name
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")) \
+            if kind == "xl_base" else None
+    file = {**unet_to_original(unet.state_dict(), unet.config), **vae_to_original(vae.state_dict(), vae.config)}
+    file.update(clip_to_original(text.state_dict(), CLIP_XL_1) if text_2 is not None else clip_to_original(text.state_dict()))
+    if text_2 is not None:
+        file.update(open_clip_to_original(text_2.state_dict()))
+    assert checkpoint_type(folder, file) == kind and SHIPPED[kind] == name
+    assert _check_config_fits(folder, file, folder) == (kind == "xl_base")
+
+    def same(converted: dict, module: torch.nn.Module) -> None:
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items() if "position_ids" not in k}
+        assert {k: tuple(v.shape) for k, v in converted.items()} == want
+
+    same(convert_ldm_unet_checkpoint(file, dict(unet.config)), unet)
+    same(convert_ldm_vae_checkpoint(file, dict(vae.config)), vae)
+    prefix = CLIP_XL_1 if text_2 is not None else "cond_stage_model.transformer."
+    clip = convert_ldm_clip_checkpoint({k: v for k, v in file.items() if k.startswith(prefix)}, prefix)
+    same({k.removeprefix("text_model."): v for k, v in clip.items()}, text)   # transformers 5: no text_model.
+    if text_2 is not None:
+        same(convert_open_clip_checkpoint(text_2, file, prefix="conditioner.embedders.1.model."), text_2)
