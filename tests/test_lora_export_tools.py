@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fewstep.models.folders import load_model, shipped_models_dir
-from fewstep.models.lora_export import export_lora, kohya_state, sdxl_unet_config
+from fewstep.models.lora_export import export_lora, kohya_state, kohya_version, sdxl_unet_config
 from fewstep.models.single_file import CONFIGS
 
 MODELS = shipped_models_dir()
@@ -249,6 +249,7 @@ def test_shipped_sdxl_lcm_lora_exports_the_same_adapters_under_the_original_name
     original-format UNet and read back by diffusers' convert_ldm_unet_checkpoint, it is the UNet fewstep fuses from
     the folder; and fewstep reads the file back to the same UNet."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from fewstep.models.ldm_keys import UNET, unet_to_original
@@ -256,6 +257,8 @@ def test_shipped_sdxl_lcm_lora_exports_the_same_adapters_under_the_original_name
 
     out = export_lora(MODELS / "emoji-sdxl-lcm-lora", "kohya", tmp_path / "sdxl.safetensors")
     kohya = load_file(out)
+    with safe_open(str(out), "pt") as f:               # what A1111's detect_version lists it as: SDXL
+        assert f.metadata()["ss_base_model_version"].startswith("sdxl_")
     names = {k.split(".")[0] for k in kohya}
     assert all(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_\d", n) for n in names), names
     base = load_model(MODELS / "emoji-sdxl")
@@ -283,3 +286,27 @@ def test_shipped_sdxl_lcm_lora_exports_the_same_adapters_under_the_original_name
     ours = apply_loras(base, [(out, 1.0)]).unet.state_dict()
     assert max((ours[k] - fused[k]).abs().max().item() for k in fused) == 0.0
 
+
+
+def test_the_base_decides_the_names(tmp_path):
+    """--base names the pipeline a LoRA adapts: an SD 1.x base keeps diffusers' names, a missing folder is an
+    error; a bare file with no record is SDXL only by its shapes (a tiny SDXL LoRA then needs --base)."""
+    from safetensors.torch import load_file, save_file
+
+    from fewstep.errors import FewstepError
+    from fewstep.models.loras import LORA_FILE
+
+    lora = MODELS / "emoji-sdxl-lcm-lora"
+    sd1 = export_lora(lora, "kohya", tmp_path / "a.safetensors", base=MODELS / "emoji-sd")
+    assert all(k.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks")) for k in load_file(sd1))
+    with pytest.raises(FewstepError, match="not a diffusers pipeline folder"):
+        export_lora(lora, "kohya", tmp_path / "b.safetensors", base=tmp_path / "nowhere")
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(lora / LORA_FILE), str(bare))                     # no metadata, no fewstep.json beside
+    plain = export_lora(bare, "kohya", tmp_path / "c.safetensors")
+    assert any(k.startswith("lora_unet_up_blocks") for k in load_file(plain))
+    given = export_lora(bare, "kohya", tmp_path / "d.safetensors", base=MODELS / "emoji-sdxl")
+    assert all(k.startswith(("lora_unet_input", "lora_unet_middle", "lora_unet_output")) for k in load_file(given))
+    for width, version in ((768, "sd_v1"), (1024, "sd_v2"), (64, None)):     # A1111's detect_version
+        assert kohya_version(_fake_lora(["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"], width),
+                             False).get("ss_base_model_version") == version

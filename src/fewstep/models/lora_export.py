@@ -74,7 +74,9 @@ def export_lora(lora: str | Path, layout: str, out: str | Path, overwrite: bool 
     alpha = info.get("alpha")                     # None: each module's α is its rank (diffusers' reading)
     metadata = {"format": "pt", **lora_metadata(info, layout, rank, alpha if alpha is not None else rank)}
     if layout == "kohya":
-        state = kohya_state(state, alpha, sdxl_unet_config(state, base, info.get("base")))
+        sdxl = sdxl_unet_config(state, base, info.get("base"))
+        metadata.update(kohya_version(state, sdxl is not None))
+        state = kohya_state(state, alpha, sdxl)
     elif layout == "peft":
         state = {PEFT_PREFIX + k[len("unet."):]: v for k, v in state.items()}
     tensors = {k: v.contiguous() for k, v in state.items()}
@@ -126,6 +128,19 @@ def kohya_state(state: dict[str, Tensor], alpha: float | None = None, unet_confi
         if part == "A.weight":
             out[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else value.shape[0]))
     return out
+
+
+def kohya_version(state: dict[str, Tensor], sdxl: bool) -> dict[str, str]:
+    """kohya's metadata naming the base model family, by which AUTOMATIC1111 lists a LoRA for a model
+    (extensions-builtin/Lora/network.py ``detect_version``: ``ss_base_model_version`` "sdxl_…" is SDXL,
+    ``ss_v2`` "True" SD 2, any other metadata SD 1; with an SDXL model loaded it hides the others unless told to
+    show all): SDXL's, else SD 2's or SD 1's by the cross-attention width (1024, 768) where it is a published one."""
+    if sdxl:
+        return {"ss_base_model_version": "sdxl_base_v1-0"}
+    widths = {v.shape[1] for k, v in state.items() if k.endswith("attn2.to_k.lora_A.weight")}
+    return {1024: {"ss_base_model_version": "sd_v2", "ss_v2": "True"},
+            768: {"ss_base_model_version": "sd_v1", "ss_v2": "False"}}.get(next(iter(widths)), {}) \
+        if len(widths) == 1 else {}
 
 
 def sgm_module_name(module: str, blocks: dict[str, str]) -> str:
