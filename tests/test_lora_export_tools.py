@@ -298,7 +298,8 @@ def test_the_base_decides_the_names(tmp_path):
 
     lora = MODELS / "emoji-sdxl-lcm-lora"
     sd1 = export_lora(lora, "kohya", tmp_path / "a.safetensors", base=MODELS / "emoji-sd")
-    assert all(k.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks")) for k in load_file(sd1))
+    assert all(k.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks"))
+               for k in load_file(sd1))
     with pytest.raises(FewstepError, match="not a diffusers pipeline folder"):
         export_lora(lora, "kohya", tmp_path / "b.safetensors", base=tmp_path / "nowhere")
     bare = tmp_path / "bare.safetensors"

@@ -99,7 +99,8 @@ def test_lora_merge_single_file_is_the_merged_pipeline_in_one_file(tmp_path, cap
     assert torch.equal(single.parts["vae"].state_dict()["decoder.conv_out.bias"],
                        folder.parts["vae"].state_dict()["decoder.conv_out.bias"])
     assert single.config.is_lcm
-    assert torch.equal(generate_latent(single, PROMPTS, steps=2, seed=3), generate_latent(folder, PROMPTS, steps=2, seed=3))
+    assert torch.equal(generate_latent(single, PROMPTS, steps=2, seed=3),
+                       generate_latent(folder, PROMPTS, steps=2, seed=3))
     base_unet = load_model(base).unet.state_dict()
     assert any(not torch.equal(v, single.unet.state_dict()[k]) for k, v in base_unet.items())   # the LoRA is in
 
@@ -123,8 +124,10 @@ def test_dtype_and_what_is_refused(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(sd), "--out", str(half), "--overwrite")
     assert rc == 0 and load_file(half)["first_stage_model.decoder.conv_out.bias"].dtype == torch.float32, err
     assert not list(tmp_path.glob(".*tmp*"))
-    for model, match in ((MODELS / "digits-teacher", "pixel model"), (MODELS / "emoji-lcm", "guidance-scale embedding")):
-        rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(model), "--out", str(tmp_path / "x.safetensors"))
+    for model, match in ((MODELS / "digits-teacher", "pixel model"),
+                         (MODELS / "emoji-lcm", "guidance-scale embedding")):
+        rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(model), "--out",
+                             str(tmp_path / "x.safetensors"))
         assert rc == 2 and match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     rc, _, err = run_cli(capsys, "export", "--single-file", "--model", str(sd), "--out", str(tmp_path / "x.ckpt"))
     assert rc == 2 and "must end in .safetensors" in err
@@ -185,7 +188,8 @@ def test_full_size_files_are_what_diffusers_infers_and_converts(name, kind):
         text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")) \
             if kind == "xl_base" else None
     file = {**unet_to_original(unet.state_dict(), unet.config), **vae_to_original(vae.state_dict(), vae.config)}
-    file.update(clip_to_original(text.state_dict(), CLIP_XL_1) if text_2 is not None else clip_to_original(text.state_dict()))
+    file.update(clip_to_original(text.state_dict(), CLIP_XL_1) if text_2 is not None
+                else clip_to_original(text.state_dict()))
     if text_2 is not None:
         file.update(open_clip_to_original(text_2.state_dict()))
     assert checkpoint_type(folder, file) == kind and SHIPPED[kind] == name

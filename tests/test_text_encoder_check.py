@@ -39,7 +39,8 @@ def test_a_text_encoder_with_a_renamed_weight_is_refused_in_one_line(tmp_path, c
 def test_a_folder_of_another_transformers_layout_is_refused(tmp_path):
     """Every weight under names this transformers does not look for (as transformers 4.x sees a transformers-5
     CLIPTextModel: no text_model. prefix), here the second SDXL encoder's: refused, naming the version."""
-    other = _copy_with_renamed_keys(tmp_path, lambda k: "clip." + k, "text_encoder_2", shipped_models_dir() / "emoji-sdxl")
+    other = _copy_with_renamed_keys(tmp_path, lambda k: "clip." + k, "text_encoder_2",
+                                    shipped_models_dir() / "emoji-sdxl")
     with pytest.raises(FewstepError, match=r"text_encoder_2 did not load: 37 of its 37 .*another transformers version"):
         load_model(other)
     assert load_model(SD).parts["text_encoder"] is not None        # the shipped folder loads as it is

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> None:
 
     model = load_model(args.model, **load_options(args))
     out = write_single_file(model, args.out, written_dtype(args), overwrite=args.overwrite, source=args.model)
-    print(f"wrote {args.model} as one original-format checkpoint to {out} ({READ_BACK.format(out=out, folder=args.model)})")
+    print(f"wrote {args.model} as one original-format checkpoint to {out} "
+          f"({READ_BACK.format(out=out, folder=args.model)})")
 
 
 READ_BACK = ("AUTOMATIC1111 and ComfyUI load it; fewstep reads it as --model {out}, adding --config {folder} where the "

@@ -59,8 +59,8 @@ def unet_block_map(config) -> dict[str, str]:
 
 
 def unet_key(key: str, blocks: dict[str, str]) -> str:
-    """The original name of the diffusers UNet weight ``key`` (``<module>.weight``), by :func:`unet_block_map`'s ``blocks``;
-    a name outside the original layout is a clear error."""
+    """The original name of the diffusers UNet weight ``key`` (``<module>.weight``), by :func:`unet_block_map`'s
+    ``blocks``; a name outside the original layout is a clear error."""
     parts = key.split(".")
     for n in range(len(parts) - 1, 0, -1):           # the longest block prefix
         prefix = ".".join(parts[:n]) + "."
@@ -93,7 +93,8 @@ def vae_key(key: str, levels: int) -> str:
                  lambda g: f"decoder.up.{levels - 1 - int(g[1])}.block.{g[2]}.", key)
     key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
                  lambda g: f"decoder.up.{levels - 1 - int(g[1])}.upsample.", key)
-    key = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda g: f"{g[1]}.mid.block_{int(g[2]) + 1}.", key)
+    key = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.",
+                 lambda g: f"{g[1]}.mid.block_{int(g[2]) + 1}.", key)
     key = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", key)
     key = key.replace(".conv_shortcut.", ".nin_shortcut.")
     match = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", key)
