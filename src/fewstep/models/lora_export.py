@@ -10,8 +10,10 @@ layouts written here, each with diffusers' own converters (``diffusers.utils.sta
   sd-scripts trains SD 1.x on the diffusers UNet), by diffusers' ``convert_state_dict_to_kohya``; SDXL LoRAs
   after the original (SGM) blocks (``lora_unet_input_blocks_4_1_…``, as sd-scripts trains SDXL on its SGM UNet),
   by :mod:`fewstep.models.ldm_keys`: AUTOMATIC1111's ``convert_diffusers_name_to_compvis`` maps diffusers'
-  names by SD 1.x's layout (an SDXL upsampler lands on the wrong block), while the original names it, ComfyUI
-  (``model_lora_keys_unet``) and diffusers (``_maybe_map_sgm_blocks_to_diffusers``) take as they are.
+  names by SD 1.x's layout (SDXL's first upsampler and its added-conditioning MLP find no module), while the
+  original names it, ComfyUI (``model_lora_keys_unet``) and diffusers (``_maybe_map_sgm_blocks_to_diffusers``)
+  take as they are (tests/test_lora_export_tools.py replays both tools' rules). The file's metadata carries
+  kohya's ``ss_base_model_version``, by which AUTOMATIC1111 lists a LoRA for SDXL or SD 1.x/2.x models.
   α is the adapter's own (the rank unless its metadata says otherwise: scale α/r = 1), so the weights are
   fewstep's exactly.
 - ``diffusers``: ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, what ``pipe.load_lora_weights`` reads.

@@ -57,8 +57,8 @@ def read_single_file(path: str | Path, dtype: torch.dtype | None = None, config:
 
 def _lcm_fields(path: Path) -> dict:
     """An LCM's sampling defaults where the file says it is one: ``fewstep_kind`` "lcm" in its metadata, as
-    ``fewstep lora merge ... --single-file`` of an LCM-LoRA writes it (:mod:`fewstep.models.single_file_export`); the
-    same defaults a fused LCM-LoRA gets (:func:`fewstep.models.loras.apply_loras`)."""
+    ``fewstep lora merge ... --single-file`` of an LCM-LoRA writes it (:mod:`fewstep.models.single_file_export`);
+    the same defaults a fused LCM-LoRA gets (:func:`fewstep.models.loras.apply_loras`)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -236,8 +236,8 @@ OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 
 def _open_clip_encoder(path: Path, folder: Path, dtype: torch.dtype):
-    """SDXL's second text encoder from the file's ``conditioner.embedders.1.model.*`` (open_clip's layout) by diffusers'
-    own ``convert_open_clip_checkpoint``. ``from_single_file`` picks a text encoder's converter by its width
+    """SDXL's second text encoder from the file's ``conditioner.embedders.1.model.*`` (open_clip's layout) by
+    diffusers' own ``convert_open_clip_checkpoint``. ``from_single_file`` picks a text encoder's converter by its width
     (``create_diffusers_clip_model_from_ldm``: the first encoder's keys when their width matches), so where both
     encoders are equally wide (``models/emoji-sdxl``: 64 and 64) it fills the second with the first's weights and
     leaves its projection unset; here nothing is guessed."""
