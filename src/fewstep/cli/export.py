@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
                                    "included) as one original-format single-file checkpoint, with the key names of "
                                    "diffusers' convert_diffusers_to_original_stable_diffusion.py / _sdxl.py. Written "
                                    "atomically; an existing --out is replaced only with --overwrite, never when it is "
-                                   "an input. Tiny or non-standard architectures load back with their folder as the "
+                                   "an input. --dtype fp16|bf16 writes every weight in that precision (half the "
+                                   "size). Tiny or non-standard architectures load back with their folder as the "
                                    "config: fewstep sample --model FILE --config DIR, or diffusers' "
                                    "from_single_file(FILE, config=DIR, local_files_only=True). (LoRAs: fewstep lora "
                                    "export; a merge straight to one file: fewstep lora merge ... --single-file.)")
