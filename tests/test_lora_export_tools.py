@@ -311,3 +311,26 @@ def test_the_base_decides_the_names(tmp_path):
     for width, version in ((768, "sd_v1"), (1024, "sd_v2"), (64, None)):     # A1111's detect_version
         assert kohya_version(_fake_lora(["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"], width),
                              False).get("ss_base_model_version") == version
+
+
+def test_diffusers_reads_the_full_size_sdxl_names_onto_every_module():
+    """diffusers' own kohya reader (lora_conversion_utils: _maybe_map_sgm_blocks_to_diffusers, then
+    _convert_non_diffusers_lora_to_diffusers, then convert_unet_state_dict_to_peft) puts every exported full-size
+    SDXL module back on its diffusers module (for the published layout; a non-standard one, e.g. an upsampler after
+    a block without attention, is why fewstep reads these names itself: loras.original_kohya_state)."""
+    import types
+
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from fewstep.models.config import read_json
+
+    config = read_json(CONFIGS / "sdxl-base" / "unet" / "config.json")
+    kohya, modules = _exported(config, True)
+    state, _ = _convert_non_diffusers_lora_to_diffusers(
+        _maybe_map_sgm_blocks_to_diffusers(dict(kohya), types.SimpleNamespace(**config)))
+    peft = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+    assert {k.rsplit(".lora_", 1)[0] for k in peft} == set(modules.values())
