@@ -334,3 +334,20 @@ def test_diffusers_reads_the_full_size_sdxl_names_onto_every_module():
         _maybe_map_sgm_blocks_to_diffusers(dict(kohya), types.SimpleNamespace(**config)))
     peft = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
     assert {k.rsplit(".lora_", 1)[0] for k in peft} == set(modules.values())
+
+
+def test_an_sdxl_lora_for_another_layout_is_refused(tmp_path):
+    """An original-named module the base UNet lacks (a LoRA made for another SDXL) is one clear error, not dropped."""
+    from safetensors.torch import load_file, save_file
+
+    from fewstep.errors import FewstepError
+    from fewstep.models.loras import apply_loras
+
+    out = export_lora(MODELS / "emoji-sdxl-lcm-lora", "kohya", tmp_path / "sdxl.safetensors")
+    state = load_file(out)
+    name = "lora_unet_output_blocks_1_1_conv"
+    state.update({f"lora_unet_input_blocks_9_1_proj_in{k[len(name):]}": v.clone() for k, v in state.items()
+                  if k.startswith(name + ".")})
+    save_file(state, str(tmp_path / "other.safetensors"))
+    with pytest.raises(FewstepError, match="does not fit .* lora_unet_input_blocks_9_1_proj_in is not one of"):
+        apply_loras(load_model(MODELS / "emoji-sdxl"), [(tmp_path / "other.safetensors", 1.0)])

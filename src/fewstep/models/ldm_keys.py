@@ -181,7 +181,8 @@ def kohya_original_to_diffusers(state: dict[str, Tensor], unet) -> dict[str, Ten
     sd-scripts' SDXL convention) renamed to kohya's diffusers names (``lora_unet_down_blocks_1_attentions_0_…``)
     of ``unet``'s own modules, exactly (by :func:`unet_block_map` of its config), which diffusers' loader reads
     for any layout (its own ``_maybe_map_sgm_blocks_to_diffusers`` assumes SDXL's: an upsampler always at index
-    2). Other keys (text encoders) are kept. None if no key has an original block name."""
+    2). Other keys (text encoders) are kept. None if no key has an original block name; a block name this UNet
+    lacks is an error (diffusers' loader drops such keys without a word when others are diffusers-named)."""
     if not any(k.startswith(SGM_KOHYA) for k in state):
         return None
     blocks = unet_block_map(unet.config)
@@ -195,5 +196,7 @@ def kohya_original_to_diffusers(state: dict[str, Tensor], unet) -> dict[str, Ten
     out = {}
     for key, value in state.items():
         name, _, part = key.partition(".")
+        if name.startswith(SGM_KOHYA) and name not in names:     # diffusers would drop it silently
+            raise FewstepError(f"its module {name} is not one of this UNet's")
         out[f"{names.get(name, name)}.{part}"] = value
     return out
