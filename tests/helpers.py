@@ -116,105 +116,24 @@ def caption_folder(root, n: int = 12):
 
 
 # --- diffusers -> original (LDM / A1111) single-file format ---------------------------------------------------
-# Ported from diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py and
-# scripts/convert_diffusers_to_original_sdxl.py (huggingface/diffusers @ 58eb52c), with their hard-coded block
-# counts (4 blocks, 2 resnets per block) read from the configs so that tiny pipelines convert too.
-def _unet_to_original(unet) -> dict:
-    sd, n, per = unet.state_dict(), len(unet.config.block_out_channels), unet.config.layers_per_block
-    pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-             ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2."),
-             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
-             ("middle_block.1.", "mid_block.attentions.0.")]
-    pairs += [(f"middle_block.{2 * j}.", f"mid_block.resnets.{j}.") for j in range(2)]
-    for i in range(n):
-        for j in range(per):
-            pairs += [(f"input_blocks.{(per + 1) * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."),
-                      (f"input_blocks.{(per + 1) * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}.")]
-        for j in range(per + 1):
-            pairs += [(f"output_blocks.{(per + 1) * i + j}.0.", f"up_blocks.{i}.resnets.{j}."),
-                      (f"output_blocks.{(per + 1) * i + j}.1.", f"up_blocks.{i}.attentions.{j}.")]
-        if i < n - 1:
-            up_at = 2 if any(k.startswith(f"up_blocks.{i}.attentions.") for k in sd) else 1
-            pairs += [(f"input_blocks.{(per + 1) * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."),
-                      (f"output_blocks.{(per + 1) * i + per}.{up_at}.", f"up_blocks.{i}.upsamplers.0.")]
-    resnet = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
-              ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
-    out = {}
-    for key, value in sd.items():
-        new = key
-        if "resnets" in key:
-            for ldm, hf in resnet:
-                new = new.replace(hf, ldm)
-        for ldm, hf in pairs:
-            new = new.replace(hf, ldm) if new.startswith(hf) else new
-        out["model.diffusion_model." + new] = value
-    return out
-
-
-def _vae_to_original(vae) -> dict:
-    n, per = len(vae.config.block_out_channels), vae.config.layers_per_block
-    pairs = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"),
-             ("mid.attn_1.", "mid_block.attentions.0.")]
-    for i in range(n):
-        pairs += [(f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.") for j in range(per)]
-        pairs += [(f"decoder.up.{n - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.") for j in range(per + 1)]
-        if i < n - 1:
-            pairs += [(f"down.{i}.downsample.", f"down_blocks.{i}.downsamplers.0."),
-                      (f"up.{n - 1 - i}.upsample.", f"up_blocks.{i}.upsamplers.0.")]
-    pairs += [(f"mid.block_{j + 1}.", f"mid_block.resnets.{j}.") for j in range(2)]
-    attn = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
-    out = {}
-    for key, value in vae.state_dict().items():
-        new = key
-        for ldm, hf in pairs:
-            new = new.replace(hf, ldm)
-        if "mid.attn_1." in new:
-            head, tail = new.split("mid.attn_1.")
-            for ldm, hf in attn:
-                tail = ldm + tail[len(hf):] if tail.startswith(hf) else tail
-            new = head + "mid.attn_1." + tail
-            value = value.reshape(*value.shape, 1, 1) if value.ndim == 2 else value   # linear -> 1x1 conv
-        out["first_stage_model." + new] = value
-    return out
-
-
-def _open_clip_to_original(text_encoder, prefix: str) -> dict:
-    """CLIPTextModelWithProjection -> OpenCLIP keys (q/k/v fused into in_proj, text_projection transposed)."""
-    names = [("transformer.resblocks.", "text_model.encoder.layers."), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-             (".c_fc.", ".fc1."), (".c_proj.", ".fc2."), (".attn", ".self_attn"),
-             ("ln_final.", "text_model.final_layer_norm."),
-             ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
-             ("positional_embedding", "text_model.embeddings.position_embedding.weight")]
-    sd, out, qkv = text_encoder.state_dict(), {}, {}
-    for key, value in sd.items():
-        for part in ("q", "k", "v"):
-            if f".self_attn.{part}_proj." in key:
-                qkv.setdefault(key.replace(f".{part}_proj.", ".in_proj_"), {})[part] = value
-                break
-        else:
-            if key == "text_projection.weight":
-                out[prefix + "text_projection"] = value.T.contiguous()
-                continue
-            for ldm, hf in names:
-                key = key.replace(hf, ldm)
-            out[prefix + key] = value
-    for key, parts in qkv.items():
-        for ldm, hf in names:
-            key = key.replace(hf, ldm)
-        out[prefix + key] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return out
-
-
 def to_original_format(unet, vae, text_encoder, text_encoder_2=None) -> dict:
     """A pipeline's UNet, VAE and text encoder(s) as one original-format (LDM / A1111) state dict: SD 1.x keys
     (cond_stage_model.transformer.*), or SDXL's (conditioner.embedders.0.transformer.* and the OpenCLIP
-    conditioner.embedders.1.model.*) when a second text encoder is given."""
-    te = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text_encoder.state_dict().items()}
-    out = {**_unet_to_original(unet), **_vae_to_original(vae)}
+    conditioner.embedders.1.model.*) when a second text encoder is given; by fewstep's own map
+    (fewstep.models.ldm_keys, checked against diffusers' and ComfyUI's in test_single_file_export)."""
+    from fewstep.models.ldm_keys import (
+        CLIP_XL_1,
+        clip_to_original,
+        open_clip_to_original,
+        unet_to_original,
+        vae_to_original,
+    )
+
+    out = {**unet_to_original(unet.state_dict(), unet.config), **vae_to_original(vae.state_dict(), vae.config)}
     if text_encoder_2 is None:
-        return {**out, **{"cond_stage_model.transformer." + k: v for k, v in te.items()}}
-    return {**out, **{"conditioner.embedders.0.transformer." + k: v for k, v in te.items()},
-            **_open_clip_to_original(text_encoder_2, "conditioner.embedders.1.model.")}
+        return {**out, **clip_to_original(text_encoder.state_dict())}
+    return {**out, **clip_to_original(text_encoder.state_dict(), CLIP_XL_1),
+            **open_clip_to_original(text_encoder_2.state_dict())}
 
 
 def save_tiny_sdxl(folder, force_zeros: bool = False):

@@ -31,7 +31,7 @@ class Constant(torch.nn.Module):
 
 def test_every_space_is_registered_once_with_its_scheduler_and_consistency_form():
     assert set(SPACES) == {"edm", "vp", "flow", "trigflow"}
-    assert set(PARAMETERIZATIONS) == {"edm", "cm", "vp", "lcm", "tcd", "flow", "trigflow"}
+    assert set(PARAMETERIZATIONS) == {"edm", "cm", "vp", "lcm", "tcd", "flow", "trigflow", "trigflow-edm"}
     assert {n: consistency_of(n).name for n in SPACES} == {"edm": "cm", "vp": "lcm", "flow": "flow",
                                                             "trigflow": "trigflow"}
     assert SPACES["flow"].diffusers_scheduler == "FlowMatchEulerDiscreteScheduler"

@@ -8,9 +8,9 @@ import io
 import json
 import re
 import struct
-import zlib
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest

@@ -54,6 +54,15 @@ def _claims(report, results: Path) -> list:
                          _row(quality, f"{prefix}-cd", 1), _row(quality, f"{prefix}-ct", 1), ("CD", "CT"), label),
                  _versus(f"ACT beats CT at 1 step, equal batch ({label})", "CIFAR-10 FID 6.0 vs 8.7",
                          _row(quality, f"{prefix}-act", 1), _row(quality, f"{prefix}-ct", 1), ("ACT", "CT"), label)]
+    best = teacher_best(tq, "emoji-pixel-teacher")
+    scd2 = _row(tq, "emoji-pixel-scd", 2)
+    rows += [_ratio("sCD in 2 steps within 10% of the teacher (≤ 1.1× its best, emoji pixel)",
+                    "2-step FID 2.06 (CIFAR-10), 1.48 (ImageNet 64), 1.88 (ImageNet 512): within ~10% of the teachers",
+                    scd2, best, 1.1, "emoji pixel"),
+             _ratio("sCD in 2 steps ≤ 1.2× the teacher's best (emoji pixel; the issue's target)", "–", scd2, best, 1.2,
+                    "emoji pixel"),
+             _versus("sCD beats CD at 2 steps (emoji pixel)", "CIFAR-10 2-step FID: sCM 2.06 vs CD 2.93",
+                     scd2, _row(tq, "emoji-pixel-cd", 2), ("sCD", "CD"), "emoji pixel")]
     rows.append(_versus("ACT at half the batch beats CT (emoji pixel)", "CIFAR-10: under 1/6 of CT's batch, FID 6.0 vs 8.7",
                         _row(tq, "emoji-pixel-act-b32", 1), _row(tq, "emoji-pixel-ct", 1), (_act_label(tb, "emoji-pixel-act-b32"), "CT b64"),
                         "emoji pixel"))

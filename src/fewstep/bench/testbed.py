@@ -140,7 +140,7 @@ def measure(models_dir: Path, settings, command: str = "", progress: Path | None
         for sampler in samplers(model):
             rows(model, sampler, student_steps(model), None)
         out["costs"][model.path.name] = training_cost(model)
-    editors = [teacher, *(m for m in found if m.config.kind == "consistency" and m.path.name.endswith("-cd"))]
+    editors = [teacher, *(m for m in found if m.config.kind == "consistency" and m.path.name.endswith(("-cd", "-scd")))]
     for model in editors:
         name = model.path.name
         previous = _reusable(old, "editing", name, name, out["fingerprints"][name])

@@ -33,6 +33,7 @@ from . import (
     distill,
     edit,
     evaluate,
+    export,
     lora,
     sample,
     serve,
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_lora.add_parser(sub)
     train_tiny_vae.add_parser(sub)
     lora.add_parser(sub)
+    export.add_parser(sub)
     train_classifier.add_parser(sub)
     evaluate.add_parser(sub)
     bench.add_parser(sub)

@@ -84,7 +84,7 @@ def _consistency_args(p: argparse.ArgumentParser, distances) -> None:
                    help="the teacher's one-step ODE solver: cd euler | heun (default heun); lcd ddim | dpm-solver | "
                         "dpm-solver++ (2nd-order DPM-Solver-2 / DPM-Solver++(2S); default ddim)")
     g.add_argument("--guidance-scale", type=guidance_scale, default=2.0,
-                   help="cd: the classifier-free guidance scale of the teacher ODE the student learns (default 2.0)")
+                   help="cd, scd: the classifier-free guidance scale of the teacher ODE the student learns (default 2.0)")
     g.add_argument("--label-dropout", type=probability, default=0.1,
                    help="share of training conditions replaced by the unconditional one, so the model also works "
                         "without a label (unconditional generation and editing; default 0.1)")
@@ -148,8 +148,27 @@ def _latent_args(p: argparse.ArgumentParser, distances=None) -> None:
                    help="lcm-lora: rank of the LoRA adapters (default 8; the paper uses 64 on SD-size UNets)")
 
 
+def _continuous_args(p: argparse.ArgumentParser, distances=None) -> None:
+    g = p.add_argument_group("continuous-time consistency (scd, sct; Lu & Song 2025). scd learns the teacher's PF-ODE "
+                             "at --guidance-scale; both take --label-dropout")
+    g.add_argument("--p-mean", type=float, default=None,
+                   help="training times: ln(σ_d·tan t) ~ N(P_mean, P_std²) (default −1.0, the paper's)")
+    g.add_argument("--p-std", type=positive, default=None, help="(default 1.4 for scd, 1.8 for sct)")
+    g.add_argument("--tangent-warmup", type=positive_int, default=None,
+                   help="steps H over which the tangent's second term ramps in, r = min(1, k/H) (default 2%% of --steps)")
+    g.add_argument("--tangent-const", type=positive, default=None,
+                   help="c of the tangent normalisation g/(‖g‖ + c) (default 0.1)")
+    g.add_argument("--adaptive-weighting", action=argparse.BooleanOptionalAction, default=None,
+                   help="learn the weighting w_φ(t) (default on)")
+    g.add_argument("--prior-weighting", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight each time by 1/(σ_d·tan t) (default on)")
+    g.add_argument("--jvp", choices=["auto", "exact", "finite-difference"], default=None,
+                   help="how dF/dt is computed: forward-mode AD (exact), a central finite difference, or auto (exact, "
+                        "else the finite difference with a warning; default)")
+
+
 OPTION_GROUPS.update(consistency=_consistency_args, adversarial=_adversarial_args, guided=_guided_args,
-                     latent=_latent_args)
+                     latent=_latent_args, continuous=_continuous_args)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -16,15 +16,20 @@ def add_parser(sub) -> None:
                        description="Sample a model with fixed seeds at each step count and score the samples "
                                    "with the data set's shipped classifier against the whole data set: FID, KID "
                                    "(± std), precision/recall (k=3), conditional accuracy, NFE and seconds/image.")
-    p.add_argument("--model", required=True, help="model folder")
-    p.add_argument("--steps", type=step_list, default=[1, 2, 4], help="comma-separated step counts (default 1,2,4)")
+    p.add_argument("--model", help="model folder (or --images)")
+    p.add_argument("--images", metavar="DIR",
+                   help="instead of a model: score a folder of images made anywhere (diffusers, ComfyUI, …) on "
+                        "--dataset's ruler; what each was meant to show comes from a metadata.jsonl (file_name + label, "
+                        "class_name or text) or the PNG's fewstep record")
+    p.add_argument("--dataset", help="with --images: the data set whose ruler scores them (digits, emoji)")
+    p.add_argument("--steps", type=step_list, default=None, help="comma-separated step counts (default 1,2,4)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's")
     p.add_argument("--eta", "--gamma", dest="eta", type=probability, default=None, metavar="G",
                    help="--sampler tcd: TCD's γ in [0, 1] (default 0.3; see fewstep sample --help)")
     p.add_argument("--guidance-scale", type=guidance_scale, default=None, help="1.0 = none (default: the model's)")
-    p.add_argument("--num", type=at_least(4), default=1000,
+    p.add_argument("--num", type=at_least(4), default=None,
                    help="samples per step count (default 1000; at least 4: precision/recall take each sample's 3 "
-                        "nearest neighbours)")
+                        "nearest neighbours); with --images: score the first N images (default all)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--classifier", help="classifier folder (default: models/<dataset>-classifier)")
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
@@ -51,6 +56,14 @@ def run(args: argparse.Namespace) -> None:
     from ..models.loras import load_with_loras
     from ..models.tiny_vae import with_tiny_vae
 
+    if (args.model is None) == (args.images is None):
+        raise FewstepError("give --model DIR (sample it and score the samples) or --images DIR --dataset NAME (score "
+                           "a folder of images)")
+    if args.images is not None:
+        return _score_images(args)
+    if args.dataset is not None:
+        raise FewstepError("--dataset names the ruler of --images; a model is scored on its own data set's ruler")
+    args.steps, args.num = args.steps or [1, 2, 4], args.num or 1000
     if args.save_sigmas and not args.tune_sigmas:
         raise FewstepError("--save-sigmas stores the grids --tune-sigmas finds: give both")
     for path, suffix in ((args.json, None), (args.grid, ".png")):
@@ -107,3 +120,36 @@ def _tune_sigmas(model, ruler, args: argparse.Namespace) -> None:
         with writing_into(model.path / CONFIG_NAME):
             write_text(model.path / CONFIG_NAME, model.config.to_json())
         print(f"saved the tuned grids to {model.path / CONFIG_NAME}")
+
+
+def _score_images(args: argparse.Namespace) -> None:
+    """``--images DIR --dataset NAME``: one row of ``eval --json``'s shape for the folder (:mod:`fewstep.eval.images`)."""
+    import json
+
+    from ..eval.evaluate import dataset_ruler
+    from ..eval.images import score_folder
+    from ..io.atomic import check_writable, write_text
+    from ..models.folders import shipped_models_dir
+
+    sampling = {"--steps": args.steps, "--sampler": args.sampler, "--guidance-scale": args.guidance_scale,
+                "--grid": args.grid, "--tune-sigmas": args.tune_sigmas or None, "--save-sigmas": args.save_sigmas or None,
+                "--lora": args.lora, "--tiny-vae": args.tiny_vae, "--dtype": args.dtype, "--variant": args.variant,
+                "--config": args.config, "--rho": args.rho, "--clamp-x0": args.clamp_x0 or None}
+    given = [flag for flag, value in sampling.items() if value]
+    if given:
+        raise FewstepError(f"{', '.join(given)} sample a model; --images scores images that exist: leave "
+                           f"{'it' if len(given) == 1 else 'them'} out")
+    if not args.dataset:
+        raise FewstepError("--images needs --dataset NAME: the data set whose ruler scores them (digits, emoji)")
+    if args.json:
+        check_writable(args.json)
+    ruler = dataset_ruler(args.dataset, Path(args.models or shipped_models_dir()), args.classifier)
+    report = score_folder(args.images, ruler, seed=args.seed, limit=args.num)
+    r = report["results"][0]
+    acc = "-" if r["cond_accuracy"] is None else f"{r['cond_accuracy']:.3f}"
+    print(f"{report['num_samples']} images of {args.images} on the {ruler.data.name} ruler ({report['labelled']} "
+          f"labelled): FID {r['fid']:.3f} ± {r['fid_std']:.3f}, KID {r['kid']:.5f}, precision {r['precision']:.3f}, "
+          f"recall {r['recall']:.3f}, accuracy {acc}")
+    if args.json:
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")

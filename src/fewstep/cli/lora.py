@@ -4,8 +4,19 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .args import Parser, add_dtype_args, command_line, load_options
+from .export import SINGLE_FILE_HELP, written_dtype
+
+
+class SingleFile(argparse.Action):
+    """``--single-file``: --out is then a file, so it is not checked as a folder before the work
+    (``folder_outputs``, :func:`fewstep.cli.check_outputs`); the file's own checks apply."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.single_file = True
+        namespace.folder_outputs = ()
 
 
 def add_parser(sub) -> None:
@@ -25,9 +36,13 @@ def add_parser(sub) -> None:
                         "models/emoji-lcm-lora:1.0. A file that does not say what it is (no fewstep.json beside it, "
                         "no fewstep metadata) counts as a style LoRA; add :lcm to declare it an LCM-LoRA, e.g. "
                         "--lora lcm-lora-sdv1-5.safetensors:1:lcm")
-    m.add_argument("--out", required=True, help="pipeline folder to write (with --no-fuse: the adapter set's folder)")
+    m.add_argument("--out", required=True, help="pipeline folder to write (with --no-fuse: the adapter set's folder; "
+                                                "with --single-file: the .safetensors file)")
     m.add_argument("--no-fuse", action="store_true",
                    help="keep the adapters separate: a folder of the LoRAs and their weights, not a fused pipeline")
+    m.add_argument("--single-file", action=SingleFile, nargs=0, default=False,
+                   help="write the fused pipeline as one original-format checkpoint (--out FILE.safetensors) instead "
+                        "of a folder: " + SINGLE_FILE_HELP.split(" (", 1)[0].removeprefix("write ") + " (SD 1.x, SDXL)")
     m.add_argument("--overwrite", action="store_true",
                    help="write --out even if it is an existing folder that fewstep did not write: fewstep's files "
                         "are put in (replacing those of the same names), everything else there stays")
@@ -57,6 +72,11 @@ def add_export_parser(lora_sub) -> None:
     e.add_argument("--format", required=True, choices=("kohya", "diffusers", "peft"), help="the key layout to write")
     e.add_argument("--out", required=True, help="the .safetensors file to write (with --format peft, or a folder)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
+    e.add_argument("--base", default=None, metavar="DIR",
+                   help="the pipeline the LoRA adapts (default: the one its fewstep.json records). With --format "
+                        "kohya an SDXL base gets kohya's SDXL module names, the original (SGM) blocks "
+                        "(lora_unet_input_blocks_4_1_…), which AUTOMATIC1111 maps right; SD 1.x/2.x keep diffusers' "
+                        "block names (lora_unet_down_blocks_1_…), kohya's SD 1.x convention")
     e.set_defaults(func=run_export)
 
 
@@ -65,7 +85,7 @@ def run_export(args: argparse.Namespace) -> None:
     from ..models.lora_export import export_lora
     from ..models.loras import lora_info
 
-    out = export_lora(args.lora, args.format, args.out, overwrite=args.overwrite)
+    out = export_lora(args.lora, args.format, args.out, overwrite=args.overwrite, base=args.base)
     kind = lora_info(out if out.is_file() else out / "adapter_model.safetensors").get("kind", "LoRA")
     use = {"kohya": "AUTOMATIC1111, ComfyUI, kohya's tools and diffusers load it",
            "diffusers": "pipe.load_lora_weights reads it", "peft": "peft's PeftModel loads it"}[args.format]
@@ -75,6 +95,8 @@ def run_export(args: argparse.Namespace) -> None:
 def run_merge(args: argparse.Namespace) -> None:
     """θ_pre + Σ λ_i·τ_i fused into a new pipeline folder (an LCM when an LCM-LoRA is among them), or with
     ``--no-fuse`` the adapters and their weights as a set that ``--lora`` takes."""
+    from ..errors import FewstepError
+    from ..io.atomic import check_writable
     from ..models.folders import save_model
     from ..models.loras import (
         expand_lora_sets,
@@ -83,8 +105,21 @@ def run_merge(args: argparse.Namespace) -> None:
         save_lora_set,
     )
 
+    if args.single_file and args.no_fuse:
+        raise FewstepError("--single-file writes the fused pipeline; --no-fuse keeps the adapters apart: choose one")
+    if args.single_file:                                  # before minutes of loading: the file's own checks
+        check_writable(args.out, ".safetensors", "--out")
+        if Path(args.out).exists() and not args.overwrite:
+            raise FewstepError(f"--out {args.out} exists; choose another path, or pass --overwrite to replace it")
     model = load_with_loras(args.base, args.lora, **load_options(args))    # every adapter checked against the base, fused or not
     command = command_line(args)
+    if args.single_file:
+        from ..models.single_file_export import write_single_file
+
+        out = write_single_file(model, args.out, written_dtype(args), overwrite=args.overwrite, source=command)
+        print(f"wrote the merged pipeline as one original-format checkpoint to {out}"
+              + (" (an LCM: sample it in 2–8 steps with an LCM scheduler)" if model.config.is_lcm else ""))
+        return
     if args.no_fuse:
         specs = expand_lora_sets([parse_lora_spec(s) for s in args.lora])
         folder = save_lora_set(args.out, specs, args.base, command)

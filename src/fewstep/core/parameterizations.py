@@ -18,6 +18,7 @@ name           space (schedule)            network                         diffu
 ``tcd``        discrete VP                 ε UNet; f(x_t, t, s) = DDIM t→s  ``TCDScheduler``
 ``flow``       rectified flow (:mod:`.flow`)  velocity; f is the same       ``FlowMatchEulerDiscreteScheduler``
 ``trigflow``   TrigFlow (:mod:`.trigflow`)  σ_d·F; f is the same             ``SCMScheduler``
+``trigflow-edm`` TrigFlow                  f over an EDM backbone (sCD/sCT)  ``SCMScheduler``
 =============  ==========================  ==============================  ===================================
 
 Adding a noise space is one module that defines its schedule and adapter and calls :func:`register_space` (and
@@ -63,6 +64,8 @@ class NoiseSpace:
     diffusers_scheduler: str                    # what runs its diffusion models in diffusers
     consistency_scheduler: str                  # ... and its consistency models
     default_sampler: str = "dpmpp-2m"           # the teacher sampler a new model of this space defaults to
+    continuous: str = ""                        # the parameterization its continuous-time (sCM) students take:
+                                                # "" = ``consistency`` (EDM's: "trigflow-edm", :mod:`.trigflow`)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,13 @@ def consistency_of(space: NoiseSpace | str) -> Parameterization:
     return parameterization(space.consistency)
 
 
+def continuous_of(space: NoiseSpace | str) -> Parameterization:
+    """What a continuous-time consistency (sCD/sCT) student of the space's teachers is: TrigFlow's consistency
+    function over the teacher's backbone (``trigflow-edm`` for EDM, ``trigflow`` itself), else its consistency one."""
+    space = SPACES[space] if isinstance(space, str) else space
+    return parameterization(space.continuous or space.consistency)
+
+
 # --- EDM σ space (Karras et al. 2022) and its consistency models (Song et al. 2023) ---------------------------
 def _edm(net: nn.Module, schedule: EDMSchedule, options: Any) -> nn.Module:
     return EDMDenoiser(net, sigma_data=schedule.sigma_data)
@@ -125,7 +135,7 @@ def _cm(net: nn.Module, schedule: EDMSchedule, options: Any) -> nn.Module:
 
 
 EDM = register_space(NoiseSpace("edm", EDMSchedule, _edm, "cm", lambda s: float(s.sigma_min), "EDMEulerScheduler",
-                                "CMStochasticIterativeScheduler"))
+                                "CMStochasticIterativeScheduler", continuous="trigflow-edm"))
 register(Parameterization("cm", EDM, _cm))
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .denoisers import Preconditioned
-from .parameterizations import NoiseSpace, register_space
+from .denoisers import EDMDenoiser, Preconditioned, append_dims
+from .parameterizations import NoiseSpace, Parameterization, register, register_space
 from .schedules import EDMSchedule
 
 
@@ -67,5 +67,32 @@ class TrigFlowDenoiser(Preconditioned):
         return self.schedule.sigma_to_t(sigma)
 
 
-register_space(NoiseSpace("trigflow", TrigFlowSchedule, lambda net, schedule, options: TrigFlowDenoiser(net, schedule),
+def trigflow_F(denoiser, x_t: Tensor, t: Tensor, sigma_data: float = 0.5, **cond) -> Tensor:
+    """The TrigFlow network output F(x_t/σ_d, t) of any σ-space denoiser, by SNR matching: x_t = cos(t)·x_0 +
+    sin(t)·σ_d·z is the σ-space point x_σ = x_t/cos t at σ = σ_d·tan t (same signal-to-noise ratio), and with
+    x̂_0 = D(x_σ, σ) the consistency parameterization x̂_0 = cos(t)·x_t − σ_d·sin(t)·F gives
+
+        F = (cos(t)·x_t − x̂_0) / (σ_d·sin t),
+
+    the conversion NVlabs/FastGen's ``TrigFlowPrecond`` makes of an EDM/VP/flow network
+    (``fastgen/methods/consistency_model/sCM.py``: ``_convert_trigflow_to_net_input`` then ``x0_to_flow``/σ_d;
+    Lu & Song 2025 §2: TrigFlow unifies EDM and flow matching). ``t`` is ``[batch]`` in (0, π/2); the per-sample
+    coefficients are formed in float64 (forward-mode AD passes through them: sCM's tangent is a JVP of this
+    function in (x_t, t)). For an EDM or TrigFlow denoiser F is its backbone's output (negated for EDM)."""
+    t64 = t.to(torch.float64)
+    cos, sin = torch.cos(t64), torch.sin(t64)
+    x0 = denoiser(x_t / append_dims(cos.to(x_t.dtype), x_t.ndim), (sigma_data * torch.tan(t64)).to(x_t.dtype), **cond)
+    return (append_dims(cos.to(x_t.dtype), x_t.ndim) * x_t - x0) / append_dims((sigma_data * sin).to(x_t.dtype), x_t.ndim)
+
+
+def _trigflow_edm(net, schedule: TrigFlowSchedule, options) -> Preconditioned:
+    return EDMDenoiser(net, sigma_data=schedule.sigma_data)
+
+
+TRIGFLOW = register_space(NoiseSpace("trigflow", TrigFlowSchedule, lambda net, schedule, options: TrigFlowDenoiser(net, schedule),
                           "trigflow", lambda schedule: 0.0, "SCMScheduler", "SCMScheduler", default_sampler="euler"))
+# sCM's students of EDM teachers: TrigFlow's consistency function x̂_0 = cos(t)·x_t − σ_d·sin(t)·F on the teacher's
+# EDM-preconditioned backbone, F = −F_EDM with c_noise = ¼·ln(σ_d·tan t) (EDM's c_skip = cos²t and c_in = cos t/σ_d are
+# TrigFlow's; TrigFlowDenoiser's docstring): the conversion Lu & Song 2025 make of EDM/EDM2 models (§5, "we convert the
+# pretrained EDM models to TrigFlow") and FastGen's TrigFlowPrecond, so the student starts as the teacher exactly.
+register(Parameterization("trigflow-edm", TRIGFLOW, _trigflow_edm))

@@ -112,6 +112,12 @@ def ruler_for(model: Model, models_dir: Path, classifier: str | Path | None = No
     name = model.config.dataset.split(":")[0]
     if not name:
         raise FewstepError(f"{model.path} does not say which data set it models; pass --classifier DIR")
+    return dataset_ruler(name, models_dir, classifier)
+
+
+def dataset_ruler(name: str, models_dir: Path, classifier: str | Path | None = None) -> Ruler:
+    """The ruler of the data set ``name`` (digits, emoji): its shipped classifier (or ``classifier``) and the
+    whole data set."""
     path = Path(classifier) if classifier else models_dir / f"{name}-classifier"
     if not path.is_dir():
         raise FewstepError(f"no classifier for data set {name!r} at {path}; pass --classifier DIR")

@@ -125,6 +125,8 @@ def _load_pipeline(folder: Path, dtype: torch.dtype | None = None, variant: str 
     variant = variant or _only_variant(folder)
     try:
         loaded = _load_parts(folder, xl, dtype or torch.float32, variant)
+    except FewstepError:
+        raise
     except Exception as e:  # diffusers/transformers raise OSError/ValueError/safetensors errors
         raise FewstepError(f"cannot load the pipeline in {folder} (missing or corrupt weights"
                            f"{f', variant {variant}' if variant else ''}): {_first_line(e)}") from None
@@ -143,12 +145,39 @@ def _load_parts(folder: Path, xl: bool, dtype: torch.dtype, variant: str | None)
     kw = {"use_safetensors": True, "torch_dtype": dtype, "variant": variant}
     parts = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", **kw),
              "vae": AutoencoderKL.from_pretrained(folder / "vae", **kw),
-             "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", **_tf(kw)),
+             "text_encoder": _text_encoder(CLIPTextModel, folder / "text_encoder", kw),
              "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer")}
     if xl:
-        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **_tf(kw))
+        parts["text_encoder_2"] = _text_encoder(CLIPTextModelWithProjection, folder / "text_encoder_2", kw)
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
     return parts
+
+
+def _text_encoder(cls, folder: Path, kw: dict):
+    """A text encoder whose every weight came from its files. transformers fills a weight its files lack with a
+    random one and only logs it, so a folder saved in another transformers' layout (transformers 5 names a
+    ``CLIPTextModel``'s weights without the ``text_model.`` prefix that 4.x looks for) would run with a random text
+    encoder; that is refused here in one line."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()        # not its load report: what did not load is said below
+    try:
+        model, info = cls.from_pretrained(folder, output_loading_info=True, **_tf(kw))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        import transformers
+
+        total = len(model.state_dict())
+        why = ("none of its weights has the name transformers looks for: saved by another transformers version (a "
+               "transformers-5 folder needs transformers>=5.25: pip install -U 'transformers>=5.25')"
+               if len(missing) == total else "its weight files are incomplete or of another architecture")
+        raise FewstepError(f"the text encoder in {folder} did not load: {len(missing)} of its {total} weights are not "
+                           f"in its files (e.g. {missing[0]}), and transformers {transformers.__version__} would run "
+                           f"it with random weights; {why}")
+    return model
 
 
 def _tf(kw: dict) -> dict:

@@ -5,7 +5,15 @@ diffusers reads them, AUTOMATIC1111 and kohya's tools do not, ComfyUI drops the 
 layouts written here, each with diffusers' own converters (``diffusers.utils.state_dict_utils``):
 
 - ``kohya``: ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (kohya-ss sd-scripts'
-  layout, read by AUTOMATIC1111, ComfyUI, SD.Next, InvokeAI and diffusers), by ``convert_state_dict_to_kohya``.
+  layout, read by AUTOMATIC1111, ComfyUI, SD.Next, InvokeAI and diffusers). The module names follow kohya's own
+  convention per family: SD 1.x/2.x LoRAs are named after diffusers' blocks (``lora_unet_down_blocks_0_…``, as
+  sd-scripts trains SD 1.x on the diffusers UNet), by diffusers' ``convert_state_dict_to_kohya``; SDXL LoRAs
+  after the original (SGM) blocks (``lora_unet_input_blocks_4_1_…``, as sd-scripts trains SDXL on its SGM UNet),
+  by :mod:`fewstep.models.ldm_keys`: AUTOMATIC1111's ``convert_diffusers_name_to_compvis`` maps diffusers'
+  names by SD 1.x's layout (SDXL's first upsampler and its added-conditioning MLP find no module), while the
+  original names it, ComfyUI (``model_lora_keys_unet``) and diffusers (``_maybe_map_sgm_blocks_to_diffusers``)
+  take as they are (tests/test_lora_export_tools.py replays both tools' rules). The file's metadata carries
+  kohya's ``ss_base_model_version``, by which AUTOMATIC1111 lists a LoRA for SDXL or SD 1.x/2.x models.
   α is the adapter's own (the rank unless its metadata says otherwise: scale α/r = 1), so the weights are
   fewstep's exactly.
 - ``diffusers``: ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, what ``pipe.load_lora_weights`` reads.
@@ -28,18 +36,24 @@ from torch import Tensor
 
 from ..errors import FewstepError
 from ..io.atomic import allow_replacing, atomic_path, check_writable
-from .folders import write_folder
+from .config import read_json
+from .folders import shipped_models_dir, write_folder
+from .ldm_keys import kohya_name, unet_block_map, unet_key
 from .loras import LORA_SET, lora_file, lora_info, lora_metadata
+from .single_file import CONFIGS
 
 FORMATS = ("kohya", "diffusers", "peft")
 PEFT_FILE = "adapter_model.safetensors"      # peft's save_pretrained names
 PEFT_PREFIX = "base_model.model."
 
 
-def export_lora(lora: str | Path, layout: str, out: str | Path, overwrite: bool = False) -> Path:
+def export_lora(lora: str | Path, layout: str, out: str | Path, overwrite: bool = False,
+                base: str | Path | None = None) -> Path:
     """Write the LoRA ``lora`` (a fewstep LoRA folder or a diffusers/peft-layout ``.safetensors`` file) to
     ``out`` in ``layout`` (one of :data:`FORMATS`) atomically; an existing ``out`` is refused unless
-    ``overwrite``. ``out`` is a ``.safetensors`` file, or with ``peft`` a folder (peft's layout)."""
+    ``overwrite``. ``out`` is a ``.safetensors`` file, or with ``peft`` a folder (peft's layout). ``base``: the
+    pipeline folder the LoRA adapts (default: the one its record names), which decides kohya's names
+    (:func:`sdxl_unet_config`)."""
     lora, out = Path(lora), Path(out)
     if layout not in FORMATS:
         raise FewstepError(f"unknown LoRA format {layout!r}; choose one of {', '.join(FORMATS)}")
@@ -62,7 +76,9 @@ def export_lora(lora: str | Path, layout: str, out: str | Path, overwrite: bool 
     alpha = info.get("alpha")                     # None: each module's α is its rank (diffusers' reading)
     metadata = {"format": "pt", **lora_metadata(info, layout, rank, alpha if alpha is not None else rank)}
     if layout == "kohya":
-        state = kohya_state(state, alpha)
+        sdxl = sdxl_unet_config(state, base, info.get("base"))
+        metadata.update(kohya_version(state, sdxl is not None))
+        state = kohya_state(state, alpha, sdxl)
     elif layout == "peft":
         state = {PEFT_PREFIX + k[len("unet."):]: v for k, v in state.items()}
     tensors = {k: v.contiguous() for k, v in state.items()}
@@ -95,14 +111,67 @@ def unet_peft_state(state: dict[str, Tensor], source: Path) -> dict[str, Tensor]
     return converted
 
 
-def kohya_state(state: dict[str, Tensor], alpha: float | None = None) -> dict[str, Tensor]:
-    """kohya-ss keys by diffusers' ``convert_state_dict_to_kohya`` (its α per module: the rank), α written as
-    a float32 scalar as kohya's own files hold it; ``alpha`` given: that α for every module."""
-    from diffusers.utils import convert_state_dict_to_kohya
+def kohya_state(state: dict[str, Tensor], alpha: float | None = None, unet_config: dict | None = None
+                ) -> dict[str, Tensor]:
+    """kohya-ss keys (α per module: the rank, or ``alpha`` for every module; a float32 scalar as kohya's own
+    files hold it). Without ``unet_config``, diffusers' module names by ``convert_state_dict_to_kohya`` (SD 1.x/2.x);
+    with an SDXL UNet's config, the original (SGM) names of its modules (:func:`sgm_module_name`)."""
+    if unet_config is None:
+        from diffusers.utils import convert_state_dict_to_kohya
 
-    kohya = convert_state_dict_to_kohya(state)
-    return {k: torch.tensor(float(alpha if alpha is not None else v), dtype=torch.float32) if k.endswith(".alpha")
-            else v for k, v in kohya.items()}
+        kohya = convert_state_dict_to_kohya(state)
+        return {k: torch.tensor(float(alpha if alpha is not None else v), dtype=torch.float32)
+                if k.endswith(".alpha") else v for k, v in kohya.items()}
+    blocks, out = unet_block_map(unet_config), {}
+    for key, value in state.items():
+        module, _, part = key[len("unet."):].rpartition(".lora_")
+        name = sgm_module_name(module, blocks)
+        out[f"{name}.lora_{'down' if part == 'A.weight' else 'up'}.weight"] = value
+        if part == "A.weight":
+            out[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else value.shape[0]))
+    return out
+
+
+def kohya_version(state: dict[str, Tensor], sdxl: bool) -> dict[str, str]:
+    """kohya's metadata naming the base model family, by which AUTOMATIC1111 lists a LoRA for a model
+    (extensions-builtin/Lora/network.py ``detect_version``: ``ss_base_model_version`` "sdxl_…" is SDXL,
+    ``ss_v2`` "True" SD 2, any other metadata SD 1; with an SDXL model loaded it hides the others unless told to
+    show all): SDXL's, else SD 2's or SD 1's by the cross-attention width (1024, 768) where it is a published one."""
+    if sdxl:
+        return {"ss_base_model_version": "sdxl_base_v1-0"}
+    widths = {v.shape[1] for k, v in state.items() if k.endswith("attn2.to_k.lora_A.weight")}
+    return {1024: {"ss_base_model_version": "sd_v2", "ss_v2": "True"},
+            768: {"ss_base_model_version": "sd_v1", "ss_v2": "False"}}.get(next(iter(widths)), {}) \
+        if len(widths) == 1 else {}
+
+
+def sgm_module_name(module: str, blocks: dict[str, str]) -> str:
+    """kohya's SDXL name of a diffusers UNet module: ``lora_unet_`` + its original (SGM) path with ``_`` for ``.``,
+    e.g. ``up_blocks.0.attentions.1.proj_in`` → ``lora_unet_output_blocks_1_1_proj_in``."""
+    try:
+        return kohya_name(unet_key(module + ".weight", blocks)[:-len(".weight")])
+    except FewstepError:
+        raise FewstepError(f"the LoRA adapts {module}, which the base UNet has no such module of (made for "
+                           f"another base model? give it with --base)") from None
+
+
+def sdxl_unet_config(state: dict[str, Tensor], base: str | Path | None, recorded: str | None) -> dict | None:
+    """The UNet config of the SDXL pipeline a LoRA adapts, or None when it adapts an SD 1.x/2.x one: from
+    ``base`` (given: a pipeline folder, which must exist), else the base its record names (where that folder
+    is found: as given, or a shipped ``models/NAME``), else from the LoRA's own shapes: cross-attention keys of
+    width 2048 are SDXL's (its published config, shipped in ``single_file_configs/sdxl-base``)."""
+    candidates = [Path(base)] if base is not None else []
+    if base is None and recorded:
+        candidates = [Path(recorded)] + ([shipped_models_dir() / Path(recorded).name]
+                                         if Path(recorded).parts[:1] == ("models",) else [])
+    for folder in candidates:
+        if (folder / "unet" / "config.json").is_file():
+            config = read_json(folder / "unet" / "config.json")
+            return config if config.get("addition_embed_type") == "text_time" else None
+    if base is not None:
+        raise FewstepError(f"--base {base} is not a diffusers pipeline folder (no unet/config.json)")
+    widths = {v.shape[1] for k, v in state.items() if k.endswith("attn2.to_k.lora_A.weight")}
+    return read_json(CONFIGS / "sdxl-base" / "unet" / "config.json") if widths == {2048} else None
 
 
 def peft_config(ranks: dict[str, int], alpha: float | None, base: str | None):

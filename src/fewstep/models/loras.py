@@ -304,6 +304,20 @@ def peft_unet_state(path: Path) -> dict[str, torch.Tensor] | None:
     return out
 
 
+def original_kohya_state(path: Path, unet) -> dict[str, torch.Tensor] | None:
+    """A kohya file with the original (SGM) UNet module names (SDXL LoRAs: ``lora_unet_input_blocks_…``) renamed to
+    ``unet``'s diffusers names exactly (:func:`fewstep.models.ldm_keys.kohya_original_to_diffusers`); None for any
+    other layout."""
+    from safetensors import safe_open
+
+    from .ldm_keys import SGM_KOHYA, kohya_original_to_diffusers
+
+    with safe_open(str(path), "pt") as f:
+        if not any(k.startswith(SGM_KOHYA) for k in f.keys()):
+            return None
+        return kohya_original_to_diffusers({k: f.get_tensor(k) for k in f.keys()}, unet)
+
+
 def _load(pipe, path: Path, name: str, base: Path) -> None:
     """Load one LoRA file as adapter ``name`` through diffusers' loader; a LoRA made for another base model
     (other shapes or module names, no weights for this UNet, keys it lacks) is a clear error."""
@@ -316,9 +330,9 @@ def _load(pipe, path: Path, name: str, base: Path) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            peft = peft_unet_state(path)
-            if peft is not None:
-                pipe.load_lora_weights(peft, adapter_name=name)
+            state = peft_unet_state(path) or original_kohya_state(path, pipe.unet)
+            if state is not None:
+                pipe.load_lora_weights(state, adapter_name=name)
             else:
                 pipe.load_lora_weights(str(source), adapter_name=name, **kwargs)
     except Exception as e:  # diffusers/peft raise ValueError/RuntimeError/KeyError on a mismatch

@@ -49,9 +49,25 @@ def read_single_file(path: str | Path, dtype: torch.dtype | None = None, config:
     parts = _from_single_file(path, folder, xl, dtype or torch.float32, pipeline_class or _diffusers_class)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     index = read_json(folder / "model_index.json")
-    raw = {**pipeline_defaults(scheduler_config, parts["vae"].config.sample_size), **scheduler_fields(scheduler_config)}
+    raw = {**pipeline_defaults(scheduler_config, parts["vae"].config.sample_size), **scheduler_fields(scheduler_config),
+           **_lcm_fields(path)}
     return {"config": parse_config(raw, path), "scheduler_config": scheduler_config,
             "force_zeros": index.get("force_zeros_for_empty_prompt", True), **parts}
+
+
+def _lcm_fields(path: Path) -> dict:
+    """An LCM's sampling defaults where the file says it is one: ``fewstep_kind`` "lcm" in its metadata, as
+    ``fewstep lora merge ... --single-file`` of an LCM-LoRA writes it (:mod:`fewstep.models.single_file_export`);
+    the same defaults a fused LCM-LoRA gets (:func:`fewstep.models.loras.apply_loras`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("fewstep_kind") != "lcm":
+        return {}
+    steps = metadata.get("fewstep_original_inference_steps", "")
+    return {"kind": "consistency", "parameterization": "lcm", "default_sampler": "consistency", "default_steps": 4,
+            "default_guidance_scale": 1.0, **({"original_inference_steps": int(steps)} if steps.isdigit() else {})}
 
 
 def _diffusers_class(name: str) -> type:
@@ -193,6 +209,8 @@ def _from_single_file(path: Path, folder: Path, xl: bool, dtype: torch.dtype,
     given = {name: _tokenizer_of(folder / name) for name in names if not _has_vocab(folder / name)}
     extra = {"add_watermarker": False} if xl else {"safety_checker": None, "feature_extractor": None,
                                                    "requires_safety_checker": False}
+    if xl:
+        given["text_encoder_2"] = _open_clip_encoder(path, folder, dtype)
     cls = pipeline_class("StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline")
     bars, verbosity = diffusers_logging.is_progress_bar_enabled(), diffusers_logging.get_verbosity()
     diffusers_logging.disable_progress_bar()
@@ -212,6 +230,36 @@ def _from_single_file(path: Path, folder: Path, xl: bool, dtype: torch.dtype,
     if xl:
         parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
     return parts
+
+
+OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+
+
+def _open_clip_encoder(path: Path, folder: Path, dtype: torch.dtype):
+    """SDXL's second text encoder from the file's ``conditioner.embedders.1.model.*`` (open_clip's layout) by
+    diffusers' own ``convert_open_clip_checkpoint``. ``from_single_file`` picks a text encoder's converter by its width
+    (``create_diffusers_clip_model_from_ldm``: the first encoder's keys when their width matches), so where both
+    encoders are equally wide (``models/emoji-sdxl``: 64 and 64) it fills the second with the first's weights and
+    leaves its projection unset; here nothing is guessed."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(OPEN_CLIP_PREFIX)}
+    with init_empty_weights():
+        model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+    try:
+        converted = convert_open_clip_checkpoint(model, state, prefix=OPEN_CLIP_PREFIX)
+        missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:   # shapes of another architecture
+        raise FewstepError(f"cannot load {path}'s second text encoder with the config {folder}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    if missing or unexpected:
+        raise FewstepError(f"{path}'s second text encoder does not fit the config {folder}: "
+                           f"{'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]}")
+    return model.to(dtype).eval()
 
 
 def _has_vocab(folder: Path) -> bool:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..nets.discriminator import Discriminator
+from .base import load_optimizer_state, optimizer_state
 from .consistency import ConsistencyLoss
 
 
@@ -118,17 +119,11 @@ class AdversarialConsistencyLoss:
     def state_dict(self) -> dict[str, Tensor]:
         state = {f"ct.{k}": v for k, v in self.consistency.state_dict().items()}
         state.update({f"disc.{k}": v for k, v in self.discriminator.state_dict().items()})
-        for i, s in self.optimizer.state_dict()["state"].items():
-            state.update({f"dopt.{i}.{k}": torch.as_tensor(v) for k, v in s.items()})
+        state.update(optimizer_state(self.optimizer, "dopt."))
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.consistency.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("ct.")})
         self.discriminator.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("disc.")})
-        opt: dict[int, dict[str, Tensor]] = {}
-        for k, v in state.items():
-            if k.startswith("dopt."):
-                i, name = k[5:].split(".", 1)
-                opt.setdefault(int(i), {})[name] = v
-        self.optimizer.load_state_dict({"state": opt, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        load_optimizer_state(self.optimizer, state, "dopt.")
 

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..core.denoisers import append_dims, unwrap
 
-__all__ = ["Cond", "ConditionFn", "TeacherFn", "drop_condition", "dropout_condition", "unwrap", "weighted_mse"]
+__all__ = ["Cond", "ConditionFn", "TeacherFn", "drop_condition", "dropout_condition", "load_optimizer_state",
+           "optimizer_state", "unwrap", "weighted_mse"]
 
 Cond = dict[str, Tensor]
 ConditionFn = Callable[[dict], Cond]                            # batch → the student's conditioning
@@ -45,3 +46,20 @@ def weighted_mse(model: nn.Module, out: Tensor, target: Tensor, sigma: Tensor) -
     the denoising loss and of guided and progressive distillation."""
     c_out = unwrap(model).scalings(sigma)[1]
     return ((out.float() - target.float()) / append_dims(c_out.float(), out.ndim)).square().mean()
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, Tensor]:
+    """An optimizer's per-parameter state as flat tensors (a checkpoint's safetensors; its hyper-parameters are
+    the recipe's): ``{prefix}{index}.{name}``."""
+    return {f"{prefix}{i}.{k}": torch.as_tensor(v) for i, s in optimizer.state_dict()["state"].items()
+            for k, v in s.items()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Tensor], prefix: str) -> None:
+    """The inverse of :func:`optimizer_state`."""
+    opt: dict[int, dict[str, Tensor]] = {}
+    for k, v in state.items():
+        if k.startswith(prefix):
+            i, name = k[len(prefix):].split(".", 1)
+            opt.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": opt, "param_groups": optimizer.state_dict()["param_groups"]})
