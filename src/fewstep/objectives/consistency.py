@@ -10,6 +10,8 @@ on adjacent levels σ_n < σ_{n+1} of an N-point Karras grid; they differ only i
 - the curriculum N(k) and target EMA μ(k) (fixed for CD; CT's and iCT's schedules in
   :mod:`fewstep.objectives.curricula`; iCT's μ = 0: the target is the online network under stop-gradient);
 - how the pair is drawn (uniform; iCT: discretized lognormal) and weighted (1; iCT: 1/(σ_{n+1} − σ_n));
+  ECT (Geng et al. 2024) is CT with continuous pairs (t, r = r(t, stage)), 1/(t − r) weights and, where r is
+  clamped to 0, the data itself as the target (the "ect" curriculum);
 - the distance d (:mod:`fewstep.objectives.distances`).
 
 Latent consistency distillation and fine-tuning (Luo et al. 2023, Algorithm 1; LCF §4.5) are the same
@@ -130,10 +132,17 @@ class ConsistencyLoss:
         x_hi = x0 + append_dims(hi, x0.ndim) * noise
         rng = _rng_state(x0.device)
         online = model(x_hi, hi, **cond)
+        at_data = append_dims(lo == 0, x0.ndim)   # ECT's r = 0: the target is the data itself (below)
         with torch.no_grad():
-            x_lo = self.teacher_step(x_hi, hi, lo, cond) if self.teacher else x0 + append_dims(lo, x0.ndim) * noise
-            _set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
-            target = self.target_network(model)(x_lo, lo, **cond)
+            if bool(at_data.all()):
+                target = x0
+            else:
+                x_lo = self.teacher_step(x_hi, hi, lo, cond) if self.teacher else x0 + append_dims(lo, x0.ndim) * noise
+                _set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
+                target = self.target_network(model)(x_lo, lo, **cond)
+                # f(x, 0) = x: where a pair's lower level is 0 (ECT's clamped r) the target is the data, not the network
+                # there (locuslab/ect training/loss.py:70-79); no other curriculum draws a level of 0
+                target = torch.where(at_data, x0, target)
         return Pair(online, target.detach(), self.curriculum.weight(lo, hi), hi, cond)
 
     def teacher_step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: dict) -> Tensor:
@@ -146,8 +155,9 @@ class ConsistencyLoss:
         return self.target(model, self.curriculum.ema(self.step))
 
     def logs(self) -> dict[str, float]:
-        grid = {"skip": self.curriculum.skip} if self.curriculum.name == "lcm" else {
-            "num_scales": self.curriculum.scales(self.step)}
+        name = self.curriculum.name
+        grid = {"skip": self.curriculum.skip} if name == "lcm" else {"stage": self.curriculum.stage(self.step)} \
+            if name == "ect" else {"num_scales": self.curriculum.scales(self.step)}
         return {**grid, "target_ema": self.curriculum.ema(self.step)}
 
     # --- trainer hooks -------------------------------------------------------------------------
