@@ -1,0 +1,97 @@
+"""ECT's FID against its training cost beside iCT's (``bench/ect_cost.py`` → ``bench/results/ect_cost.json``):
+the section of BENCHMARKS.md and the claim "ECT reaches iCT's 2-step FID at a fraction of its cost" (Geng et al.
+2024), both computed from that file when rendering, never typed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .format import fid, verdict
+
+RESULT = "ect_cost.json"
+FRACTION = 4            # the target: iCT's 2-step FID at ≤ 1/4 of its cost
+
+
+def _read(results: Path) -> dict | None:
+    path = results / RESULT
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _at(row: dict, steps: int, key: str = "fid") -> dict:
+    """A point's FID (or accuracy) at ``steps`` as a row the formatters take (value and spread)."""
+    return {"fid": row.get(f"{key}_{steps}"), "fid_std": row.get(f"{key}_{steps}_std")}
+
+
+def _acc(row: dict, steps: int) -> str:
+    value, std = row.get(f"acc_{steps}"), row.get(f"acc_{steps}_std")
+    return "–" if value is None else f"{value:.3f}" + ("" if std is None else f" ± {std:.3f}")
+
+
+def section(results: Path) -> list[str]:
+    d = _read(results)
+    if not d:
+        return []
+    ict, load = d["ict"], d.get("load_average")
+    s = d["step_seconds"]
+    lines = ["", "### ECT's FID against its training cost, beside iCT's", "",
+             f"Written by `{d['command']}`. `emoji-pixel-ect`, tuned from `emoji-pixel-teacher` by `{d['run_command']}`, "
+             f"at each kept checkpoint of that run (EMA weights; step 0 is the teacher's weights as a consistency model), "
+             f"beside `emoji-pixel-ict` scored in the same process: {d['num']} samples, seed {d['seed']}, {d['ruler']}. "
+             f"ECT's 2-step grid is its reference's {d['two_step_grid']} (ct_train.py --mid_t 0.821), iCT's the default "
+             f"Karras grid. Cost: wall-clock × torch threads to the checkpoint — an upper bound: the {d['cores']} cores "
+             "were shared with other training runs"
+             + (f" (1-minute load average {load['mean_1min']:.1f} on average, at most {load['max_1min']:.1f}, over "
+                f"{load['samples']} readings)" if load else "")
+             + f"; and iCT-equivalent: steps × iCT's {ict['core_minutes'] / ict['steps']:.3f} core-min per step × "
+             f"{s['ratio']:.2f}, one ECT step's time over one iCT step's (same UNet and batch, timed alternately: "
+             f"{s['ect']:.2f} s vs {s['ict']:.2f} s).", "",
+             "| model | steps × batch | cost (core-min, wall × threads) | iCT-equivalent (core-min) | FID 1 step | FID 2 steps | "
+             "acc. 1 step | acc. 2 steps | 2-step FID vs iCT |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for p in d["ect"]:
+        lines.append(f"| emoji-pixel-ect | {p['step']} × {d['batch']} | {p['core_minutes']:.1f} | "
+                     f"{p['ict_equivalent_core_minutes']:.1f} | {fid(_at(p, 1))} | {fid(_at(p, 2))} | {_acc(p, 1)} | "
+                     f"{_acc(p, 2)} | {verdict(_at(p, 2), _at(ict, 2)).replace('wins', 'lower').replace('loses', 'higher')} |")
+    lines.append(f"| emoji-pixel-ict | {ict['steps']} × {ict['batch']} | {ict['core_minutes']:.1f} | {ict['core_minutes']:.1f} | "
+                 f"{fid(_at(ict, 1))} | {fid(_at(ict, 2))} | {_acc(ict, 1)} | {_acc(ict, 2)} | – |")
+    last = d["ect"][-1]
+    if "fid_2_karras_grid" in last:
+        lines += ["", f"The last ECT checkpoint sampled in 2 steps on iCT's grid {last['karras_grid']} instead: FID "
+                  f"{fid({'fid': last['fid_2_karras_grid'], 'fid_std': last['fid_2_karras_grid_std']})} (vs "
+                  f"{fid(_at(last, 2))} on its own)."]
+    return lines
+
+
+def claim(results: Path):
+    """(claim, paper, fewstep, section, here) for BENCHMARKS.md's claims table, or None before the bench ran.
+    Holds where the cheapest ECT checkpoint whose 2-step FID is at most iCT's costs ≤ 1/4 of iCT's core-minutes
+    (wall × threads, the upper bound); where only the iCT-equivalent cost meets it, it says so."""
+    d = _read(results)
+    if not d:
+        return None
+    ict = d["ict"]
+    budget = ict["core_minutes"] / FRACTION
+    trained = [p for p in d["ect"] if p["step"] > 0]
+    reached = [p for p in trained if p["fid_2"] <= ict["fid_2"]]
+    name = f"ECT reaches iCT's 2-step FID at ≤ 1/{FRACTION} of its cost (emoji pixel)"
+    paper = ("CIFAR-10: ECT 2-step FID 2.73 in 1 A100-hour, matching CD's hundreds of GPU-hours (Geng et al. 2024); "
+             "iCT 2.46 after 400k × 1024 images")
+    start = d["ect"][0] if d["ect"] and d["ect"][0]["step"] == 0 else None
+    from_teacher = (f"; the teacher's weights alone (0 steps): {fid(_at(start, 2))}" if start else "")
+    if not reached:
+        best = min(trained, key=lambda p: p["fid_2"]) if trained else None
+        ours = (f"best ECT 2-step {fid(_at(best, 2))} at {best['core_minutes']:.1f} core-min vs iCT {fid(_at(ict, 2))} "
+                f"at {ict['core_minutes']:.1f}" if best else "no ECT checkpoint measured") + from_teacher
+        return name, paper, ours, "ECT's cost", "does not hold (ECT's 2-step FID stays above iCT's)"
+    p = min(reached, key=lambda p: p["core_minutes"])
+    ours = (f"ECT {fid(_at(p, 2))} after {p['step']} × {d['batch']} steps, {p['core_minutes']:.1f} core-min "
+            f"(iCT-equivalent {p['ict_equivalent_core_minutes']:.1f}) vs iCT {fid(_at(ict, 2))} at "
+            f"{ict['core_minutes']:.1f} core-min ({verdict(_at(p, 2), _at(ict, 2))})" + from_teacher)
+    if p["core_minutes"] <= budget:
+        here = f"holds ({p['core_minutes'] / ict['core_minutes']:.2f}× iCT's cost)"
+    elif p["ict_equivalent_core_minutes"] <= budget:
+        here = (f"holds in iCT-equivalent compute ({p['ict_equivalent_core_minutes'] / ict['core_minutes']:.2f}×), not "
+                f"in the loaded machine's wall-clock ({p['core_minutes'] / ict['core_minutes']:.2f}×)")
+    else:
+        here = f"does not hold ({p['core_minutes'] / ict['core_minutes']:.2f}× iCT's cost)"
+    return name, paper, ours, "ECT's cost", here
