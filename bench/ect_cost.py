@@ -12,9 +12,10 @@ scored at 1 and 2 steps on the testbed's ruler (the shipped emoji classifier aga
 seed 0, bootstrap spreads), iCT in the same process with the same ruler. 2-step ECT samples on ECT's grid
 [80, 0.821, 0] (ct_train.py --mid_t); the last point also on iCT's default Karras grid, to show the sampler's part.
 
-Cost, two ways: (1) the run's wall-clock × torch threads to that checkpoint (state.json), as every model folder
+Cost, three ways: (1) the run's wall-clock × torch threads to that checkpoint (state.json), as every model folder
 records it: an upper bound, since the 2 cores were shared with other runs (the load average during the run is
-recorded); (2) iCT-equivalent: steps × iCT's recorded core-minutes per step × the measured ratio of one ECT step's
+recorded); (2) the CPU time the training process had used when the checkpoint was written (utime + stime from
+/proc/PID/stat, logged every 10 s while it ran, start-up included), where that log was kept; (3) iCT-equivalent: steps × iCT's recorded core-minutes per step × the measured ratio of one ECT step's
 time to one iCT step's (same UNet, same batch, one forward with and one without gradients; timed alternately in
 this process, so under the same load).
 """
@@ -42,6 +43,7 @@ from fewstep.objectives.distances import get_distance, pseudo_huber_c
 ROOT = Path(__file__).resolve().parents[1]
 MODELS, WORK = ROOT / "models", ROOT / "runs" / "emoji-pixel-ect"
 LOAD_LOG = ROOT / "runs" / "ect-logs" / "load.log"      # `uptime` every 30 s while the shipped run trained (if kept)
+CPU_LOG = ROOT / "runs" / "ect-logs" / "cpu.log"        # "unix-time cpu-ticks" of the training process every 10 s
 OUT = ROOT / "bench" / "results" / "ect_cost.json"
 NUM, SEED, STEPS = 300, 0, [1, 2]
 COMMAND = ("fewstep distill --method ect --teacher models/emoji-pixel-teacher --out models/emoji-pixel-ect "
@@ -108,6 +110,15 @@ def _load_average() -> dict | None:
     return {"samples": len(ones), "mean_1min": round(statistics.mean(ones), 2), "max_1min": max(ones)} if ones else None
 
 
+def _cpu_minutes(when: float) -> float | None:
+    """CPU minutes the training process had used at unix time ``when`` (the last reading before it)."""
+    if not CPU_LOG.exists():
+        return None
+    readings = [tuple(map(float, line.split())) for line in CPU_LOG.read_text().splitlines() if len(line.split()) == 2]
+    before = [ticks for t, ticks in readings if t <= when + 10]
+    return before[-1] / os.sysconf("SC_CLK_TCK") / 60 if before else None
+
+
 def score() -> None:
     shipped = load_model(MODELS / "emoji-pixel-ect")
     ict = load_model(MODELS / "emoji-pixel-ict")
@@ -126,7 +137,8 @@ def score() -> None:
     points = []
     teacher = load_model(MODELS / "emoji-pixel-teacher")
     start = _with_weights(load_model(MODELS / "emoji-pixel-ect"), [p.detach() for p in teacher.denoiser.parameters()])
-    points.append({"step": 0, "core_minutes": 0.0, "ict_equivalent_core_minutes": 0.0, **_rows(start, ruler)})
+    points.append({"step": 0, "core_minutes": 0.0, "cpu_minutes": 0.0, "ict_equivalent_core_minutes": 0.0,
+                   **_rows(start, ruler)})
     print(points[-1], flush=True)
     checkpoints = sorted(p for p in (WORK / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name))
     for ckpt in checkpoints:
@@ -135,6 +147,7 @@ def score() -> None:
         model = _with_weights(load_model(MODELS / "emoji-pixel-ect"), [shadow[f"shadow.{i}"] for i in range(len(shadow))])
         step = state["step"]
         point = {"step": step, "core_minutes": state["elapsed_seconds"] * threads / 60,
+                 "cpu_minutes": _cpu_minutes((ckpt / "state.json").stat().st_mtime),
                  "ict_equivalent_core_minutes": step * ict_per_step * ratio, **_rows(model, ruler)}
         if ckpt == checkpoints[-1]:
             karras = torch.tensor(ict.schedule.sampling_grid(2, "consistency").tolist())
