@@ -127,7 +127,7 @@ class ECTSettings:
     sets them, ``ct_train.py``'s otherwise."""
 
     method: str = "ect"
-    label_dropout: float = 0.1          # share of null labels (the teacher's CFG training; ECT's CIFAR-10 run is unconditional)
+    label_dropout: float = 0.1          # share of null labels, as the teacher's (ECT's CIFAR-10 run is unconditional)
     p_mean: float = -1.1                # ln t ~ N(P_mean, P_std²) (ct_train.py --mean, --std)
     p_std: float = 2.0
     q: float = 2.0                      # Δt shrinks by q per stage (ct_train.py -q; run_ecm_1hour.sh: 256)
@@ -156,8 +156,9 @@ def distill_ect(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     Deviations from the reference, and why:
     - the student's scalings are fewstep's registered ``cm`` (σ_min = 0.002) in training and sampling. ECMPrecond
       (locuslab/ect ``training/networks.py:706-711``) uses EDM's c_skip/c_out (σ_min = 0) while training and the
-      CM boundary with σ_min = 0.003 when sampling; here one formula serves both (DESIGN.md §2), f(x, σ_min) = x
-      holds exactly, and the difference (c_out shifted by ≤ 0.003·σd/√(σ²+σd²)) is below the data's quantization;
+      CM boundary with σ_min = 0.003 when sampling (the reference itself trains and samples different scalings);
+      here one formula serves both (DESIGN.md §2) and f(x, σ_min) = x holds exactly. Moving σ_min by 0.002 moves
+      c_out by ≤ 0.002 and c_skip·x by ≲ 0.002, so D by ≲ 0.004: about half of one 8-bit level (2/255);
     - stages scale with the run: 8 equal stages (run_ecm.sh's 25.6 Mimg / 3.2 Mimg per stage); the
       reference advances every 250 ticks of 12.8 kimg whatever the run's length;
     - the trainer's AdamW (lr warm-up, grad-clip 1, weight EMA 0.999 with diffusers' warm-up) for ECT's RAdam
