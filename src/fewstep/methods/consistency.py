@@ -157,8 +157,9 @@ def distill_ect(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     - the student's scalings are fewstep's registered ``cm`` (σ_min = 0.002) in training and sampling. ECMPrecond
       (locuslab/ect ``training/networks.py:706-711``) uses EDM's c_skip/c_out (σ_min = 0) while training and the
       CM boundary with σ_min = 0.003 when sampling (the reference itself trains and samples different scalings);
-      here one formula serves both (DESIGN.md §2) and f(x, σ_min) = x holds exactly. Moving σ_min by 0.002 moves
-      c_out by ≤ 0.002 and c_skip·x by ≲ 0.002, so D by ≲ 0.004: about half of one 8-bit level (2/255);
+      here one formula serves both (DESIGN.md §2) and f(x, σ_min) = x holds exactly. Moving σ_min from 0 to 0.002
+      moves c_out by ≤ 0.0020 and c_skip·x by ≤ 0.0053 (|x| ≤ 1 + 3σ; computed over σ ∈ [0.002, 100]), so D by
+      ≲ 0.007 at a unit-scale F: under one 8-bit level (2/255 ≈ 0.0078);
     - stages scale with the run: 8 equal stages (run_ecm.sh's 25.6 Mimg / 3.2 Mimg per stage); the
       reference advances every 250 ticks of 12.8 kimg whatever the run's length;
     - the trainer's AdamW (lr warm-up, grad-clip 1, weight EMA 0.999 with diffusers' warm-up) for ECT's RAdam
