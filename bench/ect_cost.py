@@ -42,10 +42,11 @@ from fewstep.objectives.distances import get_distance, pseudo_huber_c
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS, WORK = ROOT / "models", ROOT / "runs" / "emoji-pixel-ect"
+SHIPPED = Path(os.environ.get("ECT_COST_MODEL", MODELS / "emoji-pixel-ect"))   # the env vars: a smoke test
 LOAD_LOG = ROOT / "runs" / "ect-logs" / "load.log"      # `uptime` every 30 s while the shipped run trained (if kept)
 CPU_LOG = ROOT / "runs" / "ect-logs" / "cpu.log"        # "unix-time cpu-ticks" of the training process every 10 s
-OUT = ROOT / "bench" / "results" / "ect_cost.json"
-NUM, SEED, STEPS = 300, 0, [1, 2]
+OUT = Path(os.environ.get("ECT_COST_OUT", ROOT / "bench" / "results" / "ect_cost.json"))
+NUM, SEED, STEPS = int(os.environ.get("ECT_COST_NUM", 300)), 0, [1, 2]
 COMMAND = ("fewstep distill --method ect --teacher models/emoji-pixel-teacher --out models/emoji-pixel-ect "
            "--work-dir runs/emoji-pixel-ect --steps 100 --batch 64 --lr 2e-4 --warmup 20 --checkpoint-every 25 "
            "--keep-checkpoints 4 --no-progress")
@@ -89,7 +90,7 @@ def _step_seconds(ect, ict_net, data, repeats: int = 4) -> tuple[float, float]:
     losses = {"ect": ConsistencyLoss(ect.schedule, Curriculum.for_method("ect", 100), pseudo_huber_c(0.0), condition=cond),
               "ict": ConsistencyLoss(ect.schedule, Curriculum.for_method("ict", 400), get_distance("pseudo-huber"),
                                      condition=cond)}
-    nets = {"ect": ect.denoiser.train(), "ict": ict_net.train()}
+    nets = {"ect": ect.denoiser.train().requires_grad_(True), "ict": ict_net.train().requires_grad_(True)}
     times: dict[str, list[float]] = {"ect": [], "ict": []}
     for i in range(repeats + 1):
         for name in ("ect", "ict"):
@@ -99,7 +100,8 @@ def _step_seconds(ect, ict_net, data, repeats: int = 4) -> tuple[float, float]:
             nets[name].zero_grad(set_to_none=True)
             if i:                                            # the first round warms up
                 times[name].append(time.perf_counter() - start)
-    ect.denoiser.eval()
+    for net in nets.values():
+        net.eval().requires_grad_(False)                     # dropout off again before any sampling
     return statistics.median(times["ect"]), statistics.median(times["ict"])
 
 
@@ -120,7 +122,7 @@ def _cpu_minutes(when: float) -> float | None:
 
 
 def score() -> None:
-    shipped = load_model(MODELS / "emoji-pixel-ect")
+    shipped = load_model(SHIPPED)
     ict = load_model(MODELS / "emoji-pixel-ict")
     ruler = ruler_for(shipped, MODELS)
     training = shipped.config.training
@@ -130,13 +132,13 @@ def score() -> None:
     ict_per_step = ict_core_min / ict_t["steps"]
 
     torch.manual_seed(0)
-    ect_s, ict_s = _step_seconds(load_model(MODELS / "emoji-pixel-ect"), ict.denoiser, ruler.data)
+    ect_s, ict_s = _step_seconds(load_model(SHIPPED), ict.denoiser, ruler.data)
     ratio = ect_s / ict_s
     print(f"one step: ECT {ect_s:.2f} s, iCT {ict_s:.2f} s (ratio {ratio:.2f})", flush=True)
 
     points = []
     teacher = load_model(MODELS / "emoji-pixel-teacher")
-    start = _with_weights(load_model(MODELS / "emoji-pixel-ect"), [p.detach() for p in teacher.denoiser.parameters()])
+    start = _with_weights(load_model(SHIPPED), [p.detach() for p in teacher.denoiser.parameters()])
     points.append({"step": 0, "core_minutes": 0.0, "cpu_minutes": 0.0, "ict_equivalent_core_minutes": 0.0,
                    **_rows(start, ruler)})
     print(points[-1], flush=True)
@@ -144,7 +146,7 @@ def score() -> None:
     for ckpt in checkpoints:
         state = json.loads((ckpt / "state.json").read_text())
         shadow = load_file(ckpt / "ema.safetensors")
-        model = _with_weights(load_model(MODELS / "emoji-pixel-ect"), [shadow[f"shadow.{i}"] for i in range(len(shadow))])
+        model = _with_weights(load_model(SHIPPED), [shadow[f"shadow.{i}"] for i in range(len(shadow))])
         step = state["step"]
         point = {"step": step, "core_minutes": state["elapsed_seconds"] * threads / 60,
                  "cpu_minutes": _cpu_minutes((ckpt / "state.json").stat().st_mtime),
