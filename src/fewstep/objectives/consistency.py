@@ -132,17 +132,19 @@ class ConsistencyLoss:
         x_hi = x0 + append_dims(hi, x0.ndim) * noise
         rng = _rng_state(x0.device)
         online = model(x_hi, hi, **cond)
-        at_data = append_dims(lo == 0, x0.ndim)   # ECT's r = 0: the target is the data itself (below)
+        at_zero = append_dims(lo == 0, x0.ndim)
         with torch.no_grad():
-            if bool(at_data.all()):
-                target = x0
+            x_lo = self.teacher_step(x_hi, hi, lo, cond) if self.teacher else x0 + append_dims(lo, x0.ndim) * noise
+            if bool(at_zero.all()):
+                target = x_lo
             else:
-                x_lo = self.teacher_step(x_hi, hi, lo, cond) if self.teacher else x0 + append_dims(lo, x0.ndim) * noise
                 _set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
                 target = self.target_network(model)(x_lo, lo, **cond)
-                # f(x, 0) = x: where a pair's lower level is 0 (ECT's clamped r) the target is the data, not the network
-                # there (locuslab/ect training/loss.py:70-79); no other curriculum draws a level of 0
-                target = torch.where(at_data, x0, target)
+                # f(x, 0) = x: where a pair's lower level is 0 the target is x_lo itself, not the network there — for
+                # CT pairs x_lo = x0, the data (ECT's clamped r = 0: locuslab/ect training/loss.py:70-79, whose
+                # network at r = 0 is NaN where EDM's c_noise = ln r / 4 is −∞); where the network meets f(x, 0) = x
+                # exactly (a flow student at t = 0) this changes nothing
+                target = torch.where(at_zero, x_lo, target)
         return Pair(online, target.detach(), self.curriculum.weight(lo, hi), hi, cond)
 
     def teacher_step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: dict) -> Tensor:
