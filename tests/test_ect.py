@@ -162,15 +162,16 @@ def test_distill_ect_through_the_cli_samples_in_one_and_two_steps(tmp_path, caps
 
 
 def _cost_file(tmp_path, ect_points, ict_fid2=6.7):
+    def point(s, c, e, f):
+        return {"step": s, "core_minutes": c, "ict_equivalent_core_minutes": e, "fid_1": 7.0, "fid_1_std": 0.3,
+                "fid_2": f, "fid_2_std": 0.3, "acc_1": 0.2, "acc_1_std": 0.02, "acc_2": 0.3, "acc_2_std": 0.02}
+
     ict = {"steps": 400, "batch": 64, "core_minutes": 32.0, "command": "x", "fid_1": 7.5, "fid_1_std": 0.3,
            "fid_2": ict_fid2, "fid_2_std": 0.3, "acc_1": 0.2, "acc_1_std": 0.02, "acc_2": 0.3, "acc_2_std": 0.02}
-    points = [{"step": s, "core_minutes": c, "ict_equivalent_core_minutes": e, "fid_1": 7.0, "fid_1_std": 0.3,
-               "fid_2": f, "fid_2_std": 0.3, "acc_1": 0.2, "acc_1_std": 0.02, "acc_2": 0.3, "acc_2_std": 0.02}
-              for s, c, e, f in ect_points]
-    d = {"command": "python bench/ect_cost.py score", "run_command": "fewstep distill --method ect", "num": 300,
-         "seed": 0, "ruler": "r", "two_step_grid": [80.0, 0.821, 0.0], "threads": 2, "batch": 64, "run_steps": 100,
-         "load_average": None, "cores": 2, "step_seconds": {"ect": 2.0, "ict": 2.0, "ratio": 1.0}, "ect": points,
-         "ict": ict}
+    run = {"name": "emoji-pixel-ect", "shipped": True, "run_command": "fewstep distill --method ect", "threads": 1,
+           "batch": 64, "run_steps": 50, "load_average": None, "points": [point(*p) for p in ect_points]}
+    d = {"command": "python bench/ect_cost.py score", "num": 300, "seed": 0, "ruler": "r", "cores": 2,
+         "step_seconds": {"ect": 2.0, "ict": 2.0, "ratio": 1.0}, "start": point(0, 0, 0, 9.0), "ict": ict, "runs": [run]}
     (tmp_path / "ect_cost.json").write_text(json.dumps(d))
     return tmp_path
 
@@ -180,10 +181,12 @@ def test_the_cost_claim_is_computed_from_the_bench_file(tmp_path):
 
     assert ect.claim(tmp_path) is None and ect.section(tmp_path) == []          # not measured yet: left out
     here = lambda points: ect.claim(_cost_file(tmp_path, points))[-1]           # noqa: E731
-    assert here([(0, 0, 0, 9.0), (25, 4.0, 2.0, 7.5), (50, 7.5, 4.0, 6.5)]).startswith("holds (0.23×")
+    assert here([(25, 4.0, 2.0, 7.5), (50, 7.5, 4.0, 6.5)]).startswith("holds (0.23×")
     assert here([(25, 4.0, 2.0, 7.5), (50, 12.0, 4.0, 6.5)]).startswith("holds in compute (iCT-equivalent 0.12×)")
     assert here([(25, 4.0, 2.0, 7.5), (100, 20.0, 16.0, 6.5)]).startswith("does not hold (0.62×")
     assert here([(25, 4.0, 2.0, 7.5), (50, 7.5, 4.0, 6.9)]).startswith("does not hold (ECT's 2-step FID stays above")
-    lines = ect.section(_cost_file(tmp_path, [(0, 0, 0, 9.0), (50, 7.5, 4.0, 5.0)]))
-    assert any(line.startswith("| emoji-pixel-ect | 50 × 64 | 7.5 |") and line.endswith("| lower |") for line in lines)
-    assert any(line.startswith("| emoji-pixel-ect | 50 × 64 | 7.5 | – | 4.0 |") for line in lines)
+    assert "the shipped `emoji-pixel-ect` (50 steps): 6.900 ± 0.300 at 2 steps" in ect.claim(tmp_path)[2]
+    lines = ect.section(_cost_file(tmp_path, [(50, 7.5, 4.0, 5.0)]))
+    row = next(line for line in lines if line.startswith("| emoji-pixel-ect (shipped) | 50 × 64 |"))
+    assert row.startswith("| emoji-pixel-ect (shipped) | 50 × 64 | 7.5 | – | 4.0 |") and row.endswith("| lower |")
+    assert any(line.startswith("| start (the teacher's weights) | 0 × 64 |") for line in lines)
