@@ -181,7 +181,8 @@ def test_the_cost_claim_is_computed_from_the_bench_file(tmp_path):
 
     assert ect.claim(tmp_path) is None and ect.section(tmp_path) == []          # not measured yet: left out
     here = lambda points: ect.claim(_cost_file(tmp_path, points))[-1]           # noqa: E731
-    assert here([(25, 4.0, 2.0, 7.5), (50, 7.5, 4.0, 6.5)]).startswith("holds (0.23×")
+    assert here([(25, 4.0, 2.0, 7.5), (50, 7.5, 4.0, 6.0)]) == "holds (0.23× iCT's cost)"
+    assert here([(25, 4.0, 2.0, 7.5), (50, 7.5, 4.0, 6.6)]) == "holds (0.23× iCT's cost; equal within the spread)"
     assert here([(25, 4.0, 2.0, 7.5), (50, 12.0, 4.0, 6.5)]).startswith("holds in compute (iCT-equivalent 0.12×)")
     assert here([(25, 4.0, 2.0, 7.5), (100, 20.0, 16.0, 6.5)]).startswith("does not hold (0.62×")
     assert here([(25, 4.0, 2.0, 7.5), (50, 7.5, 4.0, 6.9)]).startswith("does not hold (ECT's 2-step FID stays above")

@@ -114,8 +114,9 @@ def claim(results: Path):
     ours = (f"ECT {fid(_at(p, 2))} after {p['step']} × {run['batch']} steps ({run['name']}), {p['core_minutes']:.1f} "
             f"core-min ({cpu}iCT-equivalent {p['ict_equivalent_core_minutes']:.1f}) vs iCT {fid(_at(ict, 2))} at "
             f"{ict['core_minutes']:.1f} core-min ({verdict(_at(p, 2), _at(ict, 2))})" + notes)
+    same = "" if verdict(_at(p, 2), _at(ict, 2)) == "wins" else "; equal within the spread"
     if p["core_minutes"] <= budget:
-        here = f"holds ({p['core_minutes'] / ict['core_minutes']:.2f}× iCT's cost)"
+        here = f"holds ({p['core_minutes'] / ict['core_minutes']:.2f}× iCT's cost{same})"
     elif p["ict_equivalent_core_minutes"] <= budget and (p.get("cpu_minutes") is None or p["cpu_minutes"] <= budget):
         here = (f"holds in compute (iCT-equivalent {p['ict_equivalent_core_minutes'] / ict['core_minutes']:.2f}×"
                 + ("" if p.get("cpu_minutes") is None else f", CPU time {p['cpu_minutes'] / ict['core_minutes']:.2f}×")
