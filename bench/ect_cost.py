@@ -7,9 +7,11 @@ model `models/emoji-pixel-ict` (trained from data alone, 400 steps × 64). The r
 - ``emoji-pixel-ect``: the shipped `models/emoji-pixel-ect`, 50 steps × 64 (its command is in its README.md);
 - ``ect-100``: the same recipe at 100 steps × 64 (the stages twice as long), run first with --out
   models/emoji-pixel-ect and moved to runs/ect-100 when the 50-step run replaced it (its fewstep.json keeps the
-  command as run).
+  command as run);
+- ``ect-1hour``: the reference's 1-hour recipe (run_ecm_1hour.sh: -q 256 --double 10000, i.e. Δt = t/256·n(t) from
+  the first step and never shrinking) at the shipped run's 50 steps × 64.
 
-    OMP_NUM_THREADS=1 python bench/ect_cost.py train --runs emoji-pixel-ect ect-100
+    OMP_NUM_THREADS=1 python bench/ect_cost.py train --runs emoji-pixel-ect ect-100 ect-1hour
     python bench/ect_cost.py score     # → bench/results/ect_cost.json; `fewstep bench` renders it into BENCHMARKS.md
 
 Each point is the EMA weights of one checkpoint (runs/<run>/.../checkpoints, every 25 steps), scored at 1 and 2
@@ -54,7 +56,8 @@ MODELS = ROOT / "models"
 OUT = Path(os.environ.get("ECT_COST_OUT", ROOT / "bench" / "results" / "ect_cost.json"))
 NUM, SEED, STEPS = int(os.environ.get("ECT_COST_NUM", 300)), 0, [1, 2]
 _RECIPE = "--batch 64 --lr 2e-4 --warmup 20 --checkpoint-every 25 --keep-checkpoints 4 --no-progress"
-NOTES = {"ect-100": "run as --out models/emoji-pixel-ect --work-dir runs/emoji-pixel-ect, then moved to runs/ect-100/"}
+NOTES = {"ect-100": "run as --out models/emoji-pixel-ect --work-dir runs/emoji-pixel-ect, then moved to runs/ect-100/",
+         "ect-1hour": "the reference's 1-hour recipe, run_ecm_1hour.sh's -q 256 --double 10000: Δt = t/256·n(t) throughout"}
 RUNS = {   # name -> (command, model folder, work folder, folder of its cpu.log/load.log, shipped)
     "emoji-pixel-ect": (f"fewstep distill --method ect --teacher models/emoji-pixel-teacher --out models/emoji-pixel-ect "
                         f"--work-dir runs/emoji-pixel-ect --steps 50 {_RECIPE}",
@@ -62,6 +65,10 @@ RUNS = {   # name -> (command, model folder, work folder, folder of its cpu.log/
     "ect-100": (f"fewstep distill --method ect --teacher models/emoji-pixel-teacher --out runs/ect-100/model "
                 f"--work-dir runs/ect-100/work --steps 100 {_RECIPE}",
                 ROOT / "runs" / "ect-100" / "model", ROOT / "runs" / "ect-100" / "work", ROOT / "runs" / "ect-100", False),
+    "ect-1hour": (f"fewstep distill --method ect --teacher models/emoji-pixel-teacher --out runs/ect-1hour/model "
+                  f"--work-dir runs/ect-1hour/work --steps 50 --ect-q 256 --ect-stages 1 {_RECIPE}",
+                  ROOT / "runs" / "ect-1hour" / "model", ROOT / "runs" / "ect-1hour" / "work", ROOT / "runs" / "ect-1hour",
+                  False),
 }
 
 
@@ -73,7 +80,8 @@ def train_runs(names: list[str]) -> None:
             print(f"{model} exists; delete it (and {work}) to train {name} again")
             continue
         logs.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen([sys.executable, "-m", "fewstep", *command.split()[1:]], cwd=ROOT)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen([sys.executable, "-m", "fewstep", *command.split()[1:]], cwd=ROOT, env=env)
         while proc.poll() is None:          # every 10 s: its CPU ticks (utime + stime) and the load average
             try:
                 fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
