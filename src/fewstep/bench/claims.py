@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import tcd
+from . import ect, tcd
 from .format import fid, ratio_cell, target_verdict, teacher_best, verdict
 
 
@@ -77,6 +77,7 @@ def _claims(report, results: Path) -> list:
     rows.append(_ratio("guided + progressive at 4 steps ≈ teacher (≤ 1.3× its best, emoji pixel)",
                        "ImageNet-64: 4-step FID comparable to the teacher's", _row(tq, "emoji-pixel-progressive", 4),
                        teacher_best(tq, "emoji-pixel-teacher"), 1.3, "emoji pixel"))
+    rows.append(ect.claim(results))   # bench/ect_cost.py's ECT-vs-iCT cost points
     rows += [_skip_claim(results), _style_claim(report), _editing_claim(report), _colorize_claim(tb)]
     rows += tcd.claims(report, results)
     return [r for r in rows if r is not None]

@@ -167,8 +167,29 @@ def _continuous_args(p: argparse.ArgumentParser, distances=None) -> None:
                         "else the finite difference with a warning; default)")
 
 
+def _ect_args(p: argparse.ArgumentParser, distances=None) -> None:
+    g = p.add_argument_group(
+        "easy consistency tuning (ect; Geng et al. 2024): --teacher is an EDM pixel teacher whose weights start the "
+        "student; its ODE is never run (consistency training pairs x + t·z, x + r·z). Defaults: locuslab/ect "
+        "run_ecm.sh; --label-dropout applies; --distance does not (ECT's own, see --huber-c)")
+    g.add_argument("--ect-q", type=positive, default=None,
+                   help="Δt = t − r shrinks by q each stage: r = t·(1 − q^−(stage+1)·(1 + k·sigmoid(−b·t))) (default 2; "
+                        "the reference's 1-hour recipe: 256 with --ect-stages 1)")
+    g.add_argument("--ect-stages", type=positive_int, default=None,
+                   help="stages over the run, each --steps/stages long (default 8: run_ecm.sh's 25.6 Mimg at one "
+                        "stage per 3.2 Mimg, scaled to this run's length; 1: Δt never shrinks)")
+    g.add_argument("--ect-k", type=float, default=None, help="k of the mapping n(t) = 1 + k·sigmoid(−b·t) (default 8)")
+    g.add_argument("--ect-b", type=float, default=None, help="b of the mapping (default 1)")
+    g.add_argument("--ect-p-mean", type=float, default=None, help="ln t ~ N(P_mean, P_std²): P_mean (default -1.1)")
+    g.add_argument("--ect-p-std", type=positive, default=None, help="P_std (default 2.0)")
+    g.add_argument("--huber-c", type=non_negative, default=None,
+                   help="c of the distance √(‖x − y‖² + c²) − c (default 0, as run_ecm.sh: the l2 norm)")
+    g.add_argument("--ect-two-step-sigma", type=positive, default=None,
+                   help="intermediate σ of the saved 2-step grid [σ_max, σ, 0] (default 0.821, ct_train.py --mid_t)")
+
+
 OPTION_GROUPS.update(consistency=_consistency_args, adversarial=_adversarial_args, guided=_guided_args,
-                     latent=_latent_args, continuous=_continuous_args)
+                     latent=_latent_args, continuous=_continuous_args, ect=_ect_args)
 
 
 def run(args: argparse.Namespace) -> None:

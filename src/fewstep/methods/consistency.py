@@ -11,6 +11,8 @@ the space's consistency form (``cm`` for an EDM teacher; a flow teacher's own ad
 meets f(x, 0) = x, as ``FlowMatchLCMScheduler`` reads it), trained on the space's N-point consistency grid
 (Karras for EDM, uniform shifted time for flow) with the teacher's ODE step in σ space (Euler there is the flow
 Euler step of ``FlowMatchEulerDiscreteScheduler``). CT, iCT and ACT train EDM-space students from data.
+ECT (Geng et al. 2024) tunes an EDM teacher's weights into a consistency model with continuous-time CT pairs
+(:func:`distill_ect`): it takes the teacher's weights, never its ODE.
 The teacher's PF-ODE is the classifier-free-guided one at ``guidance_scale``, so the student
 samples in one step with the guidance built in (it is then sampled at guidance scale 1).
 """
@@ -30,7 +32,7 @@ from ..models.handle import Model
 from ..nets.unets import build_unet
 from ..objectives.consistency import ConsistencyLoss
 from ..objectives.curricula import Curriculum
-from ..objectives.distances import get_distance
+from ..objectives.distances import get_distance, pseudo_huber_c
 from ..training import TrainConfig
 from .common import Run, parameters, readme
 from .registry import Method, register
@@ -119,6 +121,88 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
                       _readme(out, method, data, result.step, guidance, command))
 
 
+@dataclass
+class ECTSettings:
+    """ECT's settings (recorded in the model folder); defaults are locuslab/ect ``run_ecm.sh`` on CIFAR-10 where it
+    sets them, ``ct_train.py``'s otherwise."""
+
+    method: str = "ect"
+    label_dropout: float = 0.1          # share of null labels, as the teacher's (ECT's CIFAR-10 run is unconditional)
+    p_mean: float = -1.1                # ln t ~ N(P_mean, P_std²) (ct_train.py --mean, --std)
+    p_std: float = 2.0
+    q: float = 2.0                      # Δt shrinks by q per stage (ct_train.py -q; run_ecm_1hour.sh: 256)
+    k: float = 8.0                      # n(t) = 1 + k·sigmoid(−b·t) (ct_train.py -k, -b)
+    b: float = 1.0
+    stages: int = 8                     # stages over the run (run_ecm.sh: 25.6 Mimg / 3.2 Mimg; run_ecm_1hour.sh: 1)
+    huber_c: float = 0.0                # c of √(‖·‖² + c²) − c (ct_train.py -c, run_ecm.sh leaves it at 0: the l2 norm)
+    two_step_sigma: float = 0.821       # the 2-step sampler's intermediate t (ct_train.py --mid_t), stored in the folder
+
+
+def distill_ect(teacher: Model, data: ImageData, out: str | Path, config: TrainConfig, settings: ECTSettings,
+                command: str = "", accelerator=None) -> Path | None:
+    """Easy consistency tuning (ECT; Geng et al. 2024, *Consistency Models Made Easy*; locuslab/ect
+    ``training/loss.py: ECMLoss``): the student starts from the EDM teacher's weights and is trained with
+    continuous-time consistency *training* pairs, so the teacher's ODE is never run:
+
+    - t ~ lognormal(P_mean, P_std), r = t·(1 − q^−(stage+1)·(1 + k·sigmoid(−b·t))) clamped at 0 (loss.py:45-56),
+      the stage advancing every K/stages steps (:func:`fewstep.objectives.curricula.ect_stage`);
+    - x_t = y + t·ε, x_r = y + r·ε with the same ε, the same dropout mask in both passes (loss.py:61-73);
+    - the target is the online network under stop-gradient (no EMA target), replaced by y where r = 0 (loss.py:70-79);
+    - loss = (√(‖D(x_t, t) − D(x_r, r)‖² + c²) − c) / (t − r), c = 0 (loss.py:81-92, run_ecm.sh).
+
+    One loss for all: :class:`fewstep.objectives.consistency.ConsistencyLoss` with the "ect" curriculum and
+    :func:`fewstep.objectives.distances.pseudo_huber_c`.
+
+    Deviations from the reference, and why:
+    - the student's scalings are fewstep's registered ``cm`` (σ_min = 0.002) in training and sampling. ECMPrecond
+      (locuslab/ect ``training/networks.py:706-711``) uses EDM's c_skip/c_out (σ_min = 0) while training and the
+      CM boundary with σ_min = 0.003 when sampling (the reference itself trains and samples different scalings);
+      here one formula serves both (DESIGN.md §2) and f(x, σ_min) = x holds exactly. Moving σ_min from 0 to 0.002
+      moves c_out by ≤ 0.0020 and c_skip·x by ≤ 0.0053 (|x| ≤ 1 + 3σ; computed over σ ∈ [0.002, 100]), so D by
+      ≲ 0.007 at a unit-scale F: under one 8-bit level (2/255 ≈ 0.0078);
+    - stages scale with the run: 8 equal stages (run_ecm.sh's 25.6 Mimg / 3.2 Mimg per stage); the
+      reference advances every 250 ticks of 12.8 kimg whatever the run's length;
+    - the trainer's AdamW (lr warm-up, grad-clip 1, weight EMA 0.999 with diffusers' warm-up) for ECT's RAdam
+      (lr 1e-4, no clip, EMA 0.9999, ``run_ecm.sh``): a few hundred steps here, not 200k; the saved weights are the
+      EMA's as for every fewstep model;
+    - dropout: the teacher's (0.1 in fewstep's pixel UNet), not run_ecm.sh's 0.2: the backbone is the teacher's;
+    - class-conditional with --label-dropout (the teacher's conditioning); the reference's CIFAR-10 run is not;
+    - no augmentation pipe (run_ecm.sh --augment=0.0 too).
+    """
+    run = Run(config, command, accelerator)
+    teacher = check_ect_teacher(teacher, "ect")
+    teacher.check_data(data)
+    teacher.to(run.device)
+    param = consistency_of(teacher.config.param.space)          # cm for the EDM teacher
+    grid2 = [float(teacher.schedule.sigma_max), settings.two_step_sigma, 0.0]
+    student_config = ModelConfig(kind="consistency", parameterization=param.name,
+                                 schedule=schedule_fields(teacher.schedule), image_size=data.image_size,
+                                 channels=data.channels, class_names=data.class_names, dataset=data.name,
+                                 default_sampler="consistency", default_steps=1, default_guidance_scale=1.0,
+                                 sampling_sigmas={"2": grid2})
+    student = teacher.derive(net=copy.deepcopy(teacher.net).requires_grad_(True).train(), config=student_config)
+    curriculum = Curriculum.for_method("ect", config.max_steps, p_mean=settings.p_mean, p_std=settings.p_std,
+                                       q=settings.q, k=settings.k, b=settings.b, stages=settings.stages)
+    objective = ConsistencyLoss(teacher.schedule, curriculum, pseudo_huber_c(settings.huber_c),
+                                condition=student.conditioner.training_condition(settings.label_dropout))
+    result = run.fit(student.denoiser, objective, student.training_data(data),
+                     {**asdict(settings), "dataset": data.name, "curriculum": asdict(curriculum)})
+    if result is None:
+        return None
+    record = run.record("ect", result, teacher.path, distilled_guidance_scale=1.0, parameters=parameters(student.net))
+    return save_model(out, student.derive(net=result.ema.net, config=replace(student_config, training=record)),
+                      _readme(out, "ect", data, result.step, 1.0, command))
+
+
+def check_ect_teacher(teacher: Model | None, method: str = "ect") -> Model:
+    """An EDM σ-space pixel diffusion teacher (ECT's t is an EDM σ), before data loads."""
+    check_cd_teacher(teacher, method)
+    if teacher.config.param.space.name != "edm":
+        raise FewstepError(f"{teacher.path} is a {teacher.config.param.space.name} model; --method {method} tunes an "
+                           f"EDM σ-space teacher such as models/emoji-pixel-teacher")
+    return teacher
+
+
 def check_cd_teacher(teacher: Model | None, method: str = "cd") -> Model:
     """A pixel-space diffusion teacher of a registered noise space (EDM, VP, flow, TrigFlow), before data loads."""
     if teacher is None:
@@ -144,7 +228,8 @@ def _readme(out: str | Path, method: str, data: ImageData, steps: int, guidance:
     what = {"cd": f"distilled (CD) from a diffusion teacher's PF-ODE with classifier-free guidance s = {guidance:g}",
             "ct": "trained from data alone with consistency training (CT, Song et al. 2023)",
             "ict": "trained from data alone with improved consistency training (iCT, Song & Dhariwal 2023)",
-            "act": "trained from data alone with adversarial consistency training (ACT, Kong et al. 2024)"}[method]
+            "act": "trained from data alone with adversarial consistency training (ACT, Kong et al. 2024)",
+            "ect": "tuned from a diffusion teacher's weights with easy consistency tuning (ECT, Geng et al. 2024)"}[method]
     return readme(Path(out).name, f"A consistency model on `{data.name}` ({data.image_size}×{data.image_size}), {what}; "
                   f"EMA weights after {steps} steps. Sample in 1–4 steps:",
                   f"```\nfewstep sample --model {out} --steps 1 --label 3 --num 16 --out grid.png\n```", command)
@@ -164,3 +249,12 @@ for _name, _summary, _teacher in (
     register(Method(_name, _summary, ConsistencySettings, _recipe, teacher=_teacher,
                     check=check_cd_teacher if _teacher else None, family="consistency models (pixel space)",
                     options=("consistency", "adversarial") if _name == "act" else ("consistency",)))
+
+register(Method("ect", "easy consistency tuning (Geng et al. 2024): CT pairs with a shrinking Δt, started from the "
+                "teacher's weights (not its ODE): 1-2 steps", ECTSettings,
+                lambda teacher, data, out, config, settings, command: distill_ect(teacher, data, out, config, settings,
+                                                                                 command=command),
+                teacher="models/emoji-pixel-teacher", check=check_ect_teacher,
+                family="consistency models (pixel space)", options=("consistency", "ect"),
+                flags={"q": "ect_q", "k": "ect_k", "b": "ect_b", "stages": "ect_stages", "p_mean": "ect_p_mean",
+                       "p_std": "ect_p_std", "two_step_sigma": "ect_two_step_sigma"}))

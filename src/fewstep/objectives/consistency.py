@@ -10,6 +10,8 @@ on adjacent levels σ_n < σ_{n+1} of an N-point Karras grid; they differ only i
 - the curriculum N(k) and target EMA μ(k) (fixed for CD; CT's and iCT's schedules in
   :mod:`fewstep.objectives.curricula`; iCT's μ = 0: the target is the online network under stop-gradient);
 - how the pair is drawn (uniform; iCT: discretized lognormal) and weighted (1; iCT: 1/(σ_{n+1} − σ_n));
+  ECT (Geng et al. 2024) is CT with continuous pairs (t, r = r(t, stage)), 1/(t − r) weights and, where r is
+  clamped to 0, the data itself as the target (the "ect" curriculum);
 - the distance d (:mod:`fewstep.objectives.distances`).
 
 Latent consistency distillation and fine-tuning (Luo et al. 2023, Algorithm 1; LCF §4.5) are the same
@@ -130,10 +132,19 @@ class ConsistencyLoss:
         x_hi = x0 + append_dims(hi, x0.ndim) * noise
         rng = _rng_state(x0.device)
         online = model(x_hi, hi, **cond)
+        at_zero = append_dims(lo == 0, x0.ndim)
         with torch.no_grad():
             x_lo = self.teacher_step(x_hi, hi, lo, cond) if self.teacher else x0 + append_dims(lo, x0.ndim) * noise
-            _set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
-            target = self.target_network(model)(x_lo, lo, **cond)
+            if bool(at_zero.all()):
+                target = x_lo
+            else:
+                _set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
+                target = self.target_network(model)(x_lo, lo, **cond)
+                # f(x, 0) = x: where a pair's lower level is 0 the target is x_lo itself, not the network there — for
+                # CT pairs x_lo = x0, the data (ECT's clamped r = 0: locuslab/ect training/loss.py:70-79, whose
+                # network at r = 0 is NaN where EDM's c_noise = ln r / 4 is −∞); where the network meets f(x, 0) = x
+                # exactly (a flow student at t = 0) this changes nothing
+                target = torch.where(at_zero, x_lo, target)
         return Pair(online, target.detach(), self.curriculum.weight(lo, hi), hi, cond)
 
     def teacher_step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: dict) -> Tensor:
@@ -146,8 +157,9 @@ class ConsistencyLoss:
         return self.target(model, self.curriculum.ema(self.step))
 
     def logs(self) -> dict[str, float]:
-        grid = {"skip": self.curriculum.skip} if self.curriculum.name == "lcm" else {
-            "num_scales": self.curriculum.scales(self.step)}
+        name = self.curriculum.name
+        grid = {"skip": self.curriculum.skip} if name == "lcm" else {"stage": self.curriculum.stage(self.step)} \
+            if name == "ect" else {"num_scales": self.curriculum.scales(self.step)}
         return {**grid, "target_ema": self.curriculum.ema(self.step)}
 
     # --- trainer hooks -------------------------------------------------------------------------

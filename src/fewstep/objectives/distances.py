@@ -4,7 +4,8 @@ and averages them).
 - ``l2``: mean squared error per sample (openai/consistency_models ``mean_flat((x − y)²)``);
 - ``l1``: mean absolute error per sample;
 - ``pseudo-huber``: √(‖x − y‖² + c²) − c with c = 0.00054·√d (Song & Dhariwal 2023, iCT §3.3),
-  d the number of dimensions: like l2 near 0, like l2-norm far away, robust to outliers;
+  d the number of dimensions: like l2 near 0, like l2-norm far away, robust to outliers (ECT: the same with its
+  own c, default 0, :func:`pseudo_huber_c`);
 - ``classifier``: squared distance of a classifier's penultimate features (the shipped digits or
   emoji classifier): a perceptual distance learned on the same data, the CPU stand-in for LPIPS.
   Note: the evaluation's FID uses the same features, so a model trained with it is judged by its own
@@ -17,6 +18,7 @@ and averages them).
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -37,10 +39,16 @@ def l1(x: Tensor, y: Tensor) -> Tensor:
     return (x - y).float().abs().flatten(1).mean(1)
 
 
-def pseudo_huber(x: Tensor, y: Tensor) -> Tensor:
-    """√(‖x − y‖² + c²) − c, c = 0.00054·√d (iCT, Song & Dhariwal 2023 §3.3)."""
-    c = 0.00054 * math.sqrt(x[0].numel())
+def pseudo_huber(x: Tensor, y: Tensor, c: float | None = None) -> Tensor:
+    """√(‖x − y‖² + c²) − c, by default c = 0.00054·√d (iCT, Song & Dhariwal 2023 §3.3); c = 0 is the l2 norm
+    ‖x − y‖, ECT's default (locuslab/ect ``training/loss.py:82-89``, ``ct_train.py`` -c 0.0)."""
+    c = 0.00054 * math.sqrt(x[0].numel()) if c is None else c
     return ((x - y).float().square().flatten(1).sum(1) + c**2).sqrt() - c
+
+
+def pseudo_huber_c(c: float) -> Distance:
+    """:func:`pseudo_huber` with a fixed c (ECT's --huber-c)."""
+    return partial(pseudo_huber, c=c)
 
 
 class FeatureDistance(nn.Module):
