@@ -73,7 +73,7 @@ def test_bf16_teacher_trains_fp32_students(tiny_sd, tmp_path):
 def test_teacher_dtype_is_refused_where_it_does_not_apply(capsys, tmp_path):
     rc, _, err = run_cli(capsys, "distill", "--method", "cd", "--teacher", "models/digits-teacher", "--out",
                          str(tmp_path / "x"), "--teacher-dtype", "bf16", "--steps", "1")
-    assert rc != 0 and "--teacher-dtype bf16 applies to lcd, lcf and lcm-lora" in err
+    assert rc != 0 and "--teacher-dtype bf16 applies to lcd, lcf, lcm-lora, tcd and tcd-lora; --method cd holds" in err
 
 
 def test_dtype_flag_samples_in_half_precision(tiny_sd, tmp_path, capsys):
