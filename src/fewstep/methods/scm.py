@@ -103,7 +103,8 @@ def distill_scm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
             else f"trained (sCT) on the data's PF-ODE, starting from `{teacher.path}`'s weights")
     text = readme(Path(out).name, f"A continuous-time consistency model (Lu & Song 2025) on `{data.name}` "
                   f"({data.image_size}×{data.image_size}) in TrigFlow ({param.name}), {what}; EMA weights after "
-                  f"{result.step} steps. Sample in 1 or 2 steps (SCMScheduler's grid):",
+                  f"{result.step} steps. Sample in 1 or 2 steps (2 steps through σ = {settings.two_step_sigma:g}, the folder's "
+                  f"stored grid; `fewstep eval --tune-sigmas --save-sigmas` retunes it):",
                   f"```\nfewstep sample --model {out} --steps 2 --label 3 --num 16 --out grid.png\n```", command)
     return save_model(out, student.derive(net=result.ema.net, config=replace(student_config, training=record)), text)
 
