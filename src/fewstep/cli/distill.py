@@ -98,6 +98,13 @@ def _consistency_args(p: argparse.ArgumentParser, distances) -> None:
     g.add_argument("--width", type=positive_int, default=32, help="ct/ict/act: UNet base width")
     g.add_argument("--classifier", help="classifier folder for --distance classifier (default: models/<data>-classifier)")
     g.add_argument("--lpips-weights", help="local LPIPS weights for --distance lpips")
+    g.add_argument("--p-mean", type=float, default=None,
+                   help="scd, sct, ect: training noise levels ln σ ~ N(P_mean, P_std²) (σ = σ_d·tan t in TrigFlow); "
+                        "default scd/sct −1.0 (Lu & Song 2025), ect −1.1 (locuslab/ect)")
+    g.add_argument("--p-std", type=positive, default=None, help="scd, sct, ect: P_std (default scd 1.4, sct 1.8, ect 2.0)")
+    g.add_argument("--two-step-sigma", type=positive, default=None,
+                   help="scd, sct, ect: the intermediate σ of the saved 2-step grid [σ_max, σ, 0] (default 0.821: "
+                        "locuslab/ect's --mid_t, FastGen's sCM grid; eval --tune-sigmas --save-sigmas retunes it)")
 
 
 def _adversarial_args(p: argparse.ArgumentParser, distances=None) -> None:
@@ -151,9 +158,6 @@ def _latent_args(p: argparse.ArgumentParser, distances=None) -> None:
 def _continuous_args(p: argparse.ArgumentParser, distances=None) -> None:
     g = p.add_argument_group("continuous-time consistency (scd, sct; Lu & Song 2025). scd learns the teacher's PF-ODE "
                              "at --guidance-scale; both take --label-dropout")
-    g.add_argument("--p-mean", type=float, default=None,
-                   help="training times: ln(σ_d·tan t) ~ N(P_mean, P_std²) (default −1.0, the paper's)")
-    g.add_argument("--p-std", type=positive, default=None, help="(default 1.4 for scd, 1.8 for sct)")
     g.add_argument("--tangent-warmup", type=positive_int, default=None,
                    help="steps H over which the tangent's second term ramps in, r = min(1, k/H) (default 2%% of --steps)")
     g.add_argument("--tangent-const", type=positive, default=None,
@@ -180,12 +184,8 @@ def _ect_args(p: argparse.ArgumentParser, distances=None) -> None:
                         "stage per 3.2 Mimg, scaled to this run's length; 1: Δt never shrinks)")
     g.add_argument("--ect-k", type=float, default=None, help="k of the mapping n(t) = 1 + k·sigmoid(−b·t) (default 8)")
     g.add_argument("--ect-b", type=float, default=None, help="b of the mapping (default 1)")
-    g.add_argument("--ect-p-mean", type=float, default=None, help="ln t ~ N(P_mean, P_std²): P_mean (default -1.1)")
-    g.add_argument("--ect-p-std", type=positive, default=None, help="P_std (default 2.0)")
     g.add_argument("--huber-c", type=non_negative, default=None,
                    help="c of the distance √(‖x − y‖² + c²) − c (default 0, as run_ecm.sh: the l2 norm)")
-    g.add_argument("--ect-two-step-sigma", type=positive, default=None,
-                   help="intermediate σ of the saved 2-step grid [σ_max, σ, 0] (default 0.821, ct_train.py --mid_t)")
 
 
 OPTION_GROUPS.update(consistency=_consistency_args, adversarial=_adversarial_args, guided=_guided_args,

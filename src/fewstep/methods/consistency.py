@@ -256,5 +256,4 @@ register(Method("ect", "easy consistency tuning (Geng et al. 2024): CT pairs wit
                                                                                  command=command),
                 teacher="models/emoji-pixel-teacher", check=check_ect_teacher,
                 family="consistency models (pixel space)", options=("consistency", "ect"),
-                flags={"q": "ect_q", "k": "ect_k", "b": "ect_b", "stages": "ect_stages", "p_mean": "ect_p_mean",
-                       "p_std": "ect_p_std", "two_step_sigma": "ect_two_step_sigma"}))
+                flags={"q": "ect_q", "k": "ect_k", "b": "ect_b", "stages": "ect_stages"}))
