@@ -188,3 +188,16 @@ def test_fitted_ct_curriculum_keeps_the_papers_target_horizon_as_a_share_of_the_
         assert 1 / (1 - c.ema(k)) / k == pytest.approx(share, rel=1e-6)
     short = Curriculum.for_method("ct", 1500, fitted=True)
     assert short.ema(1500) < 0.5 < Curriculum.for_method("ct", 1500).ema(1500)   # the paper's target barely moves
+
+
+@pytest.mark.parametrize("method, given, expected", [("ict", None, "pseudo-huber"), ("ct", None, "l2"),
+                                                     ("ict", "l2", "l2")])
+def test_ict_trains_with_the_papers_pseudo_huber_by_default(tmp_path, method, given, expected):
+    """iCT's distance is pseudo-Huber (Song & Dhariwal 2023 §3.3) unless --distance says otherwise; CT's is l2."""
+    from fewstep.cli import main
+    from fewstep.models.folders import load_model
+
+    argv = ["train", "--method", method, "--dataset", "digits", "--width", "8", "--steps", "1", "--batch", "4",
+            "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w"), "--no-progress"]
+    assert main(argv + (["--distance", given] if given else [])) == 0
+    assert load_model(tmp_path / "m").config.training["config"]["extra"]["distance"] == expected

@@ -77,9 +77,10 @@ def add_parsers(sub) -> None:
 def _consistency_args(p: argparse.ArgumentParser, distances) -> None:
     g = p.add_argument_group("consistency objective (cd, ct, ict, act; lcd, lcf, lcm-lora: --distance, --solver, "
                              "--target-ema)")
-    g.add_argument("--distance", choices=distances, default="l2",
-                   help="d(x, y) of the loss: l2, l1, pseudo-huber (iCT), classifier (features of the shipped "
-                        "classifier, a CPU stand-in for LPIPS), lpips (needs the lpips package and --lpips-weights)")
+    g.add_argument("--distance", choices=distances, default=None,
+                   help="d(x, y) of the loss: l2, l1, pseudo-huber, classifier (features of the shipped "
+                        "classifier, a CPU stand-in for LPIPS), lpips (needs the lpips package and --lpips-weights); "
+                        "default pseudo-huber for ict (the iCT paper's, c = 0.00054·√d), l2 otherwise")
     g.add_argument("--solver", choices=["euler", "heun", "ddim", "dpm-solver", "dpm-solver++"], default=None,
                    help="the teacher's one-step ODE solver: cd euler | heun (default heun); lcd ddim | dpm-solver | "
                         "dpm-solver++ (2nd-order DPM-Solver-2 / DPM-Solver++(2S); default ddim)")

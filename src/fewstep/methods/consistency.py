@@ -45,7 +45,8 @@ class ConsistencySettings:
     """The method's own settings (recorded in the model folder)."""
 
     method: str = "cd"                  # cd | ct | ict | act
-    distance: str = "l2"                # l2 | l1 | pseudo-huber | classifier | lpips (fewstep.distances)
+    distance: str | None = None         # l2 | l1 | pseudo-huber | classifier | lpips (fewstep.distances); None: the
+                                        # method's own, pseudo-Huber for iCT (Song & Dhariwal 2023 §3.3), l2 otherwise
     solver: str = "heun"                # CD's teacher ODE step: euler | heun
     guidance_scale: float = 2.0         # CD: the teacher's CFG scale that the student learns (1 = none)
     label_dropout: float = 0.1          # share of null labels: the student learns the unconditional ODE too
@@ -66,6 +67,17 @@ class ConsistencySettings:
     augment: float = 0.0                # probability of each differentiable augmentation
 
 
+def consistency_config(data: ImageData, param, schedule, two_step_sigma: float | None = None) -> ModelConfig:
+    """The fewstep.json of a pixel consistency model of ``data`` in ``param`` on ``schedule``: one step by default,
+    guidance built in; with ``two_step_sigma`` its 2-step grid [σ_max, σ, 0] stored (ECT's and sCM's)."""
+    stored = ({"2": [float(schedule.sigma_max), float(two_step_sigma), 0.0]}
+              if two_step_sigma is not None and 0 < two_step_sigma < float(schedule.sigma_max) else {})
+    return ModelConfig(kind="consistency", parameterization=param.name, schedule=schedule_fields(schedule),
+                       image_size=data.image_size, channels=data.channels, class_names=data.class_names,
+                       dataset=data.name, default_sampler="consistency", default_steps=1, default_guidance_scale=1.0,
+                       sampling_sigmas=stored)
+
+
 def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, settings: ConsistencySettings,
                         teacher: Model | None = None, command: str = "", accelerator=None) -> Path | None:
     """Train a consistency model with ``settings.method`` and save it at ``out`` (EMA weights).
@@ -76,6 +88,8 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
     method = settings.method
     if method not in CM_METHODS:
         raise FewstepError(f"unknown consistency method {method!r}; choose one of {', '.join(CM_METHODS)}")
+    if settings.distance is None:
+        settings = replace(settings, distance="pseudo-huber" if method == "ict" else "l2")
     run = Run(config, command, accelerator)
     if method == "cd":
         teacher = check_teacher(teacher, data, "cd").to(run.device)
@@ -83,10 +97,7 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
     else:
         param = parameterization("cm")
         schedule = param.make_schedule()            # EDM's defaults (Karras et al. 2022, Table 1)
-    student_config = ModelConfig(kind="consistency", parameterization=param.name, schedule=schedule_fields(schedule),
-                                 image_size=data.image_size, channels=data.channels, class_names=data.class_names,
-                                 dataset=data.name, default_sampler="consistency", default_steps=1,
-                                 default_guidance_scale=1.0)
+    student_config = consistency_config(data, param, schedule)
     if method == "cd":
         guidance = settings.guidance_scale
         student = teacher.derive(net=copy.deepcopy(teacher.net).requires_grad_(True).train(), config=student_config)
@@ -174,12 +185,7 @@ def distill_ect(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     teacher.check_data(data)
     teacher.to(run.device)
     param = consistency_of(teacher.config.param.space)          # cm for the EDM teacher
-    grid2 = [float(teacher.schedule.sigma_max), settings.two_step_sigma, 0.0]
-    student_config = ModelConfig(kind="consistency", parameterization=param.name,
-                                 schedule=schedule_fields(teacher.schedule), image_size=data.image_size,
-                                 channels=data.channels, class_names=data.class_names, dataset=data.name,
-                                 default_sampler="consistency", default_steps=1, default_guidance_scale=1.0,
-                                 sampling_sigmas={"2": grid2})
+    student_config = consistency_config(data, param, teacher.schedule, settings.two_step_sigma)
     student = teacher.derive(net=copy.deepcopy(teacher.net).requires_grad_(True).train(), config=student_config)
     curriculum = Curriculum.for_method("ect", config.max_steps, p_mean=settings.p_mean, p_std=settings.p_std,
                                        q=settings.q, k=settings.k, b=settings.b, stages=settings.stages)

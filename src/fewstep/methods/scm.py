@@ -24,15 +24,14 @@ import copy
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..core.parameterizations import Parameterization, continuous_of, schedule_fields
-from ..models.config import ModelConfig
+from ..core.parameterizations import continuous_of, schedule_fields
 from ..models.data import ImageData
 from ..models.folders import save_model
 from ..models.handle import Model
 from ..objectives.continuous import ContinuousConsistencyLoss
 from ..training import TrainConfig
 from .common import Run, parameters, readme
-from .consistency import check_cd_teacher, check_teacher
+from .consistency import check_cd_teacher, check_teacher, consistency_config
 from .registry import Method, register
 
 SCM_METHODS = ("scd", "sct")
@@ -59,13 +58,6 @@ class SCMSettings:
                                         # SCMScheduler's default 1.3 is SANA-Sprint's. eval --tune-sigmas retunes it
 
 
-def consistency_config(data: ImageData, param: Parameterization, schedule) -> ModelConfig:
-    """The fewstep.json of a pixel consistency model of ``data``: one step by default, guidance built in."""
-    return ModelConfig(kind="consistency", parameterization=param.name, schedule=schedule_fields(schedule),
-                       image_size=data.image_size, channels=data.channels, class_names=data.class_names,
-                       dataset=data.name, default_sampler="consistency", default_steps=1, default_guidance_scale=1.0)
-
-
 def distill_scm(teacher: Model, data: ImageData, out: str | Path, config: TrainConfig, settings: SCMSettings,
                 command: str = "", accelerator=None) -> Path | None:
     """sCD or sCT (``settings.method``) from ``teacher`` on ``data``; saves the student's EMA weights at ``out``.
@@ -74,10 +66,7 @@ def distill_scm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     teacher = check_teacher(teacher, data, settings.method).to(run.device)
     param = continuous_of(teacher.config.param.space)
     schedule = param.make_schedule(schedule_fields(teacher.schedule))
-    student_config = consistency_config(data, param, schedule)
-    if float(schedule.sigma_max) > settings.two_step_sigma > 0:
-        student_config = replace(student_config, sampling_sigmas={
-            "2": [float(schedule.sigma_max), settings.two_step_sigma, 0.0]})
+    student_config = consistency_config(data, param, schedule, settings.two_step_sigma)
     student = teacher.derive(net=copy.deepcopy(teacher.net).requires_grad_(True).train(), config=student_config)
     distil = settings.method == "scd"
     guidance = settings.guidance_scale if distil else 1.0
