@@ -8,7 +8,7 @@ was meant to show, for conditional accuracy, comes from (first found):
 
 - ``metadata.jsonl`` in the folder (the Hugging Face imagefolder convention): ``file_name`` and one of ``label``
   (a class index or name), ``class_name``, or ``text``/``prompt``/``caption`` (a caption of a text-to-image set,
-  which names its group);
+  which names its group; another caption says nothing);
 - the image's own ``fewstep`` PNG text record (``fewstep sample --out-dir`` writes one: ``label`` or ``prompt``).
 
 Accuracy is reported when every image has one; otherwise it is left out (None) and the report says how many had.
@@ -90,13 +90,7 @@ def _label(record: dict, ruler: Ruler, captions: dict[str, int], where: str) -> 
             raise FewstepError(f"{where}: {label!r} is not one of {ruler.data.name}'s classes: {', '.join(names)}")
         return names.index(label)
     caption = next((record[k] for k in ("prompt", "text", "caption") if isinstance(record.get(k), str)), None)
-    if caption is not None and captions:
-        index = captions.get(caption)
-        if index is None:
-            raise FewstepError(f"{where}: the caption {caption!r} is not one of {ruler.data.name}'s, so its group is "
-                               f"unknown; give \"label\" instead")
-        return index
-    return None
+    return captions.get(caption) if caption is not None else None   # a caption not of the set: its group is unknown
 
 
 def read_images(folder: str | Path, ruler: Ruler, limit: int | None = None) -> tuple[Tensor, list[int | None]]:
