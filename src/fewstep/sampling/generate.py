@@ -167,11 +167,12 @@ def sampler_options(model: Model, sampler: str, eta: float | None = None) -> dic
     if eta is not None and sampler != "tcd":
         raise FewstepError(f"--eta (TCD's γ) applies to --sampler tcd, not {sampler}")
     if sampler == "tcd":
-        from ..core.schedules import VPSchedule
+        from ..core.parameterizations import parameterization
         from ..core.solvers import TCD_GAMMA
 
-        if not isinstance(model.schedule, VPSchedule):
-            raise FewstepError(f"--sampler tcd runs models of the discrete VP space (a diffusers SD pipeline, a TCD "
+        space = parameterization("tcd").space          # the noise space whose timesteps TCD's s is taken on
+        if model.config.param.space is not space:
+            raise FewstepError(f"--sampler tcd runs models of the {space.name} space (a diffusers SD pipeline, a TCD "
                                f"model); {model.path} is a model of the {model.config.param.space.name} space")
         gamma = TCD_GAMMA if eta is None else float(eta)
         if not 0 <= gamma <= 1:
