@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .denoisers import EDMDenoiser, Preconditioned, append_dims
-from .parameterizations import NoiseSpace, Parameterization, register, register_space
+from .denoisers import Preconditioned, append_dims
+from .parameterizations import SPACES, NoiseSpace, Parameterization, register, register_space
 from .schedules import EDMSchedule
 
 
@@ -85,14 +85,10 @@ def trigflow_F(denoiser, x_t: Tensor, t: Tensor, sigma_data: float = 0.5, **cond
     return (append_dims(cos.to(x_t.dtype), x_t.ndim) * x_t - x0) / append_dims((sigma_data * sin).to(x_t.dtype), x_t.ndim)
 
 
-def _trigflow_edm(net, schedule: TrigFlowSchedule, options) -> Preconditioned:
-    return EDMDenoiser(net, sigma_data=schedule.sigma_data)
-
-
 TRIGFLOW = register_space(NoiseSpace("trigflow", TrigFlowSchedule, lambda net, schedule, options: TrigFlowDenoiser(net, schedule),
                           "trigflow", lambda schedule: 0.0, "SCMScheduler", "SCMScheduler", default_sampler="euler"))
 # sCM's students of EDM teachers: TrigFlow's consistency function x̂_0 = cos(t)·x_t − σ_d·sin(t)·F on the teacher's
 # EDM-preconditioned backbone, F = −F_EDM with c_noise = ¼·ln(σ_d·tan t) (EDM's c_skip = cos²t and c_in = cos t/σ_d are
 # TrigFlow's; TrigFlowDenoiser's docstring): the conversion Lu & Song 2025 make of EDM/EDM2 models (§5, "we convert the
 # pretrained EDM models to TrigFlow") and FastGen's TrigFlowPrecond, so the student starts as the teacher exactly.
-register(Parameterization("trigflow-edm", TRIGFLOW, _trigflow_edm))
+register(Parameterization("trigflow-edm", TRIGFLOW, SPACES["edm"].build))   # EDM's own adapter

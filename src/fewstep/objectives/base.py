@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..core.denoisers import append_dims, unwrap
 
 __all__ = ["Cond", "ConditionFn", "TeacherFn", "drop_condition", "dropout_condition", "load_optimizer_state",
-           "optimizer_state", "unwrap", "weighted_mse"]
+           "optimizer_state", "rng_state", "set_rng_state", "unwrap", "weighted_mse"]
 
 Cond = dict[str, Tensor]
 ConditionFn = Callable[[dict], Cond]                            # batch → the student's conditioning
@@ -63,3 +63,18 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Tens
             i, name = k[len(prefix):].split(".", 1)
             opt.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({"state": opt, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def rng_state(device: torch.device) -> tuple:
+    """The CPU (and CUDA) random state, to replay the same dropout masks in a second pass (openai/consistency_models)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda, device
+
+
+def set_rng_state(state: tuple) -> None:
+    """Restore a :func:`rng_state`."""
+    cpu, cuda, device = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..core.denoisers import append_dims
 from ..core.solvers import ODE_SOLVERS, ode_step
-from .base import ConditionFn, TeacherFn, unwrap
+from .base import ConditionFn, TeacherFn, rng_state, set_rng_state, unwrap
 from .curricula import Curriculum
 from .distances import Distance
 
@@ -130,7 +130,7 @@ class ConsistencyLoss:
         lo, hi = (s.to(x0.device) for s in self.curriculum.sample_pairs(len(x0), self.step, self.schedule))
         noise = torch.randn_like(x0)
         x_hi = x0 + append_dims(hi, x0.ndim) * noise
-        rng = _rng_state(x0.device)
+        rng = rng_state(x0.device)
         online = model(x_hi, hi, **cond)
         at_zero = append_dims(lo == 0, x0.ndim)
         with torch.no_grad():
@@ -138,7 +138,7 @@ class ConsistencyLoss:
             if bool(at_zero.all()):
                 target = x_lo
             else:
-                _set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
+                set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
                 target = self.target_network(model)(x_lo, lo, **cond)
                 # f(x, 0) = x: where a pair's lower level is 0 the target is x_lo itself, not the network there — for
                 # CT pairs x_lo = x0, the data (ECT's clamped r = 0: locuslab/ect training/loss.py:70-79, whose
@@ -177,16 +177,3 @@ class ConsistencyLoss:
         target = {k[len("target."):]: v for k, v in state.items() if k.startswith("target.")}
         if target:
             self.target.load_state_dict(target)
-
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda, device
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda, device = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-

@@ -41,8 +41,7 @@ from torch import Tensor, nn
 from ..core.denoisers import append_dims
 from ..core.tangents import jvp
 from ..core.trigflow import trigflow_F
-from .base import ConditionFn, TeacherFn, load_optimizer_state, optimizer_state, unwrap
-from .consistency import _rng_state, _set_rng_state
+from .base import ConditionFn, TeacherFn, load_optimizer_state, optimizer_state, rng_state, set_rng_state, unwrap
 
 
 class AdaptiveWeight(nn.Module):
@@ -130,9 +129,9 @@ class ContinuousConsistencyLoss:
         with torch.no_grad():
             dx_dt = self.velocity(x0, z, x_t, t, cond)
         student, sd = unwrap(model), self.sigma_data
-        rng = _rng_state(x0.device)
+        rng = rng_state(x0.device)
         F_online = trigflow_F(model, x_t, t, sd, **cond)
-        _set_rng_state(rng)            # F_θ⁻ and its tangent with the online pass's dropout mask
+        set_rng_state(rng)            # F_θ⁻ and its tangent with the online pass's dropout mask
         scale = torch.cos(t) * torch.sin(t)
         F_minus, dF_dt = jvp(lambda x, s: trigflow_F(student, x, s, sd, **cond), (x_t, t),
                              (append_dims(scale, x0.ndim) * dx_dt, scale), self.jvp_method)

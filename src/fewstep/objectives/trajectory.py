@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from ..core.denoisers import append_dims
 from ..core.schedules import vp_alpha_cumprod
 from ..core.solvers import ddim_step
-from .consistency import ConsistencyLoss, Pair, _rng_state, _set_rng_state
+from .base import rng_state, set_rng_state
+from .consistency import ConsistencyLoss, Pair
 
 
 def trajectory_ends(schedule, hi: Tensor, skip: int, generator: torch.Generator | None = None) -> Tensor:
@@ -58,11 +59,11 @@ class TrajectoryConsistencyLoss(ConsistencyLoss):
         sigma_s = trajectory_ends(self.schedule, hi.cpu(), self.curriculum.skip).to(x0.device)
         noise = torch.randn_like(x0)
         x_hi = x0 + append_dims(hi, x0.ndim) * noise
-        rng = _rng_state(x0.device)
+        rng = rng_state(x0.device)
         online = ddim_step(x_hi, model(x_hi, hi, **cond), hi, sigma_s)
         with torch.no_grad():
             x_lo = self.teacher_step(x_hi, hi, lo, cond)
-            _set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
+            set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
             target = ddim_step(x_lo, self.target_network(model)(x_lo, lo, **cond), lo, sigma_s)
         vp = append_dims(vp_alpha_cumprod(sigma_s).sqrt(), x0.ndim)    # the distance on VP latents x_s
         return Pair(vp * online, (vp * target).detach(), self.curriculum.weight(lo, hi), hi, cond)
