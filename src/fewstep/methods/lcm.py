@@ -136,6 +136,7 @@ class Family:
     scheduler: str                              # the diffusers scheduler that runs what it makes
     call_args: str = ""                         # extra pipeline call arguments in the README (TCD's eta)
     lora_title: str = "An LCM-LoRA (Luo et al. 2023b)"   # what its LoRA folder's README calls it
+    model_title: str = "latent consistency model"        # what its full model's README calls it
 
     @property
     def lora(self) -> str:
@@ -187,7 +188,7 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     trained = student.derive(net=unwrap(result.ema).net)
     if target is not None:
         return _save_lcm_lora(out, target.remove(trained.backbone), teacher, data, settings, record, family)
-    what = (f"A {'latent' if family is LCM else 'trajectory'} consistency model ({settings.method.upper()}, "
+    what = (f"A {family.model_title} ({settings.method.upper()}, "
             f"{family.paper}) of `{teacher.path}` on "
             f"`{data.name}`: 1–8 steps, guidance scale {lo:g}–{hi:g} as an input (one network evaluation per step).")
     final = trained.derive(config=trained.replace_config(training=record))

@@ -50,7 +50,8 @@ def tcd_config(teacher: Model, settings: LCMSettings):
 
 
 TCD = Family("TCD", "Zheng et al. 2024", TCD_METHODS, tcd_config, TrajectoryConsistencyLoss, "TCDScheduler",
-             call_args=", eta=0.3", lora_title="A TCD-LoRA (Zheng et al. 2024)")
+             call_args=", eta=0.3", lora_title="A TCD-LoRA (Zheng et al. 2024)",
+             model_title="trajectory consistency model")
 
 
 def distill_tcd(teacher: Model, data: ImageData, out: str | Path, config: TrainConfig, settings: LCMSettings,
