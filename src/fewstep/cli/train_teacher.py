@@ -38,6 +38,14 @@ def add_parser(sub) -> None:
     p.add_argument("--vae-lr", type=positive, default=1e-3, help="text-to-image: AutoencoderKL learning rate")
     p.add_argument("--sdxl", action="store_true",
                    help="text-to-image: an SDXL-format pipeline (two text encoders, pooled text and size/crop time ids)")
+    p.add_argument("--family", choices=["sd", "sdxl", "flux", "sd3"], default=None,
+                   help="text-to-image: the pipeline format — sd (StableDiffusionPipeline, the default), sdxl (as "
+                        "--sdxl), flux (FluxPipeline: FluxTransformer2DModel, CLIP + T5, packed 2×2 latents) or sd3 "
+                        "(StableDiffusion3Pipeline: SD3Transformer2DModel, CLIP-L + CLIP-G + T5); flux and sd3 are "
+                        "rectified-flow models and need --vae-from")
+    p.add_argument("--shift", type=positive, default=None,
+                   help="flux/sd3: the flow scheduler's time shift (training and sampling; default FLUX.1-schnell's 1.0 "
+                        "for flux, SD3's 3.0 for sd3)")
     p.add_argument("--vae-from", metavar="PIPELINE",
                    help="text-to-image: take this pipeline's trained VAE instead of training one (e.g. models/emoji-sd)")
     p.add_argument("--pixel", action="store_true",
@@ -57,7 +65,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..methods.teacher import train_sd_teacher, train_teacher
+    from ..methods.teacher import train_flow_teacher, train_sd_teacher, train_teacher
     from ..models.data import load_dataset
 
     data = load_dataset(args.dataset, args.image_size, args.channels, augment(args))
@@ -70,9 +78,19 @@ def run(args: argparse.Namespace) -> None:
             if "vae" not in source.parts:
                 raise FewstepError(f"--vae-from {args.vae_from} is not a pipeline folder with a VAE")
             vae = source.parts["vae"].requires_grad_(False)
+        if args.family in ("flux", "sd3"):
+            if vae is None:
+                raise FewstepError(f"--family {args.family} trains the transformer and text encoders on another "
+                                   f"pipeline's VAE: add --vae-from PIPELINE (e.g. models/emoji-sd)")
+            folder = train_flow_teacher(data, args.out, train_config(args), vae, args.family,
+                                        caption_dropout=args.label_dropout, shift=args.shift, command=command_line(args))
+            print(f"saved text-to-image teacher ({args.family} pipeline) to {folder}")
+            return
+        if args.shift is not None:
+            raise FewstepError("--shift is the flow scheduler's time shift: it applies to --family flux or sd3")
         folder = train_sd_teacher(data, args.out, train_config(args), vae_steps=0 if vae is not None else args.vae_steps,
                                   vae_lr=args.vae_lr, caption_dropout=args.label_dropout, command=command_line(args),
-                                  xl=args.sdxl, vae=vae)
+                                  xl=args.sdxl or args.family == "sdxl", vae=vae)
         print(f"saved text-to-image teacher (diffusers pipeline) to {folder}")
         return
     init = None

@@ -50,16 +50,60 @@ def shift_time(t: np.ndarray | Tensor, shift: float) -> np.ndarray | Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def dynamic_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                  max_shift: float = 1.15) -> float:
+    """The static shift equal to FLUX's resolution-dependent one at ``image_seq_len`` packed tokens: FluxPipeline's
+    ``calculate_shift`` gives μ linear in the token count, and the scheduler's exponential ``time_shift(μ, 1, t)`` =
+    e^μ/(e^μ + 1/t − 1) is :func:`shift_time` with s = e^μ."""
+    mu = base_shift + (max_shift - base_shift) / (max_seq_len - base_seq_len) * (image_seq_len - base_seq_len)
+    return float(np.exp(mu))
+
+
 @dataclass(frozen=True)
 class FlowSchedule:
     """Rectified-flow noise levels: training t ~ logit-normal(m, s) then shifted (Esser et al. 2024 §3.1, "rf/lognorm
-    (0.00, 1.00)" and the shift of SD3's scheduler); sampling grids as ``FlowMatchEulerDiscreteScheduler``."""
+    (0.00, 1.00)" and the shift of SD3's scheduler); sampling grids as ``FlowMatchEulerDiscreteScheduler``.
+
+    ``base_grid``: the unshifted times a pipeline hands its scheduler — "scheduler" (its own
+    linspace(1, shift(1/T), n), as StableDiffusion3Pipeline leaves it) or "flux" (FluxPipeline's
+    ``np.linspace(1, 1/n, n)``)."""
 
     shift: float = 1.0
     num_train_timesteps: int = 1000
     logit_mean: float = 0.0
     logit_std: float = 1.0
     t_max: float = 1 - 1e-5                     # the σ-space stand-in for t = 1 (module docstring)
+    base_grid: str = "scheduler"                # "scheduler" (SD3) | "flux"
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict, base_grid: str = "scheduler", image_seq_len: int | None = None
+                              ) -> "FlowSchedule":
+        """A flow-matching scheduler's config (FlowMatchEulerDiscreteScheduler's or FlowMatchLCMScheduler's) as the
+        schedule of a pipeline whose ``base_grid`` it is; a dynamic (resolution-dependent, exponential) shift as the
+        static shift it equals at ``image_seq_len`` tokens (:func:`dynamic_shift`): exact at that size (the model's
+        own), where FluxPipeline would shift other sizes' grids differently."""
+        from ..errors import FewstepError
+
+        shift = float(config.get("shift", 1.0))
+        if config.get("use_dynamic_shifting"):
+            if config.get("time_shift_type", "exponential") != "exponential" or image_seq_len is None:
+                raise FewstepError("this flow scheduler shifts its times linearly by resolution (time_shift_type "
+                                   "linear); fewstep reads exponential (FLUX's) or static shifts")
+            shift = dynamic_shift(image_seq_len, *(config.get(k, d) for k, d in (
+                ("base_image_seq_len", 256), ("max_image_seq_len", 4096), ("base_shift", 0.5), ("max_shift", 1.15))))
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
+                    "invert_sigmas"):
+            if config.get(key):
+                raise FewstepError(f"this flow scheduler sets {key}; fewstep samples flow models on the plain "
+                                   f"shifted grid (FlowMatchEulerDiscreteScheduler's default)")
+        return cls(shift=shift, num_train_timesteps=int(config.get("num_train_timesteps", 1000)), base_grid=base_grid)
+
+    @property
+    def sigmas(self) -> Tensor:
+        """The σ of each training timestep i = 0..T−1 (t = shift((i + 1)/T), ``FlowMatchEulerDiscreteScheduler``'s
+        ``sigmas`` in increasing order; t = 1 held at ``t_max``): the discrete grid LCD skips along."""
+        T = self.num_train_timesteps
+        return self.t_to_sigma(shift_time(torch.arange(1, T + 1, dtype=torch.float64) / T, self.shift))
 
     @property
     def t_min(self) -> float:
@@ -94,6 +138,8 @@ class FlowSchedule:
         linspace(T·1, T·t_min, n)/T between the scheduler's own (already shifted) bounds, shifted once more, as it
         does; the first, t = 1, becomes t_max in σ (:meth:`t_to_sigma`)."""
         T = self.num_train_timesteps
+        if self.base_grid == "flux":      # FluxPipeline: sigmas = np.linspace(1.0, 1 / n, n), then shifted
+            return shift_time(np.linspace(1.0, 1 / n, n), self.shift)
         times = np.linspace(1.0 * T, self.t_min * T, n) / T
         return shift_time(times, self.shift)
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from ..models.config import ModelConfig
 from ..models.data import ImageData, prepared
 from ..models.folders import SD_SCHEDULER, new_pipeline, new_pixel_model, save_model
 from ..models.handle import raw_backbone
+from ..nets.flow_transformers import TinyFlowConfig
 from ..nets.sdxl import AddedCondUNet, TinySDXLConfig, build_sdxl_unet, build_text_encoder_2, sdxl_embeddings, time_ids
 from ..nets.unets import TinySDConfig, build_cond_unet, build_text_encoder, build_tokenizer, build_unet, build_vae
 from ..objectives.autoencoder import VAELoss, VAEWithKL
@@ -89,25 +91,39 @@ def _copy_weights(source: nn.Module, target: nn.Module) -> None:
 
 
 class TextDenoiser(nn.Module):
-    """denoiser(x, σ, input_ids=ids): the text encoder(s) run inside, so they train with the UNet. With two
-    encoders it is SDXL's conditioning (:func:`fewstep.nets.sdxl.sdxl_embeddings`, constant time ids)."""
+    """denoiser(x, σ, input_ids=ids[, input_ids_2=ids_2]): the text encoders run inside (``embed``: encoders, ids →
+    the backbone's keyword arguments, the family's own formula), so they train with the backbone."""
 
-    def __init__(self, text_encoders: list[nn.Module], unet: nn.Module, schedule: VPSchedule,
-                 time_ids: Tensor | None = None, prediction_type: str = "epsilon") -> None:
+    def __init__(self, text_encoders: list[nn.Module], denoiser: nn.Module, embed) -> None:
         super().__init__()
         self.text_encoders = nn.ModuleList(text_encoders)
-        self.time_ids = time_ids
-        self.denoiser = VPDenoiser(AddedCondUNet(unet) if len(text_encoders) == 2 else unet, schedule, prediction_type)
+        self.denoiser, self.embed = denoiser, embed
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.denoiser.scalings(sigma)
 
-    def forward(self, x: Tensor, sigma: Tensor, input_ids: Tensor) -> Tensor:
-        if len(self.text_encoders) == 1:
-            return self.denoiser(x, sigma, encoder_hidden_states=self.text_encoders[0](input_ids)[0])
-        hidden, pooled = sdxl_embeddings(*self.text_encoders, input_ids, input_ids)
-        return self.denoiser(x, sigma, encoder_hidden_states=hidden, text_embeds=pooled,
-                             time_ids=self.time_ids.to(x).expand(len(x), -1))
+    def forward(self, x: Tensor, sigma: Tensor, **ids: Tensor) -> Tensor:
+        return self.denoiser(x, sigma, **self.embed(list(self.text_encoders), [ids[k] for k in sorted(ids)]))
+
+
+def _sd_embed(encoders: list[nn.Module], ids: list[Tensor]) -> dict[str, Tensor]:
+    return {"encoder_hidden_states": encoders[0](ids[0])[0]}
+
+
+def _sdxl_embed(time_ids_row: Tensor):
+    def embed(encoders: list[nn.Module], ids: list[Tensor]) -> dict[str, Tensor]:
+        hidden, pooled = sdxl_embeddings(*encoders, ids[0], ids[0])      # one tokenizer for both encoders here
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled,
+                "time_ids": time_ids_row.to(hidden).expand(len(hidden), -1)}
+    return embed
+
+
+def _flow_embed(family):
+    """FLUX: (CLIP, T5) on (CLIP ids, T5 ids); SD3: (CLIP-L, CLIP-G, T5) on (CLIP ids twice, T5 ids)."""
+    def embed(encoders: list[nn.Module], ids: list[Tensor]) -> dict[str, Tensor]:
+        hidden, pooled = family.embed(encoders, ids if len(encoders) == 2 else [ids[0], ids[0], ids[1]])
+        return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
+    return embed
 
 
 def train_vae(data: ImageData, config: TrainConfig, sizes: TinySDConfig) -> nn.Module:
@@ -150,7 +166,8 @@ def train_sd_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae_
     torch.manual_seed(unet_config.seed)
     encoders = [build_text_encoder(sizes, tokenizer)] + ([build_text_encoder_2(sizes, tokenizer)] if xl else [])
     unet = build_sdxl_unet(sizes) if xl else build_cond_unet(sizes)
-    model = TextDenoiser(encoders, unet, schedule, time_ids((sizes.image_size, sizes.image_size)) if xl else None)
+    embed = _sdxl_embed(time_ids((sizes.image_size, sizes.image_size))) if xl else _sd_embed
+    model = TextDenoiser(encoders, VPDenoiser(AddedCondUNet(unet) if xl else unet, schedule), embed)
     objective = DenoisingLoss(schedule, dropout_condition({"input_ids": "input_ids"}, {"input_ids": empty},
                                                           caption_dropout))
     result = train(model, objective, tensors, unet_config)
@@ -174,3 +191,90 @@ def train_sd_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae_
     cls = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
     return save_model(out, pipeline, readme(Path(out).name, what, f"Load it with `{cls}.from_pretrained(folder)`.",
                                             command))
+
+
+def shifted_vae(vae: nn.Module, data: ImageData) -> nn.Module:
+    """A copy of ``vae`` with the ``shift_factor`` and ``scaling_factor`` that make ``data``'s latents zero-mean and
+    unit-variance, as SD3's and FLUX's VAEs carry them (their pipelines decode ``z / scaling + shift``)."""
+    vae = copy.deepcopy(vae).eval()
+    with torch.no_grad():
+        posterior = torch.cat([vae.encode(data.images[i:i + 256].to(vae.device)).latent_dist.mean.cpu()
+                               for i in range(0, len(data), 256)])
+    vae.register_to_config(shift_factor=float(posterior.mean()), scaling_factor=float(1 / posterior.std()))
+    return vae
+
+
+def train_flow_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae: nn.Module, family: str = "flux",
+                       sizes: TinyFlowConfig | None = None, caption_dropout: float = 0.1, shift: float | None = None,
+                       command: str = "") -> Path:
+    """A tiny FLUX- or SD3-format text-to-image pipeline (:mod:`fewstep.models.flow_pipelines`) on ``data``: the
+    text encoders (CLIP(s) and a T5, with a CLIP BPE and a T5 Unigram tokenizer learned from the captions) and the
+    transformer trained together with the rectified-flow velocity loss (:mod:`fewstep.core.flow`; SD3's
+    logit-normal times, shifted by ``shift``: FLUX.1-schnell's 1.0 or SD3's 3.0 by default) on the latents of
+    ``vae`` (another teacher's, e.g. models/emoji-sd's), shifted and scaled to unit variance (:func:`shifted_vae`);
+    captions dropped to the empty prompt at ``caption_dropout`` for classifier-free guidance (FLUX's "true CFG").
+    Saved in diffusers' layout: ``FluxPipeline`` / ``StableDiffusion3Pipeline.from_pretrained`` run it."""
+    from ..core.flow import FlowDenoiser, FlowSchedule
+    from ..models.flow_pipelines import FAMILIES, new_flow_pipeline
+    from ..nets.flow_transformers import (
+        build_flux_transformer,
+        build_sd3_transformer,
+        build_t5,
+        build_t5_tokenizer,
+        flow_backbone,
+    )
+
+    names = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
+    if family not in names:
+        raise FewstepError(f"unknown flow family {family!r}; choose flux or sd3")
+    if data.captions is None:
+        raise FewstepError(f"{data.name} has no captions; a text-to-image teacher needs a captioned data set")
+    spec, sizes = FAMILIES[names[family]], sizes or TinyFlowConfig(image_size=data.image_size)
+    shift = shift if shift is not None else (1.0 if family == "flux" else 3.0)
+    torch.manual_seed(config.seed)
+    vae = shifted_vae(vae, data)
+    clip_tok = build_tokenizer(data.captions, sizes.vocab_size, sizes.max_length)
+    t5_tok = build_t5_tokenizer(data.captions, sizes.t5_vocab_size, sizes.max_length)
+
+    @torch.no_grad()
+    def latents_and_ids(d: ImageData) -> dict[str, Tensor]:
+        z = torch.cat([vae.encode(d.images[i:i + 256].to(vae.device)).latent_dist.mean.cpu()
+                       for i in range(0, len(d), 256)])
+        return {"images": (z - vae.config.shift_factor) * vae.config.scaling_factor,
+                "input_ids": padded_ids(clip_tok, d.captions), "input_ids_2": padded_ids(t5_tok, d.captions)}
+    tensors = prepared(data, latents_and_ids)
+    channels, side = vae.config.latent_channels, data.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    projection = sizes.text_width if family == "sd3" else None
+    encoders = [build_text_encoder(sizes, clip_tok, projection_dim=projection)
+                for _ in range(1 if family == "flux" else 2)] + [build_t5(sizes, t5_tok)]
+    transformer = (build_flux_transformer(sizes, channels) if family == "flux" else
+                   build_sd3_transformer(sizes, channels, side))
+    schedule_config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}
+    schedule = FlowSchedule(shift=shift, base_grid=spec.base_grid)
+    model = TextDenoiser(encoders, FlowDenoiser(flow_backbone(transformer), schedule), _flow_embed(spec))
+    empty = {"input_ids": padded_ids(clip_tok, [""])[0], "input_ids_2": padded_ids(t5_tok, [""])[0]}
+    objective = DenoisingLoss(schedule, dropout_condition({k: k for k in empty}, empty, caption_dropout))
+    result = train(model, objective, tensors, config)
+    ema = result.ema
+    encoder_names = [e[0] for e in spec.encoders]
+    trained = dict(zip(encoder_names, ema.text_encoders))
+    training = {"command": command, "sizes": asdict(sizes), "caption_dropout": caption_dropout, "shift": shift,
+                "train": asdict(config), "steps": result.step, "final_loss": result.last_loss,
+                "wall_seconds": round(result.seconds),
+                "parameters": {"transformer": parameters(transformer),
+                               **{n: parameters(m) for n, m in trained.items()}, "vae": parameters(vae)}}
+    model_config = ModelConfig(kind="diffusion", parameterization="flow", image_size=data.image_size, channels=3,
+                               class_names=data.class_names, dataset=data.name, default_sampler="euler",
+                               default_steps=28, default_guidance_scale=3.0, training=training)
+    tokenizers = {e[1]: (t5_tok if e[2] == "T5EncoderModel" else clip_tok) for e in spec.encoders}
+    pipeline = new_flow_pipeline(model_config, spec, raw_backbone(ema.denoiser.net), vae, out, schedule_config,
+                                 **trained, **tokenizers)
+    what = (f"A tiny {'FLUX.1' if family == 'flux' else 'SD3'}-format text-to-image pipeline (rectified flow, "
+            f"{spec.transformer}) trained from scratch on fewstep's `{data.name}` set ({len(data)} captioned images, "
+            f"{data.image_size}×{data.image_size}), {parameters(transformer) / 1e6:.2f}M transformer parameters.")
+    cfg_arg = "true_cfg_scale=3.0, negative_prompt=''" if family == "flux" else "guidance_scale=3.0"
+    usage = (f"```python\nfrom diffusers import {spec.pipeline}\npipe = {spec.pipeline}.from_pretrained('{out}')\n"
+             f"image = pipe('grinning face', num_inference_steps=28, {cfg_arg}, height={data.image_size}, "
+             f"width={data.image_size}, max_sequence_length={sizes.max_length}).images[0]\n```\n\n"
+             f"(`max_sequence_length`: its T5 was trained on {sizes.max_length} tokens.)")
+    return save_model(out, pipeline, readme(Path(out).name, what, usage, command))

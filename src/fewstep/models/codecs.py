@@ -1,8 +1,9 @@
 """Codecs: between images in [−1, 1] and the space a model's denoiser works in.
 
 - :class:`PixelCodec`: the identity (pixel-space models); an x0-estimate is clipped to [−1, 1].
-- :class:`VAECodec`: a diffusers ``AutoencoderKL``: latents are the posterior means × the VAE's
-  ``scaling_factor`` (what Stable Diffusion trains and samples on); latents are never clipped.
+- :class:`VAECodec`: a diffusers ``AutoencoderKL``: latents are (the posterior means − the VAE's ``shift_factor``)
+  × its ``scaling_factor`` (what Stable Diffusion trains and samples on, with no shift; SD3 and FLUX shift too, as
+  their pipelines decode ``latents / scaling_factor + shift_factor``); latents are never clipped.
 - :class:`TinyVAECodec`: a diffusers ``AutoencoderTiny`` (TAESD) in the VAE's place, on the same scaled
   latents (its ``scaling_factor`` is 1): the cheap decoder of real-time sampling (``--tiny-vae``).
 """
@@ -68,6 +69,11 @@ class VAECodec:
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def shift_factor(self) -> float:
+        """The latents' mean removed before scaling (SD3's and FLUX's VAEs; 0 for SD's, which has none)."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
     def _ready(self) -> tuple[torch.device, torch.dtype]:
         """Where and in what precision the VAE runs: a half-precision VAE that says ``force_upcast`` (SD-XL's,
         whose fp16 decoder overflows) is moved to float32 first, as diffusers' pipelines do."""
@@ -79,16 +85,17 @@ class VAECodec:
 
     @torch.no_grad()
     def encode(self, images: Tensor, batch_size: int = 256) -> Tensor:
-        """VAE posterior means × scaling factor (float32 out)."""
+        """(VAE posterior means − shift factor) × scaling factor (float32 out)."""
         device, dtype = self._ready()
         out = [self.vae.encode(images[i:i + batch_size].to(device, dtype)).latent_dist.mean
                for i in range(0, len(images), batch_size)]
-        return torch.cat(out).float() * self.scaling_factor
+        return (torch.cat(out).float() - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: Tensor, batch_size: int = 256) -> Tensor:
         device, dtype = self._ready()
-        out = [self.vae.decode((latents[i:i + batch_size] / self.scaling_factor).to(device, dtype)).sample.float()
+        out = [self.vae.decode((latents[i:i + batch_size] / self.scaling_factor + self.shift_factor).to(device, dtype)
+                               ).sample.float()
                for i in range(0, len(latents), batch_size)]
         return torch.cat(out).clamp(-1, 1)
 

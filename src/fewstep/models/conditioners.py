@@ -7,8 +7,10 @@ input, and caches the per-image conditioning of a training set with its dropout:
 - :class:`LabelConditioner`: class labels → ``class_labels`` (the null class, one past the last, is the
   unconditional branch); a model without classes is unconditional.
 - :class:`TextConditioner`: prompts → ``encoder_hidden_states`` of a CLIP text encoder (the empty
-  prompt is the unconditional branch), as Stable Diffusion 1.x/2.x pipelines do. An SDXL pipeline is one
-  more conditioner (two encoders, pooled embeddings and size/crop ``time_ids``, all flat entries).
+  prompt is the unconditional branch), as Stable Diffusion 1.x/2.x pipelines do.
+- :class:`PooledTextConditioner`: several tokenizers and encoders into text tokens and a pooled vector, by one
+  ``embed`` function per family: SDXL (:class:`SDXLConditioner`, plus its size/crop ``time_ids``), FLUX (CLIP's
+  pooled + T5's tokens) and SD3 (CLIP-L + CLIP-G + T5), all flat entries.
 
 ``conditioner(cond, device, size=(H, W))`` and ``null(n, device, size=...)`` take the image size being
 generated: only SDXL conditions on it (its time ids); the others accept and ignore it. A negative prompt
@@ -35,10 +37,10 @@ tokenizers#537): two threads tokenizing at once (``fewstep serve``'s requests) g
 or, worse, one call's ids padded by the other's settings — 77 ids in, 5 out, a different image."""
 
 
-def padded_ids(tokenizer, prompts: Sequence[str]) -> Tensor:
-    """Token ids [B, L] padded (and cut) to the tokenizer's ``model_max_length``, as diffusers' pipelines
-    tokenize; thread-safe (:data:`_TOKENIZING`)."""
-    limit = tokenizer.model_max_length
+def padded_ids(tokenizer, prompts: Sequence[str], length: int | None = None) -> Tensor:
+    """Token ids [B, L] padded (and cut) to ``length`` (default the tokenizer's ``model_max_length``), as diffusers'
+    pipelines tokenize; thread-safe (:data:`_TOKENIZING`)."""
+    limit = length or tokenizer.model_max_length
     with _TOKENIZING:
         return tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
                          return_tensors="pt").input_ids
@@ -174,46 +176,48 @@ class TextConditioner:
         return self
 
 
-class SDXLConditioner(TextConditioner):
-    """Prompts through SDXL's two tokenizers and text encoders (:func:`fewstep.nets.sdxl.sdxl_embeddings`):
-    ``encoder_hidden_states`` (both penultimate layers), ``text_embeds`` (the second encoder's pooled
-    projection) and ``time_ids`` (original size, crop, target size). The unconditional input is all zeros
-    when the pipeline says ``force_zeros_for_empty_prompt`` (SDXL's default), else the empty prompt's."""
+class PooledTextConditioner(TextConditioner):
+    """Prompts through several tokenizers and text encoders into a sequence of text tokens and a pooled vector, the
+    conditioning of SDXL, FLUX and SD3 (each family's ``embed``: :func:`fewstep.nets.sdxl.sdxl_embeddings`,
+    :func:`fewstep.nets.flow_transformers.flux_embeddings` / ``sd3_embeddings``), as two flat entries (``keys``).
+    The unconditional input is the empty prompt's embeddings, or all zeros under ``force_zeros`` (SDXL's
+    ``force_zeros_for_empty_prompt``). ``lengths``: each tokenizer's padded length (default its ``model_max_length``;
+    a T5 is padded to the pipeline's ``max_sequence_length``)."""
 
-    pipeline = "StableDiffusionXLPipeline"
+    pipeline: str | None = None
+    keys = ("encoder_hidden_states", "pooled_projections")
 
-    def __init__(self, tokenizers: Sequence, text_encoders: Sequence[nn.Module], time_ids: Tensor,
-                 force_zeros: bool = True, where: str = "the model") -> None:
+    def __init__(self, tokenizers: Sequence, text_encoders: Sequence[nn.Module | None], embed, force_zeros: bool = False,
+                 where: str = "the model", lengths: Sequence[int | None] | None = None, pipeline: str | None = None
+                 ) -> None:
         super().__init__(tokenizers[0], text_encoders[0], where)
-        self.tokenizer_2, self.text_encoder_2 = tokenizers[1], text_encoders[1]
-        self.time_ids, self.force_zeros = time_ids, force_zeros
+        self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
+        self.embed, self.force_zeros = embed, force_zeros
+        self.lengths = list(lengths or [None] * len(self.tokenizers))
+        self.pipeline = pipeline or self.pipeline
         self._empty_pooled: Tensor | None = None
+
+    def ids(self, prompts: Sequence[str]) -> list[Tensor]:
+        """Each tokenizer's padded ids (the first warns of a truncated prompt, as diffusers' pipelines do)."""
+        device = next(self.text_encoder.parameters()).device
+        first = self.tokenize(prompts) if self.lengths[0] is None else padded_ids(self.tokenizers[0], prompts,
+                                                                                  self.lengths[0])
+        return [first.to(device)] + [padded_ids(t, prompts, n).to(device)
+                                     for t, n in zip(self.tokenizers[1:], self.lengths[1:])]
 
     @torch.no_grad()
     def encode_both(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        from ..nets.sdxl import sdxl_embeddings
-
-        device = next(self.text_encoder.parameters()).device
-        ids = self.tokenize(prompts).to(device)
-        ids_2 = padded_ids(self.tokenizer_2, prompts).to(device)
-        return sdxl_embeddings(self.text_encoder, self.text_encoder_2, ids, ids_2)
+        """(text tokens [B, L, D], pooled [B, P]) of ``prompts``."""
+        return self.embed(self.text_encoders, self.ids(prompts))
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
         return self.encode_both(prompts)[0]
 
-    def time_ids_at(self, size: tuple[int, int] | None = None) -> Tensor:
-        """The time ids [1, 6] of an image of ``size`` (H, W): original and target size ``size``, no crop
-        (diffusers' defaults for ``height``/``width``); None: the ones held (the model's own size)."""
-        from ..nets.sdxl import time_ids
-
-        return self.time_ids if size is None else time_ids(tuple(size))
-
     def _cond(self, hidden: Tensor, pooled: Tensor, size: tuple[int, int] | None = None) -> Cond:
-        return {"encoder_hidden_states": hidden, "text_embeds": pooled,
-                "time_ids": self.time_ids_at(size).to(hidden).expand(len(hidden), -1)}
+        return {self.keys[0]: hidden, self.keys[1]: pooled}
 
     def __call__(self, prompts: Sequence[str], device=None, size: tuple[int, int] | None = None) -> Cond:
-        """Both embeddings of ``prompts`` and the time ids of ``size`` (None: the model's own)."""
+        """Both embeddings of ``prompts`` (and what ``size`` adds for a family that conditions on it)."""
         hidden, pooled = self.encode_both(prompts)
         return self._cond(hidden.to(device), pooled.to(device), size)
 
@@ -234,10 +238,9 @@ class SDXLConditioner(TextConditioner):
         return self._cond(hidden.to(device).expand(n, -1, -1), pooled.to(device).expand(n, -1), size)
 
     def null_like(self, cond: Cond) -> Cond:
-        c = cond["encoder_hidden_states"]
+        c = cond[self.keys[0]]
         hidden, pooled = self.null_single()
-        return {"encoder_hidden_states": hidden.to(c).expand_as(c), "text_embeds": pooled.to(c).expand(len(c), -1),
-                "time_ids": cond["time_ids"]}
+        return {**cond, self.keys[0]: hidden.to(c).expand_as(c), self.keys[1]: pooled.to(c).expand(len(c), -1)}
 
     @torch.no_grad()
     def training_tensors(self, data, batch_size: int = 256) -> dict[str, Tensor]:
@@ -247,18 +250,52 @@ class SDXLConditioner(TextConditioner):
         return {"prompt_embeds": torch.cat([h for h, _ in parts]), "pooled_embeds": torch.cat([p for _, p in parts])}
 
     def training_condition(self, dropout: float) -> ConditionFn:
-        """batch → both embeddings, a share ``dropout`` of them the unconditional ones, and the time ids."""
+        """batch → both embeddings, a share ``dropout`` of them the unconditional ones."""
         hidden, pooled = self.null_single()
-        drop = dropout_condition({"encoder_hidden_states": "prompt_embeds", "text_embeds": "pooled_embeds"},
-                                 {"encoder_hidden_states": hidden, "text_embeds": pooled}, dropout)
+        drop = dropout_condition({self.keys[0]: "prompt_embeds", self.keys[1]: "pooled_embeds"},
+                                 {self.keys[0]: hidden, self.keys[1]: pooled}, dropout)
+        return lambda batch: self._extra(drop(batch))
 
-        def condition(batch: dict) -> Cond:
-            cond = drop(batch)
-            c = cond["encoder_hidden_states"]
-            return {**cond, "time_ids": self.time_ids.to(c).expand(len(c), -1)}
-        return condition
+    def _extra(self, cond: Cond) -> Cond:
+        """What a family adds to a training condition besides the text (SDXL: its time ids)."""
+        return cond
 
-    def to(self, device) -> "SDXLConditioner":
-        self.text_encoder.to(device)
-        self.text_encoder_2.to(device)
+    def to(self, device) -> "PooledTextConditioner":
+        for encoder in self.text_encoders:
+            if encoder is not None:
+                encoder.to(device)
         return self
+
+
+class SDXLConditioner(PooledTextConditioner):
+    """Prompts through SDXL's two tokenizers and text encoders (:func:`fewstep.nets.sdxl.sdxl_embeddings`):
+    ``encoder_hidden_states`` (both penultimate layers), ``text_embeds`` (the second encoder's pooled
+    projection) and ``time_ids`` (original size, crop, target size). The unconditional input is all zeros
+    when the pipeline says ``force_zeros_for_empty_prompt`` (SDXL's default), else the empty prompt's."""
+
+    pipeline = "StableDiffusionXLPipeline"
+    keys = ("encoder_hidden_states", "text_embeds")
+
+    def __init__(self, tokenizers: Sequence, text_encoders: Sequence[nn.Module], time_ids: Tensor,
+                 force_zeros: bool = True, where: str = "the model") -> None:
+        from ..nets.sdxl import sdxl_embeddings
+
+        super().__init__(tokenizers, text_encoders, lambda encoders, ids: sdxl_embeddings(*encoders, *ids),
+                         force_zeros, where)
+        self.tokenizer_2, self.text_encoder_2 = tokenizers[1], text_encoders[1]
+        self.time_ids = time_ids
+
+    def time_ids_at(self, size: tuple[int, int] | None = None) -> Tensor:
+        """The time ids [1, 6] of an image of ``size`` (H, W): original and target size ``size``, no crop
+        (diffusers' defaults for ``height``/``width``); None: the ones held (the model's own size)."""
+        from ..nets.sdxl import time_ids
+
+        return self.time_ids if size is None else time_ids(tuple(size))
+
+    def _cond(self, hidden: Tensor, pooled: Tensor, size: tuple[int, int] | None = None) -> Cond:
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled,
+                "time_ids": self.time_ids_at(size).to(hidden).expand(len(hidden), -1)}
+
+    def _extra(self, cond: Cond) -> Cond:
+        c = cond["encoder_hidden_states"]
+        return {**cond, "time_ids": self.time_ids.to(c).expand(len(c), -1)}

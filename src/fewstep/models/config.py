@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..core.parameterizations import PARAMETERIZATIONS, Parameterization, parameterization
+from ..core.flow import FlowSchedule
+from ..core.parameterizations import PARAMETERIZATIONS, Parameterization, parameterization, schedule_fields
 from ..core.schedules import VPSchedule
 from ..errors import FewstepError
 
@@ -150,7 +151,11 @@ def read_json(path: Path) -> dict:
 def pipeline_defaults(scheduler_config: dict, image_size: int) -> dict:
     """What a diffusers text-to-image pipeline is, read off its scheduler: a VP diffusion model (an LCM if
     its scheduler is LCMScheduler), sampled with DPM-Solver++ in 25 steps at guidance 3 (an LCM: 4 steps)."""
-    lcm = scheduler_config.get("_class_name") == "LCMScheduler"
+    lcm = scheduler_config.get("_class_name") in ("LCMScheduler", "FlowMatchLCMScheduler")
+    if is_flow_scheduler(scheduler_config):   # FLUX / SD3: a velocity model on the flow ODE, or its LCM
+        return {"kind": "consistency" if lcm else "diffusion", "parameterization": "flow", "image_size": image_size,
+                "channels": 3, "default_sampler": "consistency" if lcm else "euler", "default_steps": 4 if lcm else 28,
+                "default_guidance_scale": 1.0 if lcm else 3.5}
     if scheduler_config.get("_class_name") == "TCDScheduler":   # a TCD model (Zheng et al. 2024): ε UNet, γ sampler
         return {"kind": "consistency", "parameterization": "tcd", "image_size": image_size, "channels": 3,
                 "default_sampler": "tcd", "default_steps": 4, "default_guidance_scale": 1.0}
@@ -159,9 +164,21 @@ def pipeline_defaults(scheduler_config: dict, image_size: int) -> dict:
             "default_steps": 4 if lcm else 25, "default_guidance_scale": 3.0}
 
 
-def scheduler_fields(scheduler_config: dict) -> dict:
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchLCMScheduler")
+
+
+def is_flow_scheduler(scheduler_config: dict) -> bool:
+    return scheduler_config.get("_class_name") in FLOW_SCHEDULERS
+
+
+def scheduler_fields(scheduler_config: dict, base_grid: str = "scheduler", image_seq_len: int | None = None) -> dict:
     """The fields of :class:`ModelConfig` a pipeline's scheduler config decides (its schedule, what the UNet
-    predicts, an LCM's grid): the scheduler config is their source of truth, as in diffusers."""
+    predicts, an LCM's grid): the scheduler config is their source of truth, as in diffusers. A flow scheduler's
+    (FLUX, SD3) is a :class:`~fewstep.core.flow.FlowSchedule` on its pipeline's ``base_grid``, a dynamic shift taken
+    at ``image_seq_len`` tokens."""
+    if is_flow_scheduler(scheduler_config):
+        return {"schedule": schedule_fields(FlowSchedule.from_diffusers_config(scheduler_config, base_grid,
+                                                                              image_seq_len))}
     schedule = VPSchedule.from_diffusers_config(scheduler_config)
     return {"schedule": {"beta_schedule": schedule.beta_schedule, "num_train_timesteps": schedule.num_train_timesteps,
                          "beta_start": schedule.beta_start, "beta_end": schedule.beta_end},

@@ -40,7 +40,9 @@ from .config import (
     scheduler_fields,
     upgrade,
 )
+from .flow_pipelines import flow_family, flow_pipeline_of, flow_scheduler_config, load_flow_parts, new_flow_pipeline
 from .handle import Model
+from .loading import load_text_encoder, pipeline_class
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SCHEDULER_FIELDS = ("schedule", "prediction_type", "original_inference_steps", "timestep_scaling")
@@ -112,6 +114,9 @@ def _load_pipeline(folder: Path, dtype: torch.dtype | None = None, variant: str 
     then the weights (safetensors only) in ``dtype`` (default float32, whatever the files hold) from the
     ``variant`` files (default: the plain ones, or the fp16 ones where only those exist)."""
     index = read_json(folder / "model_index.json")
+    family = flow_family(index, folder)
+    if family is not None:
+        return _load_flow_pipeline(folder, family, dtype, variant)
     xl = "text_encoder_2" in index or (folder / "text_encoder_2").is_dir()
     if xl and not (folder / "text_encoder").is_dir():
         raise FewstepError(f"{folder} is an SDXL refiner (one text encoder, for img2img on a base model's latents); "
@@ -138,6 +143,23 @@ def _load_pipeline(folder: Path, dtype: torch.dtype | None = None, variant: str 
                         force_zeros=index.get("force_zeros_for_empty_prompt", True), **loaded)
 
 
+def _load_flow_pipeline(folder: Path, family, dtype: torch.dtype | None, variant: str | None) -> Model:
+    """A FLUX / SD3 folder (:mod:`.flow_pipelines`), as :func:`_load_pipeline` loads the UNet families."""
+    variant = variant or _only_variant(folder, "transformer")
+    try:
+        loaded = load_flow_parts(folder, family, dtype or torch.float32, variant)
+    except FewstepError:
+        raise
+    except Exception as e:  # diffusers/transformers raise OSError/ValueError/safetensors errors
+        raise FewstepError(f"cannot load the pipeline in {folder} (missing or corrupt weights"
+                           f"{f', variant {variant}' if variant else ''}): {_first_line(e)}") from None
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+    raw = upgrade(read_json(folder / CONFIG_NAME)) if (folder / CONFIG_NAME).exists() else {}
+    config = parse_config({**pipeline_defaults(scheduler_config, loaded["vae"].config.sample_size), **raw},
+                          folder / CONFIG_NAME)
+    return new_flow_pipeline(config, family, path=folder, scheduler_config=scheduler_config, **loaded)
+
+
 def _load_parts(folder: Path, xl: bool, dtype: torch.dtype, variant: str | None) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -145,49 +167,17 @@ def _load_parts(folder: Path, xl: bool, dtype: torch.dtype, variant: str | None)
     kw = {"use_safetensors": True, "torch_dtype": dtype, "variant": variant}
     parts = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", **kw),
              "vae": AutoencoderKL.from_pretrained(folder / "vae", **kw),
-             "text_encoder": _text_encoder(CLIPTextModel, folder / "text_encoder", kw),
+             "text_encoder": load_text_encoder(CLIPTextModel, folder / "text_encoder", kw),
              "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer")}
     if xl:
-        parts["text_encoder_2"] = _text_encoder(CLIPTextModelWithProjection, folder / "text_encoder_2", kw)
+        parts["text_encoder_2"] = load_text_encoder(CLIPTextModelWithProjection, folder / "text_encoder_2", kw)
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
     return parts
 
 
-def _text_encoder(cls, folder: Path, kw: dict):
-    """A text encoder whose every weight came from its files. transformers fills a weight its files lack with a
-    random one and only logs it, so a folder saved in another transformers' layout (transformers 5 names a
-    ``CLIPTextModel``'s weights without the ``text_model.`` prefix that 4.x looks for) would run with a random text
-    encoder; that is refused here in one line."""
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()        # not its load report: what did not load is said below
-    try:
-        model, info = cls.from_pretrained(folder, output_loading_info=True, **_tf(kw))
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        import transformers
-
-        total = len(model.state_dict())
-        why = ("none of its weights has the name transformers looks for: saved by another transformers version (a "
-               "transformers-5 folder needs transformers>=5.25: pip install -U 'transformers>=5.25')"
-               if len(missing) == total else "its weight files are incomplete or of another architecture")
-        raise FewstepError(f"the text encoder in {folder} did not load: {len(missing)} of its {total} weights are not "
-                           f"in its files (e.g. {missing[0]}), and transformers {transformers.__version__} would run "
-                           f"it with random weights; {why}")
-    return model
-
-
-def _tf(kw: dict) -> dict:
-    """transformers' names for the same loading options (``dtype`` for ``torch_dtype``)."""
-    return {"use_safetensors": True, "dtype": kw["torch_dtype"], **({"variant": kw["variant"]} if kw["variant"] else {})}
-
-
-def _only_variant(folder: Path) -> str | None:
-    """"fp16" when the UNet has only fp16-variant weights (a folder saved with ``variant="fp16"``)."""
-    unet = folder / "unet"
+def _only_variant(folder: Path, backbone: str = "unet") -> str | None:
+    """"fp16" when the UNet (or ``backbone``) has only fp16-variant weights (a folder saved with ``variant="fp16"``)."""
+    unet = folder / backbone
     if any(unet.glob("diffusion_pytorch_model*.safetensors")) and not any(
             p for p in unet.glob("diffusion_pytorch_model*.safetensors") if ".fp16." not in p.name):
         return "fp16"
@@ -272,24 +262,11 @@ def write_model(folder: Path, model: Model) -> None:
         (folder / CONFIG_NAME).write_text(model.config.to_json())
 
 
-def pipeline_class(name: str = "StableDiffusionPipeline"):
-    """A diffusers pipeline class by name. The first import of diffusers' SD pipelines makes transformers
-    print that its CLIP/SigLIP image processors would like torchvision; fewstep builds its pipelines
-    without a feature extractor, so that notice is silenced here."""
-    import diffusers
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        return getattr(diffusers, name)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-
-
 def scheduler_config_of(model: Model) -> dict:
     """The diffusers scheduler config a pipeline model is saved with: its own, and for an LCM the
     LCMScheduler of its distilled grid."""
+    if "family" in model.parts:
+        return flow_scheduler_config(model)
     config = dict(model.parts.get("scheduler_config") or {**SD_SCHEDULER, "_class_name": "DDIMScheduler"})
     if model.config.is_lcm:
         config.update(_class_name="LCMScheduler", original_inference_steps=model.config.original_inference_steps,
@@ -305,6 +282,8 @@ def pipeline_of(model: Model, unet=None):
     model a StableDiffusionXLPipeline (with LCMScheduler when it is an LCM, as diffusers runs LCM-SDXL)."""
     import diffusers
 
+    if "family" in model.parts:
+        return flow_pipeline_of(model, unet)
     config = scheduler_config_of(model)
     scheduler = getattr(diffusers, config.get("_class_name", "DDIMScheduler")).from_config(config)
     parts = {"vae": model.parts["vae"], "text_encoder": model.parts["text_encoder"],

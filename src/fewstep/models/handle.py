@@ -9,6 +9,8 @@ folder                        codec                           conditioner
 ============================  ==============================  ================================
 pixel model (``unet/``)       :class:`PixelCodec` (identity)  :class:`LabelConditioner`
 SD 1.x/2.x pipeline           :class:`VAECodec`               :class:`TextConditioner` (CLIP)
+SDXL pipeline                 :class:`VAECodec`               :class:`SDXLConditioner` (2 CLIPs)
+FLUX / SD3 pipeline           :class:`VAECodec` (shifted)     :class:`PooledTextConditioner` (CLIPs + T5)
 ============================  ==============================  ================================
 
 so sampling, editing, evaluation and the methods are written once, against this class. The config's
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from ..core.guidance import CFGDenoiser
 from ..errors import FewstepError
+from ..nets.flow_transformers import flow_backbone
 from ..nets.guided import GuidedUNet
 from ..nets.sdxl import AddedCondUNet, takes_added_cond
 from .config import ModelConfig
@@ -59,6 +62,9 @@ def as_backbone(net: nn.Module) -> nn.Module:
     if isinstance(net, GuidedUNet) and not net.native:
         return net
     unet = raw_backbone(net)
+    flow = flow_backbone(unet)
+    if flow is not None:                   # a FLUX / SD3 transformer (it takes a guidance scale only if it embeds it)
+        return flow
     inner = AddedCondUNet(unet) if takes_added_cond(unet) else unet
     dim = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
     return GuidedUNet(inner, dim) if dim else inner
@@ -117,14 +123,14 @@ class Model:
         (StableDiffusionPipeline, StableDiffusionXLPipeline), LatentConsistencyModelPipeline for an SD 1.x/2.x LCM;
         None for a pixel model (a fewstep folder)."""
         family = self.conditioner.pipeline
-        if family == "StableDiffusionPipeline" and self.config.is_lcm:
+        if family == "StableDiffusionPipeline" and self.config.is_lcm:   # (a flow LCM runs in its own family's)
             return "LatentConsistencyModelPipeline"
         return family
 
     @property
     def takes_guidance(self) -> bool:
         """The guidance scale is an input of the network (one pass per step), not CFG around it."""
-        return isinstance(self.net, GuidedUNet)
+        return isinstance(self.net, GuidedUNet) or bool(getattr(self.net, "takes_guidance", False))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -200,8 +206,7 @@ class Model:
 
     def eval(self) -> "Model":
         """Frozen: no gradients, dropout off (as loaded)."""
-        for module in (self.denoiser, self.parts.get("vae"), self.parts.get("text_encoder"),
-                       self.parts.get("text_encoder_2")):
-            if module is not None:
+        for module in (self.denoiser, *self.parts.values()):
+            if isinstance(module, nn.Module):
                 module.requires_grad_(False).eval()
         return self
