@@ -150,3 +150,42 @@ def save_tiny_sdxl(folder, force_zeros: bool = False):
     model = new_pipeline(config, build_sdxl_unet(cfg), build_vae(cfg), build_text_encoder(cfg, tok), tok, folder,
                          text_encoder_2=build_text_encoder_2(cfg, tok), tokenizer_2=tok, force_zeros=force_zeros)
     return save_model(folder, model)
+
+
+TINY_FLOW = dict(vocab_size=300, max_length=16, text_width=32, text_layers=1, t5_vocab_size=120, t5_width=32,
+                 t5_layers=1, width=32, head_dim=16, layers=1, single_layers=2)
+
+
+def save_tiny_flow(folder, family: str = "flux", shift: float = 1.0):
+    """A random-weight FLUX- or SD3-format pipeline folder of tiny sizes (no training), on the TINY VAE with a
+    shift and scaling factor as FLUX's and SD3's VAEs have."""
+    from fewstep.models.flow_pipelines import FAMILIES, new_flow_pipeline
+    from fewstep.nets.flow_transformers import (
+        TinyFlowConfig,
+        build_flux_transformer,
+        build_sd3_transformer,
+        build_t5,
+        build_t5_tokenizer,
+    )
+    from fewstep.nets.unets import build_text_encoder, build_tokenizer, build_vae
+
+    cfg = TinyFlowConfig(**TINY_FLOW)
+    torch.manual_seed(0)
+    clip_tok = build_tokenizer(CAPTIONS, cfg.vocab_size, cfg.max_length)
+    t5_tok = build_t5_tokenizer(CAPTIONS * 4, cfg.t5_vocab_size, cfg.max_length)
+    vae = build_vae(TINY)
+    vae.register_to_config(shift_factor=0.1, scaling_factor=0.8)
+    spec = FAMILIES["FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline"]
+    if family == "flux":
+        parts = {"transformer": build_flux_transformer(cfg, 4), "text_encoder": build_text_encoder(cfg, clip_tok),
+                 "tokenizer": clip_tok, "text_encoder_2": build_t5(cfg, t5_tok), "tokenizer_2": t5_tok}
+    else:
+        parts = {"transformer": build_sd3_transformer(cfg, 4, 8),
+                 "text_encoder": build_text_encoder(cfg, clip_tok, projection_dim=cfg.text_width), "tokenizer": clip_tok,
+                 "text_encoder_2": build_text_encoder(cfg, clip_tok, projection_dim=cfg.text_width),
+                 "tokenizer_2": clip_tok, "text_encoder_3": build_t5(cfg, t5_tok), "tokenizer_3": t5_tok}
+    config = ModelConfig(kind="diffusion", parameterization="flow", image_size=32, channels=3, dataset="tiny",
+                         default_sampler="euler", default_steps=4, default_guidance_scale=3.0)
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}
+    model = new_flow_pipeline(config, spec, parts.pop("transformer"), vae, folder, scheduler, **parts)
+    return save_model(folder, model)

@@ -345,5 +345,9 @@ def _is_zero(sigma: Tensor | float) -> bool:
     return bool((torch.as_tensor(sigma) == 0).all())
 
 
-def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def _randn(x: Tensor, generator) -> Tensor:
+    """Fresh noise like ``x`` from ``generator``: a ``torch.Generator``, or a noise source with its own layout
+    (``randn_like``: FLUX's step noise is drawn on packed latents, :class:`fewstep.nets.flow_transformers.PackedNoise`)."""
+    if hasattr(generator, "randn_like"):
+        return generator.randn_like(x)
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)

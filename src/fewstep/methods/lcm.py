@@ -94,10 +94,15 @@ def check_teacher(teacher: Model, method: str) -> Model:
         raise FewstepError(f"{teacher.path} is not a diffusers pipeline folder; --method {method} takes a "
                            f"Stable-Diffusion-style folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), e.g. "
                            f"models/emoji-sd")
-    if teacher.config.param.space.name != "vp":
-        raise FewstepError(f"{teacher.path} is a model of the {teacher.config.param.space.name} noise space; --method "
+    space = teacher.config.param.space.name
+    if space not in ("vp", "flow") or (space == "flow" and not teacher.is_pipeline):
+        raise FewstepError(f"{teacher.path} is a model of the {space} noise space; --method "
                            f"{method} distils a discrete-VP teacher (a diffusers SD/SDXL pipeline such as models/emoji-sd, "
-                           f"or a pixel model trained with --parameterization vp); for this one use --method cd")
+                           f"or a pixel model trained with --parameterization vp) or a flow-matching FLUX/SD3 pipeline "
+                           f"(models/emoji-flux); for this one use --method cd")
+    if space == "flow" and method.startswith("tcd"):
+        raise FewstepError(f"{teacher.path} is a flow-matching pipeline; TCD's γ sampler is written for the discrete VP "
+                           f"space (TCDScheduler): distil it with --method lcd or lcm-lora (FlowMatchLCMScheduler)")
     if method != "lcf" and teacher.config.is_lcm:
         raise FewstepError(f"{teacher.path} is already an LCM; distil a diffusion teacher, or fine-tune it with --method lcf")
     if method == "lcf" and not (teacher.config.is_lcm and teacher.takes_guidance):
@@ -111,9 +116,18 @@ def check_teacher(teacher: Model, method: str) -> Model:
 
 def lcm_config(teacher: Model, settings: LCMSettings):
     """The LCM's fewstep.json: its scalings, its skipped grid (T / k steps, LCMScheduler's
-    ``original_inference_steps``), sampled in 4 steps at the teacher's scale if it learned it."""
+    ``original_inference_steps``), sampled in 4 steps at the teacher's scale if it learned it. On the flow ODE
+    (FLUX, SD3) the teacher's own velocity adapter already is a consistency function with its boundary exactly at
+    t = 0 (x̂_0 = x_t − t·v, :mod:`fewstep.core.flow`), so the student keeps the ``flow`` parameterization, as
+    ``FlowMatchLCMScheduler`` reads it; it takes the scale as an input only where its backbone embeds one (FLUX)."""
     lo, hi = settings.guidance_min, settings.guidance_max
     s = teacher.config.default_guidance_scale
+    if teacher.config.param.space.name == "flow":
+        guided = getattr(raw_backbone(teacher.net).config, "guidance_embeds", None) is not None   # FLUX's embedding
+        return teacher.replace_config(
+            kind="consistency", default_sampler="consistency", default_steps=4,
+            default_guidance_scale=(s if lo <= s <= hi else (lo + hi) / 2) if guided else 1.0,
+            guidance_range=[lo, hi] if guided else [], sampling_sigmas={}, serves_steps=[])
     return teacher.replace_config(
         kind="consistency", parameterization="lcm", default_sampler="consistency", default_steps=4,
         default_guidance_scale=s if lo <= s <= hi else (lo + hi) / 2, guidance_range=[lo, hi],
@@ -172,8 +186,11 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
         distil = settings.method != "lcf"           # lcd, tcd: a w-conditioned copy of the teacher; lcf: the LCM itself
         unet = (guidance_conditioned(teacher.backbone, settings.cond_proj_dim) if distil
                 else copy.deepcopy(teacher.net)).float().requires_grad_(True)  # fp32 under a bf16/fp16 teacher
-        teacher_fn = per_sample_cfg(teacher.denoiser, null) if distil else None
-        condition = with_scale_input(condition, lo, hi)   # the student takes s, the teacher guides at it
+        if distil and not teacher.derive(net=unet).takes_guidance:   # SD3: no guidance input; one scale distilled
+            teacher_fn = with_scales(per_sample_cfg(teacher.denoiser, null), lo, hi)
+        else:
+            teacher_fn = per_sample_cfg(teacher.denoiser, null) if distil else None
+            condition = with_scale_input(condition, lo, hi)   # the student takes s, the teacher guides at it
     if settings.gradient_checkpointing:
         raw_backbone(unet).enable_gradient_checkpointing()
     student = teacher.derive(net=unet.train(), config=family.config(teacher, settings))
@@ -237,21 +254,27 @@ def _save_lcm_lora(out, unet, teacher: Model, data: ImageData, settings: LCMSett
     original_steps, command = teacher.schedule.num_train_timesteps // settings.skip, record["command"]
     lora, base = trainable_fraction(unet)
     cls, sched = teacher.diffusers_pipeline, family.scheduler
+    flow = teacher.config.param.space.name == "flow"
+    if flow:          # FLUX / SD3: x̂_0 = x_t − t·v re-noised along the flow, on the pipeline's own grid
+        sched, grid = "FlowMatchLCMScheduler", ""
+        call = f", max_sequence_length={teacher.conditioner.lengths[-1]}" + ("" if cls == "FluxPipeline" else
+                                                                              ", guidance_scale=1.0")
+    else:
+        grid, call = f", original_inference_steps={original_steps}", f", guidance_scale=1.0{family.call_args}"
     info = {"kind": family.lora, "base": str(teacher.path), "dataset": data.name, "rank": settings.lora_rank,
             "original_inference_steps": original_steps, "guidance_range": [settings.guidance_min, settings.guidance_max],
             "trainable_parameters": lora, "base_parameters": base, "training": record}
     readme = (f"# {Path(out).name}\n\n{family.lora_title} for `{teacher.path}`: rank {settings.lora_rank}, "
-              f"{lora:,} parameters ({100 * lora / base:.1f}% of the UNet). Plug it into the base model (or a "
-              f"fine-tuned one) and sample in 2–8 steps with {sched}:\n\n```python\n"
+              f"{lora:,} parameters ({100 * lora / base:.1f}% of the {'transformer' if flow else 'UNet'}). Plug it "
+              f"into the base model (or a fine-tuned one) and sample in 2–8 steps with {sched}:\n\n```python\n"
               f"from diffusers import {cls}, {sched}\n"
               f"pipe = {cls}.from_pretrained('{teacher.path}')\n"
-              f"pipe.scheduler = {sched}.from_config(pipe.scheduler.config, original_inference_steps={original_steps})\n"
+              f"pipe.scheduler = {sched}.from_config(pipe.scheduler.config{grid})\n"
               f"pipe.load_lora_weights('{out}')\n"
-              f"image = pipe('red apple', num_inference_steps=4, guidance_scale=1.0{family.call_args}, height=32, "
-              f"width=32).images[0]\n"
+              f"image = pipe('red apple', num_inference_steps=4{call}, height=32, width=32).images[0]\n"
               f"```\n\nor `fewstep sample --model {teacher.path} --lora {out} --steps 4`. Trained with:\n\n"
               f"```\n{command}\n```\n")
-    return save_lora(out, unet, info, readme)
+    return save_lora(out, unet, info, readme, pipeline=cls)
 
 
 LCM = Family("LCM", "Luo et al. 2023", LCM_METHODS, lcm_config, ConsistencyLoss, "LCMScheduler")

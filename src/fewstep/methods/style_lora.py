@@ -39,4 +39,4 @@ def train_style_lora(base: Model, data: ImageData, out: str | Path, config: Trai
     what = (f"A style LoRA for `{base.path}` fine-tuned on `{data.name}` ({len(data)} images), rank {rank}. Combine it "
             f"with an LCM-LoRA and sample in 4 steps with no further training:")
     usage = (f"```\nfewstep sample --model {base.path} --lora {out}:1.0 --lora models/emoji-lcm-lora:1.0 --steps 4\n```")
-    return save_lora(out, unet, info, readme(Path(out).name, what, usage, command))
+    return save_lora(out, unet, info, readme(Path(out).name, what, usage, command), pipeline=base.diffusers_pipeline)

@@ -132,6 +132,13 @@ class Model:
         """The guidance scale is an input of the network (one pass per step), not CFG around it."""
         return isinstance(self.net, GuidedUNet) or bool(getattr(self.net, "takes_guidance", False))
 
+    def step_noise(self, generator: torch.Generator):
+        """Where a stochastic sampler's step noise comes from: ``generator``, or the backbone's own layout of it
+        (FLUX draws on packed latents, :class:`~fewstep.nets.flow_transformers.PackedNoise`), so that a seed gives
+        the image its diffusers pipeline gives."""
+        own = getattr(self.net, "step_noise", None)
+        return own(generator) if own is not None else generator
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """The shape of one sample in the denoiser's space (pixels, or latents)."""

@@ -94,8 +94,21 @@ def metadata_info(file: Path) -> dict:
     return info
 
 
-def save_lora(folder: str | Path, unet: nn.Module, info: dict, readme: str = "") -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` (diffusers' layout, with :func:`lora_metadata` in its
+def backbone_prefix(backbone: nn.Module) -> str:
+    """The key prefix of a backbone's adapters in diffusers' LoRA files: "unet" for a UNet, "transformer" for the
+    FLUX and SD3 transformers (each pipeline's ``*_lora_layers`` argument and loader read their own)."""
+    return "unet" if "UNet" in type(backbone).__name__ else "transformer"
+
+
+def pipe_backbone(pipe) -> nn.Module:
+    """A diffusers pipeline's denoising network: its ``unet``, or its ``transformer``."""
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def save_lora(folder: str | Path, unet: nn.Module, info: dict, readme: str = "",
+              pipeline: str = "StableDiffusionPipeline") -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers' layout for ``pipeline``'s family: the UNet's adapters
+    under "unet.", a FLUX / SD3 transformer's under "transformer.", with :func:`lora_metadata` in its
     ``__metadata__``) and ``fewstep.json`` atomically."""
     from functools import partial
 
@@ -114,8 +127,9 @@ def save_lora(folder: str | Path, unet: nn.Module, info: dict, readme: str = "")
     metadata = {"format": "pt", **lora_metadata(info, "diffusers", rank, alpha)}   # "format": as diffusers writes
 
     def write(tmp: Path) -> None:
-        pipeline_class().save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True,
-                                           save_function=partial(save_file, metadata=metadata))
+        layers = {f"{backbone_prefix(unet)}_lora_layers": state}
+        pipeline_class(pipeline).save_lora_weights(tmp, **layers, safe_serialization=True,
+                                                   save_function=partial(save_file, metadata=metadata))
         (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return write_folder(folder, write, readme)
 
@@ -277,8 +291,9 @@ def _pickle_message(path: Path) -> str:
 PEFT_PREFIX = "base_model.model."   # a PeftModel's state dict: peft's save_pretrained, `lora export --format peft`
 
 
-def peft_unet_state(path: Path) -> dict[str, torch.Tensor] | None:
-    """A peft-layout LoRA file as diffusers' loader reads it (``base_model.model.<module>`` → ``unet.<module>``), the
+def peft_unet_state(path: Path, prefix: str = "unet") -> dict[str, torch.Tensor] | None:
+    """A peft-layout LoRA file as diffusers' loader reads it (``base_model.model.<module>`` → ``unet.<module>``, or
+    ``prefix``: "transformer" for FLUX / SD3), the
     adapter's α folded into lora_B (ΔW = α/r·B·A; diffusers reads these keys with α = r); α from the file's
     metadata (``fewstep_alpha``) or peft's ``adapter_config.json`` beside it (``lora_alpha``). None for any other
     layout (diffusers' loader reads those itself)."""
@@ -300,7 +315,7 @@ def peft_unet_state(path: Path) -> dict[str, torch.Tensor] | None:
     for key, value in state.items():
         if alpha is not None and key.endswith(".lora_B.weight"):
             value = value * (float(alpha) / value.shape[1])
-        out["unet." + key[len(PEFT_PREFIX):]] = value
+        out[f"{prefix}." + key[len(PEFT_PREFIX):]] = value
     return out
 
 
@@ -330,7 +345,9 @@ def _load(pipe, path: Path, name: str, base: Path) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            state = peft_unet_state(path) or original_kohya_state(path, pipe.unet)
+            backbone = pipe_backbone(pipe)
+            state = peft_unet_state(path, backbone_prefix(backbone)) or (
+                original_kohya_state(path, backbone) if hasattr(pipe, "unet") else None)
             if state is not None:
                 pipe.load_lora_weights(state, adapter_name=name)
             else:
@@ -340,7 +357,7 @@ def _load(pipe, path: Path, name: str, base: Path) -> None:
         raise FewstepError(f"LoRA {path} does not fit {base} (made for another base model?): {first[:300]}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    if not lora_parameters(pipe.unet, name):
+    if not lora_parameters(pipe_backbone(pipe), name):
         raise FewstepError(f"LoRA {path} has no weights for {base}'s UNet (made for another base model?)")
     unexpected = [w for w in caught if "unexpected" in str(w.message).lower()]
     if unexpected:
@@ -375,6 +392,8 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
     if accel is not None and accel["kind"] == TCD_LORA:   # TCD's ε student: the γ sampler on the skipped grid
         changes.update(kind="consistency", parameterization="tcd", default_sampler="tcd", default_steps=4,
                        default_guidance_scale=1.0, original_inference_steps=int(accel["original_inference_steps"]))
+    elif accel is not None and model.config.param.space.name == "flow":   # a flow LCM-LoRA: FlowMatchLCMScheduler's
+        changes.update(kind="consistency", default_sampler="consistency", default_steps=4, default_guidance_scale=1.0)
     elif accel is not None:
         changes.update(kind="consistency", parameterization="lcm", default_sampler="consistency", default_steps=4,
                        default_guidance_scale=1.0, original_inference_steps=int(accel["original_inference_steps"]))

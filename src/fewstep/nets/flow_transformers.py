@@ -52,6 +52,20 @@ def latent_image_ids(h: int, w: int, device=None, dtype=None) -> Tensor:
     return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
 
 
+class PackedNoise:
+    """A generator's noise in FLUX's packed layout: FlowMatchLCMScheduler (and every stochastic step of FluxPipeline)
+    draws ``randn(packed_latents.shape)``, so the same seed gives the same image only if fewstep draws its step noise
+    as [B, HW/4, 4C] too and unpacks it (the initial latents are drawn unpacked, as ``prepare_latents`` does)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        z = torch.randn((b, (h // 2) * (w // 2), 4 * c), generator=self.generator, dtype=x.dtype)
+        return unpack_latents(z, h, w).to(x.device)
+
+
 class FluxBackbone(WrappedUNet):
     """``net(x [B, C, H, W], t·1000, encoder_hidden_states, pooled_projections[, guidance_scale])`` → the velocity
     [B, C, H, W] of a ``FluxTransformer2DModel`` (module docstring). The guidance scale is passed only to a
@@ -60,6 +74,10 @@ class FluxBackbone(WrappedUNet):
     @property
     def takes_guidance(self) -> bool:
         return bool(getattr(self.unet.config, "guidance_embeds", False))
+
+    def step_noise(self, generator: torch.Generator) -> PackedNoise:
+        """Where a sampler's step noise comes from (:class:`PackedNoise`, FluxPipeline's layout)."""
+        return PackedNoise(generator)
 
     def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
                 guidance_scale: Tensor | float | None = None):
@@ -195,3 +213,24 @@ def build_sd3_transformer(cfg: TinyFlowConfig, latent_channels: int, latent_size
                                  attention_head_dim=cfg.head_dim, num_attention_heads=cfg.width // cfg.head_dim,
                                  joint_attention_dim=cfg.t5_width, caption_projection_dim=cfg.width,
                                  pooled_projection_dim=2 * cfg.text_width, pos_embed_max_size=latent_size)
+
+
+def flow_student(transformer: nn.Module) -> nn.Module:
+    """The LCD student of a flow transformer, starting as the teacher's conditional velocity: a FLUX transformer
+    gets FLUX.1-dev's guidance input (rebuilt from its config with ``guidance_embeds``, the teacher's weights
+    loaded, the new guidance MLP's last layer zero-initialised so it adds nothing until it trains — the guidance
+    distillation of Meng et al. 2023 in FLUX's own embedding, so FluxPipeline feeds it ``guidance_scale``); an SD3
+    transformer has no such input, so its student is a copy that distils one guidance scale."""
+    import copy
+
+    if type(transformer).__name__ != "FluxTransformer2DModel" or transformer.config.guidance_embeds:
+        return copy.deepcopy(transformer)
+    student = type(transformer).from_config({**transformer.config, "guidance_embeds": True})
+    missing, unexpected = student.load_state_dict(transformer.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time_text_embed.guidance_embedder.") for k in missing):
+        raise ValueError(f"the FLUX teacher does not fit its guidance-embedded student (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    last = student.time_text_embed.guidance_embedder.linear_2
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return student.to(transformer.dtype)

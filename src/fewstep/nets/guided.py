@@ -120,6 +120,10 @@ def guidance_conditioned(unet: nn.Module, embedding_dim: int = 256) -> nn.Module
                            "start from a classifier-free-guided teacher")
     from diffusers import UNet2DConditionModel
 
+    from .flow_transformers import FLOW_BACKBONES, flow_student
+
+    if type(unet).__name__ in FLOW_BACKBONES:      # FLUX: its own guidance embedding; SD3: none (one scale)
+        return flow_student(unet)
     if isinstance(unet, UNet2DConditionModel):
         return GuidedUNet(w_conditioned_unet(unet, embedding_dim), embedding_dim)
     return GuidedUNet(copy.deepcopy(unet), embedding_dim)

@@ -26,7 +26,16 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 
 
 # the modules a LoRA adapts, by backbone class: a new backbone (a diffusers transformer) registers its own here
-BACKBONE_LORA_TARGETS: dict[str, tuple[str, ...]] = {"UNet2DConditionModel": LORA_TARGETS, "UNet2DModel": LORA_TARGETS}
+BACKBONE_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "UNet2DConditionModel": LORA_TARGETS, "UNet2DModel": LORA_TARGETS,
+    # diffusers' examples/dreambooth/train_dreambooth_lora_flux.py's default target_modules (both streams'
+    # attention and feed-forwards; the single blocks' attention) and train_dreambooth_lora_sd3.py's (joint attention)
+    "FluxTransformer2DModel": ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                               "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                               "ff_context.net.0.proj", "ff_context.net.2"),
+    "SD3Transformer2DModel": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                              "attn.to_out.0", "attn.to_q", "attn.to_v"),
+}
 
 
 def lora_targets(backbone: nn.Module) -> tuple[str, ...]:

@@ -227,6 +227,7 @@ def generate(model: Model, cond: Any = None, num: int | None = None, steps: int 
     grid = sampling_grid(model, steps, sampler, strength if init_images is not None else 1.0, rho) \
         if sigmas is None else sigmas
     generator = torch.Generator().manual_seed(seed)
+    step_noise = model.step_noise(generator)     # the steps' noise in the layout the model's pipeline draws it
     encode, decode = in_slices(model.codec.encode, network_batch), in_slices(model.codec.decode, network_batch)
     out = []
     for start in tqdm(range(0, n, batch_size), disable=not progress or n <= batch_size, desc="batches", leave=False):
@@ -240,12 +241,12 @@ def generate(model: Model, cond: Any = None, num: int | None = None, steps: int 
         x = _start(shape, model, grid, b, init, encode, pure_noise=mask is not None and strength == 1,
                    generator=generator)
         if mask is None:
-            x = spec.fn(den, x, grid, extra_args=extra, generator=generator, disable=not progress, **options)
+            x = spec.fn(den, x, grid, extra_args=extra, generator=step_noise, disable=not progress, **options)
         else:
             y = encode(init).to(model.device)
             x = sample_replacing(den, x, grid, extra, inpainting(model.codec.mask(mask)), y, clip=model.codec.clip,
                                  consistency=model.config.kind == "consistency", sigma_end=model.sigma_end,
-                                 generator=generator)
+                                 generator=step_noise)
         images = decode(x).cpu()
         out.append(images if mask is None else torch.where(mask.bool(), init, images))
     images = torch.cat(out)
