@@ -137,3 +137,37 @@ def test_flow_variants_and_tcd_are_refused(tiny_flow, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "distill", "--method", "tcd-lora", "--teacher", str(folder), "--dataset", "emoji",
                          "--out", str(tmp_path / "t"), "--steps", "1")
     assert rc != 0 and "FlowMatchLCMScheduler" in err
+
+
+def test_flow_img2img_matches_the_diffusers_img2img_pipeline(tiny_flow):
+    """img2img: the same start level (diffusers' flow pipelines round t_start = ⌊N − N·strength⌋: 8 steps at 0.6
+    run 5, where the UNet pipelines run 4), the flow's re-noising t·ε + (1 − t)·x_0 and the same noise."""
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+
+    family, folder = tiny_flow
+    model = load_model(folder)
+    init = tiny_data(2).images
+    ours = generate_latent(model, PROMPTS, steps=8, sampler="euler", guidance_scale=3.0, seed=4, init_images=init,
+                           strength=0.6)
+    cls = FluxImg2ImgPipeline if family == "flux" else StableDiffusion3Img2ImgPipeline
+    latents = model.codec.encode(init)  # diffusers samples the VAE posterior, fewstep takes its mean: give latents
+    theirs = _pipe_images(cls.from_pretrained(folder), family, 8, 3.0, 4, image=latents, strength=0.6)
+    assert torch.allclose(ours, theirs, atol=2e-3), (ours - theirs).abs().max()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_train_teacher_writes_a_flow_pipeline(family, tiny_sd, tmp_path, capsys):
+    """`train-teacher --family flux|sd3` (2 steps on the emoji, another pipeline's VAE): the folder is the family's
+    diffusers pipeline, with a shifted VAE and a T5 tokenizer learned from the captions."""
+    out = tmp_path / family
+    rc, _, err = run_cli(capsys, "train-teacher", "--dataset", "emoji", "--family", family,
+                         "--vae-from", str(tiny_sd), "--out", str(out), "--work-dir", str(tmp_path / "w"),
+                         "--steps", "2", "--batch", "4", "--no-progress")
+    assert rc == 0, err
+    model = load_model(out)
+    assert model.config.parameterization == "flow" and model.codec.shift_factor != 0
+    assert model.conditioner.pipeline == ("FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline")
+    assert type(model.parts["tokenizer_2" if family == "flux" else "tokenizer_3"]).__name__.startswith("T5")
+    rc, _, err = run_cli(capsys, "train-teacher", "--dataset", "emoji", "--family", family,
+                         "--out", str(tmp_path / "x"), "--steps", "1")
+    assert rc != 0 and "--vae-from" in err

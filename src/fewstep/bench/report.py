@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..io.atomic import write_text
-from . import claims, ect, guided, guided_latent, latent, lora, memory, pixel, sdxl, serve, tcd, testbed
+from . import claims, ect, flow, guided, guided_latent, latent, lora, memory, pixel, sdxl, serve, tcd, testbed
 from .results import BenchReport
 
 
@@ -32,7 +32,7 @@ def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
     lines += guided.section(report) + guided_latent.section(report)
     lines += latent.section(report, out_dir) + lora.section(report, out_dir) + tcd.section(report, out_dir)
     lines += pixel.speedup_section(report)
-    lines += sdxl.section(report) + memory.section(out_dir) + serve.section(report)
+    lines += sdxl.section(report) + flow.section(report) + memory.section(out_dir) + serve.section(report)
     lines += testbed.section(report) + ect.section(out_dir) + pixel.heun_section(out_dir)
     lines += claims.section(report, out_dir)
     write_text(path, "\n".join(lines) + "\n")

@@ -44,6 +44,7 @@ class BenchReport:
     emoji_pixel: dict = field(default_factory=dict)                 # bench.testbed: the emoji pixel testbed
     serve: dict = field(default_factory=dict)                       # bench.serve: fewstep serve, the tiny VAE
     sdxl: dict = field(default_factory=dict)                        # bench.sdxl: the SDXL-format teacher, LCM-LoRA
+    flow: dict = field(default_factory=dict)                        # bench.flow: FLUX/SD3-format teachers, LCM-LoRAs
     tcd: dict = field(default_factory=dict)                         # bench.tcd: TCD-LoRA against LCM-LoRA
     remeasured: dict = field(default_factory=dict)                  # --only digits: {"command", "date"}
 

@@ -14,7 +14,7 @@ from ..errors import FewstepError
 from ..eval.evaluate import ruler_for
 from ..io.atomic import write_text
 from ..models.folders import load_model
-from . import guided, guided_latent, latent, lora, pixel, sdxl, serve, tcd, testbed
+from . import flow, guided, guided_latent, latent, lora, pixel, sdxl, serve, tcd, testbed
 from .report import machine, plots, write_markdown
 from .results import BenchReport, BenchSettings, load_report
 
@@ -33,6 +33,7 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     report.guided_latent = guided_latent.measure(models_dir, settings, command, teacher_rows(report.latent))
     report.emoji_pixel = testbed.measure(models_dir, settings, command, out_dir / testbed.PROGRESS)
     report.sdxl = sdxl.measure(models_dir, settings, command)
+    report.flow = flow.measure(models_dir, settings, command)
     report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent))
     report.speed = pixel.measure_speed(teacher, distilled, settings)
     report.speedup = pixel.speedups(report)
@@ -68,7 +69,7 @@ def render_report(bench_json: Path, markdown: Path, out_dir: Path) -> None:
 
 def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
                      markdown: Path | None) -> None:
-    """``fewstep bench --only digits|guided|guided-latent|latent|lora|tcd|emoji-pixel|sdxl|serve``: one section measured
+    """``fewstep bench --only digits|guided|guided-latent|latent|lora|tcd|emoji-pixel|sdxl|flow|serve``: one section measured
     alone and merged into the ``--reuse`` report (its other sections, command and date stay as they were; digits
     re-measures the digits quality and editing rows, keeps the timings, and matches the speedups to them)."""
     missing = f"--only {name} merges into a previous report: give --reuse OLD/bench.json"
@@ -89,6 +90,8 @@ def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: Bench
         report.emoji_pixel = testbed.measure(models_dir, settings, command, out_dir / testbed.PROGRESS)
     elif name == "sdxl":
         report.sdxl = sdxl.measure(models_dir, settings, command)
+    elif name == "flow":
+        report.flow = flow.measure(models_dir, settings, command)
     elif name == "serve":
         report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent))
     elif name == "tcd":

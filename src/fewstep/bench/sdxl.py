@@ -21,22 +21,27 @@ TEACHER_STEPS = {"dpmpp-2m": (4, 8, 25), "ddim": (25,)}
 LORA_STEPS = (1, 2, 4, 8)
 
 
-def measure(models_dir: Path, settings, command: str = "") -> dict:
-    """The section's numbers (empty when the SDXL teacher is not there)."""
-    if not (models_dir / PAIRS[0][0]).is_dir():
+def measure(models_dir: Path, settings, command: str = "", pairs=PAIRS, teacher_steps=TEACHER_STEPS,
+            guidance_scales: tuple[float, ...] = ()) -> dict:
+    """The section's numbers (empty when the first teacher is not there): each (teacher, LCM-LoRA) pair of
+    ``pairs``, the teacher with each sampler of ``teacher_steps`` at its step counts and at each of
+    ``guidance_scales`` (default: its own default scale only), the LoRA (λ = 1, guidance 1) at :data:`LORA_STEPS`."""
+    if not (models_dir / pairs[0][0]).is_dir():
         return {}
     out: dict = {"command": command, "num": settings.num, "quality": {}, "loras": {}, "teachers": {}}
-    for teacher_name, lora_name in PAIRS:
+    for teacher_name, lora_name in pairs:
         if not (models_dir / teacher_name).is_dir():
             continue
         teacher = load_model(models_dir / teacher_name)
         ruler = ruler_for(teacher, models_dir)
         s = teacher.config.default_guidance_scale
-        out["teachers"][teacher_name] = {"guidance_scale": s, "training": teacher.config.training,
-                                         "parameters": sum(p.numel() for p in teacher.unet.parameters())}
-        for sampler, steps in TEACHER_STEPS.items():
-            out["quality"][f"{teacher_name}/{sampler}"] = quality_rows(teacher, ruler, steps, sampler, s, settings.num,
-                                                                       settings.seed)
+        out["teachers"][teacher_name] = {"guidance_scale": s, "guidance_scales": list(guidance_scales or (s,)),
+                                         "training": teacher.config.training,
+                                         "parameters": sum(p.numel() for p in teacher.backbone.parameters())}
+        for sampler, steps in teacher_steps.items():
+            out["quality"][f"{teacher_name}/{sampler}"] = [
+                row for g in (guidance_scales or (s,))
+                for row in quality_rows(teacher, ruler, steps, sampler, g, settings.num, settings.seed)]
         if (models_dir / lora_name).is_dir():
             accel = apply_loras(load_model(models_dir / teacher_name), [(models_dir / lora_name, 1.0)])
             out["loras"][lora_name] = {**lora_info(models_dir / lora_name), "teacher": teacher_name}

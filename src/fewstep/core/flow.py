@@ -152,6 +152,13 @@ class FlowSchedule:
                              "time grid (FlowMatchEulerDiscreteScheduler's)")
         return self.grid(n)
 
+    @staticmethod
+    def img2img_start(steps: int, strength: float) -> int:
+        """The first level img2img runs from on an N-step grid, as diffusers' flow img2img pipelines round it
+        (``FluxImg2ImgPipeline.get_timesteps`` / ``StableDiffusion3Img2ImgPipeline.get_timesteps``:
+        t_start = ⌊N − N·strength⌋, the same float arithmetic), where the UNet pipelines take N − ⌊N·strength⌋."""
+        return int(max(steps - min(steps * strength, steps), 0))
+
     def consistency_levels(self, index: Tensor, num_scales: int) -> Tensor:
         """Level i of an N-point consistency grid, increasing: N times uniform in [t_min, t_max], shifted — the
         flow analogue of the Karras grid (uniform steps in the time the model was trained on)."""

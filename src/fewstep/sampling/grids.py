@@ -55,4 +55,6 @@ def sampling_grid(model, steps: int, sampler: str | None = None, strength: float
             grid = schedule.sampling_grid(steps, sampler, rho)
         except ValueError as e:
             raise FewstepError(str(e)) from None
-    return grid[img2img_start(steps, strength):]
+    start = img2img_start(steps, strength)       # the checks and diffusers' UNet pipelines' rounding
+    own = getattr(schedule, "img2img_start", None)   # a space whose pipelines round it otherwise (flow)
+    return grid[own(steps, strength) if own is not None and strength < 1 else start:]
