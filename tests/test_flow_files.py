@@ -296,6 +296,11 @@ def test_exports_read_back_in_fewstep_peft_and_diffusers(flow, tmp_path):
         kohya[f"{name}.alpha"] = kohya[f"{name}.alpha"] / 2
     save_file(kohya, str(tmp_path / "sd-scripts.safetensors"))
     assert_same(fused(folder, tmp_path / "sd-scripts.safetensors"), reference, 1e-5)
+    save_file(load_file(lora / LORA_FILE), str(tmp_path / "bare.safetensors"))        # no record of its base
+    with pytest.raises(FewstepError, match="--base DIR"):
+        export_lora(tmp_path / "bare.safetensors", "kohya", tmp_path / "k2.safetensors")
+    assert_same(load_file(export_lora(tmp_path / "bare.safetensors", "kohya", tmp_path / "k2.safetensors",
+                                      base=folder)), load_file(tmp_path / "k.safetensors"), 0)
     with safe_open(str(tmp_path / "k.safetensors"), framework="pt") as f:
         meta = f.metadata()
     assert meta["fewstep_kind"] == "lcm-lora" and meta["fewstep_format"] == "kohya"
@@ -385,6 +390,22 @@ def test_single_file_transformer_round_trips_through_fewstep_and_diffusers(flow,
     assert rc != 0 and "--config" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     ours = generate_latent(load_model(out, config=folder), PROMPTS, steps=2, guidance_scale=2.0, seed=4)
     assert torch.equal(ours, generate_latent(load_model(folder), PROMPTS, steps=2, guidance_scale=2.0, seed=4))
+    rc, _, err = run_cli(capsys, "sample", "--model", str(out), "--config", str(folder), "--prompt", "red apple",
+                         "--steps", "2", "--out", str(tmp_path / "x.png"))
+    assert rc == 0 and (tmp_path / "x.png").is_file(), err
+    if family == "flux":                  # an LCD student's guidance embedding, read with its teacher's folder
+        from safetensors.torch import save_file
+
+        from fewstep.models.single_file_export import flow_original_state
+        from fewstep.nets.flow_transformers import flow_student
+
+        student = flow_student(base)
+        with torch.no_grad():
+            student.time_text_embed.guidance_embedder.linear_2.weight.normal_()
+        save_file(flow_original_state(student), str(tmp_path / "student.safetensors"))
+        read = load_model(tmp_path / "student.safetensors", config=folder)
+        assert read.takes_guidance and read.backbone.config.guidance_embeds
+        assert_same(read.backbone.state_dict(), student.state_dict(), 0)
     other = "sd3" if family == "flux" else "flux"
     wrong = save_tiny_flow(tmp_path / "other", other, **SIZES[other])
     with pytest.raises(FewstepError, match="config"):

@@ -6,7 +6,7 @@ of these names: single-file transformers (:mod:`fewstep.models.single_file_expor
 and kohya LoRAs (:mod:`fewstep.models.lora_export` writes them, :func:`kohya_to_peft` reads them back).
 
 The map is diffusers' own readers, inverted: ``convert_flux_transformer_checkpoint_to_diffusers`` and
-``convert_sd3_transformer_checkpoint_to_diffusers`` (diffusers 0.42.1, loaders/single_file_utils.py lines 2294–2468
+``convert_sd3_transformer_checkpoint_to_diffusers`` (diffusers 0.42.1, loaders/single_file_utils.py lines 2294–2488
 and 2018–2209), checked against ComfyUI's ``comfy/utils.py`` ``flux_to_diffusers`` / ``mmdit_to_diffusers`` in
 tests/test_flow_files.py. What differs between the layouts:
 

@@ -80,7 +80,8 @@ def read_flow_single_file(path: Path, shapes: dict, family: FlowFamily, kind: st
     file_name, model_name = EXAMPLE[family.pipeline]
     if config is None:
         raise FewstepError(
-            f"{path} is a {kind} transformer in the original single-file layout (as {file_name}); its VAE and text "
+            f"{path} is a {family.pipeline.removesuffix('Pipeline').replace('StableDiffusion3', 'SD3')}-format "
+            f"transformer (diffusers' type {kind!r}) in the original single-file layout (as {file_name}); its VAE and text "
             f"encoders come from a {family.pipeline} folder: pass --config DIR, a local diffusers folder of the same "
             f"architecture (e.g. {model_name}'s or the base model's it was fine-tuned from)")
     folder = Path(config)
