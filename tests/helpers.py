@@ -156,9 +156,9 @@ TINY_FLOW = dict(vocab_size=300, max_length=16, text_width=32, text_layers=1, t5
                  t5_layers=1, width=32, head_dim=16, layers=1, single_layers=2)
 
 
-def save_tiny_flow(folder, family: str = "flux", shift: float = 1.0):
-    """A random-weight FLUX- or SD3-format pipeline folder of tiny sizes (no training), on the TINY VAE with a
-    shift and scaling factor as FLUX's and SD3's VAEs have."""
+def save_tiny_flow(folder, family: str = "flux", shift: float = 1.0, **sizes):
+    """A random-weight FLUX- or SD3-format pipeline folder of tiny sizes (no training; ``sizes`` override
+    :data:`TINY_FLOW`'s), on the TINY VAE with a shift and scaling factor as FLUX's and SD3's VAEs have."""
     from fewstep.models.flow_pipelines import FAMILIES, new_flow_pipeline
     from fewstep.nets.flow_transformers import (
         TinyFlowConfig,
@@ -169,7 +169,7 @@ def save_tiny_flow(folder, family: str = "flux", shift: float = 1.0):
     )
     from fewstep.nets.unets import build_text_encoder, build_tokenizer, build_vae
 
-    cfg = TinyFlowConfig(**TINY_FLOW)
+    cfg = TinyFlowConfig(**{**TINY_FLOW, **sizes})
     torch.manual_seed(0)
     clip_tok = build_tokenizer(CAPTIONS, cfg.vocab_size, cfg.max_length)
     t5_tok = build_t5_tokenizer(CAPTIONS * 4, cfg.t5_vocab_size, cfg.max_length)

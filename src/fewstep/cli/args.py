@@ -261,4 +261,6 @@ def add_dtype_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="DIR",
                    help="a single-file checkpoint (.safetensors of SD 1.x/2.x/SDXL, as A1111/ComfyUI use): the local "
                         "diffusers folder (or shipped config: sd-v1-5, sd-v2-1, sd-v2-base, sdxl-base) whose "
-                        "architecture it has (default: inferred from the file's weights)")
+                        "architecture it has (default: inferred from the file's weights). A FLUX / SD3 transformer "
+                        "file (flux1-dev.safetensors, sd3.5_medium.safetensors) needs one: a local FluxPipeline / "
+                        "StableDiffusion3Pipeline folder, whose VAE, text encoders and scheduler it is used with")

@@ -9,14 +9,21 @@ from .args import DTYPES, add_dtype_args, load_options
 SINGLE_FILE_HELP = ("write one original-format .safetensors checkpoint (LDM/CompVis key names: "
                     "model.diffusion_model.*, first_stage_model.*, cond_stage_model.* or SDXL's conditioner.*) of the "
                     "UNet, VAE and text encoder(s), the file AUTOMATIC1111 and ComfyUI load from their checkpoints "
-                    "folder and diffusers' from_single_file and fewstep's --model read back (SD 1.x and SDXL)")
+                    "folder and diffusers' from_single_file and fewstep's --model read back (SD 1.x and SDXL); for "
+                    "FLUX and SD3 the transformer alone in its original layout (as flux1-dev.safetensors / "
+                    "sd3.5_medium.safetensors: ComfyUI's Load Diffusion Model, diffusers' "
+                    "FluxTransformer2DModel/SD3Transformer2DModel.from_single_file), read back with --config FOLDER")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a pipeline in another tool's format: --single-file for A1111/ComfyUI",
                        description="Write a diffusers pipeline folder (SD 1.x or SDXL; a fewstep LCM-LoRA merge "
                                    "included) as one original-format single-file checkpoint, with the key names of "
-                                   "diffusers' convert_diffusers_to_original_stable_diffusion.py / _sdxl.py. Written "
+                                   "diffusers' convert_diffusers_to_original_stable_diffusion.py / _sdxl.py; a FLUX "
+                                   "or SD3 folder as its transformer alone in Black Forest Labs' / Stability's layout "
+                                   "(the inverse of diffusers' convert_flux/sd3_transformer_checkpoint_to_diffusers), "
+                                   "whose VAE and text encoders stay in the folder: read it back with --model FILE "
+                                   "--config FOLDER. Written "
                                    "atomically; an existing --out is replaced only with --overwrite, never when it is "
                                    "an input. --dtype fp16|bf16 writes every weight in that precision (half the "
                                    "size). Tiny or non-standard architectures load back with their folder as the "

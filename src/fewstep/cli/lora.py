@@ -57,7 +57,11 @@ def add_export_parser(lora_sub) -> None:
                                            "peft read",
                             description="Write a fewstep LoRA in another tool's key layout, with diffusers' own "
                                         "converters. kohya: lora_unet_….lora_down/lora_up/alpha keys (α = the rank, "
-                                        "scale 1), what AUTOMATIC1111, ComfyUI, kohya's tools and diffusers load. "
+                                        "scale 1), what AUTOMATIC1111, ComfyUI, kohya's tools and diffusers load; a "
+                                        "FLUX or SD3 LoRA gets sd-scripts' names of the original transformer "
+                                        "(lora_unet_double_blocks_0_img_attn_qkv, lora_unet_joint_blocks_0_x_block_"
+                                        "attn_qkv: q/k/v fused exactly, block-diagonal), which ComfyUI and Forge load "
+                                        "and diffusers reads for FLUX.1-sized models. "
                                         "diffusers: unet.….lora_A/lora_B keys, what pipe.load_lora_weights reads. "
                                         "peft: base_model.model.….lora_A/lora_B keys, a PeftModel's state dict; with "
                                         "--out a folder (no .safetensors suffix), peft's save_pretrained layout "
@@ -76,7 +80,9 @@ def add_export_parser(lora_sub) -> None:
                    help="the pipeline the LoRA adapts (default: the one its fewstep.json records). With --format "
                         "kohya an SDXL base gets kohya's SDXL module names, the original (SGM) blocks "
                         "(lora_unet_input_blocks_4_1_…), which AUTOMATIC1111 maps right; SD 1.x/2.x keep diffusers' "
-                        "block names (lora_unet_down_blocks_1_…), kohya's SD 1.x convention")
+                        "block names (lora_unet_down_blocks_1_…), kohya's SD 1.x convention; a FLUX or SD3 LoRA needs "
+                        "its base (recorded, or this) for kohya's names, the two transformers' diffusers names being "
+                        "alike")
     e.set_defaults(func=run_export)
 
 

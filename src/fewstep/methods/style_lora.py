@@ -1,5 +1,6 @@
 """A style LoRA τ_style (the LCM-LoRA paper's fine-tuned models, Luo et al. 2023b §3): the ordinary
-ε-prediction diffusion loss (:class:`fewstep.objectives.denoising.DenoisingLoss`) on a captioned set's
+diffusion loss of the base (:class:`fewstep.objectives.denoising.DenoisingLoss`: ε-prediction for SD/SDXL, the
+rectified-flow velocity loss for FLUX/SD3, whose adapters are saved under "transformer.") on a captioned set's
 VAE latents and cached prompt embeddings, only the adapters trained (text encoder and VAE frozen),
 captions dropped to the empty prompt so classifier-free guidance keeps working. Combined with an
 LCM-LoRA it samples in a few steps with no further training (θ_pre + λ1·τ_style + λ2·τ_LCM)."""
@@ -38,5 +39,6 @@ def train_style_lora(base: Model, data: ImageData, out: str | Path, config: Trai
             "base_parameters": total, "training": run.record("style-lora", result, base.path)}
     what = (f"A style LoRA for `{base.path}` fine-tuned on `{data.name}` ({len(data)} images), rank {rank}. Combine it "
             f"with an LCM-LoRA and sample in 4 steps with no further training:")
-    usage = (f"```\nfewstep sample --model {base.path} --lora {out}:1.0 --lora models/emoji-lcm-lora:1.0 --steps 4\n```")
+    lcm_lora = "models/emoji-lcm-lora" if base.config.param.space.name != "flow" else "LCM_LORA_OF_THIS_BASE"
+    usage = (f"```\nfewstep sample --model {base.path} --lora {out}:1.0 --lora {lcm_lora}:1.0 --steps 4\n```")
     return save_lora(out, unet, info, readme(Path(out).name, what, usage, command), pipeline=base.diffusers_pipeline)

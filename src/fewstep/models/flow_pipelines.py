@@ -91,8 +91,11 @@ def flow_family(index: dict, folder: Path) -> FlowFamily | None:
     return None
 
 
-def load_flow_parts(folder: Path, family: FlowFamily, dtype: torch.dtype, variant: str | None) -> dict:
-    """The parts of a FLUX / SD3 folder (safetensors only), its parts' configs checked against each other first."""
+def load_flow_parts(folder: Path, family: FlowFamily, dtype: torch.dtype, variant: str | None,
+                    skip: tuple[str, ...] = ()) -> dict:
+    """The parts of a FLUX / SD3 folder (safetensors only), its parts' configs checked against each other first;
+    the networks named in ``skip`` (read from elsewhere: a single file's transformer) are not loaded, their
+    configs still checked (tokenizers are always the folder's)."""
     import diffusers
     import transformers
 
@@ -102,13 +105,14 @@ def load_flow_parts(folder: Path, family: FlowFamily, dtype: torch.dtype, varian
         raise FewstepError(f"{folder} lacks {', '.join(missing)}/: not a {family.pipeline} folder")
     check_flow_parts_fit(folder, family)
     kw = {"use_safetensors": True, "torch_dtype": dtype, "variant": variant}
-    transformer = getattr(diffusers, family.transformer).from_pretrained(folder / "transformer", **kw)
-    parts = {"transformer": transformer, "vae": diffusers.AutoencoderKL.from_pretrained(folder / "vae", **kw)}
+    parts = {name: getattr(diffusers, cls).from_pretrained(folder / name, **kw)
+             for name, cls in (("transformer", family.transformer), ("vae", "AutoencoderKL")) if name not in skip}
     for encoder, tokenizer, cls in family.encoders:
         if not (folder / encoder).is_dir():                        # SD3 without T5: zeros, as diffusers
             parts[encoder], parts[tokenizer] = None, None
             continue
-        parts[encoder] = load_text_encoder(getattr(transformers, cls), folder / encoder, kw)
+        if encoder not in skip:
+            parts[encoder] = load_text_encoder(getattr(transformers, cls), folder / encoder, kw)
         tok_cls = transformers.T5TokenizerFast if cls == "T5EncoderModel" else transformers.CLIPTokenizer
         parts[tokenizer] = tok_cls.from_pretrained(folder / tokenizer)
     return parts

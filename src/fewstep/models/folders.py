@@ -7,7 +7,8 @@ Two layouts, both safetensors + JSON, never pickles, and loading never executes 
       unet/          UNet2DModel           fewstep.json (optional: any local SD 1.x/2.x folder works)
       README.md                            README.md
 
-and, read only, a single-file original-format SD 1.x/2.x/SDXL ``.safetensors`` checkpoint (:mod:`.single_file`).
+and, read only, a single-file original-format SD 1.x/2.x/SDXL ``.safetensors`` checkpoint, or a FLUX / SD3
+transformer's with a folder's other parts (:mod:`.single_file`).
 
 ``StableDiffusionPipeline.from_pretrained`` (or ``LatentConsistencyModelPipeline`` for an LCM) loads a
 pipeline folder unchanged. A progressive-distillation folder holds its other students as complete
@@ -84,7 +85,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
             raise FewstepError(f"{folder} is a single file: --variant picks the weight files of a folder")
         from .single_file import read_single_file
 
-        return new_pipeline(path=folder, **read_single_file(folder, dtype, config, pipeline_class)).eval().to(device)
+        parts = read_single_file(folder, dtype, config, pipeline_class)
+        if "family" in parts:                     # a FLUX / SD3 transformer with its folder's other parts
+            return new_flow_pipeline(path=folder, **parts).eval().to(device)
+        return new_pipeline(path=folder, **parts).eval().to(device)
     if not folder.is_dir():
         raise FewstepError(f"model folder {folder} does not exist (nor a checkpoint file of that name)")
     if config is not None:

@@ -15,8 +15,16 @@ layouts written here, each with diffusers' own converters (``diffusers.utils.sta
   take as they are (tests/test_lora_export_tools.py replays both tools' rules). The file's metadata carries
   kohya's ``ss_base_model_version``, by which AUTOMATIC1111 lists a LoRA for SDXL or SD 1.x/2.x models.
   α is the adapter's own (the rank unless its metadata says otherwise: scale α/r = 1), so the weights are
-  fewstep's exactly.
-- ``diffusers``: ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, what ``pipe.load_lora_weights`` reads.
+  fewstep's exactly. FLUX and SD3 LoRAs (``transformer.`` keys) get sd-scripts' names of the original transformer
+  (networks/lora_flux.py, lora_sd3.py: ``lora_unet_double_blocks_0_img_attn_qkv``,
+  ``lora_unet_joint_blocks_0_x_block_attn_qkv``), q/k/v fused as sd-scripts' convert_flux_lora.py fuses them
+  (:mod:`fewstep.models.flow_keys`): what ComfyUI's generic ``lora_unet_<path>`` rule maps onto its Flux / SD3
+  models, and diffusers' ``_convert_kohya_flux_lora_to_diffusers`` reads for FLUX.1's sizes (it hard-codes them;
+  its SD3 loader reads no kohya layout). fewstep reads them back itself (``--lora``,
+  :func:`fewstep.models.loras.flow_kohya_state`). The metadata's ``ss_base_model_version`` is sd-scripts' ("flux1";
+  SD3: "medium", "5-medium", "5-large").
+- ``diffusers``: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (``transformer.`` for FLUX / SD3), what
+  ``pipe.load_lora_weights`` reads (and ComfyUI's Flux / SD3 branch of ``model_lora_keys_unet``).
 - ``peft``: ``base_model.model.<module>.lora_A.weight``, a ``PeftModel``'s state dict. To a ``.safetensors``
   file, that alone; to a folder, peft's ``save_pretrained`` layout (``adapter_model.safetensors`` +
   ``adapter_config.json``) that ``PeftModel.from_pretrained(unet, FOLDER)`` loads onto the base UNet.
@@ -37,6 +45,7 @@ from torch import Tensor
 from ..errors import FewstepError
 from ..io.atomic import allow_replacing, atomic_path, check_writable
 from .config import read_json
+from .flow_keys import FLUX, peft_to_kohya
 from .folders import shipped_models_dir, write_folder
 from .ldm_keys import kohya_name, unet_block_map, unet_key
 from .loras import LORA_SET, lora_file, lora_info, lora_metadata
@@ -75,12 +84,17 @@ def export_lora(lora: str | Path, layout: str, out: str | Path, overwrite: bool 
     rank = next(iter(ranks.values())) if len(set(ranks.values())) == 1 else info.get("rank")
     alpha = info.get("alpha")                     # None: each module's α is its rank (diffusers' reading)
     metadata = {"format": "pt", **lora_metadata(info, layout, rank, alpha if alpha is not None else rank)}
-    if layout == "kohya":
+    prefix = next(iter(state)).split(".", 1)[0] + "."        # "unet." or a FLUX / SD3 LoRA's "transformer."
+    if layout == "kohya" and prefix == "transformer.":
+        family, config = flow_transformer_config(base, info.get("base"))
+        metadata.update(flow_kohya_version(family, config))
+        state = peft_to_kohya(state, family, config, alpha=alpha)
+    elif layout == "kohya":
         sdxl = sdxl_unet_config(state, base, info.get("base"))
         metadata.update(kohya_version(state, sdxl is not None))
         state = kohya_state(state, alpha, sdxl)
     elif layout == "peft":
-        state = {PEFT_PREFIX + k[len("unet."):]: v for k, v in state.items()}
+        state = {PEFT_PREFIX + k[len(prefix):]: v for k, v in state.items()}
     tensors = {k: v.contiguous() for k, v in state.items()}
     with allow_replacing(out) if overwrite else nullcontext():
         if not folder:
@@ -95,20 +109,62 @@ def export_lora(lora: str | Path, layout: str, out: str | Path, overwrite: bool 
 
 
 def unet_peft_state(state: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
-    """``state`` with peft's key names under diffusers' ``unet.`` prefix (``unet.<module>.lora_A.weight``):
-    fewstep's own layout as it is, diffusers' older ``lora.down`` / ``lora.up`` names through diffusers'
-    ``convert_unet_state_dict_to_peft``. Anything else (kohya keys, text-encoder adapters, DoRA) is refused."""
+    """``state`` with peft's key names under diffusers' ``unet.`` prefix (``unet.<module>.lora_A.weight``), or
+    ``transformer.`` for a FLUX / SD3 LoRA: fewstep's own layout as it is, diffusers' older ``lora.down`` /
+    ``lora.up`` names through diffusers' ``convert_unet_state_dict_to_peft``. Anything else (kohya keys,
+    text-encoder adapters, DoRA, both prefixes in one file) is refused."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     if any(k.startswith(("lora_unet_", "lora_te")) for k in state):
         raise FewstepError(f"LoRA {source} is already in kohya's layout (lora_unet_… keys); AUTOMATIC1111 and "
                            f"ComfyUI load it as it is")
     converted = convert_unet_state_dict_to_peft(state)
-    bad = [k for k in converted if not (k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")))]
+    prefix = next(iter(converted), "unet.").split(".", 1)[0] + "."
+    bad = [k for k in converted if not (k.startswith(prefix) and prefix in ("unet.", "transformer.")
+                                        and k.endswith((".lora_A.weight", ".lora_B.weight")))]
     if bad or not converted:
-        raise FewstepError(f"LoRA {source} is not a UNet LoRA in fewstep's layout (unet.<module>.lora_A.weight): "
+        raise FewstepError(f"LoRA {source} is not a UNet or transformer LoRA in fewstep's layout "
+                           f"(unet.<module>.lora_A.weight, transformer.<module>.lora_A.weight): "
                            + (f"it has the key {bad[0]!r}" if bad else "it is empty"))
     return converted
+
+
+def flow_transformer_config(base: str | Path | None, recorded: str | None) -> tuple[str, dict]:
+    """(class name, config) of the FLUX / SD3 transformer a LoRA adapts: from ``base`` (a pipeline folder), else the
+    base its record names (as given, or a shipped ``models/NAME``). kohya's names are the original transformer's,
+    which differ between FLUX and SD3 (whose diffusers module names are alike), so without one it is refused."""
+    for folder in _base_candidates(base, recorded):
+        config_file = folder / "transformer" / "config.json"
+        if config_file.is_file():
+            config = read_json(config_file)
+            return config.get("_class_name", ""), config
+    if base is not None:
+        raise FewstepError(f"--base {base} is not a FLUX or SD3 pipeline folder (no transformer/config.json)")
+    raise FewstepError(f"the LoRA adapts a transformer but names no base folder fewstep can find ({recorded}); give "
+                       f"the FLUX or SD3 pipeline it adapts with --base DIR: kohya's module names are that "
+                       f"transformer's original ones")
+
+
+def _base_candidates(base: str | Path | None, recorded: str | None) -> list[Path]:
+    """Where a LoRA's base pipeline folder may be: ``base`` if given; else the recorded path, and a shipped
+    ``models/NAME`` of the same name."""
+    if base is not None:
+        return [Path(base)]
+    if not recorded:
+        return []
+    return [Path(recorded)] + ([shipped_models_dir() / Path(recorded).name]
+                               if Path(recorded).parts[:1] == ("models",) else [])
+
+
+def flow_kohya_version(family: str, config: dict) -> dict[str, str]:
+    """kohya's ``ss_base_model_version`` of a FLUX / SD3 LoRA, as sd-scripts writes it: "flux1" (library/flux_utils.py
+    line 23, ``MODEL_VERSION_FLUX_V1``); for SD3 the MMDiT's ``model_type`` (library/sd3_utils.py lines 54–60:
+    "5-large" with qk norms and no dual attention, "5-medium" with both, "medium" without qk norms)."""
+    if family == FLUX:
+        return {"ss_base_model_version": "flux1"}
+    if not config.get("qk_norm"):
+        return {"ss_base_model_version": "medium"}
+    return {"ss_base_model_version": "5-medium" if config.get("dual_attention_layers") else "5-large"}
 
 
 def kohya_state(state: dict[str, Tensor], alpha: float | None = None, unet_config: dict | None = None
@@ -160,11 +216,7 @@ def sdxl_unet_config(state: dict[str, Tensor], base: str | Path | None, recorded
     ``base`` (given: a pipeline folder, which must exist), else the base its record names (where that folder
     is found: as given, or a shipped ``models/NAME``), else from the LoRA's own shapes: cross-attention keys of
     width 2048 are SDXL's (its published config, shipped in ``single_file_configs/sdxl-base``)."""
-    candidates = [Path(base)] if base is not None else []
-    if base is None and recorded:
-        candidates = [Path(recorded)] + ([shipped_models_dir() / Path(recorded).name]
-                                         if Path(recorded).parts[:1] == ("models",) else [])
-    for folder in candidates:
+    for folder in _base_candidates(base, recorded):
         if (folder / "unet" / "config.json").is_file():
             config = read_json(folder / "unet" / "config.json")
             return config if config.get("addition_embed_type") == "text_time" else None
@@ -181,7 +233,7 @@ def peft_config(ranks: dict[str, int], alpha: float | None, base: str | None):
 
     from peft import LoraConfig
 
-    modules = [m[len("unet."):] for m in ranks]
+    modules = [m.split(".", 1)[1] for m in ranks]                    # without "unet." / "transformer."
     r = Counter(ranks.values()).most_common(1)[0][0]
     rank_pattern = {m: v for m, v in zip(modules, ranks.values()) if v != r}
     lora_alpha = alpha if alpha is not None else r

@@ -212,16 +212,21 @@ def _set_readme(folder: Path, entries: list[dict], base) -> str:
         return f"pipe.load_lora_weights('{member}', adapter_name='{name}')\n"
 
     lcm = next((e for e in entries if e["kind"] in ACCELERATORS), None)
-    sched, what = ("TCDScheduler", "a TCD-LoRA") if lcm and lcm["kind"] == TCD_LORA else ("LCMScheduler", "an LCM-LoRA")
+    index = Path(base) / "model_index.json"      # the base's own pipeline class (SD, SDXL, FLUX, SD3)
+    cls = (json.loads(index.read_text()).get("_class_name") if index.is_file() else None) or "StableDiffusionPipeline"
+    flow = cls in ("FluxPipeline", "StableDiffusion3Pipeline")
+    sched, what = ("TCDScheduler", "a TCD-LoRA") if lcm and lcm["kind"] == TCD_LORA else (
+        "FlowMatchLCMScheduler" if flow else "LCMScheduler", "an LCM-LoRA")
+    steps = "" if flow else f", original_inference_steps={lcm.get('original_inference_steps', 50) if lcm else 50}"
     return (f"# {folder.name}\n\nLoRAs for `{base}`, unfused, with their weights: "
             + ", ".join(f"`{e['source']}` × {e['weight']:g}" for e in entries) + ".\n\n"
             f"`fewstep sample --model {base} --lora {folder}` applies them all. In diffusers:\n\n```python\n"
-            f"from diffusers import StableDiffusionPipeline{', ' + sched if lcm else ''}\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained('{base}')\n"
+            f"from diffusers import {cls}{', ' + sched if lcm else ''}\n"
+            f"pipe = {cls}.from_pretrained('{base}')\n"
             + "".join(load(e, n) for e, n in zip(entries, names))
             + f"pipe.set_adapters({names}, adapter_weights={[e['weight'] for e in entries]})\n"
-            + (f"pipe.scheduler = {sched}.from_config(pipe.scheduler.config, original_inference_steps="
-               f"{lcm.get('original_inference_steps', 50)})  # {what} is among them\n" if lcm else "")
+            + (f"pipe.scheduler = {sched}.from_config(pipe.scheduler.config{steps})  # {what} is among them\n"
+               if lcm else "")
             + "```\n")
 
 
@@ -333,6 +338,24 @@ def original_kohya_state(path: Path, unet) -> dict[str, torch.Tensor] | None:
         return kohya_original_to_diffusers({k: f.get_tensor(k) for k in f.keys()}, unet)
 
 
+def flow_kohya_state(path: Path, transformer) -> dict[str, torch.Tensor] | None:
+    """A kohya file with the original FLUX / SD3 module names (sd-scripts' ``lora_unet_double_blocks_…`` /
+    ``lora_unet_joint_blocks_…``, ``fewstep lora export --format kohya``) in peft's names of ``transformer``'s own
+    modules (:func:`fewstep.models.flow_keys.kohya_to_peft`): diffusers' FLUX reader assumes FLUX.1's sizes
+    (``_convert_kohya_flux_lora_to_diffusers`` splits ``linear1`` as 3072·3 + 12288 rows) and its SD3 loader reads
+    no kohya names at all. None for any other layout."""
+    from safetensors import safe_open
+
+    from .flow_keys import is_kohya_original, kohya_to_peft, meta_shapes
+
+    with safe_open(str(path), "pt") as f:
+        if not is_kohya_original(f.keys()):
+            return None
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    family = type(transformer).__name__
+    return kohya_to_peft(state, family, transformer.config, meta_shapes(family, transformer.config))
+
+
 def _load(pipe, path: Path, name: str, base: Path) -> None:
     """Load one LoRA file as adapter ``name`` through diffusers' loader; a LoRA made for another base model
     (other shapes or module names, no weights for this UNet, keys it lacks) is a clear error."""
@@ -347,7 +370,7 @@ def _load(pipe, path: Path, name: str, base: Path) -> None:
             warnings.simplefilter("always")
             backbone = pipe_backbone(pipe)
             state = peft_unet_state(path, backbone_prefix(backbone)) or (
-                original_kohya_state(path, backbone) if hasattr(pipe, "unet") else None)
+                original_kohya_state(path, backbone) if hasattr(pipe, "unet") else flow_kohya_state(path, backbone))
             if state is not None:
                 pipe.load_lora_weights(state, adapter_name=name)
             else:

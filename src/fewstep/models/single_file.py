@@ -1,5 +1,6 @@
 """Single-file checkpoints: the original-format (LDM / AUTOMATIC1111 / ComfyUI) ``.safetensors`` of SD 1.x,
-SD 2.x and SDXL base, read as the parts of a pipeline model (``load_model`` builds the model).
+SD 2.x and SDXL base, read as the parts of a pipeline model (``load_model`` builds the model); FLUX and SD3
+transformers in their original layouts are dispatched to :mod:`fewstep.models.flow_single_file`.
 
 Follows diffusers' own single-file machinery (diffusers/loaders/single_file.py, single_file_utils.py): the
 checkpoint's type from ``infer_diffusers_model_type`` (it reads key names and shapes), then
@@ -36,13 +37,23 @@ SD2_BASE_STEP = 875000   # diffusers' _legacy_load_scheduler: SD 2 base (ε) is 
 def read_single_file(path: str | Path, dtype: torch.dtype | None = None, config: str | Path | None = None,
                      pipeline_class: Callable[[str], type] | None = None) -> dict:
     """A single-file checkpoint as the keyword arguments of :func:`fewstep.models.folders.new_pipeline` (its
-    parts, weights in ``dtype``, default float32; its ModelConfig; its scheduler config), its architecture from
+    parts, weights in ``dtype``, default float32; its ModelConfig; its scheduler config) or, for a FLUX / SD3
+    transformer, of :func:`fewstep.models.flow_pipelines.new_flow_pipeline` (with its "family";
+    :mod:`fewstep.models.flow_single_file`, ``config`` required), its architecture from
     ``config`` (a local diffusers folder, or a shipped config's name such as "sd-v2-base") or, by default, from
     the shipped config of the type diffusers infers. Its fewstep.json defaults come from the scheduler config,
     as a folder's without one (:func:`fewstep.models.config.pipeline_defaults`). ``pipeline_class``: diffusers'
     pipeline class by name (default ``getattr(diffusers, name)``)."""
     path = Path(path)
     shapes = read_shapes(path)
+    from .flow_single_file import flow_checkpoint_type, read_flow_single_file
+
+    try:
+        flow = flow_checkpoint_type(shapes)
+    except FewstepError as e:
+        raise FewstepError(f"{path}: {e}") from None
+    if flow is not None:                          # FLUX / SD3: the transformer, the rest from --config
+        return read_flow_single_file(path, shapes, *flow, dtype, config)
     kind = checkpoint_type(path, shapes)
     folder = config_folder(config) if config is not None else CONFIGS / _shipped_name(path, shapes, kind)
     xl = _check_config_fits(path, shapes, folder)
