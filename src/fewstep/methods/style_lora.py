@@ -38,7 +38,8 @@ def train_style_lora(base: Model, data: ImageData, out: str | Path, config: Trai
     info = {"kind": "style", "base": str(base.path), "dataset": data.name, "rank": rank, "trainable_parameters": lora,
             "base_parameters": total, "training": run.record("style-lora", result, base.path)}
     what = (f"A style LoRA for `{base.path}` fine-tuned on `{data.name}` ({len(data)} images), rank {rank}. Combine it "
-            f"with an LCM-LoRA and sample in 4 steps with no further training:")
-    lcm_lora = "models/emoji-lcm-lora" if base.config.param.space.name != "flow" else "LCM_LORA_OF_THIS_BASE"
-    usage = (f"```\nfewstep sample --model {base.path} --lora {out}:1.0 --lora {lcm_lora}:1.0 --steps 4\n```")
+            f"with an LCM-LoRA of the same base (`fewstep distill --method lcm-lora --teacher {base.path} ...`) and "
+            f"sample in 4 steps with no further training:")
+    usage = (f"```\nfewstep sample --model {base.path} --lora {out}:1.0 --lora LCM-LORA-OF-{Path(str(base.path)).name}:1.0 "
+             f"--steps 4\n```")
     return save_lora(out, unet, info, readme(Path(out).name, what, usage, command), pipeline=base.diffusers_pipeline)
