@@ -181,7 +181,9 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
                                        skip=settings.skip, target_ema=settings.target_ema)
     objective = family.objective(teacher.schedule, curriculum, get_distance(settings.distance), teacher=teacher_fn,
                                  solver=settings.solver, condition=condition, target=target)
-    result = run.fit(student.denoiser, objective, tensors, {**asdict(settings), "dataset": data.name}, params=params)
+    frozen = [teacher.denoiser] if teacher_fn is not None and target is None else None   # lcd/tcd: sharded under FSDP
+    result = run.fit(student.denoiser, objective, tensors, {**asdict(settings), "dataset": data.name}, params=params,
+                     frozen=frozen)
     if result is None:
         return None
     record = run.record(settings.method, result, teacher.path)

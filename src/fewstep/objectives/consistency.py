@@ -53,6 +53,11 @@ class EMACopy:
     def __call__(self, model: nn.Module, mu: float) -> nn.Module:
         if mu == 0 and self.net is None:
             return unwrap(model)
+        return self.make(model)
+
+    def make(self, model: nn.Module) -> nn.Module:
+        """The copy, made now from ``model``'s weights if it does not exist yet (the trainer makes it before FSDP
+        shards the student, and shards it alike: :meth:`ConsistencyLoss.networks`)."""
         if self.net is None:
             self.net = copy.deepcopy(unwrap(model)).requires_grad_(False)
             if self._pending is not None:
@@ -163,6 +168,14 @@ class ConsistencyLoss:
         return {**grid, "target_ema": self.curriculum.ema(self.step)}
 
     # --- trainer hooks -------------------------------------------------------------------------
+    def networks(self, model: nn.Module) -> list[nn.Module]:
+        """The networks this objective keeps beside ``model``: the EMA target copy where μ > 0 (made now, from the
+        unsharded student; the trainer shards it as it shards the student under FSDP, so its update stays
+        shard-local). A target of another kind (LCM-LoRA's second adapter) lives inside the student."""
+        if not isinstance(self.target, EMACopy) or self.curriculum.ema(0) <= 0:
+            return []
+        return [self.target.make(model)]
+
     def after_step(self, model: nn.Module, step: int) -> None:
         """θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ after each optimizer step (Song et al. 2023, Algorithm 2/3)."""
         mu = self.curriculum.ema(self.step)
