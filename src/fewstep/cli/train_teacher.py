@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
         folder = train_sd_teacher(data, args.out, train_config(args), vae_steps=0 if vae is not None else args.vae_steps,
                                   vae_lr=args.vae_lr, caption_dropout=args.label_dropout, command=command_line(args),
                                   xl=args.sdxl, vae=vae)
-        print(f"saved text-to-image teacher (diffusers pipeline) to {folder}")
+        if folder is not None:                          # None on the other processes of a multi-process run
+            print(f"saved text-to-image teacher (diffusers pipeline) to {folder}")
         return
     init = None
     if args.init_from:

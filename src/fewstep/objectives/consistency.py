@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..core.denoisers import append_dims
 from ..core.solvers import ODE_SOLVERS, ode_step
-from .base import ConditionFn, TeacherFn, rng_state, set_rng_state, unwrap
+from .base import ConditionFn, TeacherFn, is_fsdp_module, rng_state, set_rng_state, unwrap
 from .curricula import Curriculum
 from .distances import Distance
 
@@ -140,11 +140,12 @@ class ConsistencyLoss:
         at_zero = append_dims(lo == 0, x0.ndim)
         with torch.no_grad():
             x_lo = self.teacher_step(x_hi, hi, lo, cond) if self.teacher else x0 + append_dims(lo, x0.ndim) * noise
-            if bool(at_zero.all()):
+            if bool(at_zero.all()) and not is_fsdp_module(self.target_network(model)):
                 target = x_lo
             else:
                 set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
                 target = self.target_network(model)(x_lo, lo, **cond)
+                # (under FSDP the network runs anyway: every process must take part in its parameters' all-gathers)
                 # f(x, 0) = x: where a pair's lower level is 0 the target is x_lo itself, not the network there — for
                 # CT pairs x_lo = x0, the data (ECT's clamped r = 0: locuslab/ect training/loss.py:70-79, whose
                 # network at r = 0 is NaN where EDM's c_noise = ln r / 4 is −∞); where the network meets f(x, 0) = x

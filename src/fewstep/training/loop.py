@@ -120,7 +120,7 @@ class TrainResult:
 
 def train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Batches, config: TrainConfig,
           accelerator: Accelerator | None = None, params: list[nn.Parameter] | None = None,
-          frozen: list[nn.Module] | None = None) -> TrainResult:
+          frozen: list[nn.Module] | None = None, everywhere: bool = False) -> TrainResult:
     """Train ``model`` (the module whose weights are optimized) on in-memory ``data`` tensors, or on
     :class:`Batches` computed per batch.
 
@@ -131,15 +131,17 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Batc
     one run at a time per folder (a lock file).
 
     Under FSDP the returned modules are plain (unsharded) on the main process; the other processes get the sharded
-    student back (they save nothing).
+    student back (they save nothing), or, with ``everywhere``, the plain modules too (a stage whose result the next
+    stage runs on every process: the VAE before its pipeline's UNet).
     """
     acc = enable_fsdp(accelerator or make_accelerator(config.mixed_precision))
     with WorkDirLock(config.out_dir) if acc.is_main_process else contextlib.nullcontext():
-        return _train(model, objective, data, config, acc, params, frozen or [])
+        return _train(model, objective, data, config, acc, params, frozen or [], everywhere)
 
 
 def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Batches, config: TrainConfig,
-           acc: Accelerator, params: list[nn.Parameter] | None, frozen: list[nn.Module]) -> TrainResult:
+           acc: Accelerator, params: list[nn.Parameter] | None, frozen: list[nn.Module], everywhere: bool = False
+           ) -> TrainResult:
     out = Path(config.out_dir)
     ckpt_root = out / "checkpoints"
     n_data = len(data) if hasattr(data, "batch") else len(next(iter(data.values())))
@@ -153,7 +155,8 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Bat
         _check_shardable(config)
     optimizer = make_optimizer(params, config.optimizer, config.lr, config.adam_betas, config.weight_decay)
     if sharded:
-        frame = skeleton(model) if acc.is_main_process else None   # the plain module the result is gathered into
+        keep = acc.is_main_process or everywhere
+        frame = skeleton(model) if keep else None          # the plain module the result is gathered into
         default_wrap_policy(acc, model)
         own = objective.networks(model) if hasattr(objective, "networks") else []   # made from the unsharded student
     ddp_model, optimizer = acc.prepare(model, optimizer)
@@ -189,7 +192,10 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Bat
             torch.manual_seed(_seed(config.seed, step, g, 0))
             idx = order.indices(step * config.batch_size + g * micro, micro)
             batch = {k: v.to(acc.device) for k, v in _batch(data, idx, config.seed, step, g, 0).items()}
-            sync = acc.no_sync(ddp_model) if m < config.grad_accum - 1 else contextlib.nullcontext()
+            # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch, since holding the gradients
+            # unsharded until the last one (its no_sync) would keep a full gradient copy on every process
+            last = m == config.grad_accum - 1
+            sync = acc.no_sync(ddp_model) if not (last or sharded) else contextlib.nullcontext()
             with sync:
                 with acc.autocast():
                     loss, logs = objective(ddp_model, batch)
@@ -230,10 +236,9 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Bat
     if not sharded:
         averaged = trained if ema is None else _with_ema_weights(trained, ema, params)
         return TrainResult(trained, averaged, step, loss_value, seconds, config)
-    main = acc.is_main_process
-    online = gathered(trained.state_dict(), keep=main)
-    shadow = gathered(dict(zip(names, ema.shadow_params)), keep=main) if ema is not None else None
-    if not main:
+    online = gathered(trained.state_dict(), keep=keep)
+    shadow = gathered(dict(zip(names, ema.shadow_params)), keep=keep) if ema is not None else None
+    if not keep:
         return TrainResult(trained, trained, step, loss_value, seconds, config, shards)
     plain = unsharded(frame, online)
     averaged = plain

@@ -23,7 +23,8 @@ Which blocks are wrapped (sharded and gathered as one unit): the launcher's ``--
 given; otherwise fewstep wraps each block a model names in its ``_no_split_modules`` (diffusers sets them for
 ``UNet2DConditionModel`` — ``BasicTransformerBlock``, ``ResnetBlock2D``, … — for SD3's and FLUX's transformers,
 transformers for CLIP's encoder layers), or, for a model naming none (``UNet2DModel``), each ``ResnetBlock2D``
-and ``Attention`` (:func:`block_classes`). That is accelerate's ``TRANSFORMER_BASED_WRAP`` with those classes.
+and ``Attention``; and the diffusers / transformers model itself around them (:func:`block_classes`). That is
+accelerate's ``TRANSFORMER_BASED_WRAP`` with those classes.
 
 accelerate 1.16 turns ``--use_fsdp`` into FSDP only on accelerator devices (``AcceleratorState`` sets
 ``DistributedType.FSDP`` for MULTI_GPU, MULTI_XPU, …, never for MULTI_CPU); on CPU processes (``ACCELERATE_USE_CPU=1``,
@@ -51,6 +52,7 @@ from torch import Tensor, nn
 from ..errors import FewstepError
 
 FALLBACK_BLOCKS = ("ResnetBlock2D", "Attention")   # diffusers' blocks, for a model whose classes name none
+CODEC_METHODS = ("encode", "decode")    # a model called through these (a VAE) is no unit of its own (block_classes)
 
 
 def fsdp_requested() -> bool:
@@ -95,11 +97,33 @@ def is_sharded(acc) -> bool:
 
 def block_classes(model: nn.Module) -> list[str]:
     """The class names FSDP wraps one by one in ``model``: every ``_no_split_modules`` entry of its modules that
-    it instantiates, or :data:`FALLBACK_BLOCKS` where none is named."""
+    it instantiates (or :data:`FALLBACK_BLOCKS` where none is named), and each diffusers / transformers model inside
+    it (a class with ``_no_split_modules``, the UNet, a text encoder), so that a call into that model from any
+    wrapper — the student's denoiser, a teacher's, LCM-LoRA's adapters-off teacher on the student's own UNet —
+    gathers its parameters, not only a call through the root. A VAE is the exception: it is called through
+    ``encode``/``decode``, around which FSDP gathers nothing (their outputs hold no tensor for its backward hooks), so
+    its own parameters stay with the unit around it, whose forward runs."""
     present = {type(m).__name__ for m in model.modules()}
     named = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
-    found = sorted(named & present)
-    return found or sorted(set(FALLBACK_BLOCKS) & present)
+    blocks = sorted(named & present) or sorted(set(FALLBACK_BLOCKS) & present)
+    models = sorted({type(m).__name__ for m in model.modules() if m is not model and hasattr(m, "_no_split_modules")
+                     and not any(callable(getattr(m, name, None)) for name in CODEC_METHODS)})
+    return blocks + [m for m in models if m not in blocks]
+
+
+def largest_unit(model: nn.Module, classes: list[str] | None = None) -> int:
+    """The parameters of ``model``'s largest FSDP unit under the wrap of ``classes`` (default
+    :func:`block_classes`): a unit owns the parameters of its module that no unit inside it owns; the root is one."""
+    classes = set(block_classes(model) if classes is None else classes)
+    units = [model] + [m for m in model.modules() if m is not model and type(m).__name__ in classes]
+    owner: dict[int, int] = {}
+    for i, unit in enumerate(units):          # outer units first: an inner unit takes its parameters over
+        for p in unit.parameters():
+            owner[id(p)] = i
+    sizes = [0] * len(units)
+    for p in {id(p): p for p in model.parameters()}.values():
+        sizes[owner[id(p)]] += p.numel()
+    return max(sizes)
 
 
 def default_wrap_policy(acc, model: nn.Module) -> None:
