@@ -9,9 +9,17 @@ Under ``accelerate launch --use_fsdp --fsdp_version 2 --num_processes N`` each p
   the same way and its update is shard-local);
 - an objective's target network (the consistency target, :class:`fewstep.objectives.consistency.EMACopy`): made
   from the student before sharding, sharded the same way (:func:`shard`), updated shard by shard;
-- the frozen teacher a recipe names (``Run.fit(frozen=[teacher.denoiser])``): sharded with the same policy and
-  all-gathered block by block for each of its (no-grad) forwards. A frozen module a recipe does not name stays
-  replicated, whole on every process, and :mod:`fewstep.training.memory` counts it so.
+- the frozen teacher a recipe names (``Run.fit(frozen=[teacher.denoiser])``: CD, LCD, TCD, guided, sCD): sharded
+  with the same policy and all-gathered block by block for each of its (no-grad) forwards. A frozen module a
+  recipe does not name (a pipeline's VAE and text encoders, progressive distillation's round teachers, ACT's small
+  discriminator and sCM's weighting network, whose gradients their objectives all-reduce) stays replicated, whole
+  on every process, and :mod:`fewstep.training.memory` counts it so;
+- a LoRA run's frozen base, which is part of the student module: sharded with it (the adapters train, the base's
+  shards just sit there), and LCM-LoRA's adapters-off teacher and target adapter run on those shards.
+
+Gradient accumulation reduce-scatters every micro-batch (accelerate's ``no_sync`` would hold full gradients until
+the last one). Where an objective would skip a network call for data on one process only (a consistency target
+whose pairs all sit at σ = 0), it calls it anyway under FSDP: every process must take part in the all-gathers.
 
 Checkpoints and the final model are gathered to full tensors one tensor at a time (:func:`gathered`) and written
 by the main process only, so they are the very files a single-process run writes: a model folder is an ordinary
