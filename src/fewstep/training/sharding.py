@@ -136,15 +136,17 @@ def largest_unit(model: nn.Module, classes: list[str] | None = None) -> int:
 
 def default_wrap_policy(acc, model: nn.Module) -> None:
     """Where the launcher chose no ``--fsdp_auto_wrap_policy``: accelerate's transformer-based policy on
-    :func:`block_classes` (module docstring). Called before ``prepare``."""
+    :func:`block_classes` of ``model`` (module docstring), made again for each model a process trains (accelerate
+    binds the policy to the classes of the model it prepares). Called before ``prepare``."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     plugin = acc.state.fsdp_plugin
-    if plugin.auto_wrap_policy is None and "FSDP_AUTO_WRAP_POLICY" not in os.environ:
+    ours = getattr(plugin, "_fewstep_wrap", False)      # set for an earlier model of this process (a VAE stage)
+    if ours or (plugin.auto_wrap_policy is None and "FSDP_AUTO_WRAP_POLICY" not in os.environ):
         classes = block_classes(model)
-        if classes:
-            plugin.auto_wrap_policy = transformer_auto_wrap_policy
-            plugin.transformer_cls_names_to_wrap = classes
+        plugin.auto_wrap_policy = transformer_auto_wrap_policy if classes else None
+        plugin.transformer_cls_names_to_wrap = classes or None
+        plugin._fewstep_wrap = True
 
 
 def _wraps(plugin, module: nn.Module) -> bool:
