@@ -84,14 +84,16 @@ def run(args: argparse.Namespace) -> None:
                                    f"pipeline's VAE: add --vae-from PIPELINE (e.g. models/emoji-sd)")
             folder = train_flow_teacher(data, args.out, train_config(args), vae, args.family,
                                         caption_dropout=args.label_dropout, shift=args.shift, command=command_line(args))
-            print(f"saved text-to-image teacher ({args.family} pipeline) to {folder}")
+            if folder is not None:
+                print(f"saved text-to-image teacher ({args.family} pipeline) to {folder}")
             return
         if args.shift is not None:
             raise FewstepError("--shift is the flow scheduler's time shift: it applies to --family flux or sd3")
         folder = train_sd_teacher(data, args.out, train_config(args), vae_steps=0 if vae is not None else args.vae_steps,
                                   vae_lr=args.vae_lr, caption_dropout=args.label_dropout, command=command_line(args),
                                   xl=args.sdxl or args.family == "sdxl", vae=vae)
-        print(f"saved text-to-image teacher (diffusers pipeline) to {folder}")
+        if folder is not None:                          # None on the other processes of a multi-process run
+            print(f"saved text-to-image teacher (diffusers pipeline) to {folder}")
         return
     init = None
     if args.init_from:

@@ -123,7 +123,8 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
                                                settings.r1_gamma, settings.r1_interval, settings.augment,
                                                settings.gan_weighting)
     result = run.fit(student.denoiser, objective, student.training_data(data),
-                     {**asdict(settings), "dataset": data.name, "curriculum": asdict(curriculum)})
+                     {**asdict(settings), "dataset": data.name, "curriculum": asdict(curriculum)},
+                     frozen=[teacher.denoiser] if method == "cd" else None)   # the teacher: sharded under FSDP
     if result is None:
         return None
     record = run.record(method, result, teacher.path if teacher else None, distilled_guidance_scale=guidance,

@@ -80,7 +80,8 @@ def distill_guided(data: ImageData, out: str | Path, config: TrainConfig, settin
     objective = GuidedDistillationLoss(per_sample_cfg(teacher.denoiser, teacher.conditioner.null_like),
                                        teacher.schedule, teacher.conditioner.training_condition(settings.label_dropout),
                                        (lo, hi))
-    result = run.fit(student.denoiser, objective, tensors, {**vars(settings), "dataset": data.name})
+    result = run.fit(student.denoiser, objective, tensors, {**vars(settings), "dataset": data.name},
+                     frozen=[teacher.denoiser])            # the teacher: sharded with the student under FSDP
     if result is None:
         return None
     record = run.record("guided", result, teacher.path, parameters=parameters(student.net))

@@ -25,6 +25,7 @@ names, the student's config, the objective, the diffusers scheduler and the LoRA
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +45,7 @@ from ..objectives.consistency import ConsistencyLoss
 from ..objectives.curricula import Curriculum
 from ..objectives.distances import get_distance
 from ..training import TrainConfig
-from ..training.memory import check_fits, training_bytes
+from ..training.memory import check_fits, footprint
 from .common import Run, readme
 from .registry import Method, register
 
@@ -182,7 +183,7 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
         teacher_fn = with_scales(per_sample_cfg(AdaptersOff(teacher.denoiser, unet), null), lo, hi)
     else:
         if config.memory_check:
-            _check_fits(teacher, config, run.device)
+            _check_fits(teacher, config, run, frozen_sharded=settings.method != "lcf")
         distil = settings.method != "lcf"           # lcd, tcd: a w-conditioned copy of the teacher; lcf: the LCM itself
         unet = (guidance_conditioned(teacher.backbone, settings.cond_proj_dim) if distil
                 else copy.deepcopy(teacher.net)).float().requires_grad_(True)  # fp32 under a bf16/fp16 teacher
@@ -198,7 +199,9 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
                                        skip=settings.skip, target_ema=settings.target_ema)
     objective = family.objective(teacher.schedule, curriculum, get_distance(settings.distance), teacher=teacher_fn,
                                  solver=settings.solver, condition=condition, target=target)
-    result = run.fit(student.denoiser, objective, tensors, {**asdict(settings), "dataset": data.name}, params=params)
+    frozen = [teacher.denoiser] if teacher_fn is not None and target is None else None   # lcd/tcd: sharded under FSDP
+    result = run.fit(student.denoiser, objective, tensors, {**asdict(settings), "dataset": data.name}, params=params,
+                     frozen=frozen)
     if result is None:
         return None
     record = run.record(settings.method, result, teacher.path)
@@ -218,15 +221,26 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
     return save_model(out, final, readme(Path(out).name, what, usage, command))
 
 
-def _check_fits(teacher: Model, config: TrainConfig, device) -> None:
-    """LCD/LCF train a full copy of the UNet: refuse before copying it if its weights cannot fit."""
-    n = sum(p.numel() for p in teacher.backbone.parameters())
+def _check_fits(teacher: Model, config: TrainConfig, run: Run, frozen_sharded: bool = True) -> None:
+    """LCD/LCF train a full copy of the UNet: refuse before copying it if its weights cannot fit — under FSDP per
+    process, the student's state and LCD's teacher (sharded with it; LCF's loaded LCM stays whole) divided over the
+    processes."""
+    from ..training.sharding import largest_unit
+
+    backbone = teacher.backbone
+    n = sum(p.numel() for p in backbone.parameters())
+    teacher_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters())
     ema = config.ema_decay > 0
     advice = ("Add --ema 0 (the target is then the only EMA; −{:.1f} GiB), ".format(4 * n / 2 ** 30) if ema else "") + (
-        "--optimizer adamw-8bit (−{:.1f} GiB), ".format(6 * n / 2 ** 30) if config.optimizer != "adamw-8bit" else "") + (
+        "--optimizer adamw-8bit (−{:.1f} GiB), ".format(6 * n / 2 ** 30)
+        if config.optimizer != "adamw-8bit" and not run.sharded else "") + (
         "use --method lcm-lora (adapters only), or a machine with more memory. ")
-    check_fits(training_bytes(n, target=True, ema=ema, optimizer=config.optimizer),
-               f"training a full copy of this {n / 1e6:.1f}M-parameter UNet", device, advice)
+    need = footprint(n, optimizer=config.optimizer, target=True, ema=ema, frozen=n,
+                     frozen_dtype=next(backbone.parameters()).dtype, frozen_sharded=frozen_sharded,
+                     unit=largest_unit(backbone))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", run.processes))
+    check_fits(need, f"training a full copy of this {n / 1e6:.1f}M-parameter UNet", run.device, advice,
+               processes=run.processes if run.sharded else 1, local_processes=local, resident=teacher_bytes)
 
 
 def with_scale_input(condition, lo: float, hi: float):

@@ -83,7 +83,8 @@ def distill_scm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
         jvp_method=settings.jvp, lr=config.lr)
     result = run.fit(student.denoiser, objective, student.training_data(data),
                      {**asdict(settings), "p_std": p_std, "tangent_warmup": objective.warmup_steps,
-                      "dataset": data.name})
+                      "dataset": data.name},
+                     frozen=[teacher.denoiser] if distil else None)   # sCD's teacher: sharded under FSDP
     if result is None:
         return None
     record = run.record(settings.method, result, teacher.path, distilled_guidance_scale=guidance,

@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from accelerate.state import PartialState
 from torch import Tensor, nn
 
 from ..core.denoisers import VPDenoiser
@@ -130,7 +131,7 @@ def train_vae(data: ImageData, config: TrainConfig, sizes: TinySDConfig) -> nn.M
     """The AutoencoderKL on the images, with SD's scaling_factor computed so its latents are unit-variance."""
     torch.manual_seed(config.seed)
     vae = train(VAEWithKL(build_vae(sizes)), VAELoss(), prepared(data, lambda d: {"images": d.images}),
-                config).ema.vae.eval()
+                config, everywhere=True).ema.vae.eval()         # every process encodes the UNet's latents with it
     with torch.no_grad():
         posterior = torch.cat([vae.encode(data.images[i:i + 256]).latent_dist.mean for i in range(0, len(data), 256)])
     vae.register_to_config(scaling_factor=float(1 / posterior.std()))   # 0.18215 for SD 1.x, computed likewise
@@ -140,9 +141,10 @@ def train_vae(data: ImageData, config: TrainConfig, sizes: TinySDConfig) -> nn.M
 def train_sd_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae_steps: int = 1000,
                      vae_lr: float = 1e-3, vae_batch: int = 64, sizes: TinySDConfig | None = None,
                      caption_dropout: float = 0.1, command: str = "", xl: bool = False, vae: nn.Module | None = None
-                     ) -> Path:
+                     ) -> Path | None:
     """Train the VAE (``vae_steps`` of ``vae_batch`` at ``vae_lr``; or take ``vae``, e.g. another teacher's),
-    then the text encoder(s) + UNet (``config``), and save a StableDiffusionPipeline folder at ``out`` — an
+    then the text encoder(s) + UNet (``config``), and save (the main process; the others return None) a
+    StableDiffusionPipeline folder at ``out`` — an
     SDXL one (two text encoders, pooled text and time ids; the empty prompt as the unconditional input) with
     ``xl``. Each stage resumes from its own checkpoints (``<out_dir>/vae``, ``<out_dir>/unet``)."""
     sizes = sizes or (TinySDXLConfig() if xl else TinySDConfig())
@@ -171,6 +173,8 @@ def train_sd_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae_
     objective = DenoisingLoss(schedule, dropout_condition({"input_ids": "input_ids"}, {"input_ids": empty},
                                                           caption_dropout))
     result = train(model, objective, tensors, unet_config)
+    if not PartialState().is_main_process:       # under accelerate launch the main process alone saves
+        return None
     ema = result.ema
     names = ("text_encoder", "text_encoder_2")
     training = {"command": command, "sizes": asdict(sizes), "caption_dropout": caption_dropout,

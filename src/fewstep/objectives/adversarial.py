@@ -86,6 +86,11 @@ class AdversarialConsistencyLoss:
         loss = torch.lerp(loss_ct, loss_g, self.gan_weight)
         return loss, {**self.consistency.logs(), "loss_ct": float(loss_ct.detach()), "loss_g": float(loss_g.detach()), **self._d_logs}
 
+    def networks(self, model: nn.Module) -> list[nn.Module]:
+        """The consistency target (sharded like the student under FSDP); the discriminator stays replicated (small,
+        its gradients all-reduced here)."""
+        return self.consistency.networks(model)
+
     def after_step(self, model: nn.Module, step: int) -> None:
         self.consistency.after_step(model, step)
         if self._last is None:

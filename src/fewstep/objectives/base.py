@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..core.denoisers import append_dims, unwrap
 
-__all__ = ["Cond", "ConditionFn", "TeacherFn", "drop_condition", "dropout_condition", "load_optimizer_state",
+__all__ = ["Cond", "ConditionFn", "TeacherFn", "drop_condition", "dropout_condition", "is_fsdp_module",
+           "load_optimizer_state",
            "optimizer_state", "rng_state", "set_rng_state", "unwrap", "weighted_mse"]
 
 Cond = dict[str, Tensor]
@@ -63,6 +64,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Tens
             i, name = k[len(prefix):].split(".", 1)
             opt.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({"state": opt, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
+    """A module sharded by FSDP2 (:mod:`fewstep.training.sharding`): its forward all-gathers, so every process must
+    run it, whatever its own batch holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def rng_state(device: torch.device) -> tuple:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..core.denoisers import append_dims
 from ..core.solvers import ODE_SOLVERS, ode_step
-from .base import ConditionFn, TeacherFn, rng_state, set_rng_state, unwrap
+from .base import ConditionFn, TeacherFn, is_fsdp_module, rng_state, set_rng_state, unwrap
 from .curricula import Curriculum
 from .distances import Distance
 
@@ -53,6 +53,11 @@ class EMACopy:
     def __call__(self, model: nn.Module, mu: float) -> nn.Module:
         if mu == 0 and self.net is None:
             return unwrap(model)
+        return self.make(model)
+
+    def make(self, model: nn.Module) -> nn.Module:
+        """The copy, made now from ``model``'s weights if it does not exist yet (the trainer makes it before FSDP
+        shards the student, and shards it alike: :meth:`ConsistencyLoss.networks`)."""
         if self.net is None:
             self.net = copy.deepcopy(unwrap(model)).requires_grad_(False)
             if self._pending is not None:
@@ -135,11 +140,12 @@ class ConsistencyLoss:
         at_zero = append_dims(lo == 0, x0.ndim)
         with torch.no_grad():
             x_lo = self.teacher_step(x_hi, hi, lo, cond) if self.teacher else x0 + append_dims(lo, x0.ndim) * noise
-            if bool(at_zero.all()):
+            if bool(at_zero.all()) and not is_fsdp_module(self.target_network(model)):
                 target = x_lo
             else:
                 set_rng_state(rng)  # the same dropout mask in the target branch (openai/consistency_models)
                 target = self.target_network(model)(x_lo, lo, **cond)
+                # (under FSDP the network runs anyway: every process must take part in its parameters' all-gathers)
                 # f(x, 0) = x: where a pair's lower level is 0 the target is x_lo itself, not the network there — for
                 # CT pairs x_lo = x0, the data (ECT's clamped r = 0: locuslab/ect training/loss.py:70-79, whose
                 # network at r = 0 is NaN where EDM's c_noise = ln r / 4 is −∞); where the network meets f(x, 0) = x
@@ -163,6 +169,14 @@ class ConsistencyLoss:
         return {**grid, "target_ema": self.curriculum.ema(self.step)}
 
     # --- trainer hooks -------------------------------------------------------------------------
+    def networks(self, model: nn.Module) -> list[nn.Module]:
+        """The networks this objective keeps beside ``model``: the EMA target copy where μ > 0 (made now, from the
+        unsharded student; the trainer shards it as it shards the student under FSDP, so its update stays
+        shard-local). A target of another kind (LCM-LoRA's second adapter) lives inside the student."""
+        if not isinstance(self.target, EMACopy) or self.curriculum.ema(0) <= 0:
+            return []
+        return [self.target.make(model)]
+
     def after_step(self, model: nn.Module, step: int) -> None:
         """θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ after each optimizer step (Song et al. 2023, Algorithm 2/3)."""
         mu = self.curriculum.ema(self.step)

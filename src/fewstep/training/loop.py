@@ -8,14 +8,23 @@ An objective with state of its own (a target network, a discriminator) may also 
 ``after_step(model, step)`` (called after every optimizer step, e.g. to update a target network).
 
 Determinism and exact resume: the data order is a function of (seed, epoch) and every
-micro-batch reseeds torch's RNG from (seed, step, micro-step, rank), so a run restored at step s
-replays exactly what an uninterrupted run does from s on. The data is a dict of tensors a batch is cut
+micro-batch reseeds torch's RNG from (seed, step, g), g = micro-step × processes + rank its place in the global
+batch, so a run restored at step s replays exactly what an uninterrupted run does from s on, and P processes
+with accumulation a run what one process with accumulation a·P runs (the same micro-batches, the same random
+numbers; up to the order of the gradient sums). The data is a dict of tensors a batch is cut
 from, or :class:`Batches` that compute each batch from its indices (random crops and flips, latents
 encoded on the fly: :class:`fewstep.models.data.PerBatch`) with a generator of their own, seeded from
-(seed, step, micro-step, rank) as well, so that a resumed run sees the same crops and the objective's
+(seed, step, g) as well, so that a resumed run sees the same crops and the objective's
 random numbers are those it draws without them. Checkpoints hold model, optimizer, EMA,
 objective state and the step; they are safetensors + JSON (no pickles), written to a temporary
 folder and renamed into place, and only the last ``keep_checkpoints`` are kept.
+
+Under FSDP (``accelerate launch --use_fsdp --fsdp_version 2``; :mod:`fewstep.training.sharding`) the student,
+its gradients, the optimizer's moments, the EMA, an objective's target network and the frozen modules a recipe
+names are sharded over the processes; gradient clipping takes the global norm over the shards; checkpoints and the
+returned modules are gathered to full tensors, so they are those of an unsharded run (and resume at any process
+count). A checkpoint is loaded after ``prepare`` in every case, each process cutting its shard from the full
+tensors.
 """
 
 from __future__ import annotations
@@ -42,7 +51,19 @@ from tqdm.auto import tqdm
 from ..errors import FewstepError, TrainingDiverged
 from ..io.atomic import allow_replacing, atomic_path, read_marker
 from .optimizers import flat_state, make_optimizer, nested_state
-from .runs import WorkDirLock, all_finite, check_resume, last_good_checkpoint
+from .runs import WorkDirLock, check_resume, last_good_checkpoint
+from .sharding import (
+    default_wrap_policy,
+    enable_fsdp,
+    gathered,
+    is_sharded,
+    local_numel,
+    make_accelerator,
+    scattered,
+    shard,
+    skeleton,
+    unsharded,
+)
 
 
 @dataclass
@@ -94,38 +115,63 @@ class TrainResult:
     last_loss: float
     seconds: float = 0.0   # wall-clock of the whole run, resumed parts included
     config: TrainConfig | None = None  # the run's settings
+    shards: dict | None = None  # under FSDP: the process count and the parameter elements each process held
 
 
 def train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Batches, config: TrainConfig,
-          accelerator: Accelerator | None = None, params: list[nn.Parameter] | None = None) -> TrainResult:
+          accelerator: Accelerator | None = None, params: list[nn.Parameter] | None = None,
+          frozen: list[nn.Module] | None = None, everywhere: bool = False) -> TrainResult:
     """Train ``model`` (the module whose weights are optimized) on in-memory ``data`` tensors, or on
     :class:`Batches` computed per batch.
 
     ``params`` restricts what is optimized (e.g. LoRA weights); default: every parameter that
-    requires grad. Resumes from the latest checkpoint in ``config.out_dir`` if there is one (of the same
-    run: :func:`fewstep.training.runs.check_resume`); one run at a time per folder (a lock file).
+    requires grad. ``frozen``: modules the objective runs but does not train (a teacher's denoiser, the module its
+    forward is called on): sharded like the student under FSDP, left as they are otherwise. Resumes from the latest
+    checkpoint in ``config.out_dir`` if there is one (of the same run: :func:`fewstep.training.runs.check_resume`);
+    one run at a time per folder (a lock file).
+
+    Under FSDP the returned modules are plain (unsharded) on the main process; the other processes get the sharded
+    student back (they save nothing), or, with ``everywhere``, the plain modules too (a stage whose result the next
+    stage runs on every process: the VAE before its pipeline's UNet).
     """
-    acc = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    acc = enable_fsdp(accelerator or make_accelerator(config.mixed_precision))
     with WorkDirLock(config.out_dir) if acc.is_main_process else contextlib.nullcontext():
-        return _train(model, objective, data, config, acc, params)
+        return _train(model, objective, data, config, acc, params, frozen or [], everywhere)
 
 
 def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Batches, config: TrainConfig,
-           acc: Accelerator, params: list[nn.Parameter] | None) -> TrainResult:
+           acc: Accelerator, params: list[nn.Parameter] | None, frozen: list[nn.Module], everywhere: bool = False
+           ) -> TrainResult:
     out = Path(config.out_dir)
     ckpt_root = out / "checkpoints"
     n_data = len(data) if hasattr(data, "batch") else len(next(iter(data.values())))
     micro = _micro_batch_size(config, acc.num_processes)
+    sharded = is_sharded(acc)
 
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config.optimizer, config.lr, config.adam_betas, config.weight_decay)
-    ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=config.ema_warmup) if config.ema_decay > 0 else None
+    names = _names(model, params)
     saved = _saved_names(model, params)
+    if sharded:
+        _check_shardable(config)
+    optimizer = make_optimizer(params, config.optimizer, config.lr, config.adam_betas, config.weight_decay)
+    if sharded:
+        keep = acc.is_main_process or everywhere
+        frame = skeleton(model) if keep else None          # the plain module the result is gathered into
+        default_wrap_policy(acc, model)
+        own = objective.networks(model) if hasattr(objective, "networks") else []   # made from the unsharded student
+    ddp_model, optimizer = acc.prepare(model, optimizer)
+    trained = acc.unwrap_model(ddp_model)
+    if sharded:
+        for module in (*own, *frozen):
+            shard(acc, module)
+        named = dict(trained.named_parameters())
+        params = [named[n] for n in names]                      # the sharded parameters that replaced them
+    ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=config.ema_warmup) if config.ema_decay > 0 else None
     step, elapsed = 0, 0.0
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
-        step, elapsed = _load_checkpoint(latest, model, optimizer, ema, objective, config, saved)
-    ddp_model, optimizer = acc.prepare(model, optimizer)
+        step, elapsed = _load_checkpoint(latest, trained, optimizer, ema, objective, config, saved)
+    shards = _shards(acc, trained, [*own, *frozen]) if sharded else None
 
     log_path = out / "metrics.jsonl"
     if acc.is_main_process:
@@ -142,11 +188,14 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Bat
             group["lr"] = lr
         total, logs = torch.zeros(()), {}
         for m in range(config.grad_accum):
-            torch.manual_seed(_seed(config.seed, step, m, acc.process_index))
-            start = step * config.batch_size + (m * acc.num_processes + acc.process_index) * micro
-            idx = order.indices(start, micro)
-            batch = {k: v.to(acc.device) for k, v in _batch(data, idx, config.seed, step, m, acc.process_index).items()}
-            sync = acc.no_sync(ddp_model) if m < config.grad_accum - 1 else contextlib.nullcontext()
+            g = m * acc.num_processes + acc.process_index      # the micro-batch's place in the global batch
+            torch.manual_seed(_seed(config.seed, step, g, 0))
+            idx = order.indices(step * config.batch_size + g * micro, micro)
+            batch = {k: v.to(acc.device) for k, v in _batch(data, idx, config.seed, step, g, 0).items()}
+            # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch, since holding the gradients
+            # unsharded until the last one (its no_sync) would keep a full gradient copy on every process
+            last = m == config.grad_accum - 1
+            sync = acc.no_sync(ddp_model) if not (last or sharded) else contextlib.nullcontext()
             with sync:
                 with acc.autocast():
                     loss, logs = objective(ddp_model, batch)
@@ -163,7 +212,7 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Bat
             ema.step(params)
         step += 1
         if hasattr(objective, "after_step"):
-            objective.after_step(acc.unwrap_model(ddp_model), step)
+            objective.after_step(trained, step)
 
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -173,23 +222,64 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Bat
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if step % config.checkpoint_every == 0 or step == config.max_steps:
-            if not (all_finite(model) and all(bool(torch.isfinite(p).all()) for p in ema_params(ema))):
+            if not _all_finite(acc, [*trained.parameters(), *ema_params(ema)]):
                 bar.close()
                 _diverged(f"the weights became non-finite by step {step} (loss {loss_value:.4g}); nothing was saved",
                           ckpt_root)
-            if acc.is_main_process:
-                save_checkpoint(ckpt_root, step, acc.unwrap_model(ddp_model), optimizer, ema, objective, config,
-                                elapsed + time.time() - t0, saved)
+            if sharded or acc.is_main_process:                  # under FSDP every process takes part in gathering
+                save_checkpoint(ckpt_root, step, trained, optimizer, ema, objective, config,
+                                elapsed + time.time() - t0, saved, write=acc.is_main_process)
             acc.wait_for_everyone()
     bar.close()
 
-    trained = acc.unwrap_model(ddp_model)
-    averaged = trained if ema is None else _with_ema_weights(trained, ema, params)
-    return TrainResult(trained, averaged, step, loss_value, elapsed + time.time() - t0, config)
+    seconds = elapsed + time.time() - t0
+    if not sharded:
+        averaged = trained if ema is None else _with_ema_weights(trained, ema, params)
+        return TrainResult(trained, averaged, step, loss_value, seconds, config)
+    online = gathered(trained.state_dict(), keep=keep)
+    shadow = gathered(dict(zip(names, ema.shadow_params)), keep=keep) if ema is not None else None
+    if not keep:
+        return TrainResult(trained, trained, step, loss_value, seconds, config, shards)
+    plain = unsharded(frame, online)
+    averaged = plain
+    if shadow is not None:
+        averaged = copy.deepcopy(plain)
+        averaged.load_state_dict(shadow, strict=False)
+    return TrainResult(plain, averaged, step, loss_value, seconds, config, shards)
 
 
 def ema_params(ema: EMAModel | None) -> list[Tensor]:
     return [] if ema is None else list(ema.shadow_params)
+
+
+def _names(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    """The names of ``params`` in ``model``, in their order (to find them again once FSDP has replaced them)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for p in params]
+
+
+def _check_shardable(config: TrainConfig) -> None:
+    if config.optimizer == "adamw-8bit":
+        raise FewstepError("--optimizer adamw-8bit does not run under FSDP here (bitsandbytes' quantized states are "
+                           "not sharded tensors); use --optimizer adamw, whose moments FSDP shards")
+
+
+def _all_finite(acc: Accelerator, tensors: list[Tensor]) -> bool:
+    """Every process's weights (its shards under FSDP) are finite."""
+    local = all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()) for t in tensors)
+    if acc.num_processes == 1:
+        return local
+    return int(acc.reduce(torch.tensor(int(local), device=acc.device), reduction="sum")) == acc.num_processes
+
+
+def _shards(acc: Accelerator, trained: nn.Module, others: list[nn.Module]) -> dict:
+    """What each process holds under FSDP: the student's parameter elements and those of the other sharded
+    modules (target networks, frozen teachers), per rank, beside their totals."""
+    held = torch.tensor([local_numel(trained), sum(local_numel(m) for m in others)], device=acc.device)
+    per_rank = acc.gather(held[None]).cpu().tolist()
+    return {"processes": acc.num_processes, "parameters": sum(p.numel() for p in trained.parameters()),
+            "held": [r[0] for r in per_rank], "other_parameters": sum(p.numel() for m in others for p in m.parameters()),
+            "other_held": [r[1] for r in per_rank]}
 
 
 def _saved_names(model: nn.Module, params: list[nn.Parameter]) -> set[str] | None:
@@ -227,23 +317,31 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMAModel | None, objective,
-                    config: TrainConfig, elapsed: float = 0.0, names: set[str] | None = None) -> Path:
+                    config: TrainConfig, elapsed: float = 0.0, names: set[str] | None = None,
+                    write: bool = True) -> Path | None:
     """Write ``root/step-NNNNNNN`` atomically (temporary folder, then rename); keep the last K. ``names``:
-    the model's entries to keep (default all; :func:`_saved_names`)."""
+    the model's entries to keep (default all; :func:`_saved_names`). Sharded tensors (FSDP) are gathered to full
+    ones first (:func:`fewstep.training.sharding.gathered`: every process calls this, only the one with ``write``
+    keeps them and writes)."""
+    state_dict = model.state_dict() if names is None else {k: v for k, v in model.state_dict().items() if k in names}
+    state_dict = gathered(state_dict, keep=write)
+    ema_state = ema.state_dict() if ema is not None else {"shadow_params": []}
+    shadow = gathered({f"shadow.{i}": p.detach() for i, p in enumerate(ema_state.pop("shadow_params"))}, keep=write)
+    opt_state = optimizer.state_dict()
+    opt_tensors, opt_values = flat_state(opt_state["state"])
+    opt_tensors = gathered(opt_tensors, keep=write)
+    objective_state = gathered(objective.state_dict(), keep=write) if hasattr(objective, "state_dict") else None
+    if not write:
+        return None
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     legacy = [final] if _is_checkpoint(final) else []      # one written before markers: fewstep's own too
     with allow_replacing(*legacy), atomic_path(final, directory=True, kind="checkpoint") as tmp:
-        state_dict = model.state_dict() if names is None else {k: v for k, v in model.state_dict().items() if k in names}
         save_file(_contiguous(state_dict), tmp / "model.safetensors")
-        ema_state = ema.state_dict() if ema is not None else {"shadow_params": []}
-        save_file({f"shadow.{i}": p.detach().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))},
-                  tmp / "ema.safetensors")
-        opt_state = optimizer.state_dict()
-        opt_tensors, opt_values = flat_state(opt_state["state"])
+        save_file({k: p.contiguous() for k, p in shadow.items()}, tmp / "ema.safetensors")
         save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")   # 8-bit AdamW shares its quantization maps
-        if hasattr(objective, "state_dict"):
-            save_file(_contiguous(objective.state_dict()), tmp / "objective.safetensors")
+        if objective_state is not None:
+            save_file(_contiguous(objective_state), tmp / "objective.safetensors")
         state = {"step": step, "elapsed_seconds": elapsed, "config": asdict(config), "ema": ema_state if ema else None,
                  "partial": names is not None,
                  "optimizer_param_groups": opt_state["param_groups"], "optimizer_values": opt_values}
@@ -283,14 +381,22 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel | No
         weights = load_file(path / "model.safetensors")
         if names is not None and set(weights) != names:
             raise ValueError(f"it holds {len(weights)} tensors where this run trains {len(names)}")
-        model.load_state_dict(weights, strict=names is None)
+        model.load_state_dict(scattered(weights, model.state_dict()), strict=names is None)   # FSDP: this one's shard
         if ema is not None:
             shadow = load_file(path / "ema.safetensors")
-            ema.load_state_dict({**state["ema"], "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
-        opt_state = nested_state(load_file(path / "optimizer.safetensors"), state.get("optimizer_values", {}))
+            keys = [f"shadow.{i}" for i in range(len(shadow))]
+            shadow = scattered(shadow, dict(zip(keys, ema.shadow_params)))
+            ema.load_state_dict({**state["ema"], "shadow_params": [shadow[k] for k in keys]})
+        opt_tensors = load_file(path / "optimizer.safetensors")
+        owners = [p for group in optimizer.param_groups for p in group["params"]]
+        opt_tensors = scattered(opt_tensors, {k: owners[int(k.split(".")[0])] for k, v in opt_tensors.items()
+                                              if int(k.split(".")[0]) < len(owners)
+                                              and v.shape == owners[int(k.split(".")[0])].shape})   # Adam's moments
+        opt_state = nested_state(opt_tensors, state.get("optimizer_values", {}))
         optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
         if hasattr(objective, "load_state_dict") and (path / "objective.safetensors").exists():
-            objective.load_state_dict(load_file(path / "objective.safetensors"))
+            own = objective.state_dict() if hasattr(objective, "state_dict") else {}
+            objective.load_state_dict(scattered(load_file(path / "objective.safetensors"), own))
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
         raise FewstepError(f"cannot resume from checkpoint {path}: {e}. Delete it to resume from an earlier one.") from None
     return int(state["step"]), float(state.get("elapsed_seconds", 0.0))
