@@ -210,7 +210,7 @@ def shifted_vae(vae: nn.Module, data: ImageData) -> nn.Module:
 
 def train_flow_teacher(data: ImageData, out: str | Path, config: TrainConfig, vae: nn.Module, family: str = "flux",
                        sizes: TinyFlowConfig | None = None, caption_dropout: float = 0.1, shift: float | None = None,
-                       command: str = "") -> Path:
+                       command: str = "") -> Path | None:
     """A tiny FLUX- or SD3-format text-to-image pipeline (:mod:`fewstep.models.flow_pipelines`) on ``data``: the
     text encoders (CLIP(s) and a T5, with a CLIP BPE and a T5 Unigram tokenizer learned from the captions) and the
     transformer trained together with the rectified-flow velocity loss (:mod:`fewstep.core.flow`; SD3's
@@ -259,6 +259,8 @@ def train_flow_teacher(data: ImageData, out: str | Path, config: TrainConfig, va
     empty = {"input_ids": padded_ids(clip_tok, [""])[0], "input_ids_2": padded_ids(t5_tok, [""])[0]}
     objective = DenoisingLoss(schedule, dropout_condition({k: k for k in empty}, empty, caption_dropout))
     result = train(model, objective, tensors, config)
+    if not PartialState().is_main_process:       # under accelerate launch the main process alone saves
+        return None
     ema = result.ema
     encoder_names = [e[0] for e in spec.encoders]
     trained = dict(zip(encoder_names, ema.text_encoders))
