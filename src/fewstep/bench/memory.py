@@ -34,10 +34,39 @@ def section(results: Path) -> list[str]:
         threads = r.get("threads", f.get("threads", "–"))   # files from before rows had their own: the file's
         lines.append(f"| {ARCH[r.get('arch', 'sd15')]} | `{r['name']}` | {peak} | {fits} | {step} | {threads} | {ckpt} | {note} |")
     lines += ["", f["conclusion"]] if f.get("conclusion") else []
-    return lines + ["", "Commands: `" + "`; `".join(r["command"] for r in f["runs"]) + "`."]
+    return lines + ["", "Commands: `" + "`; `".join(r["command"] for r in f["runs"]) + "`."] + flow_section(results)
 
 
 def _refusal(log: str) -> str:
     """A refused run's one line, as the user saw it."""
     line = next((x for x in log.splitlines() if x.startswith("fewstep: error:")), "")
     return f"refused at start in {len(line) and 1} line: “{line.removeprefix('fewstep: error: ')}”" if line else ""
+
+
+def flow_section(results: Path) -> list[str]:
+    """FLUX.1-dev and SD3.5-medium: each run's weights per process, unsharded and under FSDP, from parameter counts
+    (``bench/flow_memory.py`` → flow_memory.json), and what fewstep's memory check says to it here."""
+    path = results / "flow_memory.json"
+    if not path.exists():
+        return []
+    f = json.loads(path.read_text())
+    p = f["parameters"]
+    names = {"flux": "FLUX.1-dev", "sd3.5-medium": "SD3.5-medium"}
+    lines = ["", "### FLUX.1-dev and SD3.5-medium: what one machine holds, what FSDP would need", "",
+             f"Written by `{f['command']}` on {f['date']}, from the parameter counts of the published architectures "
+             "built on the meta device (no weights: a FLUX.1 transformer alone is "
+             f"{4 * p['flux']['transformer'] / 2 ** 30:.0f} GiB in fp32): "
+             + "; ".join(f"{names[k]} transformer {v['transformer'] / 1e9:.2f}B parameters (largest block "
+                         f"{v['unit'] / 1e6:.0f}M, rank-{f['rank']} LoRA {v['lora'] / 1e6:.0f}M), text encoders "
+                         f"{v['text_encoders'] / 1e9:.2f}B" for k, v in p.items())
+             + ". GiB per process of weights, gradients, Adam moments, EMA and target (fp32), the frozen teacher or base "
+             "(bf16, sharded with the student) and the text encoders and VAE (bf16, whole on every process); "
+             "activations come on top. This machine had "
+             f"{f['available_bytes'] / 2 ** 30:.1f} GiB free.", "",
+             "| model | run | " + " | ".join(f"{n} process{'es' if n > 1 else ''}" for n in f["processes"])
+             + " | here (fewstep's memory check) |",
+             "|---|---|" + "---:|" * len(f["processes"]) + "---|"]
+    for r in f["runs"]:
+        cells = " | ".join(f"{r['bytes'][str(n)] / 2 ** 30:.1f}" for n in f["processes"])
+        lines.append(f"| {names[r['family']]} | {r['run']} | {cells} | {r['refusal'] or 'fits'} |")
+    return lines
