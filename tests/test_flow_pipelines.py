@@ -28,10 +28,10 @@ def _pipe(folder):
     return DiffusionPipeline.from_pretrained(folder)
 
 
-def _pipe_images(pipe, family: str, steps: int, guidance: float, seed: int, **kw) -> torch.Tensor:
+def _pipe_images(pipe, family: str, steps: int, guidance: float, seed: int, length: int = LENGTH, **kw) -> torch.Tensor:
     cfg = ({"true_cfg_scale": guidance, "negative_prompt": [""] * len(PROMPTS)} if family == "flux"
            else {"guidance_scale": guidance})
-    out = pipe(PROMPTS, num_inference_steps=steps, height=32, width=32, output_type="pt", max_sequence_length=LENGTH,
+    out = pipe(PROMPTS, num_inference_steps=steps, height=32, width=32, output_type="pt", max_sequence_length=length,
                generator=torch.Generator().manual_seed(seed), **{**cfg, **kw}).images
     return (out * 2 - 1).clamp(-1, 1)
 
@@ -171,3 +171,32 @@ def test_train_teacher_writes_a_flow_pipeline(family, tiny_sd, tmp_path, capsys)
     rc, _, err = run_cli(capsys, "train-teacher", "--dataset", "emoji", "--family", family,
                          "--out", str(tmp_path / "x"), "--steps", "1")
     assert rc != 0 and "--vae-from" in err
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_shipped_flow_teachers_and_lcm_loras_give_diffusers_images(family):
+    """models/emoji-flux and emoji-sd3 run in FluxPipeline / StableDiffusion3Pipeline, and with FlowMatchLCMScheduler
+    their shipped LCM-LoRAs, giving fewstep's images (the issue's "done when")."""
+    from diffusers import FlowMatchLCMScheduler
+
+    from fewstep.cli import shipped_models_dir
+    from fewstep.models.loras import load_with_loras
+
+    folder = shipped_models_dir() / f"emoji-{family}"
+    lora = shipped_models_dir() / f"emoji-{family}-lcm-lora"
+    length = load_model(folder).conditioner.lengths[-1]
+    ours = generate_latent(load_model(folder), PROMPTS, steps=4, sampler="euler", guidance_scale=3.0, seed=5)
+    theirs = _pipe_images(_pipe(folder), family, 4, 3.0, 5, length)
+    assert torch.allclose(ours, theirs, atol=2e-3), (ours - theirs).abs().max()
+    accel = load_with_loras(folder, [str(lora)])
+    assert accel.config.kind == "consistency"
+    base_noise = accel.step_noise
+    accel.step_noise = lambda g: base_noise(torch.Generator().manual_seed(11))   # the pipelines' global-RNG noise
+    ours = generate_latent(accel, PROMPTS, steps=4, guidance_scale=1.0, seed=3)
+    pipe = _pipe(folder)
+    pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(lora)
+    torch.manual_seed(11)
+    kw = {"true_cfg_scale": 1.0} if family == "flux" else {"guidance_scale": 1.0}
+    theirs = _pipe_images(pipe, family, 4, 1.0, 3, length, **kw)
+    assert torch.allclose(ours, theirs, atol=2e-3), (ours - theirs).abs().max()

@@ -34,24 +34,22 @@ import copy
 import hashlib
 import json
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import FewstepError, TrainingDiverged
-from ..io.atomic import allow_replacing, atomic_path, read_marker
-from .optimizers import flat_state, make_optimizer, nested_state
-from .runs import WorkDirLock, check_resume, last_good_checkpoint
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from .config import TrainConfig
+from .optimizers import make_optimizer
+from .runs import WorkDirLock, last_good_checkpoint
 from .sharding import (
     default_wrap_policy,
     enable_fsdp,
@@ -59,40 +57,10 @@ from .sharding import (
     is_sharded,
     local_numel,
     make_accelerator,
-    scattered,
     shard,
     skeleton,
     unsharded,
 )
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run; saved in every checkpoint's state.json."""
-
-    out_dir: str = "runs/run"          # checkpoints/ and metrics.jsonl go here
-    max_steps: int = 1000              # optimizer steps
-    batch_size: int = 128              # global batch per optimizer step (all processes × accumulation)
-    grad_accum: int = 1                # micro-batches per optimizer step
-    lr: float = 2e-4
-    warmup_steps: int = 100            # linear LR warm-up from 0; avoids early Adam blow-ups
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    optimizer: str = "adamw"           # "adamw" | "adamw-fused" | "adamw-8bit" (fewstep.training.optimizers)
-    grad_clip: float = 1.0             # max global grad norm; 0 disables
-    ema_decay: float = 0.999           # EMA of the weights, which is what gets saved as the model; 0: no EMA copy
-                                       # (the online weights are saved; diffusers' LCD script does so, and a
-                                       # full-size UNet's EMA is 3.4 GB more)
-    ema_warmup: bool = True            # diffusers' 1 − (1+step)^−2/3 ramp: useful EMA even in short runs
-    mixed_precision: str = "no"        # "no" | "fp16" | "bf16" (GPU users)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 25
-    seed: int = 0
-    progress: bool = True              # tqdm bar on the main process
-    force_resume: bool = False         # resume a checkpoint whose defining settings differ (fewstep.training.runs)
-    memory_check: bool = True          # recipes refuse a run whose weights cannot fit (fewstep.training.memory)
-    extra: dict[str, Any] = field(default_factory=dict)  # the objective's own settings, for the record
 
 
 class Batches(Protocol):
@@ -139,6 +107,26 @@ def train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Batc
         return _train(model, objective, data, config, acc, params, frozen or [], everywhere)
 
 
+@dataclass
+class _Run:
+    """What :func:`_train` works on: the prepared (possibly sharded) student, its optimizer and EMA, where it
+    resumed, and under FSDP what the result is gathered into."""
+
+    ddp_model: nn.Module
+    trained: nn.Module
+    optimizer: Any
+    params: list[nn.Parameter]
+    names: list[str]
+    saved: set[str] | None
+    ema: EMAModel | None
+    sharded: bool
+    keep: bool = True                  # this process returns plain modules (FSDP: the main one, or all with everywhere)
+    frame: nn.Module | None = None     # FSDP: the plain module the result is gathered into
+    step: int = 0
+    elapsed: float = 0.0
+    shards: dict | None = None
+
+
 def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Batches, config: TrainConfig,
            acc: Accelerator, params: list[nn.Parameter] | None, frozen: list[nn.Module], everywhere: bool = False
            ) -> TrainResult:
@@ -146,14 +134,51 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Bat
     ckpt_root = out / "checkpoints"
     n_data = len(data) if hasattr(data, "batch") else len(next(iter(data.values())))
     micro = _micro_batch_size(config, acc.num_processes)
-    sharded = is_sharded(acc)
+    run = _prepare(model, objective, config, acc, params, frozen, everywhere, ckpt_root)
+    log_path = out / "metrics.jsonl"
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        truncate_log(log_path, run.step)
+    bar = tqdm(total=config.max_steps, initial=run.step, disable=not (config.progress and acc.is_main_process),
+               desc="training", dynamic_ncols=True)
+    loss_value, t0 = float("nan"), time.time()
+    order = _DataOrder(n_data, config.seed)
+    while run.step < config.max_steps:
+        lr = config.lr * min(1.0, (run.step + 1) / max(1, config.warmup_steps))
+        loss_value, logs, grad_norm = _optimizer_step(run, objective, data, config, acc, order, micro, lr, bar,
+                                                      ckpt_root)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if acc.is_main_process and (run.step % config.log_every == 0 or run.step == config.max_steps):
+            record = {"step": run.step, "loss": loss_value, "lr": lr, "time": round(time.time() - t0, 3),
+                      **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}), **logs}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if run.step % config.checkpoint_every == 0 or run.step == config.max_steps:
+            if not _all_finite(acc, [*run.trained.parameters(), *ema_params(run.ema)]):
+                bar.close()
+                _diverged(f"the weights became non-finite by step {run.step} (loss {loss_value:.4g}); nothing was "
+                          f"saved", ckpt_root)
+            if run.sharded or acc.is_main_process:              # under FSDP every process takes part in gathering
+                save_checkpoint(ckpt_root, run.step, run.trained, run.optimizer, run.ema, objective, config,
+                                run.elapsed + time.time() - t0, run.saved, write=acc.is_main_process)
+            acc.wait_for_everyone()
+    bar.close()
+    return _result(run, config, loss_value, run.elapsed + time.time() - t0)
 
+
+def _prepare(model: nn.Module, objective: Objective, config: TrainConfig, acc: Accelerator,
+             params: list[nn.Parameter] | None, frozen: list[nn.Module], everywhere: bool, ckpt_root: Path) -> _Run:
+    """The student and its optimizer through ``acc.prepare`` (and FSDP's sharding of it, its objective's own
+    networks and ``frozen``), its EMA, and the latest checkpoint loaded into them."""
+    sharded = is_sharded(acc)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     names = _names(model, params)
     saved = _saved_names(model, params)
     if sharded:
         _check_shardable(config)
     optimizer = make_optimizer(params, config.optimizer, config.lr, config.adam_betas, config.weight_decay)
+    keep, frame, own = True, None, []
     if sharded:
         keep = acc.is_main_process or everywhere
         frame = skeleton(model) if keep else None          # the plain module the result is gathered into
@@ -167,85 +192,66 @@ def _train(model: nn.Module, objective: Objective, data: dict[str, Tensor] | Bat
         named = dict(trained.named_parameters())
         params = [named[n] for n in names]                      # the sharded parameters that replaced them
     ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=config.ema_warmup) if config.ema_decay > 0 else None
-    step, elapsed = 0, 0.0
+    run = _Run(ddp_model, trained, optimizer, params, names, saved, ema, sharded, keep, frame)
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
-        step, elapsed = _load_checkpoint(latest, trained, optimizer, ema, objective, config, saved)
-    shards = _shards(acc, trained, [*own, *frozen]) if sharded else None
+        run.step, run.elapsed = load_checkpoint(latest, trained, optimizer, ema, objective, config, saved)
+    run.shards = _shards(acc, trained, [*own, *frozen]) if sharded else None
+    return run
 
-    log_path = out / "metrics.jsonl"
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate_log(log_path, step)
-    bar = tqdm(total=config.max_steps, initial=step, disable=not (config.progress and acc.is_main_process),
-               desc="training", dynamic_ncols=True)
-    loss_value, t0 = float("nan"), time.time()
-    order = _DataOrder(n_data, config.seed)
 
-    while step < config.max_steps:
-        lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        total, logs = torch.zeros(()), {}
-        for m in range(config.grad_accum):
-            g = m * acc.num_processes + acc.process_index      # the micro-batch's place in the global batch
-            torch.manual_seed(_seed(config.seed, step, g, 0))
-            idx = order.indices(step * config.batch_size + g * micro, micro)
-            batch = {k: v.to(acc.device) for k, v in _batch(data, idx, config.seed, step, g, 0).items()}
-            # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch, since holding the gradients
-            # unsharded until the last one (its no_sync) would keep a full gradient copy on every process
-            last = m == config.grad_accum - 1
-            sync = acc.no_sync(ddp_model) if not (last or sharded) else contextlib.nullcontext()
-            with sync:
-                with acc.autocast():
-                    loss, logs = objective(ddp_model, batch)
-                acc.backward(loss / config.grad_accum)
-            total = total + loss.detach().float().cpu() / config.grad_accum
-        loss_value = float(acc.reduce(total.to(acc.device), reduction="mean"))
-        if not math.isfinite(loss_value):
-            bar.close()
-            _diverged(f"loss became {loss_value} at step {step}; training stopped with no further update", ckpt_root)
-        grad_norm = acc.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(params)
-        step += 1
-        if hasattr(objective, "after_step"):
-            objective.after_step(trained, step)
+def _optimizer_step(run: _Run, objective: Objective, data, config: TrainConfig, acc: Accelerator,
+                    order: "_DataOrder", micro: int, lr: float, bar, ckpt_root: Path) -> tuple[float, dict, Any]:
+    """One optimizer step of ``config.grad_accum`` micro-batches (each seeded by its place in the global batch):
+    (the step's mean loss over processes, the objective's logs, the gradient norm before clipping)."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    total, logs = torch.zeros(()), {}
+    for m in range(config.grad_accum):
+        g = m * acc.num_processes + acc.process_index      # the micro-batch's place in the global batch
+        torch.manual_seed(_seed(config.seed, run.step, g, 0))
+        idx = order.indices(run.step * config.batch_size + g * micro, micro)
+        batch = {k: v.to(acc.device) for k, v in _batch(data, idx, config.seed, run.step, g, 0).items()}
+        # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch, since holding the gradients
+        # unsharded until the last one (its no_sync) would keep a full gradient copy on every process
+        last = m == config.grad_accum - 1
+        sync = acc.no_sync(run.ddp_model) if not (last or run.sharded) else contextlib.nullcontext()
+        with sync:
+            with acc.autocast():
+                loss, logs = objective(run.ddp_model, batch)
+            acc.backward(loss / config.grad_accum)
+        total = total + loss.detach().float().cpu() / config.grad_accum
+    loss_value = float(acc.reduce(total.to(acc.device), reduction="mean"))
+    if not math.isfinite(loss_value):
+        bar.close()
+        _diverged(f"loss became {loss_value} at step {run.step}; training stopped with no further update", ckpt_root)
+    grad_norm = acc.clip_grad_norm_(run.params, config.grad_clip) if config.grad_clip > 0 else None
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(run.params)
+    run.step += 1
+    if hasattr(objective, "after_step"):
+        objective.after_step(run.trained, run.step)
+    return loss_value, logs, grad_norm
 
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if acc.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
-            record = {"step": step, "loss": loss_value, "lr": lr, "time": round(time.time() - t0, 3),
-                      **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}), **logs}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if step % config.checkpoint_every == 0 or step == config.max_steps:
-            if not _all_finite(acc, [*trained.parameters(), *ema_params(ema)]):
-                bar.close()
-                _diverged(f"the weights became non-finite by step {step} (loss {loss_value:.4g}); nothing was saved",
-                          ckpt_root)
-            if sharded or acc.is_main_process:                  # under FSDP every process takes part in gathering
-                save_checkpoint(ckpt_root, step, trained, optimizer, ema, objective, config,
-                                elapsed + time.time() - t0, saved, write=acc.is_main_process)
-            acc.wait_for_everyone()
-    bar.close()
 
-    seconds = elapsed + time.time() - t0
-    if not sharded:
-        averaged = trained if ema is None else _with_ema_weights(trained, ema, params)
-        return TrainResult(trained, averaged, step, loss_value, seconds, config)
-    online = gathered(trained.state_dict(), keep=keep)
-    shadow = gathered(dict(zip(names, ema.shadow_params)), keep=keep) if ema is not None else None
-    if not keep:
-        return TrainResult(trained, trained, step, loss_value, seconds, config, shards)
-    plain = unsharded(frame, online)
+def _result(run: _Run, config: TrainConfig, loss_value: float, seconds: float) -> TrainResult:
+    """The online and EMA weights as plain modules (under FSDP gathered from the shards on the processes that
+    keep them; the others get the sharded student back)."""
+    if not run.sharded:
+        averaged = run.trained if run.ema is None else _with_ema_weights(run.trained, run.ema, run.params)
+        return TrainResult(run.trained, averaged, run.step, loss_value, seconds, config)
+    online = gathered(run.trained.state_dict(), keep=run.keep)
+    shadow = gathered(dict(zip(run.names, run.ema.shadow_params)), keep=run.keep) if run.ema is not None else None
+    if not run.keep:
+        return TrainResult(run.trained, run.trained, run.step, loss_value, seconds, config, run.shards)
+    plain = unsharded(run.frame, online)
     averaged = plain
     if shadow is not None:
         averaged = copy.deepcopy(plain)
         averaged.load_state_dict(shadow, strict=False)
-    return TrainResult(plain, averaged, step, loss_value, seconds, config, shards)
+    return TrainResult(plain, averaged, run.step, loss_value, seconds, config, run.shards)
 
 
 def ema_params(ema: EMAModel | None) -> list[Tensor]:
@@ -307,101 +313,6 @@ def _with_ema_weights(trained: nn.Module, ema: EMAModel, params: list[nn.Paramet
     return ema_model
 
 
-# --- checkpoints -------------------------------------------------------------------------------
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint folder (``step-0001000``) under ``root``, or None."""
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step-*") if _is_checkpoint(p))    # never a user's folder of that name
-    return done[-1] if done else None
-
-
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, ema: EMAModel | None, objective,
-                    config: TrainConfig, elapsed: float = 0.0, names: set[str] | None = None,
-                    write: bool = True) -> Path | None:
-    """Write ``root/step-NNNNNNN`` atomically (temporary folder, then rename); keep the last K. ``names``:
-    the model's entries to keep (default all; :func:`_saved_names`). Sharded tensors (FSDP) are gathered to full
-    ones first (:func:`fewstep.training.sharding.gathered`: every process calls this, only the one with ``write``
-    keeps them and writes)."""
-    state_dict = model.state_dict() if names is None else {k: v for k, v in model.state_dict().items() if k in names}
-    state_dict = gathered(state_dict, keep=write)
-    ema_state = ema.state_dict() if ema is not None else {"shadow_params": []}
-    shadow = gathered({f"shadow.{i}": p.detach() for i, p in enumerate(ema_state.pop("shadow_params"))}, keep=write)
-    opt_state = optimizer.state_dict()
-    opt_tensors, opt_values = flat_state(opt_state["state"])
-    opt_tensors = gathered(opt_tensors, keep=write)
-    objective_state = gathered(objective.state_dict(), keep=write) if hasattr(objective, "state_dict") else None
-    if not write:
-        return None
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    legacy = [final] if _is_checkpoint(final) else []      # one written before markers: fewstep's own too
-    with allow_replacing(*legacy), atomic_path(final, directory=True, kind="checkpoint") as tmp:
-        save_file(_contiguous(state_dict), tmp / "model.safetensors")
-        save_file({k: p.contiguous() for k, p in shadow.items()}, tmp / "ema.safetensors")
-        save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")   # 8-bit AdamW shares its quantization maps
-        if objective_state is not None:
-            save_file(_contiguous(objective_state), tmp / "objective.safetensors")
-        state = {"step": step, "elapsed_seconds": elapsed, "config": asdict(config), "ema": ema_state if ema else None,
-                 "partial": names is not None,
-                 "optimizer_param_groups": opt_state["param_groups"], "optimizer_values": opt_values}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for old in sorted(p for p in root.glob("step-*") if _is_checkpoint(p))[: -config.keep_checkpoints]:
-        shutil.rmtree(old)                                  # only checkpoints fewstep wrote, never another folder
-    return final
-
-
-def _is_checkpoint(folder: Path) -> bool:
-    """A checkpoint folder fewstep wrote: marked so (:func:`fewstep.io.atomic.read_marker`), or written before
-    markers existed, with a state.json holding what :func:`save_checkpoint` writes (not the name alone)."""
-    if not folder.is_dir():
-        return False
-    marker = read_marker(folder)
-    if marker is not None:
-        return marker.get("kind") == "checkpoint" and (folder / "state.json").is_file()
-    try:
-        state = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and {"step", "config", "optimizer_param_groups"} <= set(state)
-
-
-def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel | None, objective,
-                     config: TrainConfig, names: set[str] | None = None) -> tuple[int, float]:
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise FewstepError(f"cannot resume from checkpoint {path}: {e}. Delete it to resume from an earlier one.") from None
-    if not isinstance(state, dict) or not isinstance(state.get("config", {}), dict):
-        raise FewstepError(f"cannot resume from checkpoint {path}: its state.json is not fewstep's. Delete it to resume "
-                           f"from an earlier one.")
-    saved = {**asdict(TrainConfig()), **state.get("config", {})}    # a field newer than the checkpoint: its default
-    check_resume(json.loads(json.dumps(saved)), json.loads(json.dumps(asdict(config))), path, config.force_resume)
-    try:
-        weights = load_file(path / "model.safetensors")
-        if names is not None and set(weights) != names:
-            raise ValueError(f"it holds {len(weights)} tensors where this run trains {len(names)}")
-        model.load_state_dict(scattered(weights, model.state_dict()), strict=names is None)   # FSDP: this one's shard
-        if ema is not None:
-            shadow = load_file(path / "ema.safetensors")
-            keys = [f"shadow.{i}" for i in range(len(shadow))]
-            shadow = scattered(shadow, dict(zip(keys, ema.shadow_params)))
-            ema.load_state_dict({**state["ema"], "shadow_params": [shadow[k] for k in keys]})
-        opt_tensors = load_file(path / "optimizer.safetensors")
-        owners = [p for group in optimizer.param_groups for p in group["params"]]
-        opt_tensors = scattered(opt_tensors, {k: owners[int(k.split(".")[0])] for k, v in opt_tensors.items()
-                                              if int(k.split(".")[0]) < len(owners)
-                                              and v.shape == owners[int(k.split(".")[0])].shape})   # Adam's moments
-        opt_state = nested_state(opt_tensors, state.get("optimizer_values", {}))
-        optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
-        if hasattr(objective, "load_state_dict") and (path / "objective.safetensors").exists():
-            own = objective.state_dict() if hasattr(objective, "state_dict") else {}
-            objective.load_state_dict(scattered(load_file(path / "objective.safetensors"), own))
-    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
-        raise FewstepError(f"cannot resume from checkpoint {path}: {e}. Delete it to resume from an earlier one.") from None
-    return int(state["step"]), float(state.get("elapsed_seconds", 0.0))
-
-
 # --- helpers -----------------------------------------------------------------------------------
 class _DataOrder:
     """Epoch-wise permutations of the data, a function of (seed, epoch) only."""
@@ -440,23 +351,3 @@ def _micro_batch_size(config: TrainConfig, processes: int) -> int:
 
 def _seed(*parts: int) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
-
-
-def _contiguous(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``sd`` as safetensors takes it: contiguous, no two entries on one storage (tied weights are copied, the
-    rest written in place, so a checkpoint of a full-size UNet does not hold a second copy in memory)."""
-    seen, out = set(), {}
-    for k, v in sd.items():
-        t = v.detach().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        out[k] = t.clone() if ptr in seen else t
-        seen.add(ptr)
-    return out
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint so the log matches an uninterrupted run."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
