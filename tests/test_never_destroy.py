@@ -266,10 +266,10 @@ def _disk_full(monkeypatch, after_bytes: int = 10):
         raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     import fewstep.nets.classifier
-    import fewstep.training.loop
+    import fewstep.training.checkpoints
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    for module in (fewstep.nets.classifier, fewstep.training.loop):
+    for module in (fewstep.nets.classifier, fewstep.training.checkpoints):
         monkeypatch.setattr(module, "save_file", save_file)
     try:
         import transformers.modeling_utils
