@@ -69,7 +69,10 @@ def export_lora(lora: str | Path, layout: str, out: str | Path, overwrite: bool 
         raise FewstepError(f"{lora} is a set of {len(info['loras'])} adapters; export each of its members")
     from safetensors.torch import load_file, save_file
 
+    from ..io.weights import check_weights_file
+
     source = lora_file(lora)
+    check_weights_file(source, "LoRA")            # float tensors, a sound header, every weight finite
     state = unet_peft_state(load_file(str(source)), source)
     ranks = {k[:-len(".lora_A.weight")]: v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight")}
     rank = next(iter(ranks.values())) if len(set(ranks.values())) == 1 else info.get("rank")

@@ -27,6 +27,9 @@ import torch
 from torch import nn
 
 from ..errors import FewstepError
+from ..io.validate import check_lora_info as checked_lora_info
+from ..io.validate import load_json
+from ..io.weights import check_finite, check_weights_file
 from ..nets.lora import lora_parameters
 from .config import CONFIG_NAME
 from .folders import load_model, pipeline_class, pipeline_of, write_folder
@@ -127,11 +130,12 @@ def lora_info(path: str | Path) -> dict:
     path = Path(path)
     info = (path if path.is_dir() else path.parent) / CONFIG_NAME
     if info.exists() and (path.is_dir() or path.name == LORA_FILE):
-        return json.loads(info.read_text())
+        return checked_lora_info(load_json(info, "a LoRA's fewstep.json (a JSON object)"), info)
     if path.is_dir() and not any(path.glob("*.safetensors")):
         return {}
     try:
-        return metadata_info(lora_file(path))
+        file = lora_file(path)
+        return checked_lora_info(metadata_info(file), f"{file} (its fewstep metadata)")
     except (FewstepError, OSError):
         return {}                                 # not a readable LoRA file: loading it says why
 
@@ -244,12 +248,17 @@ def parse_lora_spec(spec: str) -> LoraSpec:
     if value is None or not math.isfinite(value):
         raise FewstepError(f"LoRA weight {weight!r} in {spec!r} is not a {'' if value is None else 'finite '}number; "
                            f"write PATH[:WEIGHT][:lcm], e.g. models/emoji-lcm-lora:1.0")
+    if not LORA_WEIGHTS[0] <= value <= LORA_WEIGHTS[1]:
+        raise FewstepError(f"LoRA weight {weight} in {spec!r} is outside [{LORA_WEIGHTS[0]:g}, {LORA_WEIGHTS[1]:g}] "
+                           f"(ComfyUI's range; weights are usually 0.5 to 1.5): a weight this large overflows the "
+                           f"fused model; give e.g. {path}:1.0")
     if not Path(path).exists():
         raise FewstepError(f"LoRA {path} does not exist (a folder with {LORA_FILE}, or a .safetensors file)")
     return LoraSpec(path, value, kind)
 
 
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LORA_WEIGHTS = (-100.0, 100.0)            # λ of PATH:WEIGHT, ComfyUI's LoraLoader range
 
 
 def lora_file(path: Path) -> Path:
@@ -322,6 +331,7 @@ def _load(pipe, path: Path, name: str, base: Path) -> None:
     """Load one LoRA file as adapter ``name`` through diffusers' loader; a LoRA made for another base model
     (other shapes or module names, no weights for this UNet, keys it lacks) is a clear error."""
     path = lora_file(path)
+    check_weights_file(path, "LoRA")              # float tensors, a sound header, every weight finite
     source, kwargs = path.parent, {"weight_name": path.name}
     from diffusers.utils import logging as diffusers_logging
 
@@ -369,9 +379,11 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
     if fuse:
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
         pipe.unload_lora_weights()
+        check_finite(unet.state_dict().items(), f"{model.path} with the LoRAs fused in", "lower the LoRA weights")
     changes: dict = {"loras": [*model.config.loras, *({"path": str(p), "weight": w, "kind": i["kind"]}
                                                       for (p, w), i in zip(loras, infos))]}
     accel = next((i for i in infos if i["kind"] in ACCELERATORS), None)
+    check_lora_grid(accel, model)
     if accel is not None and accel["kind"] == TCD_LORA:   # TCD's ε student: the γ sampler on the skipped grid
         changes.update(kind="consistency", parameterization="tcd", default_sampler="tcd", default_steps=4,
                        default_guidance_scale=1.0, original_inference_steps=int(accel["original_inference_steps"]))
@@ -379,6 +391,15 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
         changes.update(kind="consistency", parameterization="lcm", default_sampler="consistency", default_steps=4,
                        default_guidance_scale=1.0, original_inference_steps=int(accel["original_inference_steps"]))
     return model.derive(net=unet.requires_grad_(False).eval(), config=model.replace_config(**changes))
+
+
+def check_lora_grid(info: dict | None, model: Model) -> None:
+    """An acceleration LoRA's skipped grid fits its base's training timesteps (LCM: 50 of 1000)."""
+    steps, total = (info or {}).get("original_inference_steps"), getattr(model.schedule, "num_train_timesteps", None)
+    if isinstance(steps, int) and isinstance(total, int) and steps > total:
+        raise FewstepError(f"LoRA {info.get('path', '')} records original_inference_steps {steps}, more than its "
+                           f"base's {total} training timesteps (an LCM-LoRA's grid skips along them: 50 of 1000); "
+                           f"correct its fewstep.json")
 
 
 def load_with_loras(path: str | Path, loras: Sequence[str] = (), dtype: str | None = None,

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FewstepError, TrainingDiverged
 from ..io.atomic import allow_replacing, atomic_path, read_marker
+from ..io.validate import check_checkpoint_state, load_json, metrics_records
 from .optimizers import flat_state, make_optimizer, nested_state
 from .runs import WorkDirLock, all_finite, check_resume, last_good_checkpoint
 
@@ -271,12 +272,13 @@ def _is_checkpoint(folder: Path) -> bool:
 def _load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel | None, objective,
                      config: TrainConfig, names: set[str] | None = None) -> tuple[int, float]:
     try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
+        state = load_json(path / "state.json", "a checkpoint's state.json (a JSON object)", require_object=False)
+    except (OSError, ValueError, FewstepError) as e:
         raise FewstepError(f"cannot resume from checkpoint {path}: {e}. Delete it to resume from an earlier one.") from None
     if not isinstance(state, dict) or not isinstance(state.get("config", {}), dict):
         raise FewstepError(f"cannot resume from checkpoint {path}: its state.json is not fewstep's. Delete it to resume "
                            f"from an earlier one.")
+    check_checkpoint_state(state, path / "state.json", int(path.name.rpartition("-")[2]))
     saved = {**asdict(TrainConfig()), **state.get("config", {})}    # a field newer than the checkpoint: its default
     check_resume(json.loads(json.dumps(saved)), json.loads(json.dumps(asdict(config))), path, config.force_resume)
     try:
@@ -352,5 +354,5 @@ def _truncate_log(path: Path, step: int) -> None:
     """On resume, drop log lines past the checkpoint so the log matches an uninterrupted run."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    keep = [line for line, logged in metrics_records(path) if logged <= step]   # (a garbled line: one clear error)
     path.write_text("".join(line + "\n" for line in keep))
