@@ -129,11 +129,25 @@ def write_file(name: str, data: bytes | str):
     return apply
 
 
+def write_tar(name: str, members: list[tuple[str, bytes]]):
+    """A mutation: a webdataset shard ``name`` holding ``members`` (name, bytes)."""
+    def apply(folder: Path) -> None:
+        import io
+        import tarfile
+
+        with tarfile.open(folder / name, "w") as tar:
+            for member, data in members:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return apply
+
+
 # --- the table ------------------------------------------------------------------------------------------
 # (id, base, mutation, argv, fragments): base names the folder a row starts from ("pixel": a tiny pixel model;
-# "sd", "lcm", "lora": the shipped emoji-sd, emoji-lcm, emoji-lcm-lora; "run": a work folder holding a 1-step
-# checkpoint; None: no file, a flag only). In argv, {m} is the row's folder, {out} its output folder ({png}: file),
-# {sd}, {lcm}, {lora} and {pixel} the unchanged starting folders.
+# "sd", "lcm", "lora", "tiny": the shipped emoji-sd, emoji-lcm, emoji-lcm-lora, emoji-tiny-vae; "run": a work
+# folder holding a 1-step checkpoint; None: an empty folder, a flag only). In argv, {m} is the row's folder, {out}
+# its output folder ({png}: file), {sd}, {lcm}, {lora} and {pixel} the unchanged starting folders.
 SAMPLE = ["sample", "--model", "{m}", "--steps", "1", "--num", "1", "--out", "{png}"]
 SD = ["sample", "--model", "{m}", "--steps", "2", "--num", "1", "--out", "{png}"]
 ON_SD = ["sample", "--model", "{sd}", "--lora", "{m}", "--steps", "2", "--num", "1", "--out", "{png}"]
@@ -266,6 +280,14 @@ ROWS = [
     ("lora weights relabelled int32", "lora", safetensors_edit(LORA_WEIGHTS, relabel("I32")), ON_SD, ["stored as I32"]),
     ("lora export of a weight +inf", "lora", safetensors_edit(LORA_WEIGHTS, put(np.inf)),
      ["lora", "export", "{m}", "--format", "kohya", "--out", "{out}.safetensors"], ["holds inf"]),
+    # a tiny VAE folder (--tiny-vae)
+    ("tiny VAE scaling_factor inf", "tiny", with_value("config.json", "scaling_factor", "Infinity"),
+     ["sample", "--model", "{sd}", "--tiny-vae", "{m}", "--steps", "2", "--num", "1", "--out", "{png}"],
+     ["scaling_factor", "not finite"]),
+    ("tiny VAE weights relabelled int8", "tiny",
+     safetensors_edit("diffusion_pytorch_model.safetensors", relabel("I8", 4)),
+     ["sample", "--model", "{sd}", "--tiny-vae", "{m}", "--steps", "2", "--num", "1", "--out", "{png}"],
+     ["tiny VAE weights", "stored as I8"]),
     ("lora weight 1e30", None, None, ["sample", "--model", "{sd}", "--lora", "{lora}:1e30", "--out", "{png}"],
      ["LoRA weight 1e30", "[-100, 100]"]),
     ("a model folder as a LoRA", None, None, ["sample", "--model", "{sd}", "--lora", "{sd}", "--out", "{png}"],
@@ -352,6 +374,15 @@ ROWS = [
     ("bench --num 1e9", None, None, ["bench", "--num", str(10**9)], ["--num", "50,000"]),
     ("demo --per-class 1e9", None, None, ["demo", "--per-class", str(10**9), "--out", "{out}"],
      ["--per-class", "1,000"]),
+    ("a shard's caption of 2 MiB", None, write_tar("shard.tar", [("k.png", b"x"), ("k.txt", b"a" * (2 << 20))]),
+     ["train-lora", "--base", "{sd}", "--dataset", "{m}/shard.tar", "--out", "{out}", "--steps", "1"],
+     ["k.txt", "1,048,576", "caption"]),
+    ("a shard of random bytes", None, write_file("random.tar", bytes(range(256)) * 64),
+     ["train-lora", "--base", "{sd}", "--dataset", "{m}/random.tar", "--out", "{out}", "--steps", "1"],
+     ["random.tar", "not a readable .tar"]),
+    ("a shard's caption not UTF-8", None, write_tar("latin.tar", [("k.png", b"x"), ("k.txt", "café".encode("latin-1"))]),
+     ["train-lora", "--base", "{sd}", "--dataset", "{m}/latin.tar", "--out", "{out}", "--steps", "1"],
+     ["caption of k", "UTF-8"]),
     ("prompts file over 16 MiB", None, write_file("prompts.txt", "a grinning face\n" * 1_100_000),
      ["sample", "--model", "{sd}", "--prompts-file", "{m}/prompts.txt", "--out", "{png}"], ["prompts file", "16.0 MiB"]),
 ]
@@ -409,7 +440,7 @@ def _prepare(row, place: Path, run_folder: Path, scratch: Path) -> tuple[list[st
     elif base == "run":
         shutil.copytree(run_folder, folder)
     elif base is not None:
-        link_model(MODELS / {"sd": "emoji-sd", "lcm": "emoji-lcm", "lora": "emoji-lcm-lora"}[base], folder)
+        link_model(MODELS / {"sd": "emoji-sd", "lcm": "emoji-lcm", "lora": "emoji-lcm-lora", "tiny": "emoji-tiny-vae"}[base], folder)
     else:
         folder.mkdir()
     if mutate is not None:

@@ -281,6 +281,7 @@ def load_captioned(name: str, size: int, augment: Augment | None = None,
         ims, captions = (im for im, _ in pairs), [c for _, c in pairs]
     if not captions:
         raise FewstepError(f"no captioned images found in {path}")
+    check_resize(len(captions), 3, size, f"the images of {path}")
     images, views = _cut(ims, size, 3, augment)
     return ImageData(images, torch.zeros(len(captions), dtype=torch.long), [path.name], path.name, captions,
                      views=views).with_augment(augment)
