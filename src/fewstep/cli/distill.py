@@ -208,6 +208,8 @@ def check_method_flags(args: argparse.Namespace, method) -> None:
     silently ignored); a LoRA method, whose adapters take no guidance-scale input, learns one scale, not a range."""
     reads = _reads(method)
     for dest, (flag, default) in getattr(args, "method_flags", {}).items():
+        if dest == "teacher_dtype":
+            continue                      # run() says where --teacher-dtype applies, in its own words
         if dest not in reads and getattr(args, dest, default) != default:
             users = [m.name for m in _methods().values() if dest in _reads(m)]
             raise FewstepError(f"{flag} does not apply to --method {method.name} (it sets {', '.join(users)}); "

@@ -38,25 +38,16 @@ FIX = "correct it in the file, or re-save the model with fewstep"
 
 
 # --- reading -----------------------------------------------------------------------------------------
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
 def _depth(text: str) -> int:
-    """The deepest nesting of ``[``/``{`` in JSON ``text``, outside strings (no recursion)."""
+    """The deepest nesting of ``[``/``{`` in JSON ``text``, outside strings (no recursion; regexes do the scan)."""
     depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
+    for ch in _BRACKET.findall(_STRING.sub("", text)):
+        depth += 1 if ch in "[{" else -1
+        deepest = max(deepest, depth)
     return deepest
 
 
