@@ -42,7 +42,9 @@ def check_folder(folder: str | Path) -> None:
             if (part / name).is_file():
                 check_part_config(load_json(part / name, f"a {name} (a JSON object)"), part / name)
         for weights in sorted(part.glob("*.safetensors")):
-            check_float_weights(weights, f"{part.name} weights")
+            own = weights.name.split(".")[0] in ("diffusion_pytorch_model", "model")
+            check_float_weights(weights, f"{part.name} weights" if own else             # e.g. a guided UNet's
+                                f"{part.name}'s {weights.name.split('.')[0].replace('_', ' ')}")   # guidance embedding
     if not (folder / "model_index.json").is_file() and (folder / "fewstep.json").is_file() \
             and (folder / "unet" / "config.json").is_file():
         _check_pixel(folder)
