@@ -317,7 +317,7 @@ def test_diffusers_reads_the_full_size_sdxl_names_onto_every_module():
     """diffusers' own kohya reader (lora_conversion_utils: _maybe_map_sgm_blocks_to_diffusers, then
     _convert_non_diffusers_lora_to_diffusers, then convert_unet_state_dict_to_peft) puts every exported full-size
     SDXL module back on its diffusers module (for the published layout; a non-standard one, e.g. an upsampler after
-    a block without attention, is why fewstep reads these names itself: loras.original_kohya_state)."""
+    a block without attention, is why fewstep reads these names itself: lora_layouts.original_kohya_state)."""
     import types
 
     from diffusers.loaders.lora_conversion_utils import (

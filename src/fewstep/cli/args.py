@@ -74,14 +74,46 @@ def at_least(n: int):
     return parse
 
 
+def int_range(lo: int, hi: int, why: str = ""):
+    """An argparse type: an integer in [lo, hi]; above ``hi`` the message says why that is the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo:,}, got {value:,}")
+        if value > hi:
+            raise argparse.ArgumentTypeError(f"must be at most {hi:,}{f' ({why})' if why else ''}, got {value:,}")
+        return value
+    return parse
+
+
+# the bounds of the numeric flags, with why (one place: every subcommand's parser takes its types from here)
+label = int_range(0, 2**31 - 1, "a class index; the model's classes are listed by fewstep sample --help")
+lora_rank = int_range(1, 1024, "the LCM-LoRA paper uses 64 on SD-size UNets; a rank above a layer's width adds "
+                               "nothing but memory")
+num_scales = int_range(1, 10_000, "the papers use N = 18 (CD) to 1280 (iCT); far finer grids make neighbouring "
+                                  "noise levels equal in float32")
+eval_samples = int_range(4, 50_000, "FID's standard sample count; more takes hours and changes no figure")
+per_class = int_range(1, 1_000, "1,000 per digit is 10,000 samples per model, far past where the figures settle")
+grad_accum = int_range(1, 1_024, "a larger batch than memory holds: a larger --grad-accum runs that many micro-batches "
+                                 "per step")
+unet_width = int_range(1, 2_048, "the widest level of Stable Diffusion's UNet is 1280 channels")
+MAX_STEPS = 1000     # a diffusion model's training timesteps: no sampler runs more steps than the model has
+
+
 def step_list(text: str) -> list[int]:
-    """Comma-separated step counts, e.g. ``1,2,4``."""
+    """Comma-separated step counts, e.g. ``1,2,4``, each in [1, :data:`MAX_STEPS`]."""
     try:
         steps = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
     if not steps or min(steps) < 1:
         raise argparse.ArgumentTypeError(f"step counts must be at least 1, got {text!r}")
+    if max(steps) > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"step counts must be at most {MAX_STEPS:,} (a diffusion model's training "
+                                         f"timesteps), got {max(steps):,}")
     return steps
 
 
@@ -144,7 +176,7 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
     g = p.add_argument_group("training (shared by every trainer)")
     g.add_argument("--steps", type=positive_int, default=steps, help=f"optimizer steps (default {steps})")
     g.add_argument("--batch", type=positive_int, default=batch, help=f"global batch size (default {batch})")
-    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", type=grad_accum, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=positive, default=lr, help=f"peak learning rate (default {lr})")
     g.add_argument("--warmup", type=at_least(0), default=200, help="linear LR warm-up steps")
     g.add_argument("--grad-clip", type=non_negative, default=1.0, help="max gradient norm (0: off)")
@@ -212,6 +244,7 @@ def train_config(args: argparse.Namespace):
     from ..io.atomic import allow_replacing, check_creatable, check_replaceable
     from ..training import TrainConfig
 
+    check_training_request(args)          # fp16 without a GPU, a batch that cannot fit: before any work
     with allow_replacing(*([args.out] if args.overwrite else [])):
         check_replaceable(args.out)
     work = args.work_dir or str(Path("runs") / Path(args.out).name)
@@ -227,6 +260,34 @@ def train_config(args: argparse.Namespace):
                        optimizer=args.optimizer,
                        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                        seed=args.seed, progress=not args.no_progress, memory_check=not args.no_memory_check)
+
+
+BUILT_IN = {"digits": (1, 16), "emoji": (3, 32)}     # channels and side of the embedded data sets
+
+
+def check_training_request(args: argparse.Namespace) -> None:
+    """What a training command asks for, checked before any data or model is loaded: ``--mixed-precision fp16``
+    needs a CUDA GPU (it is fp16 autocast with a gradient scaler; accelerate ignores it elsewhere), and one
+    micro-batch of the smallest images the run can have must fit in memory (a lower bound: the batch's images and
+    their noise in float32; the network's activations come on top)."""
+    import torch
+
+    from ..errors import FewstepError
+    from ..io.budget import check_memory, images_bytes
+
+    if getattr(args, "mixed_precision", "no") == "fp16" and not torch.cuda.is_available():
+        raise FewstepError("--mixed-precision fp16 needs a CUDA GPU (fp16 autocast with a gradient scaler); on this "
+                           "machine, which has none, accelerate would silently train in fp32: use --mixed-precision "
+                           "bf16 or no")
+    channels, side = 1, 8                 # the smallest a run trains on (a teacher's latents can be this small)
+    if not getattr(args, "teacher", None):
+        channels, side = BUILT_IN.get(getattr(args, "dataset", None) or "digits", (getattr(args, "channels", 1), 8))
+    side = getattr(args, "image_size", None) or side
+    micro = -(-args.batch // args.grad_accum)
+    check_memory(images_bytes(micro, channels, side, copies=2),
+                 f"--batch {args.batch:,}{f' / --grad-accum {args.grad_accum}' if args.grad_accum > 1 else ''}: one "
+                 f"micro-batch of {micro:,} images of {channels}×{side}×{side}",
+                 "lower --batch, or raise --grad-accum to split each batch into micro-batches")
 
 
 def add_lora_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -245,8 +306,16 @@ def load_options(args: argparse.Namespace) -> dict[str, str | None]:
     """``dtype``, ``variant`` and ``config`` from --dtype/--variant/--config, as keyword arguments of
     :func:`fewstep.models.folders.load_model`."""
     dtype = getattr(args, "dtype", None)
-    return {"dtype": DTYPES[dtype] if dtype else None, "variant": getattr(args, "variant", None),
-            "config": getattr(args, "config", None)}
+    variant = getattr(args, "variant", None)
+    path = next((getattr(args, a) for a in ("model", "base") if isinstance(getattr(args, a, None), str)), None)
+    if (dtype or variant) and path and Path(path).is_dir() and not (Path(path) / "model_index.json").exists():
+        from ..errors import FewstepError
+
+        flag = f"--dtype {dtype}" if dtype else f"--variant {variant}"
+        raise FewstepError(f"{flag} applies to pipelines (diffusers folders, single-file checkpoints); {path} is a "
+                           f"pixel model folder, whose one UNet runs in float32 from its one weights file: leave "
+                           f"{flag.split()[0]} out")
+    return {"dtype": DTYPES[dtype] if dtype else None, "variant": variant, "config": getattr(args, "config", None)}
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:

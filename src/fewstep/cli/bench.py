@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import at_least, command_line, seed
+from .args import at_least, command_line, eval_samples, seed
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--markdown", default="BENCHMARKS.md", help="the markdown table to (re)write")
     p.add_argument("--no-markdown", action="store_true", help="do not write the markdown table")
     p.add_argument("--quick", action="store_true", help="small sample counts and step sets (a smoke test)")
-    p.add_argument("--num", type=at_least(4), help="samples per quality point (default 1000; quick: 100; at least 4 for "
+    p.add_argument("--num", type=eval_samples, help="samples per quality point (default 1000; quick: 100; at least 4 for "
                                                    "precision/recall's 3 nearest neighbours)")
     p.add_argument("--edit-num", type=at_least(2),
                    help="real images per zero-shot editing measurement (default 200; quick: 50)")

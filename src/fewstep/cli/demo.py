@@ -25,7 +25,7 @@ from ..models.folders import load_model, shipped_models_dir
 from ..models.loras import apply_loras
 from ..nets.classifier import accuracy
 from ..sampling.generate import generate, nfe
-from .args import positive_int, seed
+from .args import per_class, seed
 
 
 def add_parser(sub) -> None:
@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
                                    "FID and conditional accuracy.")
     p.add_argument("--out", default="fewstep-demo", help="output folder (default ./fewstep-demo)")
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
-    p.add_argument("--per-class", type=positive_int, default=20, help="samples per digit for the accuracy figure")
+    p.add_argument("--per-class", type=per_class, default=20, help="samples per digit for the accuracy figure")
     p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(func=run)
 

@@ -13,13 +13,16 @@ from .args import (
     augment,
     command_line,
     guidance_scale,
+    lora_rank,
     non_negative,
+    num_scales,
     positive,
     positive_int,
     probability,
     step_set,
     stream,
     train_config,
+    unet_width,
 )
 
 OPTION_GROUPS: dict = {}   # name -> add(parser, distances): the flags a registered method's settings read
@@ -67,8 +70,10 @@ def add_parsers(sub) -> None:
         p.add_argument("--image-size", type=positive_int, default=None, help="ct/ict/act: resize the images")
         p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="ct/ict/act on an image folder: L or RGB")
         groups = dict.fromkeys(g for n in names for g in methods[n].options)
+        before = len(p._actions)
         for group in groups:
             OPTION_GROUPS[group](p, DISTANCES)
+        p.set_defaults(method_flags={a.dest: (a.option_strings[0], a.default) for a in p._actions[before:]})
         add_data_args(p, stream=p is distill)
         add_train_args(p, steps=3000, batch=64, lr=1e-4)
         p.set_defaults(func=run)
@@ -89,14 +94,14 @@ def _consistency_args(p: argparse.ArgumentParser, distances) -> None:
     g.add_argument("--label-dropout", type=probability, default=0.1,
                    help="share of training conditions replaced by the unconditional one, so the model also works "
                         "without a label (unconditional generation and editing; default 0.1)")
-    g.add_argument("--num-scales", type=positive_int, help="N: cd's grid (default 18); ct/ict's final N (150 / 1280)")
-    g.add_argument("--start-scales", type=positive_int, help="ct/ict's first N (2 / 10)")
+    g.add_argument("--num-scales", type=num_scales, help="N: cd's grid (default 18); ct/ict's final N (150 / 1280)")
+    g.add_argument("--start-scales", type=num_scales, help="ct/ict's first N (2 / 10)")
     g.add_argument("--target-ema", type=probability, help="target EMA rate μ of cd, lcd, lcf and lcm-lora (default 0.95; "
                                                     "0 = the online student under stop-gradient)")
     g.add_argument("--ct-curriculum", choices=["paper", "fitted"], default="paper",
                    help="ct/act: the target EMA μ(k) of Song et al. 2023 (paper: μ0 = 0.9, tuned for 800k iterations) "
                         "or fitted to this run's --steps (the target's EMA horizon the same share of the run)")
-    g.add_argument("--width", type=positive_int, default=32, help="ct/ict/act: UNet base width")
+    g.add_argument("--width", type=unet_width, default=32, help="ct/ict/act: UNet base width")
     g.add_argument("--classifier", help="classifier folder for --distance classifier (default: models/<data>-classifier)")
     g.add_argument("--lpips-weights", help="local LPIPS weights for --distance lpips")
     g.add_argument("--p-mean", type=float, default=None,
@@ -152,7 +157,7 @@ def _latent_args(p: argparse.ArgumentParser, distances=None) -> None:
                         "diffusers' LCD scripts do; the student, its target and the optimizer stay fp32 (LoRA adapters "
                         "too, on the bf16 base). For full-size UNets on 24 GB, with --ema 0 (no separate weight EMA) "
                         "and --gradient-checkpointing. On a CPU without native bf16 it is much slower")
-    g.add_argument("--lora-rank", type=positive_int, default=8,
+    g.add_argument("--lora-rank", type=lora_rank, default=8,
                    help="lcm-lora: rank of the LoRA adapters (default 8; the paper uses 64 on SD-size UNets)")
 
 
@@ -189,6 +194,33 @@ def _ect_args(p: argparse.ArgumentParser, distances=None) -> None:
                    help="c of the distance √(‖x − y‖² + c²) − c (default 0, as run_ecm.sh: the l2 norm)")
 
 
+def _reads(method) -> set[str]:
+    """The option dests a method reads: its settings' fields (under their flag names), --teacher-dtype where it
+    holds a frozen teacher it may shrink."""
+    from dataclasses import fields
+
+    return {method.flags.get(f.name, f.name) for f in fields(method.settings)} | (
+        {"teacher_dtype"} if method.frozen_teacher_dtype else set())
+
+
+def check_method_flags(args: argparse.Namespace, method) -> None:
+    """A method-group flag given to a method that does not read it is an error naming the methods it is for (not
+    silently ignored); a LoRA method, whose adapters take no guidance-scale input, learns one scale, not a range."""
+    reads = _reads(method)
+    for dest, (flag, default) in getattr(args, "method_flags", {}).items():
+        if dest == "teacher_dtype":
+            continue                      # run() says where --teacher-dtype applies, in its own words
+        if dest not in reads and getattr(args, dest, default) != default:
+            users = [m.name for m in _methods().values() if dest in _reads(m)]
+            raise FewstepError(f"{flag} does not apply to --method {method.name} (it sets {', '.join(users)}); "
+                               f"leave it out")
+    lo, hi = getattr(args, "min_guidance_scale", None), getattr(args, "max_guidance_scale", None)
+    if method.name.endswith("-lora") and (lo is not None or hi is not None) and lo != hi:
+        raise FewstepError(f"--method {method.name} trains adapters with no guidance-scale input: it learns one scale, "
+                           f"not a range ({lo if lo is not None else 'default'} to {hi if hi is not None else 'default'}); "
+                           f"give the one scale as both, e.g. --min-guidance-scale 3 --max-guidance-scale 3")
+
+
 OPTION_GROUPS.update(consistency=_consistency_args, adversarial=_adversarial_args, guided=_guided_args,
                      latent=_latent_args, continuous=_continuous_args, ect=_ect_args)
 
@@ -200,6 +232,7 @@ def run(args: argparse.Namespace) -> None:
     from ..models.folders import load_model
 
     method = _methods()[args.method]
+    check_method_flags(args, method)      # a flag of another method is an error, before anything loads
     if not method.needs_teacher:
         if stream(args):
             raise FewstepError(f"--stream reads captioned webdataset shards for the latent methods; --method "

@@ -10,6 +10,7 @@ from .args import (
     add_limits,
     add_lora_arg,
     guidance_scale,
+    label,
     load_options,
     number,
     positive,
@@ -73,7 +74,7 @@ def add_parser(sub) -> None:
     p.add_argument("--infer-label", action="store_true",
                    help="inpaint: let the model infer each image's class from its known part (the label c whose "
                         "f(known + noise; c) reconstructs it best), then inpaint conditioned on it")
-    p.add_argument("--label", type=int, nargs="+", help="condition on a class, one or one per image/pair "
+    p.add_argument("--label", type=label, nargs="+", help="condition on a class, one or one per image/pair "
                                                         "(default: unconditional)")
     p.add_argument("--guidance-scale", type=guidance_scale, help="with --label or --prompt: the guidance scale, 1.0 = none "
                                                         "(default: the model's)")

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import FewstepError
-from .args import add_grid_args, add_lora_arg, at_least, guidance_scale, load_options, probability, seed, step_list
+from .args import add_grid_args, add_lora_arg, eval_samples, guidance_scale, load_options, probability, seed, step_list
+from .checks import check_sample_request
 
 
 def add_parser(sub) -> None:
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eta", "--gamma", dest="eta", type=probability, default=None, metavar="G",
                    help="--sampler tcd: TCD's γ in [0, 1] (default 0.3; see fewstep sample --help)")
     p.add_argument("--guidance-scale", type=guidance_scale, default=None, help="1.0 = none (default: the model's)")
-    p.add_argument("--num", type=at_least(4), default=None,
+    p.add_argument("--num", type=eval_samples, default=None,
                    help="samples per step count (default 1000; at least 4: precision/recall take each sample's 3 "
                         "nearest neighbours); with --images: score the first N images (default all)")
     p.add_argument("--seed", type=seed, default=0)
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> None:
         with writing_into(Path(args.model) / CONFIG_NAME):
             check_writable(Path(args.model) / CONFIG_NAME, what="--save-sigmas")
     model = with_tiny_vae(load_with_loras(args.model, args.lora, **load_options(args)), args.tiny_vae)
+    check_sample_request(args, model, args.num)   # --rho/--clamp-x0 apply, the samples fit: before any sampling
     ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
     if args.tune_sigmas:
         _tune_sigmas(model, ruler, args)

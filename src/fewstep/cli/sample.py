@@ -15,12 +15,14 @@ from .args import (
     add_lora_arg,
     command_line,
     guidance_scale,
+    label,
     load_options,
     positive_int,
     probability,
     seed,
     sigma_list,
 )
+from .checks import check_sample_request
 
 SEEDS = ("image i of a run with --seed S (i as in --out-dir's numbering: labels or prompts in order, --num each) "
          "starts from the i-th block of one noise stream seeded S, as diffusers' "
@@ -58,7 +60,7 @@ def add_parser(sub) -> None:
     p.add_argument("--sigmas", type=sigma_list,
                    help="the noise levels of each step, e.g. 80,0.8 for 2-step consistency sampling with the "
                         "intermediate level 0.8 (σ = 0 is appended; overrides --steps)")
-    p.add_argument("--label", type=int, nargs="+", help="class labels to sample (default: every class)")
+    p.add_argument("--label", type=label, nargs="+", help="class labels to sample (default: every class)")
     p.add_argument("--prompt", action="append",
                    help="text-to-image pipelines (emoji-sd, emoji-lcm): a prompt, one row of --num images each; "
                         "repeat for more rows (prompts longer than the tokenizer's limit are cut with a warning)")
@@ -154,6 +156,8 @@ def run(args: argparse.Namespace) -> None:
         raise FewstepError("give --prompt or --prompts-file, not both")
     prompts = read_prompts(args.prompts_file) if args.prompts_file else args.prompt
     model = with_tiny_vae(load_with_loras(args.model, args.lora, **load_options(args)), args.tiny_vae)
+    rows = len(prompts or [""]) if model.conditioner.text else len(args.label or range(model.config.num_classes or 1))
+    check_sample_request(args, model, args.num * rows)   # flags that apply, the size, the memory: before any sampling
     cond, nrow = conditions(args, model, prompts)
     total = args.num if cond is None else len(cond)
     if total > LIMITS["num"] and not args.allow_large:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_data_args, add_train_args, augment, command_line, positive_int, stream, train_config
+from .args import add_data_args, add_train_args, augment, command_line, lora_rank, stream, train_config
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset", default="emoji", help="captioned data (default emoji)")
     p.add_argument("--group", help="only the images of this class/group, e.g. 'Animals & Nature'")
     p.add_argument("--out", required=True, help="LoRA folder to write")
-    p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--rank", type=lora_rank, default=8, help="LoRA rank (default 8)")
     add_data_args(p, stream=True)
     add_train_args(p, steps=1000, batch=64, lr=1e-3)
     p.set_defaults(func=run)

@@ -15,6 +15,7 @@ from .args import (
     positive_int,
     probability,
     train_config,
+    unet_width,
 )
 
 
@@ -31,7 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--image-size", type=positive_int, default=None, help="resize images (digits: 16)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="for image folders: 1 (L) or 3 (RGB)")
-    p.add_argument("--width", type=positive_int, default=32, help="UNet base width (32: 1.6M parameters)")
+    p.add_argument("--width", type=unet_width, default=32, help="UNet base width (32: 1.6M parameters)")
     p.add_argument("--label-dropout", type=probability, default=0.1,
                    help="probability of the null label / empty caption (for CFG)")
     p.add_argument("--vae-steps", type=positive_int, default=1000, help="text-to-image: AutoencoderKL steps")

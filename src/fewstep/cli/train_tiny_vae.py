@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .args import add_data_args, add_train_args, augment, command_line, positive_int, stream, train_config
+from .args import add_data_args, add_train_args, augment, command_line, stream, train_config, unet_width
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--base", required=True, help="the pipeline whose VAE to distil, e.g. models/emoji-sd")
     p.add_argument("--dataset", default=None, help="images to distil on (default: the pipeline's data set)")
     p.add_argument("--out", required=True, help="AutoencoderTiny folder to write")
-    p.add_argument("--width", type=positive_int, default=16, help="channels at every resolution (default 16)")
+    p.add_argument("--width", type=unet_width, default=16, help="channels at every resolution (default 16)")
     p.add_argument("--decoder-blocks", type=_blocks, default=[2, 1, 0],
                    help="residual blocks of the decoder per resolution, latent size first (default 2,1,0)")
     p.add_argument("--encoder-blocks", type=_blocks, default=[1, 1, 1],

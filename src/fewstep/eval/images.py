@@ -52,18 +52,9 @@ def _metadata(folder: Path) -> dict[str, dict]:
     path = folder / "metadata.jsonl"
     if not path.is_file():
         return {}
-    records = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise FewstepError(f"{path} line {n} is not JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
-            raise FewstepError(f"{path} line {n} needs a \"file_name\" string (the imagefolder convention)")
-        records[record["file_name"]] = record
-    return records
+    from ..io.validate import json_lines
+
+    return {record["file_name"]: record for _, record in json_lines(path, "metadata.jsonl", key="file_name")}
 
 
 def _png_record(im) -> dict:

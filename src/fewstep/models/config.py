@@ -8,8 +8,7 @@ Folders written before format 2 spelled a few things differently; :func:`upgrade
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +88,17 @@ def upgrade(raw: dict) -> dict:
     ``kind`` "lcm" (a consistency model with LCM's scalings) or "guided" (a diffusion model whose UNet
     takes s), and the kinds of LoRA folders, which are not models."""
     raw = dict(raw)
-    if raw.get("format_version", 0) >= FORMAT_VERSION:
-        return raw
+    version = raw.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version >= FORMAT_VERSION:
+        return raw                                # (a malformed version is parse_config's to refuse)
     embedding = raw.pop("guidance_embedding", None) or {}
     if embedding:
-        raw["guidance_range"] = [embedding["min_guidance_scale"], embedding["max_guidance_scale"]]
-        raw["embedding_dim"] = embedding["embedding_dim"]
+        try:
+            raw["guidance_range"] = [embedding["min_guidance_scale"], embedding["max_guidance_scale"]]
+            raw["embedding_dim"] = embedding["embedding_dim"]
+        except (KeyError, TypeError):
+            raise FewstepError("fewstep.json (format 1): guidance_embedding must be an object with embedding_dim, "
+                               "min_guidance_scale and max_guidance_scale") from None
     if raw.get("kind") == "lcm":
         raw.update(kind="consistency", parameterization="lcm")
     elif raw.get("kind") == "guided":
@@ -104,48 +108,26 @@ def upgrade(raw: dict) -> dict:
 
 
 def parse_config(raw: dict, where: Path | str) -> ModelConfig:
-    """A :class:`ModelConfig` from JSON values, each checked, with one line naming ``where`` on a bad one."""
-    raw = upgrade(raw)
-    known = {f.name: f for f in fields(ModelConfig)}
-    for key, value in raw.items():
-        if key in known and not _fits(value, known[key].type):
-            raise FewstepError(f"{where} is corrupt: {key} should be {known[key].type}, not {json.dumps(value)[:60]}")
-    config = ModelConfig(**{k: v for k, v in raw.items() if k in known})
-    if config.kind not in KINDS:
-        raise FewstepError(f"{where}: unknown kind {config.kind!r}; fewstep models are {' or '.join(KINDS)}")
-    if config.parameterization not in PARAMETERIZATIONS:
-        raise FewstepError(f"{where}: unknown parameterization {config.parameterization!r} "
-                           f"(one of {', '.join(PARAMETERIZATIONS)})")
+    """A :class:`ModelConfig` from JSON values, each checked against its spec (:mod:`fewstep.io.validate`), with
+    one line naming ``where``, the field, its bound and the fix on a bad one."""
+    from ..core.solvers import SAMPLERS
+    from ..io.specs import check_model_config, check_schedule
+
+    try:
+        raw = upgrade(raw)
+    except FewstepError as e:
+        raise FewstepError(f"{where}: {e}") from None
+    check_model_config(raw, where, ModelConfig, KINDS, PARAMETERIZATIONS, SAMPLERS, FORMAT_VERSION)
+    config = ModelConfig(**raw)
+    check_schedule(config.param.space.schedule, config.schedule, where, config.param.space.name)
     return config
 
 
-def _fits(value: Any, kind: str) -> bool:
-    """A JSON value against a field's annotation (``int``, ``float``, ``str``, ``list[...]``, ``dict[...]``):
-    numbers finite, no booleans posing as numbers, sampling grids lists of numbers."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind == "int":
-        return number and isinstance(value, int)
-    if kind == "float":
-        return number
-    if kind == "str":
-        return isinstance(value, str)
-    if kind.startswith("list["):
-        inner = kind[5:-1]
-        return isinstance(value, list) and all(_fits(v, inner) if inner in ("int", "float", "str")
-                                               else isinstance(v, dict) for v in value)
-    if kind.startswith("dict[str, list"):
-        return isinstance(value, dict) and all(_fits(v, "list[float]") for v in value.values())
-    return isinstance(value, dict) if kind.startswith("dict") else True
-
-
 def read_json(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise FewstepError(f"{path} is corrupt: {e}") from None
-    if not isinstance(raw, dict):
-        raise FewstepError(f"{path} is corrupt: expected a JSON object")
-    return raw
+    """A JSON object from ``path``, size- and depth-capped, any problem one line (:func:`fewstep.io.validate.load_json`)."""
+    from ..io.validate import load_json
+
+    return load_json(path)
 
 
 def pipeline_defaults(scheduler_config: dict, image_size: int) -> dict:

@@ -181,11 +181,20 @@ class StreamedImages:
                          self.class_names, self.name, [self.captions[i] for i in rows])
 
 
+def check_resize(count: int, channels: int, size: int, what: str) -> None:
+    """A data set resized to ``size``² fits in memory (the resized images and the copy resizing makes)."""
+    from ..io.budget import check_memory, images_bytes
+
+    check_memory(images_bytes(count, channels, size, copies=2), f"{what} at {size}×{size} ({count:,} images)",
+                 "give a smaller --image-size")
+
+
 def load_digits(size: int = 16) -> ImageData:
     """scikit-learn's digits (values 0–16) scaled to [−1, 1] and resized to ``size``×``size``."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
+    check_resize(len(bunch.images), 1, size, "the digits")
     x = torch.from_numpy(bunch.images.astype(np.float32))[:, None] / 16.0 * 2 - 1
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
@@ -198,6 +207,7 @@ EMOJI_FILE = Path(__file__).resolve().parents[1] / "assets" / "emoji.npz"
 def load_emoji(size: int = 32) -> ImageData:
     """The embedded emoji set: RGB in [−1, 1], Unicode-group labels, Unicode-name captions."""
     raw = np.load(EMOJI_FILE)
+    check_resize(len(raw["labels"]), 3, size, "the emoji")
     x = torch.from_numpy(raw["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     if size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
@@ -223,6 +233,7 @@ def load_image_folder(path: str | Path, size: int, channels: int = 3, augment: A
                 labels.append(label)
     if not files:
         raise FewstepError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+    check_resize(len(files), channels, size, f"the images of {root}")
     images, views = _cut((_open_image(f, str(f)) for f in files), size, channels, augment)
     return ImageData(images, torch.tensor(labels), [g[0] for g in groups], root.name, views=views).with_augment(augment)
 
@@ -270,6 +281,7 @@ def load_captioned(name: str, size: int, augment: Augment | None = None,
         ims, captions = (im for im, _ in pairs), [c for _, c in pairs]
     if not captions:
         raise FewstepError(f"no captioned images found in {path}")
+    check_resize(len(captions), 3, size, f"the images of {path}")
     images, views = _cut(ims, size, 3, augment)
     return ImageData(images, torch.zeros(len(captions), dtype=torch.long), [path.name], path.name, captions,
                      views=views).with_augment(augment)
@@ -321,19 +333,11 @@ def _open_image(source, where: str):
 
 
 def _imagefolder_pairs(root: Path) -> list:
-    import json
+    from ..io.validate import json_lines
 
     pairs = []
-    for n, line in enumerate((root / "metadata.jsonl").read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise FewstepError(f"{root / 'metadata.jsonl'} line {n} is not JSON") from None
+    for n, record in json_lines(root / "metadata.jsonl", "metadata.jsonl", key="file_name"):
         where = f"{root / 'metadata.jsonl'} line {n}"
-        if "file_name" not in record:
-            raise FewstepError(f"{where} has no file_name")
         pairs.append((_open_image(root / record["file_name"], str(root / record["file_name"])), _caption(record, where)))
     return pairs
 

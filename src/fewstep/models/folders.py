@@ -30,6 +30,7 @@ from ..errors import FewstepError
 from ..io.atomic import atomic_path
 from ..nets.guided import GuidedUNet
 from ..nets.sdxl import time_ids
+from . import checks
 from .codecs import PixelCodec, VAECodec
 from .conditioners import LabelConditioner, SDXLConditioner, TextConditioner
 from .config import (
@@ -85,15 +86,21 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
             raise FewstepError(f"{folder} is a single file: --variant picks the weight files of a folder")
         from .single_file import read_single_file
 
+        checks.check_file(folder)
         parts = read_single_file(folder, dtype, config, pipeline_class)
         if "family" in parts:                     # a FLUX / SD3 transformer with its folder's other parts
-            return new_flow_pipeline(path=folder, **parts).eval().to(device)
-        return new_pipeline(path=folder, **parts).eval().to(device)
+            model = new_flow_pipeline(path=folder, **parts)
+        else:
+            model = new_pipeline(path=folder, **parts)
+        checks.check_loaded(model)
+        return model.eval().to(device)
     if not folder.is_dir():
         raise FewstepError(f"model folder {folder} does not exist (nor a checkpoint file of that name)")
     if config is not None:
         raise FewstepError(f"config {config} is for single-file checkpoints; {folder} is a folder with its own configs")
+    checks.check_folder(folder)           # every config and weights header, before anything is built (fewstep.io.validate)
     model = _load_pipeline(folder, dtype, variant) if is_pipeline_folder(folder) else _load_pixel(folder)
+    checks.check_loaded(model)            # every weight finite
     return model.eval().to(device)
 
 

@@ -21,7 +21,7 @@ layouts written here, each with diffusers' own converters (``diffusers.utils.sta
   (:mod:`fewstep.models.flow_keys`): what ComfyUI's generic ``lora_unet_<path>`` rule maps onto its Flux / SD3
   models, and diffusers' ``_convert_kohya_flux_lora_to_diffusers`` reads for FLUX.1's sizes (it hard-codes them;
   its SD3 loader reads no kohya layout). fewstep reads them back itself (``--lora``,
-  :func:`fewstep.models.loras.flow_kohya_state`). The metadata's ``ss_base_model_version`` is sd-scripts' ("flux1";
+  :func:`fewstep.models.lora_layouts.flow_kohya_state`). The metadata's ``ss_base_model_version`` is sd-scripts' ("flux1";
   SD3: "medium", "5-medium", "5-large").
 - ``diffusers``: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (``transformer.`` for FLUX / SD3), what
   ``pipe.load_lora_weights`` reads (and ComfyUI's Flux / SD3 branch of ``model_lora_keys_unet``).
@@ -48,12 +48,12 @@ from .config import read_json
 from .flow_keys import FLUX, peft_to_kohya
 from .folders import shipped_models_dir, write_folder
 from .ldm_keys import kohya_name, unet_block_map, unet_key
+from .lora_layouts import PEFT_PREFIX
 from .loras import LORA_SET, lora_file, lora_info, lora_metadata
 from .single_file import CONFIGS
 
 FORMATS = ("kohya", "diffusers", "peft")
 PEFT_FILE = "adapter_model.safetensors"      # peft's save_pretrained names
-PEFT_PREFIX = "base_model.model."
 
 
 def export_lora(lora: str | Path, layout: str, out: str | Path, overwrite: bool = False,
@@ -78,7 +78,10 @@ def export_lora(lora: str | Path, layout: str, out: str | Path, overwrite: bool 
         raise FewstepError(f"{lora} is a set of {len(info['loras'])} adapters; export each of its members")
     from safetensors.torch import load_file, save_file
 
+    from ..io.weights import check_weights_file
+
     source = lora_file(lora)
+    check_weights_file(source, "LoRA")            # float tensors, a sound header, every weight finite
     state = unet_peft_state(load_file(str(source)), source)
     ranks = {k[:-len(".lora_A.weight")]: v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight")}
     rank = next(iter(ranks.values())) if len(set(ranks.values())) == 1 else info.get("rank")

@@ -27,10 +27,14 @@ import torch
 from torch import nn
 
 from ..errors import FewstepError
+from ..io.specs import check_lora_info as checked_lora_info
+from ..io.validate import load_json
+from ..io.weights import check_finite, check_weights_file
 from ..nets.lora import lora_parameters
 from .config import CONFIG_NAME
 from .folders import load_model, pipeline_class, pipeline_of, write_folder
 from .handle import Model
+from .lora_layouts import flow_kohya_state, original_kohya_state, peft_unet_state
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_SET = "lora-set"                     # fewstep.json kind of an unfused set of adapters with weights
@@ -141,11 +145,12 @@ def lora_info(path: str | Path) -> dict:
     path = Path(path)
     info = (path if path.is_dir() else path.parent) / CONFIG_NAME
     if info.exists() and (path.is_dir() or path.name == LORA_FILE):
-        return json.loads(info.read_text())
+        return checked_lora_info(load_json(info, "a LoRA's fewstep.json (a JSON object)"), info)
     if path.is_dir() and not any(path.glob("*.safetensors")):
         return {}
     try:
-        return metadata_info(lora_file(path))
+        file = lora_file(path)
+        return checked_lora_info(metadata_info(file), f"{file} (its fewstep metadata)")
     except (FewstepError, OSError):
         return {}                                 # not a readable LoRA file: loading it says why
 
@@ -263,12 +268,17 @@ def parse_lora_spec(spec: str) -> LoraSpec:
     if value is None or not math.isfinite(value):
         raise FewstepError(f"LoRA weight {weight!r} in {spec!r} is not a {'' if value is None else 'finite '}number; "
                            f"write PATH[:WEIGHT][:lcm], e.g. models/emoji-lcm-lora:1.0")
+    if not LORA_WEIGHTS[0] <= value <= LORA_WEIGHTS[1]:
+        raise FewstepError(f"LoRA weight {weight} in {spec!r} is outside [{LORA_WEIGHTS[0]:g}, {LORA_WEIGHTS[1]:g}] "
+                           f"(ComfyUI's range; weights are usually 0.5 to 1.5): a weight this large overflows the "
+                           f"fused model; give e.g. {path}:1.0")
     if not Path(path).exists():
         raise FewstepError(f"LoRA {path} does not exist (a folder with {LORA_FILE}, or a .safetensors file)")
     return LoraSpec(path, value, kind)
 
 
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LORA_WEIGHTS = (-100.0, 100.0)            # λ of PATH:WEIGHT, ComfyUI's LoraLoader range
 
 
 def lora_file(path: Path) -> Path:
@@ -293,73 +303,11 @@ def _pickle_message(path: Path) -> str:
             f"st.save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\"")
 
 
-PEFT_PREFIX = "base_model.model."   # a PeftModel's state dict: peft's save_pretrained, `lora export --format peft`
-
-
-def peft_unet_state(path: Path, prefix: str = "unet") -> dict[str, torch.Tensor] | None:
-    """A peft-layout LoRA file as diffusers' loader reads it (``base_model.model.<module>`` → ``unet.<module>``, or
-    ``prefix``: "transformer" for FLUX / SD3), the
-    adapter's α folded into lora_B (ΔW = α/r·B·A; diffusers reads these keys with α = r); α from the file's
-    metadata (``fewstep_alpha``) or peft's ``adapter_config.json`` beside it (``lora_alpha``). None for any other
-    layout (diffusers' loader reads those itself)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        keys, metadata = list(f.keys()), f.metadata() or {}
-        if not keys or not all(k.startswith(PEFT_PREFIX) for k in keys):
-            return None
-        state = {k: f.get_tensor(k) for k in keys}
-    alpha = metadata.get("fewstep_alpha")
-    config = path.parent / "adapter_config.json"
-    if alpha is None and config.is_file():
-        try:
-            alpha = json.loads(config.read_text()).get("lora_alpha")
-        except ValueError:
-            raise FewstepError(f"{config} is corrupt: not JSON") from None
-    out = {}
-    for key, value in state.items():
-        if alpha is not None and key.endswith(".lora_B.weight"):
-            value = value * (float(alpha) / value.shape[1])
-        out[f"{prefix}." + key[len(PEFT_PREFIX):]] = value
-    return out
-
-
-def original_kohya_state(path: Path, unet) -> dict[str, torch.Tensor] | None:
-    """A kohya file with the original (SGM) UNet module names (SDXL LoRAs: ``lora_unet_input_blocks_…``) renamed to
-    ``unet``'s diffusers names exactly (:func:`fewstep.models.ldm_keys.kohya_original_to_diffusers`); None for any
-    other layout."""
-    from safetensors import safe_open
-
-    from .ldm_keys import SGM_KOHYA, kohya_original_to_diffusers
-
-    with safe_open(str(path), "pt") as f:
-        if not any(k.startswith(SGM_KOHYA) for k in f.keys()):
-            return None
-        return kohya_original_to_diffusers({k: f.get_tensor(k) for k in f.keys()}, unet)
-
-
-def flow_kohya_state(path: Path, transformer) -> dict[str, torch.Tensor] | None:
-    """A kohya file with the original FLUX / SD3 module names (sd-scripts' ``lora_unet_double_blocks_…`` /
-    ``lora_unet_joint_blocks_…``, ``fewstep lora export --format kohya``) in peft's names of ``transformer``'s own
-    modules (:func:`fewstep.models.flow_keys.kohya_to_peft`): diffusers' FLUX reader assumes FLUX.1's sizes
-    (``_convert_kohya_flux_lora_to_diffusers`` splits ``linear1`` as 3072·3 + 12288 rows) and its SD3 loader reads
-    no kohya names at all. None for any other layout."""
-    from safetensors import safe_open
-
-    from .flow_keys import is_kohya_original, kohya_to_peft, meta_shapes
-
-    with safe_open(str(path), "pt") as f:
-        if not is_kohya_original(f.keys()):
-            return None
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    family = type(transformer).__name__
-    return kohya_to_peft(state, family, transformer.config, meta_shapes(family, transformer.config))
-
-
 def _load(pipe, path: Path, name: str, base: Path) -> None:
     """Load one LoRA file as adapter ``name`` through diffusers' loader; a LoRA made for another base model
     (other shapes or module names, no weights for this UNet, keys it lacks) is a clear error."""
     path = lora_file(path)
+    check_weights_file(path, "LoRA")              # float tensors, a sound header, every weight finite
     source, kwargs = path.parent, {"weight_name": path.name}
     from diffusers.utils import logging as diffusers_logging
 
@@ -409,9 +357,11 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
     if fuse:
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
         pipe.unload_lora_weights()
+        check_finite(unet.state_dict().items(), f"{model.path} with the LoRAs fused in", "lower the LoRA weights")
     changes: dict = {"loras": [*model.config.loras, *({"path": str(p), "weight": w, "kind": i["kind"]}
                                                       for (p, w), i in zip(loras, infos))]}
     accel = next((i for i in infos if i["kind"] in ACCELERATORS), None)
+    check_lora_grid(accel, model)
     if accel is not None and accel["kind"] == TCD_LORA:   # TCD's ε student: the γ sampler on the skipped grid
         changes.update(kind="consistency", parameterization="tcd", default_sampler="tcd", default_steps=4,
                        default_guidance_scale=1.0, original_inference_steps=int(accel["original_inference_steps"]))
@@ -421,6 +371,15 @@ def apply_loras(model: Model, loras: Sequence[tuple[Path, float]], fuse: bool = 
         changes.update(kind="consistency", parameterization="lcm", default_sampler="consistency", default_steps=4,
                        default_guidance_scale=1.0, original_inference_steps=int(accel["original_inference_steps"]))
     return model.derive(net=unet.requires_grad_(False).eval(), config=model.replace_config(**changes))
+
+
+def check_lora_grid(info: dict | None, model: Model) -> None:
+    """An acceleration LoRA's skipped grid fits its base's training timesteps (LCM: 50 of 1000)."""
+    steps, total = (info or {}).get("original_inference_steps"), getattr(model.schedule, "num_train_timesteps", None)
+    if isinstance(steps, int) and isinstance(total, int) and steps > total:
+        raise FewstepError(f"LoRA {info.get('path', '')} records original_inference_steps {steps}, more than its "
+                           f"base's {total} training timesteps (an LCM-LoRA's grid skips along them: 50 of 1000); "
+                           f"correct its fewstep.json")
 
 
 def load_with_loras(path: str | Path, loras: Sequence[str] = (), dtype: str | None = None,

@@ -6,10 +6,12 @@ sample``, ``eval`` and ``serve``. ``DIR`` is an ``AutoencoderTiny`` folder in di
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from ..errors import FewstepError
+from ..io.specs import check_part_config
+from ..io.validate import load_json
+from ..io.weights import check_finite, check_float_weights
 from .codecs import TinyVAECodec
 from .handle import Model
 
@@ -25,17 +27,19 @@ def load_tiny_vae(folder: str | Path):
     if not config.is_file():
         raise FewstepError(f"tiny VAE {folder} is not an AutoencoderTiny folder (no config.json); make one with "
                            f"fewstep train-tiny-vae")
-    try:
-        name = json.loads(config.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError) as e:
-        raise FewstepError(f"tiny VAE {config} is corrupt: {e}") from None
+    raw = load_json(config, "a tiny VAE's config.json (a JSON object)")
+    name = raw.get("_class_name")
     if name != TINY_VAE_CLASS:
         raise FewstepError(f"{folder} holds a {name}, not an {TINY_VAE_CLASS}")
+    check_part_config(raw, config)                       # sizes, scaling factor (fewstep.io.validate)
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_float_weights(weights, "tiny VAE weights")
     try:
         tiny = AutoencoderTiny.from_pretrained(folder, use_safetensors=True)
     except Exception as e:  # diffusers raises OSError/ValueError/safetensors errors for bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FewstepError(f"cannot load the tiny VAE in {folder} (missing or corrupt weights): {first}") from None
+    check_finite(tiny.state_dict().items(), folder)
     return tiny.requires_grad_(False).eval()
 
 

@@ -26,10 +26,10 @@ def read_prompts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FewstepError(f"prompts file {path} {'is a folder' if path.is_dir() else 'does not exist'}; "
                            f"give a text file with one prompt per line")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FewstepError(f"cannot read prompts file {path}: {e}") from None
+    from ..io.validate import text_lines
+
+    lines = text_lines(path, "prompts file")    # a BOM dropped; U+2028 in a prompt is not a line break; size-capped
+    lines = [line.replace("\u2028", " ").replace("\u2029", " ") for line in lines]   # inside a line: a space
     prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not prompts:
         raise FewstepError(f"prompts file {path} has no prompts (blank lines and # comments are skipped)")

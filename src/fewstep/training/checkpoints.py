@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from ..errors import FewstepError
 from ..io.atomic import allow_replacing, atomic_path, read_marker
+from ..io.specs import check_checkpoint_state, metrics_records
+from ..io.validate import load_json
 from .config import TrainConfig
 from .optimizers import flat_state, nested_state
 from .runs import check_resume
@@ -83,12 +85,13 @@ def is_checkpoint(folder: Path) -> bool:
 def load_checkpoint(path: Path, model: nn.Module, optimizer, ema: EMAModel | None, objective,
                      config: TrainConfig, names: set[str] | None = None) -> tuple[int, float]:
     try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
+        state = load_json(path / "state.json", "a checkpoint's state.json (a JSON object)", require_object=False)
+    except (OSError, ValueError, FewstepError) as e:
         raise FewstepError(f"cannot resume from checkpoint {path}: {e}. Delete it to resume from an earlier one.") from None
     if not isinstance(state, dict) or not isinstance(state.get("config", {}), dict):
         raise FewstepError(f"cannot resume from checkpoint {path}: its state.json is not fewstep's. Delete it to resume "
                            f"from an earlier one.")
+    check_checkpoint_state(state, path / "state.json", int(path.name.rpartition("-")[2]))
     saved = {**asdict(TrainConfig()), **state.get("config", {})}    # a field newer than the checkpoint: its default
     check_resume(json.loads(json.dumps(saved)), json.loads(json.dumps(asdict(config))), path, config.force_resume)
     try:
@@ -132,5 +135,5 @@ def truncate_log(path: Path, step: int) -> None:
     """On resume, drop log lines past the checkpoint so the log matches an uninterrupted run."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    keep = [line for line, logged in metrics_records(path) if logged <= step]   # (a garbled line: one clear error)
     path.write_text("".join(line + "\n" for line in keep))
