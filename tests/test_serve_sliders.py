@@ -67,8 +67,11 @@ def test_fused_weights_are_diffusers_set_adapters_then_fuse_lora(served, base):
 
 
 def test_a_refuse_writes_nothing_a_request_holds(served):
+    layers = [m for m in served.backbone.modules() if hasattr(m, "lora_A")]
+    scales = [dict(m.scaling) for m in layers]
     sliders = FusedSliders(served, list(served.backbone.peft_config), keep=1)
     try:
+        assert [dict(m.scaling) for m in layers] == scales       # the unfused adapters (maybe serving) untouched
         base = [t.clone() for t in sliders.base]
         held = sliders.fuse(DEFAULT)
         copies = [t.clone() for t in held.tensors]

@@ -141,7 +141,7 @@ class Engine:
             set_adapter_scales(self._lora_layers, self.adapters, self._weights)
         self.sliders: FusedSliders | None = None
         if self.adapters and fuse:
-            try:        # before any request: computing the unit deltas reads and restores the adapters' scales
+            try:
                 self.sliders = FusedSliders(model, self.adapters)
             except Unsupported as e:
                 log.warning("fewstep serve: the LoRA sliders are served unfused (slower): %s", e)

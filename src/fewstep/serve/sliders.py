@@ -68,8 +68,8 @@ def lora_layers(unet: nn.Module) -> dict[str, nn.Module]:
 
 def unit_delta(layer, adapter: str) -> Tensor | None:
     """ΔW = B·A·α/r of ``adapter`` in ``layer``: peft's ``get_delta_weight`` at weight λ = 1 (None where the adapter
-    does not adapt this layer). It reads the layer's current scaling, so the scaling is set to λ = 1 for the call
-    and put back: call it before the layer serves (the engine builds its sliders before any request)."""
+    does not adapt this layer), called on a shallow copy of the layer whose scaling peft's ``set_scale`` sets to
+    λ = 1, so the layer itself (maybe serving unfused requests meanwhile) is never touched."""
     if adapter not in layer.lora_A:
         return None
     if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(adapter, False) \
@@ -78,12 +78,10 @@ def unit_delta(layer, adapter: str) -> Tensor | None:
                           f"peft merges its own way")
     if not isinstance(layer.get_base_layer(), (nn.Linear, nn.Conv2d)):
         raise Unsupported(f"adapter {adapter} adapts a {type(layer.get_base_layer()).__name__}, not a Linear or Conv2d")
-    saved = layer.scaling[adapter]
-    try:
-        layer.set_scale(adapter, 1.0)
-        return layer.get_delta_weight(adapter).detach().clone()
-    finally:
-        layer.scaling[adapter] = saved
+    shadow = copy.copy(layer)                  # the same A, B and base layer; a scaling dict of its own
+    shadow.scaling = dict(layer.scaling)
+    shadow.set_scale(adapter, 1.0)             # α/r (α/√r under rsLoRA), as set_adapters sets λ·α/r
+    return shadow.get_delta_weight(adapter).detach().clone()
 
 
 class FusedSliders:
