@@ -13,9 +13,9 @@
   :class:`Busy`, and every cache is bounded, so memory stays bounded however many clients come.
 - **LoRA sliders** (Luo et al. 2023b: θ = θ_pre + λ1·τ_style + λ2·τ_LCM) served from fused weights
   (:mod:`fewstep.serve.sliders`: θ_pre + Σ λ_i·ΔW_i, what diffusers' ``set_adapters`` + ``fuse_lora`` give,
-  re-fused in the background when a client's λs change). A request takes the fused state of its λs when it
-  starts and keeps it to its end; until that state is ready it is answered by the unfused peft adapters at its
-  λs (their scales set just before each of its batches). Requests with different λs, or one fused and one
+  re-fused when a client's λs change: by the request itself when fusing is cheap, else in the background). A
+  request takes the fused state of its λs when it starts and keeps it to its end; until that state is ready it
+  is answered by the unfused peft adapters at its λs (their scales set just before each of its batches). Requests with different λs, or one fused and one
   unfused, never share a batch. ``fuse=False`` (``fewstep serve --no-fuse``) keeps every request unfused.
 - **No Python per network call**: the denoiser and the decoder run as checked TorchScript traces
   (:mod:`fewstep.serve.traced`; a fused slider state's weights as inputs of its trace), except the unfused
