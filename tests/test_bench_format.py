@@ -62,3 +62,29 @@ def test_a_student_of_another_testbed_teacher_is_judged_against_its_own_teacher(
     lines = own_teacher_note(quality)
     assert len([line for line in lines if line.startswith("- ")]) == 1          # emoji-pixel-cd's teacher is the testbed's
     assert "best is FID 4.000 ± 0.200 (dpmpp-2m, 8 steps)" in lines[-1] and "1.50×" in lines[-1]
+
+
+def test_the_sliders_table_decides_the_targets_only_from_an_idle_machine():
+    """bench.serve's LoRA sliders part: ratios side by side always; "met"/"missed" only when the load average was
+    low before the servers started (a busy machine says the targets need an idle re-run)."""
+    from types import SimpleNamespace
+
+    from fewstep.bench import serve
+
+    def row(name, n, ips):
+        return {"server": name, "clients": n, "images_per_second": ips, "p50_ms": 10.0, "p95_ms": 12.0,
+                "rounds": [ips], "load": [[2.5, 3.0, 3.5]]}
+    speeds = {serve.SLIDER_BASELINE: 10.0, serve.UNFUSED: 5.0, serve.FUSED_EAGER: 12.0, serve.FUSED: 25.0}
+    g = {"command": "c", "threads": 1, "serving": [], "sliders": [row(s, n, v * (n if s != serve.SLIDER_BASELINE else 1))
+                                                                  for s, v in speeds.items() for n in serve.CLIENTS],
+         "sliders_load": {"before": [3.1, 3.0, 3.2], "cpus": 2}}
+    busy = "\n".join(serve._sliders_section(g))
+    assert "| 1 | 25.0 | 10.0 | 12.0 | 2.50× | 5.00× | 2.50 |" in busy
+    assert "needs an idle re-run" in busy and ": met" not in busy and ": missed" not in busy
+    idle = "\n".join(serve._sliders_section({**g, "sliders_load": {"before": [0.1, 0.2, 0.4], "cpus": 2}}))
+    assert "2.50× diffusers' images/s at 1 client (target ≥ 2×: met) and 40.0× at 16 (target ≥ 10×: met)" in idle
+    from pathlib import Path
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "bench/results/bench.json").read_text())["serve"]
+    old = {k: v for k, v in shipped.items() if not k.startswith("sliders")}     # a report from before the sliders' part
+    assert serve._sliders_section(old) == [] and serve.section(SimpleNamespace(serve=old))

@@ -131,6 +131,17 @@ def test_a_trace_that_would_freeze_a_value_or_a_batch_size_is_not_used():
     branchy = Traced(lambda x: x + 1 if len(x) == 3 else x - 1, "batch-size branch")
     assert torch.equal(branchy(x), x + 1) and torch.equal(branchy(x[:2]), x[:2] - 1)
     assert frozen.traced == 0 and branchy.traced == 0
+    # weighted (a fused LoRA slider state's weights): the weights are inputs of the trace, one trace for all of them
+    weighted = Traced(lambda ws, x: x @ ws[0] + ws[1], "weights as inputs", weighted=True)
+    for _ in range(2):
+        ws = (torch.randn(2, 4), torch.randn(4))
+        torch.testing.assert_close(weighted(ws, x), x @ ws[0] + ws[1])
+    assert weighted.traced == 1
+    stuck = Traced(lambda ws, x: x * float(ws[0].sum()), "weights read as a number", weighted=True)
+    for _ in range(2):
+        ws = (torch.randn(3),)
+        torch.testing.assert_close(stuck(ws, x), x * float(ws[0].sum()))   # eager: the trace would freeze them
+    assert stuck.traced == 0
 
 
 def test_latest_request_wins_and_repeats_come_from_the_caches(engine):
@@ -215,13 +226,14 @@ def test_cancelling_one_of_several_waiting_calls_leaves_the_others():
     batcher.stop()
 
 
-def test_lora_sliders_are_adapter_weights_equal_to_diffusers_set_adapters():
+def test_unfused_lora_sliders_are_adapter_weights_equal_to_diffusers_set_adapters():
+    """``fewstep serve --no-fuse`` (and the path a slider state takes until it is fused: tests/test_serve_sliders.py)."""
     base = load_model(MODELS / "emoji-sd")
     loras = [(MODELS / "emoji-style-lora", 1.0), (MODELS / "emoji-lcm-lora", 1.0)]
     served = apply_loras(base, loras, fuse=False)
-    engine = Engine(served)
+    engine = Engine(served, fuse=False)
     try:
-        assert not engine.trace                        # a trace would freeze the sliders' adapter scales
+        assert engine.sliders is None and not any(name.startswith("denoise") for name, _ in engine._networks)
         assert [s["kind"] for s in engine.info["loras"]] == ["style", "lcm-lora"]
         request = Request(prompt="dog face", steps=4, guidance_scale=1.0, seed=3, loras=(0.3, 1.0))
         out = engine.submit("a", request).result(timeout=60)
@@ -229,6 +241,8 @@ def test_lora_sliders_are_adapter_weights_equal_to_diffusers_set_adapters():
         assert out["images"] == png_data_urls(generate(reference, ["dog face"], steps=4, guidance_scale=1.0, seed=3))
         other = engine.submit("a", Request(prompt="dog face", steps=4, guidance_scale=1.0, seed=3, loras=(1.0, 1.0)))
         assert other.result(timeout=60)["images"] != out["images"]
+        assert engine.stats()["lora_weights"] == {"fused": 0, "unfused": 2}
+        assert not any(name.startswith("denoise") for name, _ in engine._networks)   # a trace would freeze the scales
     finally:
         engine.close()
     layers = [m for m in served.unet.modules() if hasattr(m, "scaling")]

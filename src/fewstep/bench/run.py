@@ -69,7 +69,7 @@ def render_report(bench_json: Path, markdown: Path, out_dir: Path) -> None:
 
 def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
                      markdown: Path | None) -> None:
-    """``fewstep bench --only digits|guided|guided-latent|latent|lora|tcd|emoji-pixel|sdxl|flow|serve``: one section measured
+    """``fewstep bench --only digits|guided|guided-latent|latent|lora|tcd|emoji-pixel|sdxl|flow|serve|serve-sliders``: one section measured
     alone and merged into the ``--reuse`` report (its other sections, command and date stay as they were; digits
     re-measures the digits quality and editing rows, keeps the timings, and matches the speedups to them)."""
     missing = f"--only {name} merges into a previous report: give --reuse OLD/bench.json"
@@ -94,6 +94,8 @@ def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: Bench
         report.flow = flow.measure(models_dir, settings, command)
     elif name == "serve":
         report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent))
+    elif name == "serve-sliders":   # the LoRA sliders' servers alone, into the serve section
+        report.serve = serve.measure_sliders(models_dir, settings, command, report.serve)
     elif name == "tcd":
         report.tcd = tcd.measure(models_dir, settings, command, teacher_rows(report.latent))
     elif name == "guided-latent":

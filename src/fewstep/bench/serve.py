@@ -7,6 +7,16 @@ stream batching, caching what does not change, a tiny decoder), measured side by
   up at once and measured in turn at 1, 4 and 16 closed-loop WebSocket clients, twice (rounds interleaved, the
   mean reported): images/s and p50/p95 latency from send to receipt. Targets: ≥ 5× diffusers' throughput at
   16 clients; p95 ≤ 50 ms for one client.
+- **LoRA sliders** (the set ``./run serve`` starts: ``emoji-sd`` + ``emoji-lcm-lora`` 1.0 + ``emoji-style-lora`` 0.0 as
+  sliders, the tiny decoder; 4 steps, guidance 1, the page's defaults): ``fewstep serve`` as before fused sliders
+  (``--no-fuse --no-trace``: the unfused peft adapters, eager), fused but eager (``--no-trace``), and fused and
+  traced, against diffusers' ``StableDiffusionPipeline`` with the same LoRAs fused (``set_adapters`` +
+  ``fuse_lora``), ``LCMScheduler`` and ``AutoencoderTiny`` (:func:`fewstep.bench.serve_load.diffusers_with_loras`),
+  measured the same way. Targets (issue 29): ≥ 2× diffusers' images/s at 1 client, ≥ 10× at 16.
+  ``fewstep bench --only serve-sliders`` measures this part alone into the ``--reuse`` report.
+
+Every measurement records the load average when it ends (and the section the load before any server started):
+the servers are measured in turn, so their ratios hold on a busy machine; absolute figures need an idle one.
 - **the tiny decoder** (``emoji-tiny-vae``, TAESD-style): the LCM's 4-step FID with it against with the VAE
   (the bench's sample count and seed), decoder time, and end to end (text encoder, sampling, decoding) at
   the timing batch against the teacher's 25 DPM-Solver++ steps with CFG. Target: ≥ 10× the teacher end to
@@ -32,10 +42,19 @@ from .measure import quality_rows, sample_run, side_by_side
 from .serve_load import closed_loop, server_process
 
 TEACHER, LCM, TINY = "emoji-sd", "emoji-lcm", "emoji-tiny-vae"
+LCM_LORA, STYLE_LORA = "emoji-lcm-lora", "emoji-style-lora"
 CLIENTS = (1, 4, 16)
 BASELINE = "diffusers LatentConsistencyModelPipeline, per request"
 EAGER, OURS, OURS_TINY = "fewstep serve --no-trace", "fewstep serve", "fewstep serve --tiny-vae"
 SERVERS = (BASELINE, EAGER, OURS, OURS_TINY)
+REQUEST = {"steps": 4, "guidance_scale": 3.0, "num": 1}
+# the LoRA sliders' part: ./run serve's default set
+SLIDER_WEIGHTS = (1.0, 0.0)
+SLIDER_BASELINE = "diffusers StableDiffusionPipeline, LoRAs fused, LCMScheduler, AutoencoderTiny, per request"
+UNFUSED = "fewstep serve --no-fuse --no-trace (sliders unfused, as before)"
+FUSED_EAGER, FUSED = "fewstep serve --no-trace (sliders fused)", "fewstep serve (sliders fused, traced)"
+SLIDER_SERVERS = (SLIDER_BASELINE, UNFUSED, FUSED_EAGER, FUSED)
+SLIDER_REQUEST = {"steps": 4, "guidance_scale": 1.0, "num": 1, "loras": list(SLIDER_WEIGHTS)}
 
 
 def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | None = None) -> dict:
@@ -44,39 +63,74 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
         return {}
     threads = max(1, (os.cpu_count() or 2) // 2)
     out = {"command": command, "threads": threads, "guidance_scale": 3.0, "steps": 4,
-           "serving": serving(models_dir, threads, 4.0 if settings.quick else 10.0, 1 if settings.quick else 2),
            "tiny_vae": json.loads((models_dir / TINY / "fewstep.json").read_text())}
+    sliders = all((models_dir / name).is_dir() for name in (LCM_LORA, STYLE_LORA))
+    out.update(serving(models_dir, threads, *_duration(settings), ("serving",) + (("sliders",) if sliders else ()),
+                       command))
     out.update(end_to_end(models_dir, settings, teacher_rows or {}))
     return out
 
 
-def serving(models_dir: Path, threads: int, seconds: float, rounds: int) -> list[dict]:
-    """Images/s and latency of each server at each client count (module docstring)."""
+def measure_sliders(models_dir: Path, settings, command: str, previous: dict) -> dict:
+    """``fewstep bench --only serve-sliders``: the LoRA sliders' servers alone, merged into the ``previous``
+    section (the rest of it kept as it was measured)."""
+    if not all((models_dir / name).is_dir() for name in (TEACHER, TINY, LCM_LORA, STYLE_LORA)):
+        return previous
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    return {**previous, **serving(models_dir, threads, *_duration(settings), parts=("sliders",), command=command)}
+
+
+def _duration(settings) -> tuple[float, int]:
+    """Seconds per measurement and rounds."""
+    return (4.0, 1) if settings.quick else (10.0, 2)
+
+
+def server_argvs(models_dir: Path, threads: int) -> dict[str, tuple[dict, dict[str, list[str]]]]:
+    """Each part's request and servers' command lines: ``emoji-lcm``'s, and the LoRA sliders' (module docstring)."""
     python = [sys.executable, "-m"]
-    lcm = str(models_dir / LCM)
-    ours = python + ["fewstep", "serve", "--model", lcm, "--port", "0", "--threads", str(threads)]
-    argvs = {BASELINE: python + ["fewstep.bench.serve_load", "--model", lcm, "--threads", str(threads)],
-             EAGER: ours + ["--no-trace"], OURS: ours, OURS_TINY: ours + ["--tiny-vae", str(models_dir / TINY)]}
+    lcm, tiny = str(models_dir / LCM), str(models_dir / TINY)
+    baseline = python + ["fewstep.bench.serve_load", "--threads", str(threads)]
+    ours = python + ["fewstep", "serve", "--port", "0", "--threads", str(threads)]
+    default_set = ["--model", str(models_dir / TEACHER), "--tiny-vae", tiny,
+                   *(a for name, w in zip((LCM_LORA, STYLE_LORA), SLIDER_WEIGHTS)
+                     for a in ("--lora", f"{models_dir / name}:{w}"))]
+    lcm_servers = {BASELINE: baseline + ["--model", lcm], EAGER: ours + ["--model", lcm, "--no-trace"],
+                   OURS: ours + ["--model", lcm], OURS_TINY: ours + ["--model", lcm, "--tiny-vae", tiny]}
+    slider_servers = {SLIDER_BASELINE: baseline + default_set, UNFUSED: ours + default_set + ["--no-fuse", "--no-trace"],
+                      FUSED_EAGER: ours + default_set + ["--no-trace"], FUSED: ours + default_set}
+    return {"serving": (REQUEST, lcm_servers), "sliders": (SLIDER_REQUEST, slider_servers)}
+
+
+def serving(models_dir: Path, threads: int, seconds: float, rounds: int, parts=("serving", "sliders"),
+            command: str = "") -> dict:
+    """Images/s and latency of each server of ``parts`` at each client count, all up at once and measured in turn
+    (module docstring): {part: rows, part + "_load": the load average before any server started, ...}."""
     prompts = load_captioned("emoji", 32).captions
-    request = {"steps": 4, "guidance_scale": 3.0, "num": 1}
-    found: dict[tuple[str, int], list[dict]] = {}
+    plan = {part: spec for part, spec in server_argvs(models_dir, threads).items() if part in parts}
+    before = list(os.getloadavg())
+    found: dict[tuple[str, str, int], list[dict]] = {}
     with ExitStack() as stack:
-        urls = {name: stack.enter_context(server_process(argv)) for name, argv in argvs.items()}
-        for name, url in urls.items():              # warm each: first calls allocate and load lazily
-            closed_loop(url, 1, 1.0, prompts, warmup=1.0, request=request)
+        urls = {(part, name): stack.enter_context(server_process(argv))
+                for part, (_, servers) in plan.items() for name, argv in servers.items()}
+        for (part, _), url in urls.items():         # warm each: first calls allocate and load lazily
+            closed_loop(url, 1, 1.0, prompts, warmup=1.0, request=plan[part][0])
         for _ in range(rounds):
             for n in CLIENTS:
-                for name, url in urls.items():
-                    row = closed_loop(url, n, seconds, prompts, request=request)
-                    found.setdefault((name, n), []).append(row)
-                    print(f"{name:<55} {n:>2} clients  {row['images_per_second']:7.1f} images/s  p50 "
-                          f"{row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms", flush=True)
-    rows = []
-    for (name, n), runs in found.items():
-        mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("images_per_second", "p50_ms", "p95_ms")}
-        rows.append({"server": name, "clients": n, **mean, "requests": sum(r["requests"] for r in runs),
-                     "errors": sum(r["errors"] for r in runs), "rounds": [r["images_per_second"] for r in runs]})
-    return rows
+                for (part, name), url in urls.items():
+                    row = closed_loop(url, n, seconds, prompts, request=plan[part][0])
+                    found.setdefault((part, name, n), []).append(row)
+                    print(f"{name:<70} {n:>2} clients  {row['images_per_second']:7.1f} images/s  p50 "
+                          f"{row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  load {row['load'][0]:.2f}", flush=True)
+    out: dict = {}
+    for part in plan:
+        out[part], out[f"{part}_load"], out[f"{part}_command"] = [], {"before": before, "cpus": os.cpu_count()}, command
+        for (p, name, n), runs in found.items():
+            if p == part:
+                mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("images_per_second", "p50_ms", "p95_ms")}
+                out[part].append({"server": name, "clients": n, **mean, "requests": sum(r["requests"] for r in runs),
+                                  "errors": sum(r["errors"] for r in runs),
+                                  "rounds": [r["images_per_second"] for r in runs], "load": [r["load"] for r in runs]})
+    return out
 
 
 @torch.no_grad()
@@ -129,7 +183,53 @@ def section(report) -> list[str]:
                 ratio = r["images_per_second"] / base[n] if base.get(n) else float("nan")
                 lines.append(f"| {name} | {n} | {r['images_per_second']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
                              f"{ratio:.1f}× |")
-    lines += _targets(rows, base) + _tiny_section(g)
+    lines += _targets(rows, base) + _sliders_section(g) + _tiny_section(g)
+    return lines
+
+
+def _load(x: list[float]) -> str:
+    return f"{x[0]:.2f}"
+
+
+def _sliders_section(g: dict) -> list[str]:
+    """The LoRA sliders' table (module docstring), when measured."""
+    if not g.get("sliders"):
+        return []
+    rows = {(r["server"], r["clients"]): r for r in g["sliders"]}
+    load, cpus = g["sliders_load"]["before"], g["sliders_load"]["cpus"]
+    loads = [lo[0] for r in g["sliders"] for lo in r.get("load", [])]
+    idle = load[0] < 0.5 and load[1] < 0.5
+    lines = ["", "### LoRA sliders: the set `./run serve` starts", "",
+             f"Written by `{g.get('sliders_command') or g['command']}`. `{TEACHER}` with `{LCM_LORA}` × "
+             f"{SLIDER_WEIGHTS[0]:g} and `{STYLE_LORA}` × {SLIDER_WEIGHTS[1]:g} as sliders, decoded by `{TINY}`, at "
+             f"{SLIDER_REQUEST['steps']} steps and guidance {SLIDER_REQUEST['guidance_scale']:g} (the page's defaults), "
+             f"measured as above: each server its own process on {g['threads']} torch thread(s), all up at once and "
+             f"measured in turn, each client count {len(g['sliders'][0]['rounds'])} time(s) (interleaved rounds, mean "
+             f"shown). `--no-fuse --no-trace` is how the sliders were served before fused weights (the peft adapters "
+             f"unfused, their scales set per batch, nothing traced). Load average (1 min) when each measurement "
+             f"ended in the last column (the servers under test count in it); before any server started: "
+             f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) on {cpus} CPU(s).", "",
+             "| server | clients | images/s | p50 ms | p95 ms | × diffusers | × unfused | load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in SLIDER_SERVERS:
+        for n in CLIENTS:
+            r = rows.get((name, n))
+            if r:
+                base, before = rows.get((SLIDER_BASELINE, n)), rows.get((UNFUSED, n))
+                x = r["images_per_second"] / base["images_per_second"] if base else float("nan")
+                y = r["images_per_second"] / before["images_per_second"] if before else float("nan")
+                lines.append(f"| {name} | {n} | {r['images_per_second']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+                             f"{x:.2f}× | {y:.2f}× | {' / '.join(_load(lo) for lo in r.get('load', []))} |")
+    r1, r16 = rows.get((FUSED, 1)), rows.get((FUSED, 16))
+    b1, b16 = rows.get((SLIDER_BASELINE, 1)), rows.get((SLIDER_BASELINE, 16))
+    if r1 and r16 and b1 and b16:
+        x1, x16 = r1["images_per_second"] / b1["images_per_second"], r16["images_per_second"] / b16["images_per_second"]
+        verdict = (f"(target ≥ 2×: {'met' if x1 >= 2 else 'missed'}) and {x16:.1f}× at 16 (target ≥ 10×: "
+                   f"{'met' if x16 >= 10 else 'missed'})") if idle else (
+            f"and {x16:.1f}× at 16 (targets ≥ 2× and ≥ 10×), measured on a busy machine (load {load[0]:.2f} before "
+            f"the servers started, {min(loads):.2f}–{max(loads):.2f} during): ratios side by side only; whether the "
+            f"targets are met needs an idle re-run")
+        lines += ["", f"`{FUSED}`: {x1:.2f}× diffusers' images/s at 1 client {verdict}."]
     return lines
 
 

@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
                    help="measure nothing: rewrite the markdown from --reuse's bench.json (picks up "
                         "bench/results/lcm_ablation.json after bench/lcm_ablation.py)")
     p.add_argument("--only", choices=["digits", "guided", "guided-latent", "latent", "lora", "tcd", "emoji-pixel", "sdxl",
-                                      "flow", "serve"],
+                                      "flow", "serve", "serve-sliders"],
                    help="run one section and merge it into the --reuse report: digits (the digits teacher's "
                         "solvers and the consistency models, quality and editing; the timings are kept), guided (guided and progressive "
                         "distillation on digits), guided-latent (stages 1 and 2 on the emoji pipeline, beside the LCM), latent (the emoji "
@@ -39,7 +39,9 @@ def add_parser(sub) -> None:
                         "testbed: CD, CT, iCT, ACT, guided and progressive students of models/emoji-pixel-teacher; a stopped "
                         "run resumes from OUT/emoji_pixel.progress.json), flow (the FLUX- and SD3-format teachers over "
                         "a guidance × steps grid and their LCM-LoRAs), serve (fewstep "
-                        "serve against diffusers' LCM pipeline at 1/4/16 clients, and the tiny VAE end to end)")
+                        "serve against diffusers' LCM pipeline at 1/4/16 clients, the LoRA sliders of ./run serve "
+                        "fused and unfused against diffusers with the LoRAs fused, and the tiny VAE end to end), "
+                        "serve-sliders (only the LoRA sliders' servers, into the serve section)")
     p.set_defaults(func=run)
 
 

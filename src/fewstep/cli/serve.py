@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="the real-time page: images as you type and as you draw, LoRA sliders",
                        description="Serve a model on a local web page: text-to-image as you type (a pixel model: a "
                                    "label picker), a sketch canvas or an uploaded image to image-to-image with a "
-                                   "strength slider, a slider per LoRA (applied as adapter weights, never re-fused), "
+                                   "strength slider, a slider per LoRA (served from fused weights, re-fused in the "
+                                   "background when a slider moves; answered unfused until then), "
                                    "latency and images/s shown. Concurrent requests share one network batch per "
                                    "step (stream batching); prompt embeddings are cached; each client's newest "
                                    "request wins. Models and LoRAs are chosen here, never by the page. Safe by "
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
                                    "--insecure-open).")
     p.add_argument("--model", required=True, help="model folder (an LCM such as models/emoji-lcm, a pixel model, any "
                                                   "pipeline with an LCM-LoRA via --lora)")
-    add_lora_arg(p, "plug in a LoRA, kept unfused with a live slider on the page")
+    add_lora_arg(p, "plug in a LoRA with a live slider on the page (its weight the slider's start)")
     p.add_argument("--tiny-vae", metavar="DIR", help="decode with this AutoencoderTiny (fewstep train-tiny-vae), e.g. "
                                                      "models/emoji-tiny-vae")
     p.add_argument("--host", default="127.0.0.1",
@@ -49,7 +50,11 @@ def add_parser(sub) -> None:
     p.add_argument("--no-trace", action="store_true",
                    help="run the denoiser and decoder eagerly instead of as TorchScript traces (traced, each checked "
                         "against eager at start-up, they skip diffusers' Python per call: ~2x faster at batch 1 on "
-                        "a CPU; never traced under --lora sliders)")
+                        "a CPU; the unfused --no-fuse LoRA path is never traced)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="serve --lora sliders from the unfused peft adapters (each request's weights set as adapter "
+                        "scales, eager) instead of fused weights θ + Σ λ·ΔW: slower, but no memory for the per-adapter "
+                        "deltas and fused states (a large base on a small machine)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
     p.set_defaults(func=run)
 
@@ -88,7 +93,8 @@ def run(args: argparse.Namespace) -> None:
         raise
     warnings.filterwarnings("ignore", message=".*longer than the tokenizer.*")   # not one log line per long prompt typed
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)   # uploads: refused from the header
-    engine = Engine(model, max_batch=args.max_batch, queue_limit=args.queue, trace=not args.no_trace)
+    engine = Engine(model, max_batch=args.max_batch, queue_limit=args.queue, trace=not args.no_trace,
+                    fuse=not args.no_fuse)
     engine.warm_up()
     host, port = sock.getsockname()[:2]
     policy = Policy.for_server(args.host, port, args.allow_origin, args.token)

@@ -11,16 +11,21 @@
   call), so typing never builds a backlog.
 - **Back-pressure**: at most ``queue_limit`` requests in flight; beyond it a request is refused at once with
   :class:`Busy`, and every cache is bounded, so memory stays bounded however many clients come.
-- **LoRA sliders** (Luo et al. 2023b: θ = θ_pre + λ1·τ_style + λ2·τ_LCM): the adapters stay unfused (peft)
-  and each request's λs are set as adapter scales just before its batch runs; requests with different λs do
-  not share a batch.
+- **LoRA sliders** (Luo et al. 2023b: θ = θ_pre + λ1·τ_style + λ2·τ_LCM) served from fused weights
+  (:mod:`fewstep.serve.sliders`: θ_pre + Σ λ_i·ΔW_i, what diffusers' ``set_adapters`` + ``fuse_lora`` give,
+  re-fused when a client's λs change: by the request itself when fusing is cheap, else in the background). A
+  request takes the fused state of its λs when it starts and keeps it to its end; until that state is ready it
+  is answered by the unfused peft adapters at its λs (their scales set just before each of its batches). Requests with different λs, or one fused and one
+  unfused, never share a batch. ``fuse=False`` (``fewstep serve --no-fuse``) keeps every request unfused.
 - **No Python per network call**: the denoiser and the decoder run as checked TorchScript traces
-  (:mod:`fewstep.serve.traced`), except under LoRA sliders.
+  (:mod:`fewstep.serve.traced`; a fused slider state's weights as inputs of its trace), except the unfused
+  LoRA path.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import threading
 import time
@@ -40,7 +45,10 @@ from ..models.handle import Model
 from ..sampling.generate import generate
 from .batching import Batched, Cancelled, MicroBatcher, Ticket
 from .protocol import MAX_NUM, Request, limits
+from .sliders import FusedSliders, Unsupported
 from .traced import Traced
+
+log = logging.getLogger("fewstep.serve")
 
 
 class Busy(FewstepError):
@@ -115,19 +123,29 @@ class Job:
 
 
 class Engine:
-    """Serves ``model`` (with its unfused LoRAs, if any) to many clients at once (module docstring)."""
+    """Serves ``model`` (with its unfused LoRAs as sliders, if any) to many clients at once (module docstring)."""
 
     def __init__(self, model: Model, max_batch: int = 64, max_wait: float = 0.004, workers: int = 32,
-                 queue_limit: int = 64, result_cache: int = 256, prompt_cache: int = 1024, trace: bool = True) -> None:
+                 queue_limit: int = 64, result_cache: int = 256, prompt_cache: int = 1024, trace: bool = True,
+                 fuse: bool = True) -> None:
         self.model, self.queue_limit = model, queue_limit
         self.variants = {n: serving(model, n) for n in model.config.serves_steps}   # a progressive folder's students
         self.adapters = list(getattr(model.backbone, "peft_config", {}))    # unfused LoRAs (sliders), if any
-        self.trace = trace and not self.adapters     # a trace would freeze the adapters' scales
+        self.trace = trace               # (the unfused LoRA path is never traced: it would freeze the adapter scales)
         self._networks: dict[tuple, Any] = {}
         weights = [float(lora["weight"]) for lora in model.config.loras][:len(self.adapters)]
         self.info = limits(model, weights)
-        self._weights: tuple[float, ...] = tuple(weights)
+        self._weights: tuple[float, ...] = tuple(weights)      # the unfused adapters' scales now (batcher thread)
         self._lora_layers = _lora_layers(model.backbone) if self.adapters else []
+        if self.adapters:       # set, not assumed: another engine on the same model may have left other scales
+            set_adapter_scales(self._lora_layers, self.adapters, self._weights)
+        self.sliders: FusedSliders | None = None
+        if self.adapters and fuse:
+            try:
+                self.sliders = FusedSliders(model, self.adapters)
+            except Unsupported as e:
+                log.warning("fewstep serve: the LoRA sliders are served unfused (slower): %s", e)
+        self.served = {"fused": 0, "unfused": 0}               # requests run on fused / unfused LoRA weights
         self.batcher = MicroBatcher(max_batch, max_wait)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fewstep-request")
         self.prompts = PromptCache(model.conditioner, prompt_cache) if model.conditioner.text else None
@@ -166,6 +184,8 @@ class Engine:
         person does not wait for it); its seconds."""
         started = time.perf_counter()
         info = self.info
+        if self.sliders is not None:
+            self.sliders.fuse(self._weights)       # the start-up sliders fused now, so the warm-up traces them
         self.submit(("warm-up",), Request(prompt="" if info["text"] else None, steps=info["steps"]["default"],
                                           guidance_scale=info["guidance"]["default"], loras=self._weights)).result()
         return time.perf_counter() - started
@@ -199,7 +219,7 @@ class Engine:
             raise Cancelled()
         r = job.request
         model = self.variants.get(r.steps, self.model)
-        view = self.view(model, job.ticket, r.loras)
+        view = self.view(model, job.ticket, r.loras)      # binds the request's LoRA weights (fused or not) to its end
         cond = [r.prompt] if model.conditioner.text else None if r.label is None else torch.tensor([r.label])
         init = None if r.image is None else r.image.expand(r.num, -1, -1, -1)
         started = time.perf_counter()
@@ -221,8 +241,8 @@ class Engine:
         """``model`` as one request sees it: its denoiser and decoder calls merged with everyone else's (under
         the request's LoRA weights), its prompts through the cache."""
         view = copy.copy(model)
-        view.denoiser = Batched(self.batcher, ticket, ("denoise", id(model), weights),
-                                self._denoiser(model, weights), model.denoiser)
+        denoise, how = self._denoiser(model, weights)
+        view.denoiser = Batched(self.batcher, ticket, ("denoise", id(model), weights, how), denoise, model.denoiser)
         if not model.codec.pixels:       # a decoder worth batching across requests (a pixel codec is the identity)
             decode = self.network("decode", model.codec, model.codec.decode)
             view.codec = BatchedCodec(model.codec, Batched(self.batcher, ticket, ("decode", id(model.codec)), decode))
@@ -230,25 +250,37 @@ class Engine:
             view.conditioner = self.prompts
         return view
 
-    def network(self, name: str, owner: Any, fn):
-        """``fn`` (``owner``'s denoiser or decoder) as the batcher runs it: traced unless tracing is off."""
+    def network(self, name: str, owner: Any, fn, weighted: bool = False):
+        """``fn`` (``owner``'s denoiser or decoder) as the batcher runs it: traced unless tracing is off
+        (``weighted``: ``fn(weights, ...)``, the weights inputs of the trace)."""
         if not self.trace:
             return fn
         key = (name, id(owner))
         with self._lock:
             if key not in self._networks:
-                self._networks[key] = Traced(fn, f"{name} of {getattr(owner, 'path', type(owner).__name__)}")
+                what = getattr(owner, "path", None) or getattr(getattr(owner, "model", None), "path", None)
+                self._networks[key] = Traced(fn, f"{name} of {what or type(owner).__name__}", weighted)
             return self._networks[key]
 
-    def _denoiser(self, model: Model, weights: tuple[float, ...]):
-        denoise = self.network("denoise", model, model.denoiser)
+    def _denoiser(self, model: Model, weights: tuple[float, ...]) -> tuple[Any, Hashable]:
+        """The denoiser one request's batches run, and what tells its batches from others' with the same weights:
+        the model's own, or under LoRA sliders the fused state of ``weights`` if ready, else the unfused adapters
+        at ``weights``."""
+        if not self.adapters:
+            return self.network("denoise", model, model.denoiser), None
+        fused = self.sliders.get(weights) if self.sliders is not None else None
+        with self._lock:
+            self.served["fused" if fused is not None else "unfused"] += 1
+        if fused is not None:
+            net = self.network("denoise-fused", self.sliders, self.sliders, weighted=True)
+            return (lambda *args, **kwargs: net(fused.tensors, *args, **kwargs)), id(fused)
 
-        def run(*args: Tensor, **kwargs: Tensor) -> Tensor:   # on the batcher's thread, just before the batch
-            if self.adapters and weights != self._weights:
+        def unfused(*args: Tensor, **kwargs: Tensor) -> Tensor:   # on the batcher's thread, just before the batch
+            if weights != self._weights:
                 set_adapter_scales(self._lora_layers, self.adapters, weights)
                 self._weights = weights
-            return denoise(*args, **kwargs)
-        return run
+            return model.denoiser(*args, **kwargs)
+        return unfused, "unfused"
 
     # --- reporting -----------------------------------------------------------------------------
     def stats(self, window: float = 5.0) -> dict[str, Any]:
@@ -265,7 +297,7 @@ class Engine:
                 "p95_ms": pct[18] if pct else None, "mean_batch": b.rows / b.batches if b.batches else 0.0,
                 "inflight": self._inflight, "requests": len(log),
                 "prompt_cache_hits": self.prompts.cache.hits if self.prompts else 0,
-                "result_cache_hits": self.results.hits}
+                "result_cache_hits": self.results.hits, **({"lora_weights": dict(self.served)} if self.adapters else {})}
 
     def close(self) -> None:
         with self._lock:
@@ -273,6 +305,8 @@ class Engine:
                 self._cancel(client)
         self.batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.sliders is not None:
+            self.sliders.close()
 
 
 def _lora_layers(unet) -> list:
