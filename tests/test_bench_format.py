@@ -88,3 +88,21 @@ def test_the_sliders_table_decides_the_targets_only_from_an_idle_machine():
     shipped = json.loads((Path(__file__).resolve().parents[1] / "bench/results/bench.json").read_text())["serve"]
     old = {k: v for k, v in shipped.items() if not k.startswith("sliders")}     # a report from before the sliders' part
     assert serve._sliders_section(old) == [] and serve.section(SimpleNamespace(serve=old))
+
+
+def test_flow_section_takes_the_teachers_best_over_its_whole_guidance_grid():
+    """The FLUX LoRA is compared with the lowest FID anywhere in its teacher's steps × guidance grid (s = 1
+    included), and the 1.3× target is decided beyond the spread of the ratio."""
+    from types import SimpleNamespace
+
+    from fewstep.bench import flow
+
+    def row(steps, s, f, std=0.1, sec=0.01):
+        return {"steps": steps, "nfe": steps, "guidance_scale": s, "fid": f, "fid_std": std, "cond_accuracy": 0.5,
+                "seconds_per_image": sec}
+    q = {"emoji-flux/euler": [row(28, 3.0, 2.0, sec=0.05), row(28, 1.0, 1.5, sec=0.03), row(4, 3.0, 4.0)],
+         "emoji-flux-lcm-lora/consistency": [row(4, 1.0, 1.8, sec=0.006)]}
+    lines = flow.section(SimpleNamespace(flow={"command": "x", "num": 300, "quality": q}))
+    text = "\n".join(lines)
+    assert "FID 1.800 ± 0.100 = 1.20× ± 0.10 `emoji-flux`'s best (1.500 ± 0.100, euler, 28 steps, s = 1)" in text
+    assert "target ≤ 1.3× not shown (within the spread)" in text and "5.0× faster" in text

@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import sdxl
-from .format import acc, fid, ratio_cell, teacher_best, verdict
+from .format import acc, fid, ratio_cell, target_verdict, teacher_best, verdict
+from .results import load_report
 
 PAIRS = (("emoji-flux", "emoji-flux-lcm-lora"), ("emoji-sd3", "emoji-sd3-lcm-lora"))
 TEACHER_STEPS = {"euler": (4, 8, 28)}
@@ -24,8 +25,12 @@ TARGET = 1.3
 
 
 def measure(models_dir: Path, settings, command: str = "") -> dict:
-    """The section's numbers (empty when emoji-flux is not there)."""
-    return sdxl.measure(models_dir, settings, command, PAIRS, TEACHER_STEPS, GUIDANCE_SCALES)
+    """The section's numbers (empty when emoji-flux is not there); a pair whose weights the ``--reuse`` report
+    measured keeps its rows."""
+    previous = None
+    if settings.reuse and Path(settings.reuse).is_file():
+        previous = load_report(Path(settings.reuse), "give the bench.json of an earlier run to --reuse").flow
+    return sdxl.measure(models_dir, settings, command, PAIRS, TEACHER_STEPS, GUIDANCE_SCALES, previous)
 
 
 def _seconds(row: dict) -> str:
@@ -64,11 +69,10 @@ def section(report) -> list[str]:
         four = next((r for r in q.get(f"{lora_name}/consistency", []) if r["steps"] == 4), None)
         if four is None:
             continue
-        met = four["fid"] <= TARGET * ref["fid"]
         speed = (f"; end to end {ref['seconds_per_image'] / four['seconds_per_image']:.1f}× faster than that best "
                  f"setting ({_seconds(ref)} against {_seconds(four)} ms/img)"
                  if ref.get("seconds_per_image") and four.get("seconds_per_image") else "")
         verdicts.append(f"`{lora_name}` at 4 steps: FID {fid(four)} = {ratio_cell(four, ref)} `{teacher_name}`'s best "
                         f"({fid(ref)}, {where}, s = {ref['guidance_scale']:g}): target ≤ {TARGET}× "
-                        f"{'met' if met else 'NOT met'}; against that best: {verdict(four, ref)}{speed}.")
+                        f"{target_verdict(four, ref, TARGET)}; against that best: {verdict(four, ref)}{speed}.")
     return lines + [x for v in verdicts for x in ("", v)]

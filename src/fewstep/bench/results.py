@@ -60,6 +60,17 @@ def load_report(bench_json: Path, missing: str) -> BenchReport:
         raise FewstepError(f"{bench_json} is not a fewstep bench report ({e}); give the bench.json a run wrote") from None
 
 
+def folder_digest(folder: Path) -> str:
+    """A digest of a model or LoRA folder's weight files: rows measured on these weights stay valid."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        h.update(f.relative_to(folder).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def reusable_rows(rows: list[dict] | None, steps) -> list[dict] | None:
     """Saved quality rows when they are at exactly these step counts and have their spreads (rows from before
     spreads were measured are measured again); None otherwise."""

@@ -15,6 +15,7 @@ from ..models.folders import load_model
 from ..models.loras import apply_loras, lora_info
 from .format import acc, fid, ratio_cell, teacher_best, verdict
 from .measure import quality_rows
+from .results import folder_digest
 
 PAIRS = (("emoji-sdxl", "emoji-sdxl-lcm-lora"), ("emoji-sd", "emoji-lcm-lora"))
 TEACHER_STEPS = {"dpmpp-2m": (4, 8, 25), "ddim": (25,)}
@@ -22,15 +23,27 @@ LORA_STEPS = (1, 2, 4, 8)
 
 
 def measure(models_dir: Path, settings, command: str = "", pairs=PAIRS, teacher_steps=TEACHER_STEPS,
-            guidance_scales: tuple[float, ...] = ()) -> dict:
+            guidance_scales: tuple[float, ...] = (), previous: dict | None = None) -> dict:
     """The section's numbers (empty when the first teacher is not there): each (teacher, LCM-LoRA) pair of
     ``pairs``, the teacher with each sampler of ``teacher_steps`` at its step counts and at each of
-    ``guidance_scales`` (default: its own default scale only), the LoRA (λ = 1, guidance 1) at :data:`LORA_STEPS`."""
+    ``guidance_scales`` (default: its own default scale only), the LoRA (λ = 1, guidance 1) at :data:`LORA_STEPS`.
+    A pair whose teacher and LoRA have the weights ``previous`` (this section of the ``--reuse`` report, same sample
+    count and seed) measured keeps its rows from there."""
     if not (models_dir / pairs[0][0]).is_dir():
         return {}
-    out: dict = {"command": command, "num": settings.num, "quality": {}, "loras": {}, "teachers": {}}
+    out: dict = {"command": command, "num": settings.num, "seed": settings.seed, "quality": {}, "loras": {},
+                 "teachers": {}, "fingerprints": {}}
+    same = bool(previous) and previous.get("num") == settings.num and previous.get("seed", 0) == settings.seed
     for teacher_name, lora_name in pairs:
         if not (models_dir / teacher_name).is_dir():
+            continue
+        names = [n for n in (teacher_name, lora_name) if (models_dir / n).is_dir()]
+        digests = {n: folder_digest(models_dir / n) for n in names}
+        out["fingerprints"].update(digests)
+        if same and all(previous.get("fingerprints", {}).get(n) == d for n, d in digests.items()):
+            for key in ("quality", "loras", "teachers"):
+                out[key].update({k: v for k, v in previous.get(key, {}).items() if k.split("/")[0] in names})
+            print(f"{', '.join(names)}: rows of the --reuse report (same weights)", flush=True)
             continue
         teacher = load_model(models_dir / teacher_name)
         ruler = ruler_for(teacher, models_dir)

@@ -18,7 +18,6 @@ done, and a run that was stopped takes them from there: the section costs hours 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from ..models.handle import Model
 from .format import acc, fid, ratio_cell, teacher_best, teacher_rows
 from .measure import quality_rows
 from .pixel import consistency_table, editing_table, measure_editing, training_cost
-from .results import load_report, reusable_rows
+from .results import folder_digest, load_report, reusable_rows
 
 TEACHER = "emoji-pixel-teacher"
 PROGRESS = "emoji_pixel.progress.json"   # the rows measured so far, beside bench.json
@@ -76,12 +75,8 @@ def own_teacher_note(quality: dict) -> list[str]:
 
 
 def fingerprint(model: Model) -> str:
-    """A digest of the model folder's weight files: rows measured on these weights stay valid."""
-    h = hashlib.sha256()
-    for f in sorted(model.path.rglob("*.safetensors")):
-        h.update(f.relative_to(model.path).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    """A digest of the model folder's weight files (:func:`fewstep.bench.results.folder_digest`)."""
+    return folder_digest(model.path)
 
 
 def _previous(settings, progress: Path | None) -> list[dict]:
