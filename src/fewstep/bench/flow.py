@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import sdxl
-from .format import acc, fid, ratio_cell, target_verdict, teacher_best, verdict
+from .format import acc, fid, ratio_cell, target_verdict, verdict
 from .results import load_report
 
 PAIRS = (("emoji-flux", "emoji-flux-lcm-lora"), ("emoji-sd3", "emoji-sd3-lcm-lora"))
@@ -54,19 +54,11 @@ def section(report) -> list[str]:
              f"decode), in this run. Target: the FLUX LoRA's 4-step FID ≤ {TARGET}× its teacher's best.", "",
              "| model | sampler | s | steps | NFE | FID | / teacher's best | acc. | ms/img |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    q = g["quality"]
+    rows, pairs = sdxl.pair_rows(g["quality"], PAIRS, ("euler",), lambda name, sampler, r, ref: (
+        f"| {name} | {sampler} | {r['guidance_scale']:g} | {r['steps']} | {r['nfe']} | {fid(r)} | {ratio_cell(r, ref)} "
+        f"| {acc(r)} | {_seconds(r)} |"))
     verdicts = []
-    for teacher_name, lora_name in PAIRS:
-        best = teacher_best(q, teacher_name)
-        if best is None:
-            continue
-        where, ref = best
-        for key in (f"{teacher_name}/euler", f"{lora_name}/consistency"):
-            for r in q.get(key, []):
-                name, sampler = key.split("/")
-                lines.append(f"| {name} | {sampler} | {r['guidance_scale']:g} | {r['steps']} | {r['nfe']} | {fid(r)} | "
-                             f"{ratio_cell(r, ref)} | {acc(r)} | {_seconds(r)} |")
-        four = next((r for r in q.get(f"{lora_name}/consistency", []) if r["steps"] == 4), None)
+    for teacher_name, lora_name, where, ref, four in pairs:
         if four is None:
             continue
         speed = (f"; end to end {ref['seconds_per_image'] / four['seconds_per_image']:.1f}× faster than that best "
@@ -75,4 +67,4 @@ def section(report) -> list[str]:
         verdicts.append(f"`{lora_name}` at 4 steps: FID {fid(four)} = {ratio_cell(four, ref)} `{teacher_name}`'s best "
                         f"({fid(ref)}, {where}, s = {ref['guidance_scale']:g}): target ≤ {TARGET}× "
                         f"{target_verdict(four, ref, TARGET)}; against that best: {verdict(four, ref)}{speed}.")
-    return lines + [x for v in verdicts for x in ("", v)]
+    return lines + rows + [x for v in verdicts for x in ("", v)]

@@ -76,22 +76,32 @@ def section(report) -> list[str]:
              f"Target: the LoRA's 4-step FID within 1.3× its own teacher's best.", "",
              "| model | sampler | steps | NFE | FID | / teacher's best | acc. |", "|---|---|---:|---:|---:|---:|---:|"]
     q = g["quality"]
+    rows, pairs = pair_rows(q, PAIRS, ("dpmpp-2m", "ddim"), lambda name, sampler, r, ref: (
+        f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | {ratio_cell(r, ref)} | {acc(r)} |"))
     verdicts = []
-    for teacher_name, lora_name in PAIRS:
-        best = teacher_best(q, teacher_name)
-        if best is None:
-            continue
-        where, ref = best
-        for key in (f"{teacher_name}/dpmpp-2m", f"{teacher_name}/ddim", f"{lora_name}/consistency"):
-            for r in q.get(key, []):
-                name, sampler = key.split("/")
-                lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | "
-                             f"{ratio_cell(r, ref)} | {acc(r)} |")
-        four = next((r for r in q.get(f"{lora_name}/consistency", []) if r["steps"] == 4), None)
+    for teacher_name, lora_name, where, ref, four in pairs:
         if four is not None:
             ok = four["fid"] <= 1.3 * ref["fid"]
             verdicts.append(f"`{lora_name}` at 4 steps: FID {fid(four)} = {ratio_cell(four, ref)} "
                             f"`{teacher_name}`'s best ({fid(ref)}, {where}): target ≤ 1.3× "
                             f"{'met' if ok else 'NOT met'}; against the teacher's 25 DPM-Solver++ steps: "
                             f"{verdict(four, next(r for r in q[f'{teacher_name}/dpmpp-2m'] if r['steps'] == 25))}.")
-    return lines + [x for v in verdicts for x in ("", v)]
+    return lines + rows + [x for v in verdicts for x in ("", v)]
+
+
+def pair_rows(quality: dict, pairs, samplers: tuple[str, ...], cells) -> tuple[list[str], list[tuple]]:
+    """The table rows of each measured (teacher, LoRA) pair — the teacher's ``samplers``' rows, then the LoRA's — as
+    ``cells(name, sampler, row, teacher's best row)``, and per pair (teacher, LoRA, where its best is, that best
+    row, the LoRA's 4-step row or None): the part of the SDXL and flow sections they share."""
+    lines, found = [], []
+    for teacher_name, lora_name in pairs:
+        best = teacher_best(quality, teacher_name)
+        if best is None:
+            continue
+        where, ref = best
+        for key in (*(f"{teacher_name}/{s}" for s in samplers), f"{lora_name}/consistency"):
+            for r in quality.get(key, []):
+                lines.append(cells(*key.split("/"), r, ref))
+        four = next((r for r in quality.get(f"{lora_name}/consistency", []) if r["steps"] == 4), None)
+        found.append((teacher_name, lora_name, where, ref, four))
+    return lines, found

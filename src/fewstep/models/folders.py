@@ -139,17 +139,9 @@ def _load_pipeline(folder: Path, dtype: torch.dtype | None = None, variant: str 
                            f"pipeline")
     _check_parts_fit(folder, xl)
     variant = variant or _only_variant(folder)
-    try:
-        loaded = _load_parts(folder, xl, dtype or torch.float32, variant)
-    except FewstepError:
-        raise
-    except Exception as e:  # diffusers/transformers raise OSError/ValueError/safetensors errors
-        raise FewstepError(f"cannot load the pipeline in {folder} (missing or corrupt weights"
-                           f"{f', variant {variant}' if variant else ''}): {_first_line(e)}") from None
+    loaded = _weights(lambda: _load_parts(folder, xl, dtype or torch.float32, variant), folder, variant)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
-    raw = upgrade(read_json(folder / CONFIG_NAME)) if (folder / CONFIG_NAME).exists() else {}
-    config = parse_config({**pipeline_defaults(scheduler_config, loaded["vae"].config.sample_size), **raw,
-                           **scheduler_fields(scheduler_config)}, folder / CONFIG_NAME)
+    config = _folder_config(folder, scheduler_config, loaded["vae"], scheduler_fields(scheduler_config))
     return new_pipeline(config, path=folder, scheduler_config=scheduler_config,
                         force_zeros=index.get("force_zeros_for_empty_prompt", True), **loaded)
 
@@ -157,18 +149,29 @@ def _load_pipeline(folder: Path, dtype: torch.dtype | None = None, variant: str 
 def _load_flow_pipeline(folder: Path, family, dtype: torch.dtype | None, variant: str | None) -> Model:
     """A FLUX / SD3 folder (:mod:`.flow_pipelines`), as :func:`_load_pipeline` loads the UNet families."""
     variant = variant or _only_variant(folder, "transformer")
+    loaded = _weights(lambda: load_flow_parts(folder, family, dtype or torch.float32, variant), folder, variant)
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+    config = _folder_config(folder, scheduler_config, loaded["vae"])   # its schedule: new_flow_pipeline's, by family
+    return new_flow_pipeline(config, family, path=folder, scheduler_config=scheduler_config, **loaded)
+
+
+def _weights(load: Callable[[], dict], folder: Path, variant: str | None) -> dict:
+    """``load()``'s parts, a library's error while reading the weights as one line."""
     try:
-        loaded = load_flow_parts(folder, family, dtype or torch.float32, variant)
+        return load()
     except FewstepError:
         raise
     except Exception as e:  # diffusers/transformers raise OSError/ValueError/safetensors errors
         raise FewstepError(f"cannot load the pipeline in {folder} (missing or corrupt weights"
                            f"{f', variant {variant}' if variant else ''}): {_first_line(e)}") from None
-    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+
+
+def _folder_config(folder: Path, scheduler_config: dict, vae, fields: dict | None = None) -> ModelConfig:
+    """A pipeline folder's ModelConfig: what its scheduler says it is, then its fewstep.json (if fewstep wrote one),
+    then ``fields`` (its scheduler's schedule, the source of truth)."""
     raw = upgrade(read_json(folder / CONFIG_NAME)) if (folder / CONFIG_NAME).exists() else {}
-    config = parse_config({**pipeline_defaults(scheduler_config, loaded["vae"].config.sample_size), **raw},
-                          folder / CONFIG_NAME)
-    return new_flow_pipeline(config, family, path=folder, scheduler_config=scheduler_config, **loaded)
+    return parse_config({**pipeline_defaults(scheduler_config, vae.config.sample_size), **raw, **(fields or {})},
+                        folder / CONFIG_NAME)
 
 
 def _load_parts(folder: Path, xl: bool, dtype: torch.dtype, variant: str | None) -> dict:

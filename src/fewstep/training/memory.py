@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FewstepError
+from ..io.budget import free_memory
 from .optimizers import MOMENT_BYTES
 
 WEIGHT_AND_GRAD = 8   # bytes per trained parameter in fp32; the optimizer's moments come on top (MOMENT_BYTES)
@@ -106,12 +107,7 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
+    return free_memory()
 
 
 def _gib(n: float) -> str:
