@@ -328,6 +328,7 @@ ROWS = [
      ["--num-scales", "10,000"]),
     ("--rank 1e7", None, None, ["train-lora", "--base", "{sd}", "--out", "{out}", "--rank", str(10**7)],
      ["--rank", "1,024"]),
+    ("serve --queue 1e12", None, None, ["serve", "--model", "{sd}", "--queue", str(10**12)], ["--queue", "4,096"]),
     ("--lora-rank 1e7", None, None,
      ["distill", "--method", "lcm-lora", "--teacher", "{sd}", "--out", "{out}", "--lora-rank", str(10**7)],
      ["--lora-rank", "1,024"]),

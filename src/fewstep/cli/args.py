@@ -99,6 +99,9 @@ eval_samples = int_range(4, 50_000, "FID's standard sample count; more takes hou
 per_class = int_range(1, 1_000, "1,000 per digit is 10,000 samples per model, far past where the figures settle")
 grad_accum = int_range(1, 1_024, "a larger batch than memory holds: a larger --grad-accum runs that many micro-batches "
                                  "per step")
+serve_queue = int_range(1, 4_096, "each request in flight holds its prompt, upload and images; past a few thousand the "
+                        "server only queues work it cannot finish before clients time out")
+serve_batch = int_range(1, 1_024, "a network batch larger than this only adds latency on one machine")
 unet_width = int_range(1, 2_048, "the widest level of Stable Diffusion's UNet is 1280 channels")
 MAX_STEPS = 1000     # a diffusion model's training timesteps: no sampler runs more steps than the model has
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import FewstepError
-from .args import add_lora_arg, load_options, positive_int
+from .args import add_lora_arg, load_options, positive_int, serve_batch, serve_queue
 
 
 def add_parser(sub) -> None:
@@ -43,8 +43,8 @@ def add_parser(sub) -> None:
                    help="also take WebSockets from pages of ORIGIN (scheme://host[:port], e.g. http://localhost:3000); "
                         "repeatable. The page's own origin is always allowed; 'null' never is")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
-    p.add_argument("--max-batch", type=positive_int, default=64, help="most images in one network batch (default 64)")
-    p.add_argument("--queue", type=positive_int, default=64,
+    p.add_argument("--max-batch", type=serve_batch, default=64, help="most images in one network batch (default 64)")
+    p.add_argument("--queue", type=serve_queue, default=64,
                    help="most requests in flight; beyond it a request is refused as busy (default 64)")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     p.add_argument("--no-trace", action="store_true",
