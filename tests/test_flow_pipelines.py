@@ -200,3 +200,24 @@ def test_shipped_flow_teachers_and_lcm_loras_give_diffusers_images(family):
     kw = {"true_cfg_scale": 1.0} if family == "flux" else {"guidance_scale": 1.0}
     theirs = _pipe_images(pipe, family, 4, 1.0, 3, length, **kw)
     assert torch.allclose(ours, theirs, atol=2e-3), (ours - theirs).abs().max()
+
+
+def test_sd3_without_t5_is_diffusers_sd3_without_t5(tmp_path):
+    """An SD3 folder without text_encoder_3 (as diffusers allows): the T5 tokens are zeros of the joint attention
+    width, 256 of them (StableDiffusion3Pipeline's default max_sequence_length), and the images are the pipeline's."""
+    import shutil
+
+    folder = save_tiny_flow(tmp_path / "sd3", "sd3", shift=3.0)
+    for part in ("text_encoder_3", "tokenizer_3"):
+        shutil.rmtree(folder / part)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
+                                                         "tokenizer_3": [None, None]}))
+    model = load_model(folder)
+    assert "text_encoder_3" not in model.parts
+    ours = generate_latent(model, PROMPTS, steps=4, sampler="euler", guidance_scale=3.0, seed=5)
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    theirs = _pipe_images(pipe, "sd3", 4, 3.0, 5, length=256)
+    assert torch.allclose(ours, theirs, atol=2e-3), (ours - theirs).abs().max()

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from ..errors import FewstepError
-from ..nets.flow_transformers import flux_embeddings, sd3_embeddings
+from ..nets.flow_transformers import AbsentT5, flux_embeddings, sd3_embeddings
 from .codecs import VAECodec
 from .conditioners import PooledTextConditioner
 from .config import ModelConfig, scheduler_fields
@@ -155,7 +155,8 @@ def new_flow_pipeline(config: ModelConfig, family: FlowFamily, transformer, vae,
     lengths = [None if e[2].startswith("CLIP") else
                min(family.max_sequence_length, getattr(t, "model_max_length", family.max_sequence_length))
                for e, t in zip(family.encoders, tokenizers)]
-    if family.pipeline == "StableDiffusion3Pipeline" and tokenizers[2] is None:
+    if family.pipeline == "StableDiffusion3Pipeline" and encoders[2] is None:   # no T5: zeros, as diffusers
+        encoders[2] = AbsentT5(transformer.config.joint_attention_dim)
         tokenizers[2], lengths[2] = tokenizers[0], family.max_sequence_length   # ids only shape the zeros
     conditioner = PooledTextConditioner(tokenizers, encoders, family.embed, False, str(path), lengths,
                                         family.pipeline)

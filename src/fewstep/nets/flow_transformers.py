@@ -127,15 +127,26 @@ def sd3_embeddings(encoders: Sequence[nn.Module], ids: Sequence[Tensor]) -> tupl
     """SD3's joint text tokens and pooled vector (``StableDiffusion3Pipeline.encode_prompt``, clip_skip None): the
     two CLIPs' penultimate hidden states side by side, zero-padded to T5's width, then T5's tokens after them along
     the sequence; the pooled vector is both CLIPs' projected pooled outputs side by side. ``encoders`` = (CLIP-L,
-    CLIP-G, T5 or None — SD3 without T5 gets zeros, as diffusers does with ``text_encoder_3=None``)."""
+    CLIP-G, T5 — or :class:`AbsentT5` for a folder without one)."""
     clip_l, clip_g, t5 = encoders
     first = clip_l(ids[0], output_hidden_states=True)
     second = clip_g(ids[1], output_hidden_states=True)
     clip_tokens = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-    t5_tokens = (t5(ids[2])[0] if t5 is not None else
-                 torch.zeros(len(ids[2]), ids[2].shape[1], clip_tokens.shape[-1], device=clip_tokens.device))
+    t5_tokens = t5(ids[2])[0]
     clip_tokens = F.pad(clip_tokens, (0, t5_tokens.shape[-1] - clip_tokens.shape[-1]))
     return torch.cat([clip_tokens, t5_tokens], dim=-2), torch.cat([first[0], second[0]], dim=-1)
+
+
+class AbsentT5(nn.Module):
+    """SD3 without its T5 (``text_encoder_3=None``): zeros of the transformer's joint attention width for every
+    token, as ``StableDiffusion3Pipeline._get_t5_prompt_embeds`` returns then (its ``max_sequence_length`` tokens)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, ids: Tensor) -> tuple[Tensor]:
+        return (torch.zeros(*ids.shape, self.width, device=ids.device),)
 
 
 # --- the tiny teachers' parts -------------------------------------------------------------------------------------
