@@ -65,17 +65,9 @@ def load_json(path: str | Path, what: str = "a JSON object", max_bytes: int = MA
     """The JSON file ``path``: at most ``max_bytes``, UTF-8 (a BOM is allowed), nesting capped; by default a JSON
     object. Every problem is one :class:`FewstepError` line naming the file."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise FewstepError(f"{path} is {_bytes(size)}; {what} is far smaller (the limit is {_bytes(max_bytes)}): "
-                               f"not the file fewstep expects here")
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as e:
-        raise FewstepError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise FewstepError(f"{path} is corrupt: not UTF-8 text ({e.reason} at byte {e.start}); expected {what}") \
-            from None
+    text = _utf8(path, max_bytes, lambda size: f"{path} is {_bytes(size)}; {what} is far smaller (the limit is "
+                 f"{_bytes(max_bytes)}): not the file fewstep expects here", f"cannot read {path}",
+                 f"{path} is corrupt: not UTF-8 text", f"expected {what}")
     value = parse_json(text, path, what)
     if require_object and not isinstance(value, dict):
         raise FewstepError(f"{path} is corrupt: expected {what}, found a JSON {_kind(value)}")
@@ -87,18 +79,24 @@ def text_lines(path: str | Path, what: str = "text file", max_bytes: int = MAX_T
     (not at U+2028/U+2029, U+0085 or form feeds, which ``str.splitlines`` takes for line breaks: a prompt holding
     one stays one prompt); at most ``max_bytes``."""
     path = Path(path)
+    text = _utf8(path, max_bytes, lambda size: f"{what} {path} is {_bytes(size)}, over the limit of "
+                 f"{_bytes(max_bytes)}; split it into smaller files", f"cannot read {what} {path}",
+                 f"cannot read {what} {path}: not UTF-8 text", "save it as UTF-8")
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def _utf8(path: Path, max_bytes: int, too_big, unreadable: str, not_utf8: str, fix: str) -> str:
+    """The text of ``path``, at most ``max_bytes`` (else ``too_big(size)``), UTF-8 with a BOM allowed; each failure one
+    line: ``unreadable``: the OS's reason, ``not_utf8`` (where the decoding failed); ``fix``."""
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise FewstepError(f"{what} {path} is {_bytes(size)}, over the limit of {_bytes(max_bytes)}; split it "
-                               f"into smaller files")
-        text = path.read_bytes().decode("utf-8-sig")
+            raise FewstepError(too_big(size))
+        return path.read_bytes().decode("utf-8-sig")
     except OSError as e:
-        raise FewstepError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        raise FewstepError(f"{unreadable}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise FewstepError(f"cannot read {what} {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as "
-                           f"UTF-8") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        raise FewstepError(f"{not_utf8} ({e.reason} at byte {e.start}); {fix}") from None
 
 
 def _bytes(n: float) -> str:
