@@ -80,9 +80,11 @@ def test_the_sliders_table_decides_the_targets_only_from_an_idle_machine():
          "sliders_load": {"before": [3.1, 3.0, 3.2], "cpus": 2}}
     busy = "\n".join(serve._sliders_section(g))
     assert "| 1 | 25.0 | 10.0 | 12.0 | 2.50× | 5.00× | 2.50 |" in busy
-    assert "needs an idle re-run" in busy and ": met" not in busy and ": missed" not in busy
+    # the targets are ratios of servers measured side by side, so they are decided either way; the load is said
+    assert "(target ≥ 2×: met)" in busy and "on a machine that was not idle (load 3.10 / 3.00" in busy
     idle = "\n".join(serve._sliders_section({**g, "sliders_load": {"before": [0.1, 0.2, 0.4], "cpus": 2}}))
     assert "2.50× diffusers' images/s at 1 client (target ≥ 2×: met) and 40.0× at 16 (target ≥ 10×: met)" in idle
+    assert "in one run on an idle machine" in idle
     from pathlib import Path
 
     shipped = json.loads((Path(__file__).resolve().parents[1] / "bench/results/bench.json").read_text())["serve"]
