@@ -38,7 +38,7 @@ from ..models.data import ImageData
 from ..models.folders import save_model
 from ..models.handle import Model, raw_backbone
 from ..models.loras import save_lora
-from ..nets.guided import guidance_conditioned
+from ..nets.guided import guidance_conditioned, student_takes_guidance
 from ..nets.lora import AdaptersOff, EMAAdapter, add_lora, trainable_fraction
 from ..objectives.base import unwrap
 from ..objectives.consistency import ConsistencyLoss
@@ -116,24 +116,20 @@ def check_teacher(teacher: Model, method: str) -> Model:
 
 
 def lcm_config(teacher: Model, settings: LCMSettings):
-    """The LCM's fewstep.json: its scalings, its skipped grid (T / k steps, LCMScheduler's
-    ``original_inference_steps``), sampled in 4 steps at the teacher's scale if it learned it. On the flow ODE
-    (FLUX, SD3) the teacher's own velocity adapter already is a consistency function with its boundary exactly at
-    t = 0 (x̂_0 = x_t − t·v, :mod:`fewstep.core.flow`), so the student keeps the ``flow`` parameterization, as
-    ``FlowMatchLCMScheduler`` reads it; it takes the scale as an input only where its backbone embeds one (FLUX)."""
+    """The LCM's fewstep.json: its space's consistency parameterization (LCM's scalings on the discrete VP space; on
+    the flow ODE of FLUX / SD3 the velocity adapter itself, x̂_0 = x_t − t·v, whose boundary is exactly t = 0, as
+    ``FlowMatchLCMScheduler`` reads it: :mod:`fewstep.core.flow`), its skipped grid (T / k steps, LCMScheduler's
+    ``original_inference_steps``), sampled in 4 steps at the teacher's scale if it learned it. A student whose backbone
+    has no guidance input (SD3's: :func:`fewstep.nets.guided.student_takes_guidance`) distils one scale and is sampled
+    at 1."""
     lo, hi = settings.guidance_min, settings.guidance_max
     s = teacher.config.default_guidance_scale
-    if teacher.config.param.space.name == "flow":
-        guided = getattr(raw_backbone(teacher.net).config, "guidance_embeds", None) is not None   # FLUX's embedding
-        return teacher.replace_config(
-            kind="consistency", default_sampler="consistency", default_steps=4,
-            default_guidance_scale=(s if lo <= s <= hi else (lo + hi) / 2) if guided else 1.0,
-            guidance_range=[lo, hi] if guided else [], sampling_sigmas={}, serves_steps=[])
+    guided = student_takes_guidance(teacher.backbone)
     return teacher.replace_config(
-        kind="consistency", parameterization="lcm", default_sampler="consistency", default_steps=4,
-        default_guidance_scale=s if lo <= s <= hi else (lo + hi) / 2, guidance_range=[lo, hi],
-        embedding_dim=settings.cond_proj_dim, sampling_sigmas={}, serves_steps=[],
-        original_inference_steps=teacher.schedule.num_train_timesteps // settings.skip,
+        kind="consistency", parameterization=teacher.config.param.space.consistency, default_sampler="consistency",
+        default_steps=4, default_guidance_scale=(s if lo <= s <= hi else (lo + hi) / 2) if guided else 1.0,
+        guidance_range=[lo, hi] if guided else [], embedding_dim=settings.cond_proj_dim, sampling_sigmas={},
+        serves_steps=[], original_inference_steps=teacher.schedule.num_train_timesteps // settings.skip,
         timestep_scaling=settings.timestep_scaling)
 
 
@@ -187,7 +183,7 @@ def distill_lcm(teacher: Model, data: ImageData, out: str | Path, config: TrainC
         distil = settings.method != "lcf"           # lcd, tcd: a w-conditioned copy of the teacher; lcf: the LCM itself
         unet = (guidance_conditioned(teacher.backbone, settings.cond_proj_dim) if distil
                 else copy.deepcopy(teacher.net)).float().requires_grad_(True)  # fp32 under a bf16/fp16 teacher
-        if distil and not teacher.derive(net=unet).takes_guidance:   # SD3: no guidance input; one scale distilled
+        if distil and not student_takes_guidance(teacher.backbone):   # SD3: no guidance input; one scale distilled
             teacher_fn = with_scales(per_sample_cfg(teacher.denoiser, null), lo, hi)
         else:
             teacher_fn = per_sample_cfg(teacher.denoiser, null) if distil else None

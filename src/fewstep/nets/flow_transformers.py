@@ -226,6 +226,12 @@ def build_sd3_transformer(cfg: TinyFlowConfig, latent_channels: int, latent_size
                                  pooled_projection_dim=2 * cfg.text_width, pos_embed_max_size=latent_size)
 
 
+def student_has_guidance(transformer: nn.Module) -> bool:
+    """Whether :func:`flow_student` of ``transformer`` takes the guidance scale (FLUX's guidance embedding; SD3 has
+    none)."""
+    return type(transformer).__name__ == "FluxTransformer2DModel"
+
+
 def flow_student(transformer: nn.Module) -> nn.Module:
     """The LCD student of a flow transformer, starting as the teacher's conditional velocity: a FLUX transformer
     gets FLUX.1-dev's guidance input (rebuilt from its config with ``guidance_embeds``, the teacher's weights
@@ -234,7 +240,7 @@ def flow_student(transformer: nn.Module) -> nn.Module:
     transformer has no such input, so its student is a copy that distils one guidance scale."""
     import copy
 
-    if type(transformer).__name__ != "FluxTransformer2DModel" or transformer.config.guidance_embeds:
+    if not student_has_guidance(transformer) or transformer.config.guidance_embeds:
         return copy.deepcopy(transformer)
     student = type(transformer).from_config({**transformer.config, "guidance_embeds": True})
     missing, unexpected = student.load_state_dict(transformer.state_dict(), strict=False)

@@ -111,6 +111,14 @@ def w_conditioned_unet(teacher_unet: nn.Module, embedding_dim: int = 256) -> nn.
     return unet
 
 
+def student_takes_guidance(backbone: nn.Module) -> bool:
+    """Whether :func:`guidance_conditioned`'s student of ``backbone`` takes the guidance scale as an input: a UNet's
+    does (ψ(w)), a FLUX transformer's too (its guidance embedding); an SD3 transformer has no place for one."""
+    from .flow_transformers import FLOW_BACKBONES, student_has_guidance
+
+    return student_has_guidance(backbone) if type(backbone).__name__ in FLOW_BACKBONES else True
+
+
 def guidance_conditioned(unet: nn.Module, embedding_dim: int = 256) -> nn.Module:
     """A copy of a teacher's UNet that takes the guidance scale, starting as the teacher's conditional
     denoiser: a ``UNet2DConditionModel`` rebuilt with its native ψ(w) input (:func:`w_conditioned_unet`),
