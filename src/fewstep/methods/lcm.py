@@ -35,6 +35,7 @@ from torch import nn
 from ..core.guidance import per_sample_cfg, sample_guidance_scales
 from ..errors import FewstepError
 from ..models.data import ImageData
+from ..models.flow_pipelines import FAMILIES
 from ..models.folders import save_model
 from ..models.handle import Model, raw_backbone
 from ..models.loras import save_lora
@@ -266,9 +267,9 @@ def _save_lcm_lora(out, unet, teacher: Model, data: ImageData, settings: LCMSett
     cls, sched = teacher.diffusers_pipeline, family.scheduler
     flow = teacher.config.param.space.name == "flow"
     if flow:          # FLUX / SD3: x̂_0 = x_t − t·v re-noised along the flow, on the pipeline's own grid
-        sched, grid = "FlowMatchLCMScheduler", ""
-        call = f", max_sequence_length={teacher.conditioner.lengths[-1]}" + ("" if cls == "FluxPipeline" else
-                                                                              ", guidance_scale=1.0")
+        sched, grid = teacher.config.param.space.consistency_scheduler, ""
+        call = (f", max_sequence_length={teacher.conditioner.lengths[-1]}, "
+                f"{FAMILIES[teacher.parts['family']].guidance_args(1.0)}")
     else:
         grid, call = f", original_inference_steps={original_steps}", f", guidance_scale=1.0{family.call_args}"
     info = {"kind": family.lora, "base": str(teacher.path), "dataset": data.name, "rank": settings.lora_rank,

@@ -120,9 +120,11 @@ def _sdxl_embed(time_ids_row: Tensor):
 
 
 def _flow_embed(family):
-    """FLUX: (CLIP, T5) on (CLIP ids, T5 ids); SD3: (CLIP-L, CLIP-G, T5) on (CLIP ids twice, T5 ids)."""
+    """The family's text embedding on (CLIP ids, T5 ids): each encoder reads its tokenizer's (every CLIP of the tiny
+    teachers shares one tokenizer; FLUX: CLIP, T5; SD3: CLIP-L, CLIP-G, T5)."""
     def embed(encoders: list[nn.Module], ids: list[Tensor]) -> dict[str, Tensor]:
-        hidden, pooled = family.embed(encoders, ids if len(encoders) == 2 else [ids[0], ids[0], ids[1]])
+        hidden, pooled = family.embed(encoders, [ids[1] if e[2] == "T5EncoderModel" else ids[0]
+                                                 for e in family.encoders])
         return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
     return embed
 
@@ -219,22 +221,15 @@ def train_flow_teacher(data: ImageData, out: str | Path, config: TrainConfig, va
     captions dropped to the empty prompt at ``caption_dropout`` for classifier-free guidance (FLUX's "true CFG").
     Saved in diffusers' layout: ``FluxPipeline`` / ``StableDiffusion3Pipeline.from_pretrained`` run it."""
     from ..core.flow import FlowDenoiser, FlowSchedule
-    from ..models.flow_pipelines import FAMILIES, new_flow_pipeline
-    from ..nets.flow_transformers import (
-        build_flux_transformer,
-        build_sd3_transformer,
-        build_t5,
-        build_t5_tokenizer,
-        flow_backbone,
-    )
+    from ..models.flow_pipelines import FAMILY_NAMED, new_flow_pipeline
+    from ..nets.flow_transformers import build_t5_tokenizer, flow_backbone
 
-    names = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
-    if family not in names:
-        raise FewstepError(f"unknown flow family {family!r}; choose flux or sd3")
+    if family not in FAMILY_NAMED:
+        raise FewstepError(f"unknown flow family {family!r}; choose {' or '.join(FAMILY_NAMED)}")
     if data.captions is None:
         raise FewstepError(f"{data.name} has no captions; a text-to-image teacher needs a captioned data set")
-    spec, sizes = FAMILIES[names[family]], sizes or TinyFlowConfig(image_size=data.image_size)
-    shift = shift if shift is not None else (1.0 if family == "flux" else 3.0)
+    spec, sizes = FAMILY_NAMED[family], sizes or TinyFlowConfig(image_size=data.image_size)
+    shift = shift if shift is not None else spec.default_shift
     torch.manual_seed(config.seed)
     vae = shifted_vae(vae, data)
     clip_tok = build_tokenizer(data.captions, sizes.vocab_size, sizes.max_length)
@@ -247,12 +242,8 @@ def train_flow_teacher(data: ImageData, out: str | Path, config: TrainConfig, va
         return {"images": (z - vae.config.shift_factor) * vae.config.scaling_factor,
                 "input_ids": padded_ids(clip_tok, d.captions), "input_ids_2": padded_ids(t5_tok, d.captions)}
     tensors = prepared(data, latents_and_ids)
-    channels, side = vae.config.latent_channels, data.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
-    projection = sizes.text_width if family == "sd3" else None
-    encoders = [build_text_encoder(sizes, clip_tok, projection_dim=projection)
-                for _ in range(1 if family == "flux" else 2)] + [build_t5(sizes, t5_tok)]
-    transformer = (build_flux_transformer(sizes, channels) if family == "flux" else
-                   build_sd3_transformer(sizes, channels, side))
+    side = data.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    encoders, transformer = spec.tiny(sizes, clip_tok, t5_tok, vae.config.latent_channels, side)
     schedule_config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}
     schedule = FlowSchedule(shift=shift, base_grid=spec.base_grid)
     model = TextDenoiser(encoders, FlowDenoiser(flow_backbone(transformer), schedule), _flow_embed(spec))
@@ -275,12 +266,11 @@ def train_flow_teacher(data: ImageData, out: str | Path, config: TrainConfig, va
     tokenizers = {e[1]: (t5_tok if e[2] == "T5EncoderModel" else clip_tok) for e in spec.encoders}
     pipeline = new_flow_pipeline(model_config, spec, raw_backbone(ema.denoiser.net), vae, out, schedule_config,
                                  **trained, **tokenizers)
-    what = (f"A tiny {'FLUX.1' if family == 'flux' else 'SD3'}-format text-to-image pipeline (rectified flow, "
+    what = (f"A tiny {spec.title}-format text-to-image pipeline (rectified flow, "
             f"{spec.transformer}) trained from scratch on fewstep's `{data.name}` set ({len(data)} captioned images, "
             f"{data.image_size}×{data.image_size}), {parameters(transformer) / 1e6:.2f}M transformer parameters.")
-    cfg_arg = "true_cfg_scale=3.0, negative_prompt=''" if family == "flux" else "guidance_scale=3.0"
     usage = (f"```python\nfrom diffusers import {spec.pipeline}\npipe = {spec.pipeline}.from_pretrained('{out}')\n"
-             f"image = pipe('grinning face', num_inference_steps=28, {cfg_arg}, height={data.image_size}, "
+             f"image = pipe('grinning face', num_inference_steps=28, {spec.guidance_args(3.0)}, height={data.image_size}, "
              f"width={data.image_size}, max_sequence_length={sizes.max_length}).images[0]\n```\n\n"
              f"(`max_sequence_length`: its T5 was trained on {sizes.max_length} tokens.)")
     return save_model(out, pipeline, readme(Path(out).name, what, usage, command))

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from ..errors import FewstepError
-from ..nets.flow_transformers import AbsentT5, flux_embeddings, sd3_embeddings
+from ..nets.flow_transformers import AbsentT5, flux_embeddings, sd3_embeddings, tiny_flux, tiny_sd3
 from .codecs import VAECodec
 from .conditioners import PooledTextConditioner
 from .config import ModelConfig, scheduler_fields
@@ -43,6 +43,15 @@ class FlowFamily:
     embed: Callable                                 # (encoders, ids) -> (text tokens, pooled)
     base_grid: str                                  # FlowSchedule.base_grid: how the pipeline hands out its times
     max_sequence_length: int                        # the pipeline's default T5 length
+    name: str                                       # `train-teacher --family` NAME, and what READMEs call it
+    title: str
+    packed: bool                                    # 2×2 latents per token (FLUX), or patchified inside (SD3)
+    pooled_width: str                               # the CLIP config field the pooled vector's width is
+    cfg_argument: str                               # the pipeline call's guidance scale (FLUX's "true CFG")
+    cfg_negative: bool                              # ... which needs a negative prompt to run CFG at all (FLUX)
+    default_shift: float                            # the tiny teacher's scheduler shift (FLUX.1-schnell's, SD3's)
+    tiny: Callable                                  # (sizes, clip tok, T5 tok, latent channels, size) -> (encoders,
+                                                    # transformer): the tiny teacher's untrained parts
     optional: tuple[str, ...] = ()                  # encoders the pipeline runs without (SD3's T5)
 
     @property
@@ -52,21 +61,29 @@ class FlowFamily:
     def latent_channels(self, transformer_config) -> int:
         """Channels of the VAE latents the transformer denoises (FLUX packs 2×2 of them into one token)."""
         channels = transformer_config["in_channels"]
-        return channels // 4 if self.pipeline == "FluxPipeline" else channels
+        return channels // 4 if self.packed else channels
+
+    def guidance_args(self, scale: float) -> str:
+        """The pipeline call's classifier-free guidance at ``scale`` (1 = none), as a README shows it."""
+        negative = ", negative_prompt=''" if self.cfg_negative and scale != 1 else ""
+        return f"{self.cfg_argument}={scale:g}{negative}"
 
 
 FAMILIES: dict[str, FlowFamily] = {
     "FluxPipeline": FlowFamily("FluxPipeline", "FluxTransformer2DModel",
                                (("text_encoder", "tokenizer", "CLIPTextModel"),
                                 ("text_encoder_2", "tokenizer_2", "T5EncoderModel")),
-                               flux_embeddings, "flux", 512),
+                               flux_embeddings, "flux", 512, "flux", "FLUX.1", True, "hidden_size", "true_cfg_scale",
+                               True, 1.0, tiny_flux),
     "StableDiffusion3Pipeline": FlowFamily("StableDiffusion3Pipeline", "SD3Transformer2DModel",
                                            (("text_encoder", "tokenizer", "CLIPTextModelWithProjection"),
                                             ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
                                             ("text_encoder_3", "tokenizer_3", "T5EncoderModel")),
-                                           sd3_embeddings, "scheduler", 256, optional=("text_encoder_3",)),
+                                           sd3_embeddings, "scheduler", 256, "sd3", "SD3", False, "projection_dim",
+                                           "guidance_scale", False, 3.0, tiny_sd3, optional=("text_encoder_3",)),
 }
 FAMILY_OF_TRANSFORMER = {f.transformer: f for f in FAMILIES.values()}
+FAMILY_NAMED = {f.name: f for f in FAMILIES.values()}
 
 UNSUPPORTED = {   # pipelines of these families that need more than a prompt: what they are, for the refusal
     "FluxFillPipeline": "FLUX Fill (inpainting with a mask input)", "FluxPriorReduxPipeline": "FLUX Redux",
@@ -133,7 +150,7 @@ def check_flow_parts_fit(folder: Path, family: FlowFamily) -> None:
     if t5 is not None and t5 != transformer.get("joint_attention_dim"):
         raise FewstepError(f"{folder}: the T5 encoder's width {t5} is not the transformer's joint_attention_dim "
                            f"{transformer.get('joint_attention_dim')}; the parts do not belong together")
-    pooled = sum(widths[e[0]].get("projection_dim" if family.pipeline != "FluxPipeline" else "hidden_size", 0)
+    pooled = sum(widths[e[0]].get(family.pooled_width, 0)
                  for e in family.encoders if e[2].startswith("CLIP") and e[0] in widths)
     if pooled != transformer.get("pooled_projection_dim"):
         raise FewstepError(f"{folder}: the CLIP encoders' pooled width {pooled} is not the transformer's "

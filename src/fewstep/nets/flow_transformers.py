@@ -251,3 +251,19 @@ def flow_student(transformer: nn.Module) -> nn.Module:
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
     return student.to(transformer.dtype)
+
+
+def tiny_flux(cfg: TinyFlowConfig, clip_tokenizer, t5_tokenizer, latent_channels: int, latent_size: int):
+    """The tiny FLUX-format teacher's text encoders (CLIP, T5) and transformer, untrained."""
+    from .unets import build_text_encoder
+
+    return ([build_text_encoder(cfg, clip_tokenizer), build_t5(cfg, t5_tokenizer)],
+            build_flux_transformer(cfg, latent_channels))
+
+
+def tiny_sd3(cfg: TinyFlowConfig, clip_tokenizer, t5_tokenizer, latent_channels: int, latent_size: int):
+    """The tiny SD3-format teacher's text encoders (CLIP-L- and CLIP-G-shaped, both projecting; T5) and transformer."""
+    from .unets import build_text_encoder
+
+    clips = [build_text_encoder(cfg, clip_tokenizer, projection_dim=cfg.text_width) for _ in range(2)]
+    return clips + [build_t5(cfg, t5_tokenizer)], build_sd3_transformer(cfg, latent_channels, latent_size)
