@@ -88,29 +88,13 @@ def add_export_parser(lora_sub) -> None:
 
 def run_export(args: argparse.Namespace) -> None:
     """A LoRA in another tool's layout (:func:`fewstep.models.lora_export.export_lora`)."""
-    from ..models.lora_export import export_lora
+    from ..models.lora_export import export_lora, readers
     from ..models.loras import lora_info
 
     out = export_lora(args.lora, args.format, args.out, overwrite=args.overwrite, base=args.base)
     info = lora_info(out if out.is_file() else out / "adapter_model.safetensors")
     kind = info.get("kind", "LoRA")
-    use = {"kohya": ("ComfyUI and kohya's tools load it, and fewstep's --lora; diffusers reads FLUX kohya files of "
-                     "FLUX.1's sizes only, and no SD3 kohya file" if args.format == "kohya" and _flow_kohya(out)
-                     else "AUTOMATIC1111, ComfyUI, kohya's tools and diffusers load it"),
-           "diffusers": "pipe.load_lora_weights reads it", "peft": "peft's PeftModel loads it"}[args.format]
-    print(f"wrote the {kind} {args.lora} in {args.format}'s layout to {out} ({use})")
-
-
-def _flow_kohya(file: Path) -> bool:
-    """The file holds FLUX / SD3 kohya keys (sd-scripts' original transformer names)."""
-    from safetensors import safe_open
-
-    from ..models.flow_keys import is_kohya_original
-
-    if not file.is_file():
-        return False
-    with safe_open(str(file), "pt") as f:
-        return is_kohya_original(f.keys())
+    print(f"wrote the {kind} {args.lora} in {args.format}'s layout to {out} ({readers(out, args.format)})")
 
 
 def run_merge(args: argparse.Namespace) -> None:

@@ -243,3 +243,20 @@ def peft_config(ranks: dict[str, int], alpha: float | None, base: str | None):
     alpha_pattern = {} if alpha is not None else dict(rank_pattern)
     return LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=sorted(modules), rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern, base_model_name_or_path=base)
+
+
+def readers(out: Path, layout: str) -> str:
+    """Who reads an export of ``layout`` at ``out``, as ``lora export`` tells the user: a FLUX / SD3 kohya file
+    (sd-scripts' original transformer names) is not read by diffusers at other than FLUX.1's sizes, nor at all for
+    SD3 (:mod:`fewstep.models.lora_layouts`)."""
+    if layout == "kohya":
+        from safetensors import safe_open
+
+        from .flow_keys import is_kohya_original
+
+        with safe_open(str(out), "pt") as f:
+            flow = is_kohya_original(f.keys())
+        return ("ComfyUI and kohya's tools load it, and fewstep's --lora; diffusers reads FLUX kohya files of FLUX.1's "
+                "sizes only, and no SD3 kohya file" if flow else "AUTOMATIC1111, ComfyUI, kohya's tools and diffusers "
+                "load it")
+    return {"diffusers": "pipe.load_lora_weights reads it", "peft": "peft's PeftModel loads it"}[layout]
