@@ -183,9 +183,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--limit-gb", type=float, default=19.0, help="kill a run whose memory passes this, in GiB (default 19 of the 23 here)")
     p.add_argument("--only", nargs="*", help="substrings of the run names to do (default all)")
+    p.add_argument("--no-runs", action="store_true",
+                   help="run nothing: rewrite full_size.json's list of planned runs (its rows and command stay)")
     args = p.parse_args()
     picked = [(n, f, runs is RUNS_SDXL) for runs in (RUNS, RUNS_SDXL) for n, f in runs.items()
-              if not args.only or any(s in n for s in args.only)]
+              if not args.no_runs and (not args.only or any(s in n for s in args.only))]
     data, rows, params = data_folder(args.work / "data"), [], {}
     for name, flags, xl in picked:
         arch = "sdxl" if xl else "sd15"
@@ -199,11 +201,16 @@ def main() -> None:
     rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     params = {**old.get("parameters", {"sd15": old.get("unet_parameters")}), **params}
     old.pop("unet_parameters", None)
+    old.pop("conclusion", None)      # the section's conclusion is computed from the rows (fewstep.bench.memory)
     # with --only the rows come from several invocations: the command names the pattern, each row its date and threads (killed_at_gb: the limit it passed)
     command = f"python bench/full_size.py --work {args.work} --steps {args.steps}" + (
         " --only NAME (one invocation per row)" if args.only else "")
-    OUT.write_text(json.dumps({**old, "command": command, "parameters": params,
-                               "date": time.strftime("%Y-%m-%d"), "runs": rows}, indent=1) + "\n")
+    if args.no_runs:
+        command, today = old.get("command", command), old.get("date", time.strftime("%Y-%m-%d"))
+    else:
+        today = time.strftime("%Y-%m-%d")
+    OUT.write_text(json.dumps({**old, "command": command, "parameters": params, "date": today, "planned": order,
+                               "runs": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

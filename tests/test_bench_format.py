@@ -37,11 +37,13 @@ def test_skip_claim_compares_the_runs_that_differ_in_k_alone(tmp_path):
     assert "1.100" in ours and "1.800" in ours and holds == "holds"
 
 
-def test_act_claim_names_the_batch_and_gan_weight_the_model_was_trained_with():
-    costs = {"costs": {"emoji-pixel-act-b32": {"method": "act", "batch": 32, "gan_weight": 0.02}}}
-    assert _act_label(costs, "emoji-pixel-act-b32") == "ACT b32 (λ 0.02)"
-    costs["costs"]["emoji-pixel-act-b32"].pop("gan_weight")   # a bench.json from before λ was recorded
-    assert _act_label(costs, "emoji-pixel-act-b32") == "ACT b32"
+def test_act_claim_names_the_method_batch_and_gan_weight_the_models_were_trained_with():
+    costs = {"costs": {"emoji-pixel-act": {"method": "act", "batch": 128, "gan_weight": 0.3},
+                       "emoji-pixel-ct-features": {"method": "ct", "batch": 64, "gan_weight": None}}}
+    assert _act_label(costs, "emoji-pixel-act") == "ACT b128 (λ 0.3)"
+    assert _act_label(costs, "emoji-pixel-ct-features") == "CT b64"
+    costs["costs"]["emoji-pixel-act"].pop("gan_weight")   # a bench.json from before λ was recorded
+    assert _act_label(costs, "emoji-pixel-act") == "ACT b128"
 
 
 def test_a_table_target_is_met_or_missed_only_beyond_the_ratio_spread():

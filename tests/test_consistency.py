@@ -1,5 +1,6 @@
 """Consistency distillation / training: curricula against the papers' formulas, the CD loss against
-the exact PF-ODE of a finite data set, shared dropout, exact resume of the objective state, ACT."""
+the exact PF-ODE of a finite data set, shared dropout, exact resume of the objective state (ACT's included;
+ACT's own behaviour is tests/test_act.py)."""
 
 import math
 
@@ -158,17 +159,6 @@ def test_resumed_run_equals_uninterrupted(tmp_path, method):
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
 
 
-def test_act_discriminator_step_with_r1_is_finite():
-    model, loss, data = _setup("act")
-    batch = {k: v[:8] for k, v in data.items()}
-    value, logs = loss(model, batch)
-    value.backward()
-    loss.after_step(model, 2)                                # step 2: an R1 step
-    assert {"loss_ct", "loss_g"} <= logs.keys() and "r1" in loss._d_logs and math.isfinite(loss._d_logs["r1"])
-    out = loss.discriminator(batch["images"], torch.full((8,), 0.5), class_labels=batch["labels"])
-    assert out.shape == (8,)
-
-
 def test_diff_augment_is_identity_at_zero_and_keeps_shape():
     x = torch.randn(5, 3, 16, 16)
     assert torch.equal(diff_augment(x, 0.0), x)
@@ -201,31 +191,3 @@ def test_ict_trains_with_the_papers_pseudo_huber_by_default(tmp_path, method, gi
             "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w"), "--no-progress"]
     assert main(argv + (["--distance", given] if given else [])) == 0
     assert load_model(tmp_path / "m").config.training["config"]["extra"]["distance"] == expected
-
-
-class _LinearDiscriminator(torch.nn.Module):
-    """D(x, σ) = ⟨w, x⟩: ∇_x D = w for every input, so R1 = γ/2·‖w‖² exactly."""
-
-    def __init__(self, shape) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
-
-    def forward(self, x, sigma, **cond):
-        return (x * self.w).flatten(1).sum(1)
-
-
-def test_act_r1_is_the_closed_form_on_a_linear_discriminator_every_interval_steps():
-    """ACT's lazy R1 (Mescheder et al. 2018 eq. 9, StyleGAN2's lazy form): γ/2·E‖∇_x D(x)‖², times the interval, on the
-    steps that are multiples of it, and absent on the others."""
-    disc = _LinearDiscriminator((1, 8, 8))
-    ct = ConsistencyLoss(EDMSchedule(), Curriculum.for_method("ct", 4), l2)
-    act = AdversarialConsistencyLoss(ct, disc, r1_gamma=10.0, r1_interval=4)
-    model = EDMDenoiser(tiny_unet(), scalings=cm_scalings)
-    x = torch.rand(5, 1, 8, 8)
-    for step, expect_r1 in ((3, False), (4, True)):
-        w = disc.w.detach().clone()                  # the step's R1 is at D's weights before its Adam update
-        act._last = {"real": x, "fake": x.flip(0), "sigma": torch.ones(5), "cond": {}}
-        act.after_step(model, step)
-        assert ("r1" in act._d_logs) == expect_r1
-    expected = 10.0 / 2 * w.square().sum().item() * 4
-    assert act._d_logs["r1"] == pytest.approx(expected, rel=1e-5)

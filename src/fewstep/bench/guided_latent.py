@@ -31,7 +31,7 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
     optional = {n: load_model(models_dir / n) for n in (EMOJI_PROGRESSIVE, EMOJI_LCM) if (models_dir / n).is_dir()}
     ruler = ruler_for(teacher, models_dir)
     s, num, seed = teacher.config.default_guidance_scale, settings.num, settings.seed
-    out: dict = {"command": command, "guidance_scale": s, "num": num, "quality": {}, "sweep": {},
+    out: dict = {"command": command, "features": ruler.name, "guidance_scale": s, "num": num, "quality": {}, "sweep": {},
                  "training": guided.config.training}
     reused = [r for r in (teacher_rows or {}).get("dpmpp-2m", []) if r["steps"] in LATENT_STEPS]
     out["quality"][f"{EMOJI_TEACHER}/dpmpp-2m"] = (reused if len(reused) == len(LATENT_STEPS) and

@@ -38,7 +38,7 @@ def measure(models_dir: Path, settings, command: str = "") -> dict:
     ruler = ruler_for(teacher, models_dir)
     s = lcm.config.default_guidance_scale
     num, seed = settings.num, settings.seed
-    out: dict = {"command": command, "guidance_scale": s, "num": num, "quality": {}, "teacher_training": teacher.config.training,
+    out: dict = {"command": command, "features": ruler.name, "guidance_scale": s, "num": num, "quality": {}, "teacher_training": teacher.config.training,
                  "lcm_training": lcm.config.training}
     for sampler in ("ddim", "dpmpp-2m"):
         out["quality"][f"{TEACHER}/{sampler}"] = quality_rows(teacher, ruler, TEACHER_STEPS, sampler, s, num, seed)

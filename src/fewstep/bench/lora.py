@@ -40,7 +40,7 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
     ruler = ruler_for(base, models_dir)
     s = 1.0                                          # LCM-LoRA is used at guidance 1–2; its teacher at its default
     s_teacher = base.config.default_guidance_scale
-    out: dict = {"command": command, "num": num, "quality": {}, "style": {}, "guidance_scale": s,
+    out: dict = {"command": command, "features": ruler.name, "num": num, "quality": {}, "style": {}, "guidance_scale": s,
                  "teacher_guidance_scale": s_teacher, "lcm_lora": lora_info(models_dir / LCM_LORA),
                  "style_lora": lora_info(models_dir / STYLE)}
 

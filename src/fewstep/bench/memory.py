@@ -33,8 +33,29 @@ def section(results: Path) -> list[str]:
         note = r.get("note") or (_refusal(r.get("log_tail", "")) if not r["fits"] else "")
         threads = r.get("threads", f.get("threads", "–"))   # files from before rows had their own: the file's
         lines.append(f"| {ARCH[r.get('arch', 'sd15')]} | `{r['name']}` | {peak} | {fits} | {step} | {threads} | {ckpt} | {note} |")
-    lines += ["", f["conclusion"]] if f.get("conclusion") else []
+    lines += ["", conclusion(f)]
     return lines + ["", "Commands: `" + "`; `".join(r["command"] for r in f["runs"]) + "`."] + flow_section(results)
+
+
+def conclusion(f: dict) -> str:
+    """What the rows say, per architecture: which runs fit (peak, s/step), which do not (killed where, or refused
+    at start), and which runs ``bench/full_size.py`` plans that have no row (not measured here)."""
+    parts = []
+    for arch in dict.fromkeys(r.get("arch", "sd15") for r in f["runs"]):
+        rows = [r for r in f["runs"] if r.get("arch", "sd15") == arch]
+        fit = [f"`{r['name']}` (peak {r['peak_gb']:.1f} GiB" + (f", {r['seconds_per_step']:.0f} s/step)"
+                                                                 if r.get("seconds_per_step") else ")")
+               for r in rows if r["fits"]]
+        unfit = [f"`{r['name']}` (" + (f"killed past {r['killed_at_gb']:g} GiB)" if r.get("killed_at_gb") else
+                                       "refused at start)" if r.get("returncode") == 2 else f"exit {r.get('returncode')})")
+                 for r in rows if not r["fits"]]
+        parts.append(f"{ARCH[arch]}: fits — {', '.join(fit) or 'none'}; does not fit in this machine's memory — "
+                     f"{', '.join(unfit) or 'none'}.")
+    missing = [n for n in f.get("planned", []) if n not in {r["name"] for r in f["runs"]}]
+    if missing:
+        parts.append("Not measured here (planned by `bench/full_size.py`, no row yet; the bf16 runs need a GPU: this "
+                     "CPU has no native bf16 convolutions): " + ", ".join(f"`{n}`" for n in missing) + ".")
+    return "Computed from the rows above. " + " ".join(parts)
 
 
 def _refusal(log: str) -> str:

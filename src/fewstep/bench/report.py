@@ -10,7 +10,23 @@ from pathlib import Path
 import torch
 
 from ..io.atomic import write_text
-from . import claims, ect, flow, guided, guided_latent, latent, lora, memory, pixel, sdxl, serve, tcd, testbed
+from . import (
+    claims,
+    ect,
+    flow,
+    guided,
+    guided_latent,
+    latent,
+    lora,
+    memory,
+    pixel,
+    quality_check,
+    ruler,
+    sdxl,
+    serve,
+    tcd,
+    testbed,
+)
 from .results import BenchReport
 
 
@@ -22,8 +38,9 @@ def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
         "# Benchmarks", "",
         f"Written by `{report.command}` on {report.date}, on {report.machine}. "
         f"{s['num']} samples per point (labels cycling through the classes, seed {s['seed']}), scored against the "
-        f"whole data set with the shipped classifier's features (FID/KID/precision/recall) and its predictions "
-        f"(conditional accuracy). Timings: batch {s['timing_batch']}, median of {s['timing_repeats']} runs, in the "
+        f"whole data set with the shipped classifier's predictions (conditional accuracy) and, for FID/KID/precision/"
+        f"recall, the features of the data set's feature network where it has one (`emoji-features`, \"The ruler\"), "
+        f"of the classifier otherwise (digits). {_older_ruler(report)}Timings: batch {s['timing_batch']}, median of {s['timing_repeats']} runs, in the "
         "same process." + (f" The digits quality and editing rows were measured again, with spreads, by "
                            f"`{report.remeasured['command']}` on {report.remeasured['date']} (the timings are the "
                            "first command's)." if report.remeasured else ""), ""]
@@ -33,9 +50,25 @@ def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
     lines += latent.section(report, out_dir) + lora.section(report, out_dir) + tcd.section(report, out_dir)
     lines += pixel.speedup_section(report)
     lines += sdxl.section(report) + flow.section(report) + memory.section(out_dir) + serve.section(report)
-    lines += testbed.section(report) + ect.section(out_dir) + pixel.heun_section(out_dir)
-    lines += claims.section(report, out_dir)
+    lines += ruler.section(report) + testbed.section(report) + ect.section(out_dir) + pixel.heun_section(out_dir)
+    lines += claims.section(report, out_dir) + quality_check.section(report)
     write_text(path, "\n".join(lines) + "\n")
+
+
+EMOJI_SECTIONS = {"latent": "LCM", "lora": "LCM-LoRA", "tcd": "TCD", "guided_latent": "guided (latent)",
+                  "sdxl": "SDXL", "flow": "flow-matching", "serve": "real time", "emoji_pixel": "emoji pixel testbed"}
+
+
+def _older_ruler(report: BenchReport) -> str:
+    """The emoji sections whose rows were scored before the feature network, on the group classifier's features
+    (a section records the network that gave its features under "features")."""
+    old = [title for key, title in EMOJI_SECTIONS.items()
+           if getattr(report, key, None) and getattr(report, key).get("features", "emoji-classifier") == "emoji-classifier"]
+    if not old:
+        return ""
+    return (f"The emoji rows of the {', '.join(old)} section{'s' * (len(old) > 1)} were scored before `emoji-features` "
+            "existed, on the 9-group classifier's features (its FID is on another scale: compare within a section "
+            "only). ")
 
 
 def plots(report: BenchReport, out_dir: Path) -> None:

@@ -41,6 +41,8 @@ class BenchReport:
     guided_latent: dict = field(default_factory=dict)               # bench.guided_latent: stage 1 on emoji-sd
     latent: dict = field(default_factory=dict)                      # bench.latent: Luo et al. 2023
     lora: dict = field(default_factory=dict)                        # bench.lora: Luo et al. 2023b
+    ruler: dict = field(default_factory=dict)                       # bench.ruler: the emoji ruler checked on itself
+    quality_check: dict = field(default_factory=dict)               # bench.quality_check: CI's reference rows
     emoji_pixel: dict = field(default_factory=dict)                 # bench.testbed: the emoji pixel testbed
     serve: dict = field(default_factory=dict)                       # bench.serve: fewstep serve, the tiny VAE
     sdxl: dict = field(default_factory=dict)                        # bench.sdxl: the SDXL-format teacher, LCM-LoRA

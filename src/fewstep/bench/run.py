@@ -11,10 +11,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import FewstepError
-from ..eval.evaluate import ruler_for
+from ..eval.evaluate import dataset_ruler_name, ruler_for
 from ..io.atomic import write_text
 from ..models.folders import load_model
-from . import flow, guided, guided_latent, latent, lora, pixel, sdxl, serve, tcd, testbed
+from . import flow, guided, guided_latent, latent, lora, pixel, quality_check, sdxl, serve, tcd, testbed
+from . import ruler as ruler_check
 from .report import machine, plots, write_markdown
 from .results import BenchReport, BenchSettings, load_report
 
@@ -28,13 +29,15 @@ def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command:
     teacher, ruler, distilled = _measure_digits(report, models_dir, settings)
     report.guided = guided.measure(models_dir, teacher, ruler, settings, report.quality)
     report.latent = latent.measure(models_dir, settings, command)
-    report.lora = lora.measure(models_dir, settings, command, teacher_rows(report.latent))
-    report.tcd = tcd.measure(models_dir, settings, command, teacher_rows(report.latent))
-    report.guided_latent = guided_latent.measure(models_dir, settings, command, teacher_rows(report.latent))
+    report.lora = lora.measure(models_dir, settings, command, teacher_rows(report.latent, models_dir))
+    report.tcd = tcd.measure(models_dir, settings, command, teacher_rows(report.latent, models_dir))
+    report.guided_latent = guided_latent.measure(models_dir, settings, command, teacher_rows(report.latent, models_dir))
+    report.ruler = ruler_check.measure(models_dir, settings, command)
     report.emoji_pixel = testbed.measure(models_dir, settings, command, out_dir / testbed.PROGRESS)
     report.sdxl = sdxl.measure(models_dir, settings, command)
     report.flow = flow.measure(models_dir, settings, command)
-    report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent))
+    report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent, models_dir))
+    report.quality_check = quality_check.measure(models_dir, settings, command)
     report.speed = pixel.measure_speed(teacher, distilled, settings)
     report.speedup = pixel.speedups(report)
     _write(report, out_dir, markdown)
@@ -55,9 +58,12 @@ def _measure_digits(report: BenchReport, models_dir: Path, settings: BenchSettin
     return teacher, ruler, distilled
 
 
-def teacher_rows(latent_section: dict) -> dict:
+def teacher_rows(latent_section: dict, models_dir: Path) -> dict:
     """The emoji teacher's quality rows by sampler, from the latent section (so the LoRA and guided-latent
-    sections reuse them), with the sample count they were measured on under "num"."""
+    sections reuse them), with the sample count they were measured on under "num"; none when that section was
+    scored on another feature network than the emoji ruler's now."""
+    if latent_section.get("features", "emoji-classifier") != dataset_ruler_name(models_dir, "emoji"):
+        return {}
     rows = {k.split("/", 1)[1]: v for k, v in latent_section.get("quality", {}).items() if k.startswith("emoji-sd/")}
     return {**rows, "num": latent_section.get("num")} if rows else {}
 
@@ -69,7 +75,7 @@ def render_report(bench_json: Path, markdown: Path, out_dir: Path) -> None:
 
 def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
                      markdown: Path | None) -> None:
-    """``fewstep bench --only digits|guided|guided-latent|latent|lora|tcd|emoji-pixel|sdxl|flow|serve|serve-sliders``: one section measured
+    """``fewstep bench --only digits|guided|guided-latent|latent|lora|tcd|ruler|quality-check|emoji-pixel|sdxl|flow|serve|serve-sliders``: one section measured
     alone and merged into the ``--reuse`` report (its other sections, command and date stay as they were; digits
     re-measures the digits quality and editing rows, keeps the timings, and matches the speedups to them)."""
     missing = f"--only {name} merges into a previous report: give --reuse OLD/bench.json"
@@ -86,6 +92,10 @@ def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: Bench
                                        pixel.reusable_quality(settings), command)
     elif name == "latent":
         report.latent = latent.measure(models_dir, settings, command)
+    elif name == "quality-check":
+        report.quality_check = quality_check.measure(models_dir, settings, command)
+    elif name == "ruler":
+        report.ruler = ruler_check.measure(models_dir, settings, command)
     elif name == "emoji-pixel":
         report.emoji_pixel = testbed.measure(models_dir, settings, command, out_dir / testbed.PROGRESS)
     elif name == "sdxl":
@@ -93,15 +103,15 @@ def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: Bench
     elif name == "flow":
         report.flow = flow.measure(models_dir, settings, command)
     elif name == "serve":
-        report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent))
+        report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent, models_dir))
     elif name == "serve-sliders":   # the LoRA sliders' servers alone, into the serve section
         report.serve = serve.measure_sliders(models_dir, settings, command, report.serve)
     elif name == "tcd":
-        report.tcd = tcd.measure(models_dir, settings, command, teacher_rows(report.latent))
+        report.tcd = tcd.measure(models_dir, settings, command, teacher_rows(report.latent, models_dir))
     elif name == "guided-latent":
-        report.guided_latent = guided_latent.measure(models_dir, settings, command, teacher_rows(report.latent))
+        report.guided_latent = guided_latent.measure(models_dir, settings, command, teacher_rows(report.latent, models_dir))
     else:
-        report.lora = lora.measure(models_dir, settings, command, teacher_rows(report.latent))
+        report.lora = lora.measure(models_dir, settings, command, teacher_rows(report.latent, models_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     _write(report, out_dir, markdown)
 

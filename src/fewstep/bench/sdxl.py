@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..eval.evaluate import ruler_for
+from ..eval.evaluate import dataset_ruler_name, ruler_for
 from ..models.folders import load_model
 from ..models.loras import apply_loras, lora_info
 from .format import acc, fid, ratio_cell, teacher_best, verdict
@@ -31,9 +31,11 @@ def measure(models_dir: Path, settings, command: str = "", pairs=PAIRS, teacher_
     count and seed) measured keeps its rows from there."""
     if not (models_dir / pairs[0][0]).is_dir():
         return {}
-    out: dict = {"command": command, "num": settings.num, "seed": settings.seed, "quality": {}, "loras": {},
-                 "teachers": {}, "fingerprints": {}}
-    same = bool(previous) and previous.get("num") == settings.num and previous.get("seed", 0) == settings.seed
+    features = dataset_ruler_name(models_dir, "emoji")
+    out: dict = {"command": command, "num": settings.num, "seed": settings.seed, "features": features, "quality": {},
+                 "loras": {}, "teachers": {}, "fingerprints": {}}
+    same = bool(previous) and previous.get("num") == settings.num and previous.get("seed", 0) == settings.seed and \
+        previous.get("features", "emoji-classifier") == features
     for teacher_name, lora_name in pairs:
         if not (models_dir / teacher_name).is_dir():
             continue

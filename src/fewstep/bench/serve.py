@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..eval.evaluate import ruler_for
+from ..eval.evaluate import dataset_ruler_name, ruler_for
 from ..models.data import load_captioned
 from ..models.folders import load_model
 from ..models.tiny_vae import with_tiny_vae
@@ -62,7 +62,8 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
     if not all((models_dir / name).is_dir() for name in (TEACHER, LCM, TINY)):
         return {}
     threads = max(1, (os.cpu_count() or 2) // 2)
-    out = {"command": command, "threads": threads, "guidance_scale": 3.0, "steps": 4,
+    out = {"command": command, "features": dataset_ruler_name(models_dir, "emoji"), "threads": threads,
+           "guidance_scale": 3.0, "steps": 4,
            "tiny_vae": json.loads((models_dir / TINY / "fewstep.json").read_text())}
     sliders = all((models_dir / name).is_dir() for name in (LCM_LORA, STYLE_LORA))
     out.update(serving(models_dir, threads, *_duration(settings), ("serving",) + (("sliders",) if sliders else ()),

@@ -40,7 +40,7 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
     num, seed = settings.num, settings.seed
     base = load_model(models_dir / TEACHER)
     ruler = ruler_for(base, models_dir)
-    out: dict = {"command": command, "num": num, "seed": seed, "spread": SPREAD, "guidance_scale": 1.0,
+    out: dict = {"command": command, "features": ruler.name, "num": num, "seed": seed, "spread": SPREAD, "guidance_scale": 1.0,
                  "lcm_lora": lora_info(models_dir / LCM_LORA), "tcd_lora": lora_info(models_dir / TCD_LORA),
                  "quality": {}, "gamma": {}}
     lcm = apply_loras(load_model(models_dir / TEACHER), [(models_dir / LCM_LORA, 1.0)])

@@ -3,8 +3,10 @@ al. experiments — the emoji at 32×32 RGB, class-conditional on their 9 Unicod
 from saturating the ruler (the teacher's FID is ~8, its accuracy ~0.6, where digits models sit at 0.1–0.4
 and 100%).
 
-Measured with the emoji ruler (the shipped emoji classifier's features against all 3,655 emoji): the
-teacher with each solver at 1 … 25 steps, every student beside it (consistency models at 1, 2, 4 steps;
+Measured with the emoji ruler (FID/KID/precision/recall on the emoji feature network's features against all
+3,655 emoji, accuracy with the group classifier; the section records which network gave the features): the
+teacher with each solver at 1 … 25 steps without guidance and at its default s = 2, and with DPM-Solver++ at each
+guidance scale of :data:`TEACHER_GUIDANCE` (so "the teacher's best" ranges over guidance too), every student beside it (consistency models at 1, 2, 4 steps;
 the guided student at 4, 8, 25; the progressive students at the steps they serve; another teacher of the testbed,
 such as the flow-matching ``emoji-pixel-flow``, with its own sampler and DPM-Solver++, its students also against its
 own best), zero-shot editing
@@ -33,6 +35,13 @@ from .results import folder_digest, load_report, reusable_rows
 TEACHER = "emoji-pixel-teacher"
 PROGRESS = "emoji_pixel.progress.json"   # the rows measured so far, beside bench.json
 TEACHER_STEPS = {"dpmpp-2m": (1, 2, 4, 8, 16, 25), "heun": (2, 4, 8, 13), "euler": (4, 8, 25)}
+TEACHER_GUIDANCE = (1.0, 1.5, 2.0, 3.0)     # s = 1: no guidance; "the teacher's best" ranges over all of them
+EVERY_SAMPLER_AT = (1.0, 2.0)               # every sampler at no guidance and the default; DPM-Solver++ at all scales
+
+
+def teacher_key(sampler: str, guidance: float) -> str:
+    """The quality key of the teacher at one sampler and guidance scale ("model/sampler s=G")."""
+    return f"{TEACHER}/{sampler} s={guidance:g}"
 
 
 def students(models_dir: Path, teacher: Model) -> list[Model]:
@@ -79,13 +88,13 @@ def fingerprint(model: Model) -> str:
     return folder_digest(model.path)
 
 
-def _previous(settings, progress: Path | None) -> list[dict]:
+def _previous(settings, progress: Path | None, features: str) -> list[dict]:
     """This section as measured before with the same sample counts and seed: a stopped run's rows
     (``progress``), then the ``--reuse`` report's."""
     found = [json.loads(progress.read_text())] if progress is not None and progress.is_file() else []
     if settings.reuse:
         found.append(load_report(Path(settings.reuse), "give the bench.json of an earlier run to --reuse").emoji_pixel)
-    return [s for s in found if s and _same(s, settings)]
+    return [s for s in found if s and _same(s, settings, features)]
 
 
 def _reusable(sources: list[dict], kind: str, key: str, name: str, digest: str):
@@ -97,9 +106,11 @@ def _reusable(sources: list[dict], kind: str, key: str, name: str, digest: str):
     return None
 
 
-def _same(section: dict, settings) -> bool:
+def _same(section: dict, settings, features: str) -> bool:
+    """Measured with the same sample counts and seed, on the same feature network (sections from before the
+    feature network were scored on the group classifier's features)."""
     return section.get("num") == settings.num and section.get("edit_num") == settings.edit_num and \
-        section.get("seed", 0) == settings.seed
+        section.get("seed", 0) == settings.seed and section.get("features", "emoji-classifier") == features
 
 
 def measure(models_dir: Path, settings, command: str = "", progress: Path | None = None) -> dict:
@@ -110,12 +121,13 @@ def measure(models_dir: Path, settings, command: str = "", progress: Path | None
     teacher = load_model(models_dir / TEACHER)
     ruler = ruler_for(teacher, models_dir)
     found = students(models_dir, teacher)
-    old = _previous(settings, progress)
+    old = _previous(settings, progress, ruler.name)
     out: dict = {"command": command, "num": settings.num, "edit_num": settings.edit_num, "seed": settings.seed,
-                 "quality": {}, "costs": {}, "editing": {}, "fingerprints": {}}
+                 "features": ruler.name, "quality": {}, "costs": {}, "editing": {}, "fingerprints": {}}
 
-    def rows(model: Model, sampler: str, steps: tuple[int, ...], guidance: float | None) -> None:
-        key, digest = f"{model.path.name}/{sampler}", out["fingerprints"].setdefault(model.path.name, fingerprint(model))
+    def rows(model: Model, sampler: str, steps: tuple[int, ...], guidance: float | None, key: str = "") -> None:
+        key = key or f"{model.path.name}/{sampler}"
+        digest = out["fingerprints"].setdefault(model.path.name, fingerprint(model))
         previous = reusable_rows(_reusable(old, "quality", key, model.path.name, digest), steps)
         if previous:
             print(f"{key}: reused", flush=True)
@@ -129,8 +141,10 @@ def measure(models_dir: Path, settings, command: str = "", progress: Path | None
             progress.parent.mkdir(parents=True, exist_ok=True)
             write_text(progress, json.dumps(out, indent=1) + "\n")
 
-    for sampler, counts in TEACHER_STEPS.items():
-        rows(teacher, sampler, counts[:2] if settings.quick else counts, teacher.config.default_guidance_scale)
+    for guidance in TEACHER_GUIDANCE:
+        for sampler, counts in TEACHER_STEPS.items():
+            if guidance in EVERY_SAMPLER_AT or sampler == "dpmpp-2m":
+                rows(teacher, sampler, counts[:2] if settings.quick else counts, guidance, teacher_key(sampler, guidance))
     for model in found:
         for sampler in samplers(model):
             rows(model, sampler, student_steps(model), None)
@@ -159,6 +173,12 @@ def _teacher_note(quality: dict) -> list[str]:
                 "below is to the lowest FID."]
 
 
+def _features(section: dict) -> str:
+    name = section.get("features", "emoji-classifier")
+    return ("the feature network `emoji-features` (the ruler's FID features, \"The ruler\")" if name == "emoji-features"
+            else f"the features of `{name}` (the 9-group classifier: the ruler before `emoji-features`)")
+
+
 def section(report) -> list[str]:
     g = getattr(report, "emoji_pixel", None) or {}
     if not g:
@@ -166,14 +186,15 @@ def section(report) -> list[str]:
     lines = ["", "## The emoji pixel testbed (the CIFAR-10 analogue)", "",
              (f"Written by `{g['command']}`. " if g.get("command") else "") +
              f"The emoji at 32×32 RGB in pixel space, class-conditional on their 9 Unicode groups: `{TEACHER}` and "
-             f"its students, {g['num']} samples per point (classes in turn, seed as above), scored with the shipped "
-             f"emoji classifier against all 3,655 emoji. Spreads: bootstrap over the samples.", "",
-             "| model | sampler | steps | NFE | FID | KID (×10³) | precision | recall | cond. acc. |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"its students, {g['num']} samples per point (classes in turn, seed as above), scored against all 3,655 "
+             f"emoji on {_features(g)}; accuracy by the group classifier. Spreads: bootstrap over the samples.", "",
+             "| model | sampler | guidance | steps | NFE | FID | KID (×10³) | precision | recall | cond. acc. |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, rows in g["quality"].items():
-        name, sampler = key.split("/")
+        name, sampler = key.split("/")[0], key.split("/")[1].split(" ")[0]
         for r in rows:
-            lines.append(f"| {name} | {sampler} | {r['steps']} | {r['nfe']} | {fid(r)} | {1e3 * r['kid']:.2f} ± "
+            lines.append(f"| {name} | {sampler} | {r['guidance_scale']:g} | {r['steps']} | {r['nfe']} | {fid(r)} | "
+                         f"{1e3 * r['kid']:.2f} ± "
                          f"{1e3 * r['kid_std']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {acc(r)} |")
     lines += _teacher_note(g["quality"])
     lines += consistency_table(g["quality"], g["costs"], TEACHER, "### Consistency models on the testbed")

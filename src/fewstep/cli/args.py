@@ -187,10 +187,11 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
                    help="EMA decay of the saved weights (default 0.999); 0: no EMA copy, the online weights are saved "
                         "(a full-size UNet's worth of memory less)")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit"], default="adamw",
-                   help="adamw (default); adamw-fused: the same update as one fused kernel per step; adamw-8bit: "
-                        "bitsandbytes' 8-bit AdamW, 2 bytes of moments per trained parameter instead of 8 "
-                        "(diffusers' --use_8bit_adam; needs pip install bitsandbytes)")
+    g.add_argument("--optimizer", choices=["adamw", "adamw-fused", "adamw-8bit", "radam"], default=None,
+                   help="adamw (the default, but radam for --method act, as kong13661/ACT); adamw-fused: the same "
+                        "update as one fused kernel per step; adamw-8bit: bitsandbytes' 8-bit AdamW, 2 bytes of moments "
+                        "per trained parameter instead of 8 (diffusers' --use_8bit_adam; needs pip install "
+                        "bitsandbytes); radam: RAdam (Liu et al. 2020)")
     g.add_argument("--checkpoint-every", type=positive_int, default=500)
     g.add_argument("--keep-checkpoints", type=positive_int, default=2)
     g.add_argument("--work-dir", help="checkpoints and metrics.jsonl (default: runs/<name of --out>); "
@@ -241,8 +242,9 @@ def stream(args: argparse.Namespace) -> bool | None:
     return getattr(args, "stream", False)
 
 
-def train_config(args: argparse.Namespace):
-    """The run's TrainConfig, with --out and the work folder checked before any training."""
+def train_config(args: argparse.Namespace, optimizer: str = "adamw", betas: tuple[float, float] | None = None):
+    """The run's TrainConfig, with --out and the work folder checked before any training; ``optimizer`` when
+    --optimizer is not given and ``betas`` (where not None): the method's own (:class:`fewstep.methods.registry.Method`)."""
     from ..errors import FewstepError
     from ..io.atomic import allow_replacing, check_creatable, check_replaceable
     from ..training import TrainConfig
@@ -260,7 +262,7 @@ def train_config(args: argparse.Namespace):
     return TrainConfig(out_dir=work, max_steps=args.steps, force_resume=args.force_resume,
                        batch_size=args.batch, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
                        grad_clip=args.grad_clip, ema_decay=args.ema, mixed_precision=args.mixed_precision,
-                       optimizer=args.optimizer,
+                       optimizer=args.optimizer or optimizer, **({"adam_betas": betas} if betas else {}),
                        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                        seed=args.seed, progress=not args.no_progress, memory_check=not args.no_memory_check)
 

@@ -29,13 +29,16 @@ def add_parser(sub) -> None:
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: rewrite the markdown from --reuse's bench.json (picks up "
                         "bench/results/lcm_ablation.json after bench/lcm_ablation.py)")
-    p.add_argument("--only", choices=["digits", "guided", "guided-latent", "latent", "lora", "tcd", "emoji-pixel", "sdxl",
-                                      "flow", "serve", "serve-sliders"],
+    p.add_argument("--only", choices=["digits", "guided", "guided-latent", "latent", "lora", "tcd", "ruler", "quality-check", "emoji-pixel",
+                                      "sdxl", "flow", "serve", "serve-sliders"],
                    help="run one section and merge it into the --reuse report: digits (the digits teacher's "
                         "solvers and the consistency models, quality and editing; the timings are kept), guided (guided and progressive "
                         "distillation on digits), guided-latent (stages 1 and 2 on the emoji pipeline, beside the LCM), latent (the emoji "
                         "LCM beside its teacher), lora (LCM-LoRA and style arithmetic), tcd (TCD-LoRA against LCM-LoRA at 2/4/8 steps "
-                        "and over TCD's γ), emoji-pixel (the emoji pixel "
+                        "and over TCD's γ), ruler (the emoji ruler checked on itself: real, blurred, noisy images and 3 "
+                        "groups dropped, on the feature network and the group classifier's features), quality-check (every "
+                        "shipped generator's FID at 200 samples: the reference tests/test_quality_check.py holds CI "
+                        "to), emoji-pixel (the emoji pixel "
                         "testbed: CD, CT, iCT, ACT, guided and progressive students of models/emoji-pixel-teacher; a stopped "
                         "run resumes from OUT/emoji_pixel.progress.json), flow (the FLUX- and SD3-format teachers over "
                         "a guidance × steps grid and their LCM-LoRAs), serve (fewstep "

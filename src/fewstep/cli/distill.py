@@ -83,9 +83,10 @@ def _consistency_args(p: argparse.ArgumentParser, distances) -> None:
     g = p.add_argument_group("consistency objective (cd, ct, ict, act; lcd, lcf, lcm-lora: --distance, --solver, "
                              "--target-ema)")
     g.add_argument("--distance", choices=distances, default=None,
-                   help="d(x, y) of the loss: l2, l1, pseudo-huber, classifier (features of the shipped "
-                        "classifier, a CPU stand-in for LPIPS), lpips (needs the lpips package and --lpips-weights); "
-                        "default pseudo-huber for ict (the iCT paper's, c = 0.00054·√d), l2 otherwise")
+                   help="d(x, y) of the loss: l2, l1, pseudo-huber, classifier (pooled features of the shipped "
+                        "classifier), features (LPIPS's formula on the data set's feature network, the stand-in for "
+                        "LPIPS), lpips (needs the lpips package and --lpips-weights); default pseudo-huber for ict "
+                        "(the iCT paper's, c = 0.00054·√d), features for act (LPIPS in kong13661/ACT), l2 otherwise")
     g.add_argument("--solver", choices=["euler", "heun", "ddim", "dpm-solver", "dpm-solver++"], default=None,
                    help="the teacher's one-step ODE solver: cd euler | heun (default heun); lcd ddim | dpm-solver | "
                         "dpm-solver++ (2nd-order DPM-Solver-2 / DPM-Solver++(2S); default ddim)")
@@ -102,7 +103,8 @@ def _consistency_args(p: argparse.ArgumentParser, distances) -> None:
                    help="ct/act: the target EMA μ(k) of Song et al. 2023 (paper: μ0 = 0.9, tuned for 800k iterations) "
                         "or fitted to this run's --steps (the target's EMA horizon the same share of the run)")
     g.add_argument("--width", type=unet_width, default=32, help="ct/ict/act: UNet base width")
-    g.add_argument("--classifier", help="classifier folder for --distance classifier (default: models/<data>-classifier)")
+    g.add_argument("--classifier", help="the network of --distance classifier (default: models/<data>-classifier) or "
+                                        "--distance features (default: models/<data>-features)")
     g.add_argument("--lpips-weights", help="local LPIPS weights for --distance lpips")
     g.add_argument("--p-mean", type=float, default=None,
                    help="scd, sct, ect: training noise levels ln σ ~ N(P_mean, P_std²) (σ = σ_d·tan t in TrigFlow); "
@@ -121,7 +123,12 @@ def _adversarial_args(p: argparse.ArgumentParser, distances=None) -> None:
     g.add_argument("--d-lr", type=positive, default=1e-4, help="discriminator learning rate")
     g.add_argument("--r1-gamma", type=non_negative, default=10.0, help="R1 penalty weight γ (0: off; default 10)")
     g.add_argument("--r1-interval", type=positive_int, default=16, help="lazy R1: every k steps (default 16)")
-    g.add_argument("--augment", type=probability, default=0.0, help="probability of each differentiable augmentation")
+    g.add_argument("--augment", type=probability, default=0.0,
+                   help="the augmentation probability p at the start (default 0); it adapts as kong13661/ACT's: up while "
+                        "the EMA of R1 exceeds --ada-target, down otherwise")
+    g.add_argument("--ada-target", type=positive, default=10000.0, help="ACT's r1_threshold (default 10000)")
+    g.add_argument("--ada-length", type=positive, default=500000.0,
+                   help="images for p to move by 1 (ACT's ada_length, default 500000)")
 
 
 def _guided_args(p: argparse.ArgumentParser, distances=None) -> None:
@@ -254,7 +261,8 @@ def run(args: argparse.Namespace) -> None:
                                f"(the data is resized to the teacher's size); leave --image-size out")
         data = data_for(teacher, args.dataset, augment(args), stream(args))
     settings = method.make_settings(vars(args))
-    folder = method.recipe(teacher, data, args.out, train_config(args), settings, command_line(args))
+    folder = method.recipe(teacher, data, args.out, train_config(args, method.optimizer, method.betas), settings,
+                           command_line(args))
     if folder is not None:
         print(f"saved {args.method} model to {folder}")
         if method.note is not None:

@@ -15,8 +15,9 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("eval", help="FID, KID, precision/recall and conditional accuracy per step count",
                        description="Sample a model with fixed seeds at each step count and score the samples "
-                                   "with the data set's shipped classifier against the whole data set: FID, KID "
-                                   "(± std), precision/recall (k=3), conditional accuracy, NFE and seconds/image.")
+                                   "against the whole data set: FID, KID (± std) and precision/recall (k=3) on the "
+                                   "data set's feature network, conditional accuracy with its classifier, NFE and "
+                                   "seconds/image.")
     p.add_argument("--model", help="model folder (or --images)")
     p.add_argument("--images", metavar="DIR",
                    help="instead of a model: score a folder of images made anywhere (diffusers, ComfyUI, …) on "
@@ -32,7 +33,10 @@ def add_parser(sub) -> None:
                    help="samples per step count (default 1000; at least 4: precision/recall take each sample's 3 "
                         "nearest neighbours); with --images: score the first N images (default all)")
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--classifier", help="classifier folder (default: models/<dataset>-classifier)")
+    p.add_argument("--classifier", help="the group classifier of conditional accuracy (default: "
+                                        "models/<dataset>-classifier)")
+    p.add_argument("--features", help="the feature network of FID/KID/precision/recall (default: models/<dataset>-features "
+                                      "where there is one, else the classifier's features)")
     p.add_argument("--models", help="folder of shipped models (default: the repository's models/)")
     p.add_argument("--json", help="write the results as one JSON object here")
     p.add_argument("--grid", help="write a PNG of samples per step count here")
@@ -78,12 +82,12 @@ def run(args: argparse.Namespace) -> None:
             check_writable(Path(args.model) / CONFIG_NAME, what="--save-sigmas")
     model = with_tiny_vae(load_with_loras(args.model, args.lora, **load_options(args)), args.tiny_vae)
     check_sample_request(args, model, args.num)   # --rho/--clamp-x0 apply, the samples fit: before any sampling
-    ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier)
+    ruler = ruler_for(model, Path(args.models or shipped_models_dir()), args.classifier, args.features)
     if args.tune_sigmas:
         _tune_sigmas(model, ruler, args)
     rows, samples = evaluate(model, ruler, args.steps, args.sampler, args.guidance_scale, args.num, args.seed,
                              rho=args.rho, clamp_x0=args.clamp_x0, eta=args.eta)
-    report = eval_report(model, rows, args.num, args.seed)
+    report = eval_report(model, rows, args.num, args.seed, ruler)
     if (args.sampler or model.config.default_sampler) == "tcd":   # TCD's γ beside its rows (a key added, none renamed)
         from ..core.solvers import TCD_GAMMA
 
@@ -145,7 +149,7 @@ def _score_images(args: argparse.Namespace) -> None:
         raise FewstepError("--images needs --dataset NAME: the data set whose ruler scores them (digits, emoji)")
     if args.json:
         check_writable(args.json)
-    ruler = dataset_ruler(args.dataset, Path(args.models or shipped_models_dir()), args.classifier)
+    ruler = dataset_ruler(args.dataset, Path(args.models or shipped_models_dir()), args.classifier, args.features)
     report = score_folder(args.images, ruler, seed=args.seed, limit=args.num)
     r = report["results"][0]
     acc = "-" if r["cond_accuracy"] is None else f"{r['cond_accuracy']:.3f}"

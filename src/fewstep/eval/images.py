@@ -111,5 +111,5 @@ def score_folder(folder: str | Path, ruler: Ruler, seed: int = 0, limit: int | N
     target = torch.tensor(known) if len(known) == len(labels) else None
     row = {"steps": None, "sampler": None, "guidance_scale": None, "nfe": None, "seconds_per_image": None,
            **ruler.score(images, target, seed=seed)}
-    return {"model": None, "images": str(folder), "dataset": ruler.data.name, "spread": SPREAD,
+    return {"model": None, "images": str(folder), "dataset": ruler.data.name, "features": ruler.name, "spread": SPREAD,
             "num_samples": len(images), "labelled": len(known), "seed": seed, "results": [row]}

@@ -45,7 +45,7 @@ class ConsistencySettings:
     """The method's own settings (recorded in the model folder)."""
 
     method: str = "cd"                  # cd | ct | ict | act
-    distance: str | None = None         # l2 | l1 | pseudo-huber | classifier | lpips (fewstep.distances); None: the
+    distance: str | None = None         # l2 | l1 | pseudo-huber | classifier | features | lpips (fewstep.distances); None: the
                                         # method's own, pseudo-Huber for iCT (Song & Dhariwal 2023 §3.3), l2 otherwise
     solver: str = "heun"                # CD's teacher ODE step: euler | heun
     guidance_scale: float = 2.0         # CD: the teacher's CFG scale that the student learns (1 = none)
@@ -56,15 +56,17 @@ class ConsistencySettings:
     ct_curriculum: str = "paper"        # CT/ACT's μ(k): "paper" (μ0 = 0.9, tuned for 800k iterations) or "fitted" to
                                         # this run's length (fewstep.objectives.curricula.fitted_mu0)
     width: int = 32                     # CT/iCT/ACT from scratch: UNet width
-    classifier: str | None = None       # for distance "classifier"
+    classifier: str | None = None       # for distance "classifier" / "features": the network's folder
     lpips_weights: str | None = None    # for distance "lpips"
     # ACT (Kong et al. 2024)
     gan_weight: float = 0.3             # λ in (1 − λ)·L_CT + λ·w(σ)·L_G
     gan_weighting: str = "none"         # w(σ): "none" (ACT's default) | "edm"
     d_lr: float = 1e-4
     r1_gamma: float = 10.0              # kong13661/ACT's defaults
-    r1_interval: int = 16               # lazy R1: every k steps, scaled by k (StyleGAN2)
-    augment: float = 0.0                # probability of each differentiable augmentation
+    r1_interval: int = 16               # lazy R1: every k steps (not scaled by k, as the reference)
+    augment: float = 0.0                # the augmentation probability p at the start (it then adapts)
+    ada_target: float = 10000.0         # p rises while the EMA of R1 exceeds this (the reference's r1_threshold)
+    ada_length: float = 500000.0        # images for p to move by 1 (ada_length)
 
 
 def consistency_config(data: ImageData, param, schedule, two_step_sigma: float | None = None) -> ModelConfig:
@@ -78,6 +80,13 @@ def consistency_config(data: ImageData, param, schedule, two_step_sigma: float |
                        sampling_sigmas=stored)
 
 
+def resolved_distance(settings: ConsistencySettings) -> str:
+    """The distance a run uses: ``--distance``, else the method's own — iCT's pseudo-Huber (Song & Dhariwal 2023
+    §3.3); ACT's LPIPS (kong13661/ACT train_cifar10.py:505), for which the data set's feature network stands in
+    (``features``, :mod:`fewstep.objectives.distances`); l2 otherwise (openai/consistency_models' CT default)."""
+    return settings.distance or {"ict": "pseudo-huber", "act": "features"}.get(settings.method, "l2")
+
+
 def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, settings: ConsistencySettings,
                         teacher: Model | None = None, command: str = "", accelerator=None) -> Path | None:
     """Train a consistency model with ``settings.method`` and save it at ``out`` (EMA weights).
@@ -88,8 +97,7 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
     method = settings.method
     if method not in CM_METHODS:
         raise FewstepError(f"unknown consistency method {method!r}; choose one of {', '.join(CM_METHODS)}")
-    if settings.distance is None:
-        settings = replace(settings, distance="pseudo-huber" if method == "ict" else "l2")
+    settings = replace(settings, distance=resolved_distance(settings))
     run = Run(config, command, accelerator)
     if method == "cd":
         teacher = check_teacher(teacher, data, "cd").to(run.device)
@@ -109,19 +117,21 @@ def distill_consistency(data: ImageData, out: str | Path, config: TrainConfig, s
     curriculum = Curriculum.for_method(method, config.max_steps, num_scales=settings.num_scales if method == "cd" else None,
                                        s1=settings.num_scales if method != "cd" else None, s0=settings.start_scales,
                                        target_ema=settings.target_ema, fitted=settings.ct_curriculum == "fitted")
-    classifier = settings.classifier or (str(shipped_models_dir() / f"{data.name.split(':')[0]}-classifier")
-                                         if settings.distance == "classifier" else None)
+    networks = {"classifier": "classifier", "features": "features"}   # the shipped network each distance reads
+    classifier = settings.classifier or (str(shipped_models_dir() / f"{data.name.split(':')[0]}-{networks[settings.distance]}")
+                                         if settings.distance in networks else None)
     distance = get_distance(settings.distance, classifier, settings.lpips_weights)
     objective = ConsistencyLoss(schedule, curriculum, distance, teacher=teacher_fn, solver=settings.solver,
                                 condition=student.conditioner.training_condition(settings.label_dropout))
     if method == "act":
         from ..nets.discriminator import Discriminator
-        from ..objectives.adversarial import AdversarialConsistencyLoss
+        from ..objectives.adversarial import AdaptiveAugment, AdversarialConsistencyLoss
 
         disc = Discriminator(data.image_size, data.channels, data.num_classes, width=settings.width)
+        augment = AdaptiveAugment(p=settings.augment, target=settings.ada_target, length=settings.ada_length)
         objective = AdversarialConsistencyLoss(objective, disc, settings.gan_weight, settings.d_lr,
-                                               settings.r1_gamma, settings.r1_interval, settings.augment,
-                                               settings.gan_weighting)
+                                               settings.r1_gamma, settings.r1_interval, augment,
+                                               settings.gan_weighting, warmup=config.warmup_steps)
     result = run.fit(student.denoiser, objective, student.training_data(data),
                      {**asdict(settings), "dataset": data.name, "curriculum": asdict(curriculum)},
                      frozen=[teacher.denoiser] if method == "cd" else None)   # the teacher: sharded under FSDP
@@ -255,7 +265,9 @@ for _name, _summary, _teacher in (
         ("act", "adversarial consistency training (Kong et al. 2024): CT + a discriminator", None)):
     register(Method(_name, _summary, ConsistencySettings, _recipe, teacher=_teacher,
                     check=check_cd_teacher if _teacher else None, family="consistency models (pixel space)",
-                    options=("consistency", "adversarial") if _name == "act" else ("consistency",)))
+                    options=("consistency", "adversarial") if _name == "act" else ("consistency",),
+                    # kong13661/ACT train_cifar10.py:330-344: RAdam, β = (0, 0.99) for the generator
+                    **({"optimizer": "radam", "betas": (0.0, 0.99)} if _name == "act" else {})))
 
 register(Method("ect", "easy consistency tuning (Geng et al. 2024): CT pairs with a shrinking Δt, started from the "
                 "teacher's weights (not its ODE): 1-2 steps", ECTSettings,

@@ -37,6 +37,8 @@ class Method:
     family: str = ""                           # the --help heading it is listed under
     frozen_teacher_dtype: bool = False         # holds a frozen teacher UNet that --teacher-dtype may shrink
     note: Callable[[Path], str] | None = None  # a line to print after saving (e.g. where a LoRA file is)
+    optimizer: str = "adamw"                   # its --optimizer when none is given (its reference code's)
+    betas: tuple[float, float] | None = None   # its optimizer's β where its reference sets them (else TrainConfig's)
 
     @property
     def needs_teacher(self) -> bool:

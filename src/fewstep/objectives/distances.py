@@ -10,6 +10,14 @@ and averages them).
   emoji classifier): a perceptual distance learned on the same data, the CPU stand-in for LPIPS.
   Note: the evaluation's FID uses the same features, so a model trained with it is judged by its own
   training signal; BENCHMARKS.md says which distance each figure used;
+- ``features``: LPIPS's formula (Zhang et al. 2018, eq. 1) on the data set's own feature network
+  (``models/<set>-features``, :mod:`fewstep.nets.classifier`): at the output of each of its five conv blocks
+  the activations are unit-normalized over channels, and the squared differences summed over channels,
+  averaged over positions and summed over blocks — the ``lpips`` package's ``lpips=False`` path (no learned
+  per-channel weights, which need human judgements). The target is clipped to [−1, 1] as kong13661/ACT's
+  ``LPIPSLoss`` does (``models/loss.py``). The stand-in for LPIPS, whose ImageNet-trained weights fewstep does
+  not ship; ACT's default. The ruler's FID uses the same network's pooled features, so say so beside a
+  figure of a model trained with it;
 - ``lpips``: LPIPS (Zhang et al. 2018), as Song et al. 2023 use for their best CD/CT results, with
   inputs bilinearly resized to 224 as in their code. Needs the ``lpips`` package and its weights on
   disk (nothing is downloaded here).
@@ -28,7 +36,7 @@ from torch import Tensor, nn
 from ..errors import FewstepError
 
 Distance = Callable[[Tensor, Tensor], Tensor]
-DISTANCES = ("l2", "l1", "pseudo-huber", "classifier", "lpips")
+DISTANCES = ("l2", "l1", "pseudo-huber", "classifier", "features", "lpips")
 
 
 def l2(x: Tensor, y: Tensor) -> Tensor:
@@ -65,6 +73,29 @@ class FeatureDistance(nn.Module):
         return (self.features(x) - self.features(y)).float().square().flatten(1).mean(1)
 
 
+class PerceptualFeatureDistance(nn.Module):
+    """Σ_l mean_hw ‖n(φ_l(x)) − n(φ_l(clip(y)))‖² over the conv blocks φ_l of a feature network (module docstring,
+    ``features``); n(·) divides each position's channel vector by its norm (LPIPS's ``normalize_tensor``, ε = 1e-10)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.taps = {i for i, m in enumerate(net.body) if isinstance(m, nn.SiLU)}
+
+    def blocks(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for i, layer in enumerate(self.net.body):
+            x = layer(x)
+            if i in self.taps:
+                out.append(x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        self.net.to(x.device)
+        pairs = zip(self.blocks(x), self.blocks(y.clamp(-1, 1)))
+        return sum((a - b).float().square().sum(1).mean((1, 2)) for a, b in pairs)
+
+
 def get_distance(name: str, classifier: str | Path | None = None, lpips_weights: str | Path | None = None) -> Distance:
     """The distance called ``name`` (one of :data:`DISTANCES`). ``classifier`` is a classifier folder
     (for ``classifier``), ``lpips_weights`` a local LPIPS weight file (for ``lpips``)."""
@@ -80,6 +111,12 @@ def get_distance(name: str, classifier: str | Path | None = None, lpips_weights:
         from ..nets.classifier import load_classifier
         net = load_classifier(classifier).eval().requires_grad_(False)
         return FeatureDistance(net.features)
+    if name == "features":
+        if classifier is None:
+            raise FewstepError("--distance features needs the data set's feature network (--classifier DIR; "
+                               "models/<set>-features for the embedded sets: fewstep train-classifier --instance)")
+        from ..nets.classifier import load_classifier
+        return PerceptualFeatureDistance(load_classifier(classifier))
     if name == "lpips":
         return _lpips(lpips_weights)
     raise FewstepError(f"unknown distance {name!r}; choose one of {', '.join(DISTANCES)}")

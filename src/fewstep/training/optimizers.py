@@ -3,6 +3,8 @@
 - ``adamw``: PyTorch's AdamW (the default).
 - ``adamw-fused``: the same update in one fused kernel per step (``torch.optim.AdamW(fused=True)``; CPU and
   CUDA), fewer passes over the weights; the same state.
+- ``radam``: RAdam (Liu et al. 2020, *On the Variance of the Adaptive Learning Rate and Beyond*), Adam with
+  its early steps' variance rectified: ACT's optimizer (kong13661/ACT), fewstep's default for ``--method act``.
 - ``adamw-8bit``: bitsandbytes' 8-bit AdamW (Dettmers et al. 2022, *8-bit Optimizers via Block-wise
   Quantization*): both moments block-wise quantized to one byte each, 2 bytes per trained parameter instead
   of 8 — what diffusers' training scripts offer as ``--use_8bit_adam`` (6.9 → 1.7 GB of moments for a
@@ -23,8 +25,8 @@ from torch import Tensor
 
 from ..errors import FewstepError
 
-OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
-MOMENT_BYTES = {"adamw": 8, "adamw-fused": 8, "adamw-8bit": 2}   # both moments, per trained parameter
+OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit", "radam")
+MOMENT_BYTES = {"adamw": 8, "adamw-fused": 8, "adamw-8bit": 2, "radam": 8}   # both moments, per trained parameter
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, betas: tuple[float, float],
@@ -35,6 +37,8 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, betas
         return torch.optim.AdamW(params, **kwargs)
     if name == "adamw-fused":
         return torch.optim.AdamW(params, fused=True, **kwargs)
+    if name == "radam":   # decoupled weight decay, as AdamW's
+        return torch.optim.RAdam(params, decoupled_weight_decay=True, **kwargs)
     if name == "adamw-8bit":
         try:
             import bitsandbytes
