@@ -193,6 +193,8 @@ def score() -> None:
         previous = {}
     ict = load_model(MODELS / "emoji-pixel-ict")
     ruler = ruler_for(ict, MODELS)
+    if previous.get("features", "emoji-classifier") != ruler.name:     # scored on another feature network
+        previous = {}
     ict_t = ict.config.training
     ict_core_min = ict_t["wall_seconds"] * ict_t["threads"] / 60
     ict_per_step = ict_core_min / ict_t["steps"]
@@ -228,7 +230,8 @@ def score() -> None:
         else:
             runs.append(_score_run(name, ruler, ict_per_step, s["ratio"]))
     result = {"command": "python bench/ect_cost.py score", "num": NUM, "seed": SEED,
-              "ruler": "emoji classifier features against all 3,655 emoji; spreads: bootstrap over the samples",
+              "features": ruler.name,
+              "ruler": f"{ruler.name} features against all 3,655 emoji; spreads: bootstrap over the samples",
               "cores": os.cpu_count(), "step_seconds": s, "start": start, "ict": ict_row, "runs": runs}
     write_result(OUT, result)
 

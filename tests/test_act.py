@@ -145,7 +145,11 @@ def test_the_discriminator_learns_to_tell_real_from_fake():
     for step in range(1, 41):
         act._pending.append({"images": reals[:16], "labels": torch.randint(0, 3, (16,))})
         act.after_step(Right(), step)
-    assert act._d_logs["d_real"] > 0.5 and act._d_logs["d_fake"] < -0.5
+    labels, sigma = torch.randint(0, 3, (16,)), torch.full((16,), 0.5)
+    with torch.no_grad():
+        d_real = act.discriminator(reals[:16], sigma, class_labels=labels)
+        d_fake = act.discriminator(Right()(reals[:16], sigma), sigma, class_labels=labels)
+    assert d_real.min() > 0.5 and d_fake.max() < -0.5, (d_real, d_fake)
 
 
 def test_act_trains_with_radam_and_the_feature_distance_by_default(tmp_path):
@@ -161,3 +165,14 @@ def test_act_trains_with_radam_and_the_feature_distance_by_default(tmp_path):
     from fewstep.methods.consistency import ConsistencySettings, resolved_distance
     assert resolved_distance(ConsistencySettings(method="act")) == "features"
     assert resolved_distance(ConsistencySettings(method="act", distance="l2")) == "l2"
+
+
+def test_act_without_a_feature_network_says_what_to_do(tmp_path, capsys):
+    """The digits ship no feature network: ACT's default distance is refused in one line naming the ways out."""
+    from fewstep.cli import main
+
+    code = main(["train", "--method", "act", "--dataset", "digits", "--steps", "1", "--batch", "8",
+                 "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and "train-classifier --instance" in err and "--distance" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()

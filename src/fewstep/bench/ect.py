@@ -108,7 +108,7 @@ def claim(results: Path):
         run, best = min(trained, key=lambda rp: rp[1]["fid_2"]) if trained else (None, None)
         ours = (f"best ECT 2-step {fid(_at(best, 2))} ({run['name']}, {best['step']} steps, {best['core_minutes']:.1f} "
                 f"core-min) vs iCT {fid(_at(ict, 2))} at {ict['core_minutes']:.1f}" if best else "no ECT checkpoint") + notes
-        return name, paper, ours, "ECT's cost", "does not hold (ECT's 2-step FID stays above iCT's)"
+        return name, paper, ours, _where(d), "does not hold (ECT's 2-step FID stays above iCT's)"
     run, p = min(reached, key=lambda rp: rp[1]["core_minutes"])
     cpu = "" if p.get("cpu_minutes") is None else f"CPU {p['cpu_minutes']:.1f}, "
     ours = (f"ECT {fid(_at(p, 2))} after {p['step']} × {run['batch']} steps ({run['name']}), {p['core_minutes']:.1f} "
@@ -123,4 +123,11 @@ def claim(results: Path):
                 + f"), not in the loaded machine's wall-clock × threads ({p['core_minutes'] / ict['core_minutes']:.2f}×)")
     else:
         here = f"does not hold ({p['core_minutes'] / ict['core_minutes']:.2f}× iCT's cost)"
-    return name, paper, ours, "ECT's cost", here
+    return name, paper, ours, _where(d), here
+
+
+def _where(d: dict) -> str:
+    """The claim's section, with the network its FIDs were scored on where that is not the emoji ruler's now."""
+    features = d.get("features", "emoji-classifier")
+    return "ECT's cost" if features == "emoji-features" else (
+        f"ECT's cost (scored on `{features}`'s features, before `emoji-features`: its runs' checkpoints are not kept)")

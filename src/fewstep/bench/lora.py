@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..eval.evaluate import Ruler, ruler_for
+from ..eval.evaluate import ruler_for
 from ..models.folders import load_model
 from ..models.loras import apply_loras, lora_info
 from .format import acc, fid, ratio_cell, target_met, teacher_best
@@ -56,7 +56,7 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
 
     group = out["style_lora"]["dataset"].split(":", 1)[1]
     sub = ruler.data.of_class(group)     # the ruler holds the whole emoji set already
-    style_ruler = Ruler(ruler.classifier, sub)
+    style_ruler = ruler.on(sub)
     style = apply_loras(load_model(models_dir / TEACHER), [(models_dir / STYLE, 1.0)])
     merged = apply_loras(load_model(models_dir / TEACHER), [(models_dir / STYLE, 1.0), (models_dir / LCM_LORA, 1.0)])
     half = max(num // 2, 10)

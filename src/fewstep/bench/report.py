@@ -50,7 +50,7 @@ def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
     lines += latent.section(report, out_dir) + lora.section(report, out_dir) + tcd.section(report, out_dir)
     lines += pixel.speedup_section(report)
     lines += sdxl.section(report) + flow.section(report) + memory.section(out_dir) + serve.section(report)
-    lines += ruler.section(report) + testbed.section(report) + ect.section(out_dir) + pixel.heun_section(out_dir)
+    lines += ruler.section(report) + testbed.section(report) + testbed.act_balance(out_dir) + ect.section(out_dir) + pixel.heun_section(out_dir)
     lines += claims.section(report, out_dir) + quality_check.section(report)
     write_text(path, "\n".join(lines) + "\n")
 

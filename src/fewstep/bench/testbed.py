@@ -27,7 +27,7 @@ from ..eval.evaluate import ruler_for
 from ..io.atomic import write_text
 from ..models.folders import is_pipeline_folder, load_model
 from ..models.handle import Model
-from .format import acc, fid, ratio_cell, teacher_best, teacher_rows
+from .format import acc, fid, ratio_cell, teacher_best, teacher_rows, verdict
 from .measure import quality_rows
 from .pixel import consistency_table, editing_table, measure_editing, training_cost
 from .results import folder_digest, load_report, reusable_rows
@@ -88,13 +88,13 @@ def fingerprint(model: Model) -> str:
     return folder_digest(model.path)
 
 
-def _previous(settings, progress: Path | None, features: str) -> list[dict]:
+def _previous(settings, progress: Path | None) -> list[dict]:
     """This section as measured before with the same sample counts and seed: a stopped run's rows
     (``progress``), then the ``--reuse`` report's."""
     found = [json.loads(progress.read_text())] if progress is not None and progress.is_file() else []
     if settings.reuse:
         found.append(load_report(Path(settings.reuse), "give the bench.json of an earlier run to --reuse").emoji_pixel)
-    return [s for s in found if s and _same(s, settings, features)]
+    return [s for s in found if s and _same(s, settings)]
 
 
 def _reusable(sources: list[dict], kind: str, key: str, name: str, digest: str):
@@ -106,11 +106,15 @@ def _reusable(sources: list[dict], kind: str, key: str, name: str, digest: str):
     return None
 
 
-def _same(section: dict, settings, features: str) -> bool:
-    """Measured with the same sample counts and seed, on the same feature network (sections from before the
-    feature network were scored on the group classifier's features)."""
+def _same(section: dict, settings) -> bool:
     return section.get("num") == settings.num and section.get("edit_num") == settings.edit_num and \
-        section.get("seed", 0) == settings.seed and section.get("features", "emoji-classifier") == features
+        section.get("seed", 0) == settings.seed
+
+
+def _scored_on(sections: list[dict], features: str) -> list[dict]:
+    """Those scored on the feature network ``features`` (sections from before it name none: the group classifier's
+    features). Quality rows are reused only from these; editing (accuracy and PSNR, no FID) from any."""
+    return [s for s in sections if s.get("features", "emoji-classifier") == features]
 
 
 def measure(models_dir: Path, settings, command: str = "", progress: Path | None = None) -> dict:
@@ -121,14 +125,15 @@ def measure(models_dir: Path, settings, command: str = "", progress: Path | None
     teacher = load_model(models_dir / TEACHER)
     ruler = ruler_for(teacher, models_dir)
     found = students(models_dir, teacher)
-    old = _previous(settings, progress, ruler.name)
+    old = _previous(settings, progress)
+    same_ruler = _scored_on(old, ruler.name)
     out: dict = {"command": command, "num": settings.num, "edit_num": settings.edit_num, "seed": settings.seed,
                  "features": ruler.name, "quality": {}, "costs": {}, "editing": {}, "fingerprints": {}}
 
     def rows(model: Model, sampler: str, steps: tuple[int, ...], guidance: float | None, key: str = "") -> None:
         key = key or f"{model.path.name}/{sampler}"
         digest = out["fingerprints"].setdefault(model.path.name, fingerprint(model))
-        previous = reusable_rows(_reusable(old, "quality", key, model.path.name, digest), steps)
+        previous = reusable_rows(_reusable(same_ruler, "quality", key, model.path.name, digest), steps)
         if previous:
             print(f"{key}: reused", flush=True)
             out["quality"][key] = previous
@@ -170,7 +175,22 @@ def _teacher_note(quality: dict) -> list[str]:
     sampler, top = max(rows, key=lambda sr: sr[1]["cond_accuracy"] or 0)
     return ["", f"The teacher's best by FID is {where} ({fid(best)}, accuracy {acc(best)}); its highest accuracy is "
                 f"{sampler} at {top['steps']} steps ({acc(top)}, FID {fid(top)}). Every ratio to \"the teacher's best\" "
-                "below is to the lowest FID."]
+                "below is to the lowest FID."] + _with_steps(quality)
+
+
+def _with_steps(quality: dict) -> list[str]:
+    """How DPM-Solver++'s FID moves from its fewest to its most steps at each guidance scale measured: whether
+    the teacher improves with steps, holds, or gets worse (beyond the spread of the difference)."""
+    words = {"wins": "improves", "loses": "gets worse", "within the spread": "holds (within the spread)"}
+    cells = []
+    for key, rows in quality.items():
+        if key.startswith(f"{TEACHER}/dpmpp-2m") and len(rows) > 1:
+            few, many = min(rows, key=lambda r: r["steps"]), max(rows, key=lambda r: r["steps"])
+            mid = [r for r in rows if r["steps"] == 4]
+            path = " → ".join(f"{r['fid']:.2f}" for r in [few, *mid, many])
+            cells.append(f"s = {rows[0]['guidance_scale']:g}: {path} ({few['steps']}/{'4/' if mid else ''}"
+                         f"{many['steps']} steps), {words.get(verdict(many, few), 'no spread measured')}")
+    return ["", "With more DPM-Solver++ steps the teacher's FID: " + "; ".join(cells) + "."] if cells else []
 
 
 def _features(section: dict) -> str:
@@ -201,3 +221,18 @@ def section(report) -> list[str]:
     lines += own_teacher_note(g["quality"])
     lines += editing_table(g.get("editing", {}), g["edit_num"], "emoji", "### Zero-shot editing on the testbed")
     return lines
+
+
+def act_balance(results: Path) -> list[str]:
+    """ACT's gradient balance per distance (``bench/act_balance.py`` → act_balance.json), under the testbed."""
+    path = results / "act_balance.json"
+    if not path.exists():
+        return []
+    f = json.loads(path.read_text())
+    cells = [f"{name} {d['ratio_mean']:.2f} ± {d['ratio_std']:.2f} (λ = 0.3 weighs them {d['lambda_ratio_at_0.3']:.2f} : 1)"
+             for name, d in f["distances"].items()]
+    return ["", f"ACT's balance (`{f['command']}`, {f['date']}): ‖∇θ L_G‖ / ‖∇θ L_CT‖ on the testbed's ACT student "
+                f"(width 32, level pairs of step {f['at_step']} of {f['steps']}), a fresh discriminator, {f['batch']} emoji, "
+                f"mean ± std over {len(f['seeds'])} seeds: " + "; ".join(cells) + ". kong13661/ACT tuned λ = 0.3 with "
+                "LPIPS; with l2 the adversarial gradient drowns the consistency one, with the feature distance that "
+                "stands in for LPIPS they are on one scale."]

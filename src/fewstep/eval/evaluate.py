@@ -78,6 +78,11 @@ class Ruler:
         self.real = self.features(data.images)
         self.real_stats = feature_stats(self.real)
 
+    def on(self, data: ImageData) -> "Ruler":
+        """The same networks against other reference images (a subset: one group's style FID)."""
+        features = self.feature_net if self.feature_net is not self.classifier else None
+        return Ruler(self.classifier, data, self.batch_size, features, self.name)
+
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
         return torch.cat([self.feature_net.features(images[i:i + self.batch_size])

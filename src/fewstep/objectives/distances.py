@@ -112,9 +112,11 @@ def get_distance(name: str, classifier: str | Path | None = None, lpips_weights:
         net = load_classifier(classifier).eval().requires_grad_(False)
         return FeatureDistance(net.features)
     if name == "features":
-        if classifier is None:
-            raise FewstepError("--distance features needs the data set's feature network (--classifier DIR; "
-                               "models/<set>-features for the embedded sets: fewstep train-classifier --instance)")
+        if classifier is None or not Path(classifier).is_dir():
+            where = f"there is none at {classifier}; " if classifier is not None else ""
+            raise FewstepError(f"--distance features (ACT's default) needs the data set's feature network: {where}"
+                               "train one with fewstep train-classifier --instance and pass it as --classifier DIR, or "
+                               "choose another --distance (l2, pseudo-huber)")
         from ..nets.classifier import load_classifier
         return PerceptualFeatureDistance(load_classifier(classifier))
     if name == "lpips":
