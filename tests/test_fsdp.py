@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +30,18 @@ def _fsdp(argv: list[str]) -> subprocess.CompletedProcess:
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29531", "-m", "fewstep", *argv]
+           "--main_process_port", str(_free_port()), "-m", "fewstep", *argv]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[:3000] + "\n…\n" + result.stderr[-3000:]
     return result
+
+
+def _free_port() -> int:
+    """A port nothing listens on now: each launch's rendezvous gets its own, so one launch's rendezvous port, still
+    closing, is never the next one's (a fixed 29531 failed now and then when two launches followed closely)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_cd_under_fsdp_is_the_one_process_run_and_resumes_exactly(tmp_path, capsys):

@@ -40,8 +40,8 @@ def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
         f"{s['num']} samples per point (labels cycling through the classes, seed {s['seed']}), scored against the "
         f"whole data set with the shipped classifier's predictions (conditional accuracy) and, for FID/KID/precision/"
         f"recall, the features of the data set's feature network where it has one (`emoji-features`, \"The ruler\"), "
-        f"of the classifier otherwise (digits). {_older_ruler(report)}Timings: batch {s['timing_batch']}, median of {s['timing_repeats']} runs, in the "
-        "same process." + (f" The digits quality and editing rows were measured again, with spreads, by "
+        f"of the classifier otherwise (digits). {_older_ruler(report)}Timings: batch {s['timing_batch']}, median of "
+        f"{s['timing_repeats']} runs, in the same process." + (f" The digits quality and editing rows were measured again, with spreads, by "
                            f"`{report.remeasured['command']}` on {report.remeasured['date']} (the timings are the "
                            "first command's)." if report.remeasured else ""), ""]
     lines += pixel.quality_section(report, rel(out_dir / "fid_vs_nfe.png", path), rel(out_dir / "fid_vs_seconds.png", path))
@@ -50,7 +50,8 @@ def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
     lines += latent.section(report, out_dir) + lora.section(report, out_dir) + tcd.section(report, out_dir)
     lines += pixel.speedup_section(report)
     lines += sdxl.section(report) + flow.section(report) + memory.section(out_dir) + serve.section(report)
-    lines += ruler.section(report) + testbed.section(report) + testbed.act_balance(out_dir) + ect.section(out_dir) + pixel.heun_section(out_dir)
+    lines += ruler.section(report) + testbed.section(report) + testbed.act_balance(out_dir)
+    lines += ect.section(out_dir) + pixel.heun_section(out_dir)
     lines += claims.section(report, out_dir) + quality_check.section(report)
     write_text(path, "\n".join(lines) + "\n")
 
@@ -62,8 +63,9 @@ EMOJI_SECTIONS = {"latent": "LCM", "lora": "LCM-LoRA", "tcd": "TCD", "guided_lat
 def _older_ruler(report: BenchReport) -> str:
     """The emoji sections whose rows were scored before the feature network, on the group classifier's features
     (a section records the network that gave its features under "features")."""
-    old = [title for key, title in EMOJI_SECTIONS.items()
-           if getattr(report, key, None) and getattr(report, key).get("features", "emoji-classifier") == "emoji-classifier"]
+    sections = {title: getattr(report, key, None) for key, title in EMOJI_SECTIONS.items()}
+    old = [title for title, section in sections.items()
+           if section and section.get("features", "emoji-classifier") == "emoji-classifier"]
     if not old:
         return ""
     return (f"The emoji rows of the {', '.join(old)} section{'s' * (len(old) > 1)} were scored before `emoji-features` "

@@ -20,7 +20,7 @@ def measure(models_dir: Path, settings, command: str = "") -> dict:
     num = min(max(300, settings.num), len(ruler.data))
     return {"command": command, "num": num, "seed": settings.seed, "features": ruler.name,
             "features_view_accuracy": ruler.feature_net.config.heldout_accuracy,
-            "rows": {ruler.name: sanity_rows(ruler, num, settings.seed), old.name: sanity_rows(old, num, settings.seed)}}
+            "rows": {r.name: sanity_rows(r, num, settings.seed) for r in (ruler, old)}}
 
 
 def _cell(rows: dict, name: str) -> str:
