@@ -45,6 +45,7 @@ import torch
 from ablation import main, write_result
 from safetensors.torch import load_file
 
+from fewstep.bench.results import features_of
 from fewstep.eval.evaluate import evaluate, ruler_for
 from fewstep.models.folders import load_model
 from fewstep.objectives.consistency import ConsistencyLoss
@@ -193,7 +194,7 @@ def score() -> None:
         previous = {}
     ict = load_model(MODELS / "emoji-pixel-ict")
     ruler = ruler_for(ict, MODELS)
-    if previous.get("features", "emoji-classifier") != ruler.name:     # scored on another feature network
+    if features_of(previous) != ruler.name:     # scored on another feature network
         previous = {}
     ict_t = ict.config.training
     ict_core_min = ict_t["wall_seconds"] * ict_t["threads"] / 60

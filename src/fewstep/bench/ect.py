@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .format import fid, verdict
+from .results import features_of
 
 RESULT = "ect_cost.json"
 FRACTION = 4            # the target: iCT's 2-step FID at ≤ 1/4 of its cost
@@ -128,6 +129,6 @@ def claim(results: Path):
 
 def _where(d: dict) -> str:
     """The claim's section, with the network its FIDs were scored on where that is not the emoji ruler's now."""
-    features = d.get("features", "emoji-classifier")
+    features = features_of(d)
     return "ECT's cost" if features == "emoji-features" else (
         f"ECT's cost (scored on `{features}`'s features, before `emoji-features`: its runs' checkpoints are not kept)")

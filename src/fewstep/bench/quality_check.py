@@ -20,11 +20,11 @@ from ..eval.evaluate import Ruler, dataset_ruler
 from ..io.validate import load_json
 from ..models.folders import load_model
 from ..models.handle import Model
-from ..models.loras import apply_loras
+from ..models.loras import LORA_FILE, apply_loras
+from ..models.tiny_vae import KIND as TINY_VAE
 from .measure import quality_rows
 
 NUM, SEED, MAX_STEPS = 200, 0, 4
-LORA_KINDS = ("lcm-lora", "tcd-lora", "style")
 
 
 @dataclass(frozen=True)
@@ -42,17 +42,17 @@ class Check:
 
 
 def shipped(models_dir: Path) -> list[Check]:
-    """Every generator among ``models_dir``'s folders (module docstring), by name."""
+    """Every generator among ``models_dir``'s folders (module docstring), by name: a LoRA folder (it holds
+    :data:`fewstep.models.loras.LORA_FILE`) whose base is shipped too, or a model folder (any other fewstep.json but a
+    tiny autoencoder's)."""
     found = []
     for folder in sorted(p for p in models_dir.iterdir() if (p / "fewstep.json").is_file()):
         info = load_json(folder / "fewstep.json", "a model's fewstep.json (a JSON object)")
-        kind = info.get("kind")
-        if kind in LORA_KINDS:
-            base = models_dir / Path(info.get("base", "")).name
-            if base.is_dir():
-                found.append(Check(folder.name, folder, base))
-        elif kind != "tiny-vae":
-            found.append(Check(folder.name, folder))
+        base = models_dir / Path(info.get("base", "")).name
+        if not (folder / LORA_FILE).is_file():
+            found += [Check(folder.name, folder)] if info.get("kind") != TINY_VAE else []
+        elif base.is_dir():
+            found.append(Check(folder.name, folder, base))
     return found
 
 

@@ -27,7 +27,7 @@ from . import (
     tcd,
     testbed,
 )
-from .results import BenchReport
+from .results import OLD_FEATURES, BenchReport, features_of
 
 
 def write_markdown(report: BenchReport, path: Path, out_dir: Path) -> None:
@@ -65,7 +65,7 @@ def _older_ruler(report: BenchReport) -> str:
     (a section records the network that gave its features under "features")."""
     sections = {title: getattr(report, key, None) for key, title in EMOJI_SECTIONS.items()}
     old = [title for title, section in sections.items()
-           if section and section.get("features", "emoji-classifier") == "emoji-classifier"]
+           if section and features_of(section) == OLD_FEATURES]
     if not old:
         return ""
     return (f"The emoji rows of the {', '.join(old)} section{'s' * (len(old) > 1)} were scored before `emoji-features` "

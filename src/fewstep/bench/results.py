@@ -51,6 +51,15 @@ class BenchReport:
     remeasured: dict = field(default_factory=dict)                  # --only digits: {"command", "date"}
 
 
+OLD_FEATURES = "emoji-classifier"   # what emoji sections were scored on before they recorded it
+
+
+def features_of(section: dict) -> str:
+    """The network whose features scored a section's FIDs (its "features"; sections from before the feature network
+    recorded none: the group classifier's)."""
+    return section.get("features", OLD_FEATURES)
+
+
 def load_report(bench_json: Path, missing: str) -> BenchReport:
     """A saved bench.json (keys this version does not know are dropped); ``missing`` says what to do."""
     if not bench_json.is_file():

@@ -17,7 +17,7 @@ from ..models.folders import load_model
 from . import flow, guided, guided_latent, latent, lora, pixel, quality_check, sdxl, serve, tcd, testbed
 from . import ruler as ruler_check
 from .report import machine, plots, write_markdown
-from .results import BenchReport, BenchSettings, load_report
+from .results import BenchReport, BenchSettings, features_of, load_report
 
 
 def run_bench(models_dir: Path, out_dir: Path, settings: BenchSettings, command: str = "fewstep bench",
@@ -62,7 +62,7 @@ def teacher_rows(latent_section: dict, models_dir: Path) -> dict:
     """The emoji teacher's quality rows by sampler, from the latent section (so the LoRA and guided-latent
     sections reuse them), with the sample count they were measured on under "num"; none when that section was
     scored on another feature network than the emoji ruler's now."""
-    if latent_section.get("features", "emoji-classifier") != dataset_ruler_name(models_dir, "emoji"):
+    if features_of(latent_section) != dataset_ruler_name(models_dir, "emoji"):
         return {}
     rows = {k.split("/", 1)[1]: v for k, v in latent_section.get("quality", {}).items() if k.startswith("emoji-sd/")}
     return {**rows, "num": latent_section.get("num")} if rows else {}

@@ -15,7 +15,7 @@ from ..models.folders import load_model
 from ..models.loras import apply_loras, lora_info
 from .format import acc, fid, ratio_cell, teacher_best, verdict
 from .measure import quality_rows
-from .results import folder_digest
+from .results import features_of, folder_digest
 
 PAIRS = (("emoji-sdxl", "emoji-sdxl-lcm-lora"), ("emoji-sd", "emoji-lcm-lora"))
 TEACHER_STEPS = {"dpmpp-2m": (4, 8, 25), "ddim": (25,)}
@@ -35,7 +35,7 @@ def measure(models_dir: Path, settings, command: str = "", pairs=PAIRS, teacher_
     out: dict = {"command": command, "num": settings.num, "seed": settings.seed, "features": features, "quality": {},
                  "loras": {}, "teachers": {}, "fingerprints": {}}
     same = bool(previous) and previous.get("num") == settings.num and previous.get("seed", 0) == settings.seed and \
-        previous.get("features", "emoji-classifier") == features
+        features_of(previous) == features
     for teacher_name, lora_name in pairs:
         if not (models_dir / teacher_name).is_dir():
             continue

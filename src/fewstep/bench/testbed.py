@@ -30,7 +30,7 @@ from ..models.handle import Model
 from .format import acc, fid, ratio_cell, teacher_best, teacher_rows, verdict
 from .measure import quality_rows
 from .pixel import consistency_table, editing_table, measure_editing, training_cost
-from .results import folder_digest, load_report, reusable_rows
+from .results import features_of, folder_digest, load_report, reusable_rows
 
 TEACHER = "emoji-pixel-teacher"
 PROGRESS = "emoji_pixel.progress.json"   # the rows measured so far, beside bench.json
@@ -114,7 +114,7 @@ def _same(section: dict, settings) -> bool:
 def _scored_on(sections: list[dict], features: str) -> list[dict]:
     """Those scored on the feature network ``features`` (sections from before it name none: the group classifier's
     features). Quality rows are reused only from these; editing (accuracy and PSNR, no FID) from any."""
-    return [s for s in sections if s.get("features", "emoji-classifier") == features]
+    return [s for s in sections if features_of(s) == features]
 
 
 def measure(models_dir: Path, settings, command: str = "", progress: Path | None = None) -> dict:
@@ -194,7 +194,7 @@ def _with_steps(quality: dict) -> list[str]:
 
 
 def _features(section: dict) -> str:
-    name = section.get("features", "emoji-classifier")
+    name = features_of(section)
     return ("the feature network `emoji-features` (the ruler's FID features, \"The ruler\")" if name == "emoji-features"
             else f"the features of `{name}` (the 9-group classifier: the ruler before `emoji-features`)")
 

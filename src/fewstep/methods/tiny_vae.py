@@ -21,6 +21,7 @@ from ..models.config import CONFIG_NAME
 from ..models.data import ImageData, prepared
 from ..models.folders import write_folder
 from ..models.handle import Model
+from ..models.tiny_vae import KIND as TINY_VAE
 from ..nets.tiny_vae import build_tiny_vae
 from ..objectives.autoencoder import TinyVAELoss, TinyVAEPair
 from ..sampling.generate import condition_batch, sampler_options
@@ -104,9 +105,9 @@ def distill_tiny_vae(base: Model, data: ImageData, out: str | Path, config: Trai
     if result is None:
         return None
     tiny = result.ema.tiny.requires_grad_(False).eval()
-    record = run.record("tiny-vae", result, base.path, decoder_parameters=parameters(tiny.decoder),
+    record = run.record(TINY_VAE, result, base.path, decoder_parameters=parameters(tiny.decoder),
                         encoder_parameters=parameters(tiny.encoder), vae_decoder_parameters=parameters(base.parts["vae"].decoder))
-    info = {"kind": "tiny-vae", "base": str(base.path), "dataset": data.name, "settings": asdict(settings),
+    info = {"kind": TINY_VAE, "base": str(base.path), "dataset": data.name, "settings": asdict(settings),
             "training": record}
     what = (f"A tiny autoencoder (TAESD-style `AutoencoderTiny`) distilled against `{base.path}`'s VAE on `{data.name}` "
             f"({len(data)} images): decoder {record['decoder_parameters'] / 1e3:.0f}k parameters against the VAE "

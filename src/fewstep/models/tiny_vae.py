@@ -15,6 +15,8 @@ from ..io.weights import check_finite, check_float_weights
 from .codecs import TinyVAECodec
 from .handle import Model
 
+KIND = "tiny-vae"      # the fewstep.json kind of a tiny-autoencoder folder (a decoder: it makes no images alone)
+
 TINY_VAE_CLASS = "AutoencoderTiny"
 
 

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..core.denoisers import append_dims
 from ..nets.discriminator import Discriminator
 from .base import load_optimizer_state, optimizer_state
 from .consistency import ConsistencyLoss
@@ -171,17 +172,22 @@ class AdversarialConsistencyLoss:
         self.optimizer.zero_grad(set_to_none=True)
         with_r1 = self.r1_gamma > 0 and step % self.r1_interval == 0
         logs = [self._discriminator_loss(model, half, with_r1, len(pending)) for half in pending]
-        if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
             for p in self.discriminator.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
+                    p.grad /= world
         self.optimizer.step()
         self._d_logs = {k: sum(log[k] for log in logs) / len(logs) for k in logs[0]}
         if with_r1:
-            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             images = sum(2 * len(h["images"]) for h in pending) * world      # the loaded images of the whole step
             self.augment.update(self._d_logs["r1"], images, self.r1_interval)
+
+    def _level(self, images: Tensor) -> Tensor:
+        """One σ per image, drawn as the generator's upper levels are at this step (``train_time_sampler``)."""
+        c = self.consistency
+        return c.curriculum.sample_pairs(len(images), c.step, c.schedule)[1].to(images.device)
 
     def _discriminator_loss(self, model: nn.Module, half: dict[str, Tensor], with_r1: bool, parts: int) -> dict[str, float]:
         """λ·(softplus(D(fake)) + softplus(−D(real)) + R1) on one micro-batch's half, back-propagated into D /
@@ -190,15 +196,12 @@ class AdversarialConsistencyLoss:
         fakes, reals = halves(half)
         consistency, disc, p = self.consistency, self.discriminator, self.augment.p
         x0, cond = fakes["images"], consistency.condition(fakes)
-        _, sigma = (s.to(x0.device) for s in consistency.curriculum.sample_pairs(len(x0), consistency.step,
-                                                                               consistency.schedule))
+        sigma = self._level(x0)
         with torch.no_grad():
-            fake_images = model(x0 + sigma.view(-1, *[1] * (x0.ndim - 1)) * torch.randn_like(x0), sigma, **cond)
+            fake_images = model(x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0), sigma, **cond)
         fake = disc(diff_augment(fake_images, p), sigma, **cond)
         real_cond = consistency.condition(reals)
-        _, real_sigma = (s.to(x0.device) for s in consistency.curriculum.sample_pairs(len(reals["images"]),
-                                                                                    consistency.step,
-                                                                                    consistency.schedule))
+        real_sigma = self._level(reals["images"])
         real_x = reals["images"].detach().requires_grad_(with_r1)
         r1 = torch.zeros((), device=x0.device)
         with sdpa_kernel(SDPBackend.MATH) if with_r1 else contextlib.nullcontext():  # double backward: no fused attention kernels
