@@ -75,7 +75,7 @@ def render_report(bench_json: Path, markdown: Path, out_dir: Path) -> None:
 
 def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: BenchSettings, command: str,
                      markdown: Path | None) -> None:
-    """``fewstep bench --only digits|guided|guided-latent|latent|lora|tcd|ruler|quality-check|emoji-pixel|sdxl|flow|serve|serve-sliders``: one section measured
+    """``fewstep bench --only digits|guided|guided-latent|latent|lora|tcd|ruler|quality-check|emoji-pixel|sdxl|flow|serve|serve-sliders|serve-backends``: one section measured
     alone and merged into the ``--reuse`` report (its other sections, command and date stay as they were; digits
     re-measures the digits quality and editing rows, keeps the timings, and matches the speedups to them)."""
     missing = f"--only {name} merges into a previous report: give --reuse OLD/bench.json"
@@ -106,6 +106,8 @@ def run_section_only(name: str, models_dir: Path, out_dir: Path, settings: Bench
         report.serve = serve.measure(models_dir, settings, command, teacher_rows(report.latent, models_dir))
     elif name == "serve-sliders":   # the LoRA sliders' servers alone, into the serve section
         report.serve = serve.measure_sliders(models_dir, settings, command, report.serve)
+    elif name == "serve-backends":  # the backends' calls alone, into the serve section
+        report.serve = serve.measure_backends(models_dir, command, report.serve)
     elif name == "tcd":
         report.tcd = tcd.measure(models_dir, settings, command, teacher_rows(report.latent, models_dir))
     elif name == "guided-latent":

@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
                    help="measure nothing: rewrite the markdown from --reuse's bench.json (picks up "
                         "bench/results/lcm_ablation.json after bench/lcm_ablation.py)")
     p.add_argument("--only", choices=["digits", "guided", "guided-latent", "latent", "lora", "tcd", "ruler", "quality-check", "emoji-pixel",
-                                      "sdxl", "flow", "serve", "serve-sliders"],
+                                      "sdxl", "flow", "serve", "serve-sliders", "serve-backends"],
                    help="run one section and merge it into the --reuse report: digits (the digits teacher's "
                         "solvers and the consistency models, quality and editing; the timings are kept), guided (guided and progressive "
                         "distillation on digits), guided-latent (stages 1 and 2 on the emoji pipeline, beside the LCM), latent (the emoji "
@@ -43,8 +43,10 @@ def add_parser(sub) -> None:
                         "run resumes from OUT/emoji_pixel.progress.json), flow (the FLUX- and SD3-format teachers over "
                         "a guidance × steps grid and their LCM-LoRAs), serve (fewstep "
                         "serve against diffusers' LCM pipeline at 1/4/16 clients, the LoRA sliders of ./run serve "
-                        "fused and unfused against diffusers with the LoRAs fused, and the tiny VAE end to end), "
-                        "serve-sliders (only the LoRA sliders' servers, into the serve section)")
+                        "fused and unfused against diffusers with the LoRAs fused, every backend side by side, and the tiny "
+                        "VAE end to end), serve-sliders (only the LoRA sliders' servers, into the serve section), "
+                        "serve-backends (only the served networks' calls on eager, TorchScript, ONNX Runtime, "
+                        "OpenVINO and torch.compile, into the serve section)")
     p.set_defaults(func=run)
 
 

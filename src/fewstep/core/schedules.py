@@ -167,10 +167,12 @@ class VPSchedule:
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """The inverse of :meth:`t_to_sigma` (k-diffusion's ``DiscreteSchedule.sigma_to_t``): σ on the
-        grid maps to its integer t exactly; σ outside [σ_0, σ_{T−1}] is clamped to the ends."""
+        grid maps to its integer t exactly; σ outside [σ_0, σ_{T−1}] is clamped to the ends. The bracketing
+        index is ``searchsorted``'s (left), written as the count of grid levels below σ: ONNX has no
+        searchsorted, and ``fewstep serve`` exports this to ONNX Runtime."""
         log_sigmas = self.sigmas.log()
         log_sigma = sigma.to(torch.float64).log().clamp(log_sigmas[0], log_sigmas[-1])
-        hi = torch.searchsorted(log_sigmas, log_sigma).clamp(1, self.num_train_timesteps - 1)
+        hi = (log_sigmas < log_sigma[..., None]).sum(-1).clamp(1, self.num_train_timesteps - 1)
         lo = hi - 1
         w = (log_sigma - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])
         return (lo + w.clamp(0, 1)).to(sigma.dtype if sigma.is_floating_point() else torch.float32)

@@ -17,9 +17,9 @@
   request takes the fused state of its λs when it starts and keeps it to its end; until that state is ready it
   is answered by the unfused peft adapters at its λs (their scales set just before each of its batches). Requests with different λs, or one fused and one
   unfused, never share a batch. ``fuse=False`` (``fewstep serve --no-fuse``) keeps every request unfused.
-- **No Python per network call**: the denoiser and the decoder run as checked TorchScript traces
-  (:mod:`fewstep.serve.traced`; a fused slider state's weights as inputs of its trace), except the unfused
-  LoRA path.
+- **No Python per network call**: the denoiser and the decoder run as checked traces compiled for the
+  fastest backend that replays them — ONNX Runtime, else TorchScript, else eager (:mod:`fewstep.serve.traced`;
+  a fused slider state's weights as inputs of its trace), except the unfused LoRA path.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from ..sampling.generate import generate
 from .batching import Batched, Cancelled, MicroBatcher, Ticket
 from .protocol import MAX_NUM, Request, limits
 from .sliders import FusedSliders, Unsupported
-from .traced import Traced
+from .traced import Traced, backend_chain
 
 log = logging.getLogger("fewstep.serve")
 
@@ -112,6 +112,30 @@ class BatchedCodec:
         return getattr(self._codec, name)
 
 
+class Standin:
+    """A network's stand-in: calls go to ``fn``, :meth:`parameters` are ``module``'s (what
+    :attr:`fewstep.models.handle.Model.device` reads)."""
+
+    def __init__(self, fn, module: Any) -> None:
+        self.fn, self.module = fn, module
+
+    def __call__(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        return self.fn(*args, **kwargs)
+
+    def parameters(self):
+        return self.module.parameters()
+
+
+def compiled(model: Model, backend: str = "auto") -> Model:
+    """``model`` with its denoiser and decoder run as ``fewstep serve`` runs them, as checked traces on ``backend``
+    (:mod:`fewstep.serve.traced`), for one caller at a time and no batcher: scripts, and the bench's end to end."""
+    view = copy.copy(model)
+    view.denoiser = Standin(Traced(model.denoiser, "denoise", backend=backend), model.denoiser)
+    if not model.codec.pixels:
+        view.codec = BatchedCodec(model.codec, Traced(model.codec.decode, "decode", backend=backend))
+    return view
+
+
 @dataclass
 class Job:
     client: Hashable
@@ -126,12 +150,12 @@ class Engine:
     """Serves ``model`` (with its unfused LoRAs as sliders, if any) to many clients at once (module docstring)."""
 
     def __init__(self, model: Model, max_batch: int = 64, max_wait: float = 0.004, workers: int = 32,
-                 queue_limit: int = 64, result_cache: int = 256, prompt_cache: int = 1024, trace: bool = True,
+                 queue_limit: int = 64, result_cache: int = 256, prompt_cache: int = 1024, backend: str = "auto",
                  fuse: bool = True) -> None:
         self.model, self.queue_limit = model, queue_limit
         self.variants = {n: serving(model, n) for n in model.config.serves_steps}   # a progressive folder's students
         self.adapters = list(getattr(model.backbone, "peft_config", {}))    # unfused LoRAs (sliders), if any
-        self.trace = trace               # (the unfused LoRA path is never traced: it would freeze the adapter scales)
+        self.backend = backend_chain(backend)[0]    # (the unfused LoRA path stays eager: a trace would freeze its scales)
         self._networks: dict[tuple, Any] = {}
         weights = [float(lora["weight"]) for lora in model.config.loras][:len(self.adapters)]
         self.info = limits(model, weights)
@@ -251,15 +275,15 @@ class Engine:
         return view
 
     def network(self, name: str, owner: Any, fn, weighted: bool = False):
-        """``fn`` (``owner``'s denoiser or decoder) as the batcher runs it: traced unless tracing is off
-        (``weighted``: ``fn(weights, ...)``, the weights inputs of the trace)."""
-        if not self.trace:
+        """``fn`` (``owner``'s denoiser or decoder) as the batcher runs it: compiled on the engine's backend unless
+        that is eager (``weighted``: ``fn(weights, ...)``, the weights inputs of the trace)."""
+        if self.backend == "eager":
             return fn
         key = (name, id(owner))
         with self._lock:
             if key not in self._networks:
                 what = getattr(owner, "path", None) or getattr(getattr(owner, "model", None), "path", None)
-                self._networks[key] = Traced(fn, f"{name} of {what or type(owner).__name__}", weighted)
+                self._networks[key] = Traced(fn, f"{name} of {what or type(owner).__name__}", weighted, self.backend)
             return self._networks[key]
 
     def _denoiser(self, model: Model, weights: tuple[float, ...]) -> tuple[Any, Hashable]:
@@ -297,7 +321,17 @@ class Engine:
                 "p95_ms": pct[18] if pct else None, "mean_batch": b.rows / b.batches if b.batches else 0.0,
                 "inflight": self._inflight, "requests": len(log),
                 "prompt_cache_hits": self.prompts.cache.hits if self.prompts else 0,
-                "result_cache_hits": self.results.hits, **({"lora_weights": dict(self.served)} if self.adapters else {})}
+                "result_cache_hits": self.results.hits, "backends": self.backends(),
+                **({"lora_weights": dict(self.served)} if self.adapters else {})}
+
+    def backends(self) -> dict[str, list[str]]:
+        """The backend each served network runs on, per input signature seen (``{"denoise": ["onnxruntime"], ...}``)."""
+        with self._lock:
+            networks = dict(self._networks)
+        out: dict[str, list[str]] = {}
+        for (name, _), net in networks.items():
+            out.setdefault(name, []).extend(net.backends if isinstance(net, Traced) else ["eager"])
+        return out
 
     def close(self) -> None:
         with self._lock:
@@ -307,6 +341,9 @@ class Engine:
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.sliders is not None:
             self.sliders.close()
+        for net in self._networks.values():
+            if isinstance(net, Traced):
+                net.close()
 
 
 def _lora_layers(unet) -> list:
