@@ -10,7 +10,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 # lowest first: a layer may import the ones before it, never one after it
 LAYERS = ("errors", "io", "core", "nets", "objectives", "models", "training", "sampling", "editing", "methods",
-          "eval", "bench", "serve", "cli")
+          "eval", "serve", "bench", "cli")
 
 
 def import_graph(src: Path, package: str) -> dict[str, set[str]]:

@@ -8,9 +8,12 @@ its overhead (DESIGN.md §5).
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -108,3 +111,16 @@ def speed_rows(model: Model, step_sets: dict[str, tuple[int, ...]], batch: int, 
                      "seconds_per_image": per_image, "images_per_second": 1 / per_image,
                      "floor_seconds_per_image": floor, "overhead": per_image / floor})
     return rows
+
+
+def machine() -> str:
+    """The CPU's model name, its core count, torch's version and its threads now."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"

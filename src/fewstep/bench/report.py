@@ -4,10 +4,7 @@ sections (:mod:`.pixel`, :mod:`.guided`, :mod:`.guided_latent`, :mod:`.latent`, 
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
-
-import torch
 
 from ..io.atomic import write_text
 from . import (
@@ -101,15 +98,3 @@ def plots(report: BenchReport, out_dir: Path) -> None:
 
 def rel(target: Path, md: Path) -> str:
     return os.path.relpath(target.resolve(), md.resolve().parent)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"

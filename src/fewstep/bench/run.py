@@ -16,7 +16,8 @@ from ..io.atomic import write_text
 from ..models.folders import load_model
 from . import flow, guided, guided_latent, latent, lora, pixel, quality_check, sdxl, serve, tcd, testbed
 from . import ruler as ruler_check
-from .report import machine, plots, write_markdown
+from .measure import machine
+from .report import plots, write_markdown
 from .results import BenchReport, BenchSettings, features_of, load_report
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -42,7 +43,7 @@ from ..models.tiny_vae import with_tiny_vae
 from ..serve.engine import compiled
 from . import serve_backends
 from .format import acc, fid, verdict
-from .measure import quality_rows, sample_run, side_by_side
+from .measure import machine, quality_rows, sample_run, side_by_side
 from .serve_load import closed_loop, server_process
 
 TEACHER, LCM, TINY = "emoji-sd", "emoji-lcm", "emoji-tiny-vae"
@@ -140,7 +141,8 @@ def serving(models_dir: Path, threads: int, seconds: float, rounds: int, parts=(
                           f"{row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  load {row['load'][0]:.2f}", flush=True)
     out: dict = {}
     for part in plan:
-        out[part], out[f"{part}_load"], out[f"{part}_command"] = [], {"before": before, "cpus": os.cpu_count()}, command
+        out[part], out[f"{part}_load"], out[f"{part}_command"] = [], {"before": before, "cpus": os.cpu_count(),
+                                                                    "machine": machine()}, command
         for (p, name, n), runs in found.items():
             if p == part:
                 mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("images_per_second", "p50_ms", "p95_ms")}
@@ -219,7 +221,11 @@ def _load_note(load: dict | None, rows: list[dict]) -> str:
         return ""
     before = load["before"]
     return (f"Load average (1 min) before any server started {before[0]:.2f} / {before[1]:.2f} (1 / 5 min) on "
-            f"{load['cpus']} CPU(s), {min(during):.2f}–{max(during):.2f} as the measurements ended.")
+            f"{_where(load)}, {min(during):.2f}–{max(during):.2f} as the measurements ended.")
+
+
+def _where(load: dict) -> str:
+    return load.get("machine") or f"{load['cpus']} CPU(s)"
 
 
 def _sliders_section(g: dict) -> list[str]:
@@ -227,7 +233,7 @@ def _sliders_section(g: dict) -> list[str]:
     if not g.get("sliders"):
         return []
     rows = {(r["server"], r["clients"]): r for r in g["sliders"]}
-    load, cpus = g["sliders_load"]["before"], g["sliders_load"]["cpus"]
+    load = g["sliders_load"]["before"]
     loads = [lo[0] for r in g["sliders"] for lo in r.get("load", [])]
     idle = load[0] < 0.5 and load[1] < 0.5
     lines = ["", "### LoRA sliders: the set `./run serve` starts", "",
@@ -239,7 +245,7 @@ def _sliders_section(g: dict) -> list[str]:
              f"shown). `--no-fuse --backend eager` is how the sliders were served before fused weights (the peft adapters "
              f"unfused, their scales set per batch, nothing traced). Load average (1 min) when each measurement "
              f"ended in the last column (the servers under test count in it); before any server started: "
-             f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) on {cpus} CPU(s).", "",
+             f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) on {_where(g['sliders_load'])}.", "",
              "| server | clients | images/s | p50 ms | p95 ms | × diffusers | × unfused | load |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in SLIDER_SERVERS:
@@ -260,8 +266,24 @@ def _sliders_section(g: dict) -> list[str]:
                    f"{'met' if x16 >= 10 else 'missed'}), ratios of servers measured side by side in one run on {quiet} "
                    f"(load {load[0]:.2f} / {load[1]:.2f} before the servers started, {min(loads):.2f}–{max(loads):.2f} "
                    f"during; the absolute images/s need an idle machine, the ratios less so)")
-        lines += ["", f"`{FUSED}`: {x1:.2f}× diffusers' images/s at 1 client {verdict}."]
+        lines += ["", f"`{FUSED}`: {x1:.2f}× diffusers' images/s at 1 client {verdict}.{_ceiling(g, b16)}"]
     return lines
+
+
+def _ceiling(g: dict, baseline16: dict) -> str:
+    """What the served networks' own time allows at 16 clients: every step one full batch of 16 on ONNX Runtime
+    (the backends table), no other cost."""
+    rows = {(r["backend"], r["network"], r["batch"]): r["ms"] for r in (g.get("backends") or {}).get("rows", [])}
+    den, dec = rows.get(("onnxruntime", "denoiser", 16)), rows.get(("onnxruntime", "decoder", 16))
+    if not den or not dec:
+        return ""
+    per_image = (SLIDER_REQUEST["steps"] * statistics.median(den) + statistics.median(dec)) / 16
+    ceiling = 1e3 / per_image
+    return (f" The networks alone bound it: {SLIDER_REQUEST['steps']} denoiser calls and one decoder call per batch of "
+            f"16 on ONNX Runtime (the backends table below) take {per_image:.2f} ms per image, at most "
+            f"{ceiling:.0f} images/s = {ceiling / baseline16['images_per_second']:.1f}× diffusers' here, with every "
+            f"batch full and nothing else costing time (the PNGs, the WebSocket, the 16 clients themselves on the "
+            f"same CPUs).")
 
 
 def _targets(rows: dict, base: dict) -> list[str]:

@@ -33,6 +33,7 @@ from torch import Tensor
 from ..models.loras import load_with_loras
 from ..models.tiny_vae import with_tiny_vae
 from ..serve.traced import onnxruntime, torchscript
+from .measure import machine
 
 BATCHES = (1, 4, 16)
 BACKENDS = ("eager", "torchscript", "onnxruntime", "openvino", "torch.compile")
@@ -98,7 +99,7 @@ def _measure(models_dir: Path, threads: int, rounds: int, command: str) -> dict:
         print(f"{r['backend']:<14} {r['network']:<9} batch {r['batch']:>2}: {statistics.median(r['ms']):7.3f} ms "
               f"(max |diff| vs eager {r['max_abs_diff']:.1e})", flush=True)
     return {"rows": rows, "skipped": skipped, "threads": threads, "rounds": rounds, "load": list(os.getloadavg()),
-            "cpus": os.cpu_count(), "command": command, "torch": torch.__version__, "versions": _versions()}
+            "cpus": os.cpu_count(), "machine": machine(), "command": command, "torch": torch.__version__, "versions": _versions()}
 
 
 def _randn(*shape: int, seed: int) -> Tensor:
@@ -161,7 +162,8 @@ def section(g: dict) -> list[str]:
              f"{g['threads']} torch thread(s), {g['rounds']} interleaved rounds: median ms per call (range over the "
              f"rounds). OpenVINO at float32; `torch.compile` is Inductor with `dynamic=True`; torch {g['torch']}, "
              + ", ".join(f"{k} {v}" for k, v in g.get("versions", {}).items())
-             + f". Load average when it ended {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) on {g['cpus']} CPU(s).{skipped}",
+             + f". Load average when it ended {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) on "
+             f"{g.get('machine') or str(g['cpus']) + ' CPU(s)'}.{skipped}",
              "", "| backend | network | batch 1 ms | batch 4 ms | batch 16 ms | × eager at 1 | × eager at 16 | "
              "max abs diff vs eager |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for net in ("denoiser", "decoder"):

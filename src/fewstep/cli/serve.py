@@ -53,7 +53,9 @@ def add_parser(sub) -> None:
                         "CPU; the fastest measured here: ~4x eager at batch 1 on a CPU), by TorchScript (any device "
                         "or dtype, ~2x), or 'eager' (diffusers' Python per call). Every trace is checked against eager "
                         "at start-up and falls back to the next (onnxruntime, torchscript, eager). Default 'auto': "
-                        "onnxruntime if installed, else torchscript. The unfused --no-fuse LoRA path is always eager")
+                        "onnxruntime if installed, else torchscript. ONNX Runtime holds its own copy of the weights (and one per "
+                        "fused slider state it binds, two at most): for a large base on a small machine, torchscript. "
+                        "The unfused --no-fuse LoRA path is always eager")
     p.add_argument("--no-trace", action="store_const", const="eager", dest="backend", help="the same as --backend eager")
     p.add_argument("--no-fuse", action="store_true",
                    help="serve --lora sliders from the unfused peft adapters (each request's weights set as adapter "

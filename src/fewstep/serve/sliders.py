@@ -23,12 +23,13 @@ client's slider weights change, so a slider costs nothing per network call.
 - **One network for every state**: the served network is a plain copy of the UNet (diffusers' ``unload_lora``:
   each peft layer replaced by its base layer; every tensor shared with the unfused model, nothing copied) whose
   adapted weights are *inputs* of the call (:meth:`FusedSliders.__call__` puts them in place for the call), so
-  one TorchScript trace (:class:`fewstep.serve.traced.Traced` with ``weighted=True``) serves every slider state,
-  and eager is the checked fallback as for a plain model.
+  one trace (:class:`fewstep.serve.traced.Traced` with ``weighted=True``) serves every slider state, and eager is the
+  checked fallback as for a plain model.
 
 Memory: one unit delta per adapter and adapted layer, and one set of adapted weights per kept state: for two
 adapters and ``keep`` = 4, about six times the adapted weights (a few MB for ``emoji-sd``; ``--no-fuse`` keeps
-none, for a large base on a small machine).
+none, for a large base on a small machine). On ONNX Runtime (:mod:`fewstep.serve.traced`) the session holds a
+copy of the network's weights, and each state bound into a session of its own (two at most) another.
 """
 
 from __future__ import annotations
