@@ -104,3 +104,13 @@ def test_saved_model_is_a_plain_diffusers_unet(tiny_model):
     for (k, v), w in zip(unet.state_dict().items(), ours.state_dict().values()):
         assert torch.equal(v, w), k
     assert not list(tiny_model.rglob("*.bin")) and not list(tiny_model.rglob("*.pt"))
+
+
+def test_serve_backend_flags():
+    """``--backend`` picks what runs the served networks (auto: ONNX Runtime); ``--no-trace`` is ``--backend eager``."""
+    def parse(*flags: str) -> str:
+        return build_parser().parse_args(["serve", "--model", "models/emoji-lcm", *flags]).backend
+
+    assert parse() == "auto" and parse("--backend", "torchscript") == "torchscript" and parse("--no-trace") == "eager"
+    with pytest.raises(SystemExit):
+        parse("--backend", "tensorrt")

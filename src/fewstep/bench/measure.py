@@ -113,14 +113,19 @@ def speed_rows(model: Model, step_sets: dict[str, tuple[int, ...]], batch: int, 
     return rows
 
 
-def machine() -> str:
-    """The CPU's model name, its core count, torch's version and its threads now."""
-    cpu = platform.processor() or platform.machine()
+def cpu() -> str:
+    """The CPU's model name and core count."""
+    name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def machine() -> str:
+    """The CPU (:func:`cpu`), torch's version and its threads now."""
+    return f"{cpu()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"

@@ -43,7 +43,7 @@ from ..models.tiny_vae import with_tiny_vae
 from ..serve.engine import compiled
 from . import serve_backends
 from .format import acc, fid, verdict
-from .measure import machine, quality_rows, sample_run, side_by_side
+from .measure import cpu, quality_rows, sample_run, side_by_side
 from .serve_load import closed_loop, server_process
 
 TEACHER, LCM, TINY = "emoji-sd", "emoji-lcm", "emoji-tiny-vae"
@@ -142,7 +142,7 @@ def serving(models_dir: Path, threads: int, seconds: float, rounds: int, parts=(
     out: dict = {}
     for part in plan:
         out[part], out[f"{part}_load"], out[f"{part}_command"] = [], {"before": before, "cpus": os.cpu_count(),
-                                                                    "machine": machine()}, command
+                                                                    "machine": cpu()}, command
         for (p, name, n), runs in found.items():
             if p == part:
                 mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("images_per_second", "p50_ms", "p95_ms")}

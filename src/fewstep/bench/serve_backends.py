@@ -33,7 +33,7 @@ from torch import Tensor
 from ..models.loras import load_with_loras
 from ..models.tiny_vae import with_tiny_vae
 from ..serve.traced import onnxruntime, torchscript
-from .measure import machine
+from .measure import cpu
 
 BATCHES = (1, 4, 16)
 BACKENDS = ("eager", "torchscript", "onnxruntime", "openvino", "torch.compile")
@@ -99,7 +99,7 @@ def _measure(models_dir: Path, threads: int, rounds: int, command: str) -> dict:
         print(f"{r['backend']:<14} {r['network']:<9} batch {r['batch']:>2}: {statistics.median(r['ms']):7.3f} ms "
               f"(max |diff| vs eager {r['max_abs_diff']:.1e})", flush=True)
     return {"rows": rows, "skipped": skipped, "threads": threads, "rounds": rounds, "load": list(os.getloadavg()),
-            "cpus": os.cpu_count(), "machine": machine(), "command": command, "torch": torch.__version__, "versions": _versions()}
+            "cpus": os.cpu_count(), "machine": cpu(), "command": command, "torch": torch.__version__, "versions": _versions()}
 
 
 def _randn(*shape: int, seed: int) -> Tensor:

@@ -4,12 +4,14 @@ At real-time sizes on a CPU a small UNet's call is mostly Python — diffusers' 
 scalings, the module hooks — not arithmetic. A trace records the tensor operations of one call and a backend
 replays them without the Python, for any batch size (what StreamDiffusion gets from TensorRT on a GPU, and FastSD
 CPU from OpenVINO). Backends, fastest first where each applies (``fewstep bench --only serve-backends`` measures
-them side by side; on this project's CPU, one thread, the served ``emoji-sd`` UNet at batch 1: eager ~7.7 ms,
-TorchScript ~3.3, ONNX Runtime ~1.8, OpenVINO at float32 ~2.6, ``torch.compile`` ~4.5):
+them side by side, "Backends" in BENCHMARKS.md; on this project's CPU, one thread, the served ``emoji-sd`` denoiser
+at batch 1: eager 9.0 ms, TorchScript 3.2, ONNX Runtime 1.9, OpenVINO at float32 2.6, ``torch.compile`` 5.9):
 
 - ``onnxruntime``: the call exported by PyTorch's TorchScript-based ONNX exporter (``torch.onnx.export``, the batch
   dimension dynamic) into an ONNX Runtime CPU session with all graph optimisations, ``torch.get_num_threads()``
-  intra-op threads. Float32 CPU tensors only (half precision and other devices go to the next backend).
+  intra-op threads. Float32 CPU tensors only (half precision and other devices go to the next backend), and a
+  network under protobuf's 2 GB limit (a full-size SD UNet in float32 is over it: its export fails and it goes to
+  the next backend).
 - ``torchscript``: ``torch.jit.trace``, PyTorch's own tracer; any device and dtype.
 - ``eager``: the function itself (``fewstep serve --backend eager``), and every backend's fallback.
 
@@ -22,8 +24,10 @@ dimension stays free.
 
 A network whose weights change between calls (LoRA sliders served fused, :mod:`fewstep.serve.sliders`) is traced
 with those weights as *inputs* (``weighted=True``: ``fn(weights, *args, **kwargs)``), so one compiled call serves
-every slider state (in ONNX Runtime the weights are graph inputs fed each call, no copy); its probe also scales the
-weights by 1.05, so a trace that froze them shows.
+every slider state; its probe also scales the weights by 1.05, so a trace that froze them shows. In ONNX Runtime
+weights fed as inputs cost ~1.5× (its kernels prepack constant weights only), so a state called again gets a
+session of its own with them as constants (:meth:`OnnxCall.bind`), built and checked in the background while its
+calls go on with the weights as inputs; the last ``keep_bound`` (2) are kept.
 
 Not traced: a model with unfused LoRAs (``fewstep serve --no-fuse``, or adapters :mod:`~fewstep.serve.sliders`
 cannot fuse: peft's adapter scales are Python floats a trace would freeze, and the sliders change them per
