@@ -50,12 +50,12 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="what runs the denoiser and decoder: a trace of each call replayed by ONNX Runtime (float32 "
-                        "CPU; the fastest measured here: ~4x eager at batch 1 on a CPU), by TorchScript (any device "
-                        "or dtype, ~2x), or 'eager' (diffusers' Python per call). Every trace is checked against eager "
-                        "at start-up and falls back to the next (onnxruntime, torchscript, eager). Default 'auto': "
-                        "onnxruntime if installed, else torchscript. ONNX Runtime holds its own copy of the weights (and one per "
-                        "fused slider state it binds, two at most): for a large base on a small machine, torchscript. "
-                        "The unfused --no-fuse LoRA path is always eager")
+                        "CPU; the fastest measured here: ~5x eager at batch 1 on a CPU), by TorchScript (any device "
+                        "or dtype, ~3x), or 'eager' (diffusers' Python per call). Every trace is checked against "
+                        "eager at start-up and falls back to the next (onnxruntime, torchscript, eager). Default "
+                        "'auto': onnxruntime if installed, else torchscript. ONNX Runtime holds its own copy of the "
+                        "weights (and one per fused slider state it binds, two at most): for a large base on a small "
+                        "machine, torchscript. The unfused --no-fuse LoRA path is always eager")
     p.add_argument("--no-trace", action="store_const", const="eager", dest="backend", help="the same as --backend eager")
     p.add_argument("--no-fuse", action="store_true",
                    help="serve --lora sliders from the unfused peft adapters (each request's weights set as adapter "

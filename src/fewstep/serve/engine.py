@@ -155,7 +155,7 @@ class Engine:
         self.model, self.queue_limit = model, queue_limit
         self.variants = {n: serving(model, n) for n in model.config.serves_steps}   # a progressive folder's students
         self.adapters = list(getattr(model.backbone, "peft_config", {}))    # unfused LoRAs (sliders), if any
-        self.backend = backend_chain(backend)[0]    # (the unfused LoRA path stays eager: a trace would freeze its scales)
+        self.backend = backend_chain(backend)[0]    # (the unfused LoRA path stays eager: a trace freezes its scales)
         self._networks: dict[tuple, Any] = {}
         weights = [float(lora["weight"]) for lora in model.config.loras][:len(self.adapters)]
         self.info = limits(model, weights)

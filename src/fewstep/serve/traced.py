@@ -69,7 +69,8 @@ def backend_chain(backend: str) -> tuple[str, ...]:
     return BACKENDS[BACKENDS.index(backend):]
 
 
-def torchscript(fn: Callable[..., Tensor], example: tuple[Tensor, ...], batched: Sequence[bool]) -> Callable[..., Tensor]:
+def torchscript(fn: Callable[..., Tensor], example: tuple[Tensor, ...],
+                batched: Sequence[bool]) -> Callable[..., Tensor]:
     """``fn`` traced by ``torch.jit.trace`` on ``example`` (its batch dimension free: TorchScript's is)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # TracerWarnings: what they warn of is what the probe checks
@@ -179,8 +180,8 @@ class Traced:
 
     def _bound_call(self, sig: tuple, fn, weights: tuple[Tensor, ...], inputs: tuple[Tensor, ...]):
         """``fn`` bound to ``weights`` if that is ready, else None, a binding asked for in the background (the call
-        runs with the weights as inputs meanwhile). The last ``keep_bound`` are kept; an entry holds its weights,
-        so their ``id``\s (the key) cannot be another state's while it is kept."""
+        runs with the weights as inputs meanwhile). The last ``keep_bound`` are kept; an entry (and a binding under
+        way) holds its weights, so their ids (the key) cannot be another state's while it is kept."""
         key = (sig, *map(id, weights))
         with self._lock:
             entry = self._bound.get(key)
@@ -252,7 +253,8 @@ class Traced:
                 want = positional(*probe) if want is None else want
                 got = compiled(*probe)
             except Exception as e:  # an operation this backend cannot record: the next one is tried
-                log.info("%s: %s failed (%s: %s)", self.name, backend, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                first = (str(e).splitlines() or [""])[0]
+                log.info("%s: %s failed (%s: %s)", self.name, backend, type(e).__name__, first)
                 continue
             if got.shape == want.shape and torch.allclose(got, want, rtol=RTOL, atol=ATOL):
                 log.info("%s runs on %s", self.name, backend)
