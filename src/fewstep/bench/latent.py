@@ -1,6 +1,6 @@
 """The latent-consistency section of ``fewstep bench`` (Luo et al. 2023 on the emoji pipeline).
 
-Measures, with the emoji ruler (the shipped emoji classifier's features against all 3,655 emoji),
+Measures, with the emoji ruler (the feature network's features against all 3,655 emoji),
 the bench's sample count and seed, prompts = the emoji's own captions:
 - the teacher (``emoji-sd``) with classifier-free guidance, DDIM and DPM-Solver++ at 1, 2, 4, 8, 25 steps;
 - the LCM (``emoji-lcm``) at 1, 2, 4, 8 steps at the same guidance scale (one evaluation per step);
@@ -22,6 +22,7 @@ from ..eval.evaluate import ruler_for
 from ..models.folders import load_model
 from .format import acc, fid, ratio_cell, target_met, teacher_best, verdict
 from .measure import quality_rows, sample_run, side_by_side
+from .results import OLD_FEATURES, features_of
 
 TEACHER, LCM = "emoji-sd", "emoji-lcm"
 TEACHER_STEPS = (1, 2, 4, 8, 25)
@@ -77,7 +78,7 @@ def section(report, results: Path) -> list[str]:
              f"({tt.get('wall_seconds', 0) / 60:.0f} min, `{tt.get('command', '')}`). LCM `{LCM}`: LCD from it "
              f"(`{lt.get('command', '')}`, {lt.get('wall_seconds', 0) / 60:.0f} min on {lt.get('threads', '?')} thread(s)). "
              f"Guidance scale s = {s:g} for every row; {g['num']} samples per point, prompts = the emoji's own captions; "
-             f"FID on the emoji classifier's features against all 3,655 emoji; accuracy = the sample is classified into "
+             f"FID on the features of `{features_of(g)}` against all 3,655 emoji; accuracy = the sample is classified into "
              f"its caption's Unicode group. The teacher's best: FID {fid(ref)} ({where}), its lowest over every sampler and "
              f"step count measured. Targets: LCM 4-step FID ≤ 1.2× the teacher's best (≤ {1.2 * ref['fid']:.3f}); "
              f"accuracy within 3 points of it ({ref['cond_accuracy']:.3f}).", "",
@@ -111,7 +112,7 @@ def ablation_section(ab: dict | None) -> list[str]:
         return ["", "LCD ablations (skipping step, teacher solver, guidance range) and LCF: not measured yet "
                 "(`python bench/lcm_ablation.py` writes them)."]
     lines = ["", f"### LCD ablations ({ab['budget']})", "", f"Written by `{ab['command']}`. FID at 4 steps, "
-             f"{ab['num']} samples, s = {ab['guidance_scale']:g}.", "", "| run | k | solver | guidance range | FID @4 | acc. @4 |",
+             f"{ab['num']} samples, s = {ab['guidance_scale']:g}{_ruler_note(ab)}.", "", "| run | k | solver | guidance range | FID @4 | acc. @4 |",
              "|---|---:|---|---|---:|---:|"]
     for r in ab["runs"]:
         lines.append(f"| {r['name']} | {r['skip']} | {r['solver']} | {r['guidance_min']:g}–{r['guidance_max']:g} | "
@@ -131,7 +132,8 @@ def drift_section(d: dict | None) -> list[str]:
     steps = [p["step"] for p in d["runs"][0]["points"]]
     lines = ["", f"### LCD drift along training ({d['budget']})", "",
              f"Written by `{d['command']}`. Each run is `{LCM}`'s recipe with one change, trained on through the listed "
-             f"step counts (resumed, constant lr); FID at 4 / 2 steps, {d['num']} samples, s = {d['guidance_scale']:g}.", "",
+             f"step counts (resumed, constant lr); FID at 4 / 2 steps, {d['num']} samples, s = {d['guidance_scale']:g}"
+             f"{_ruler_note(d)}.", "",
              "| run | change | lr | " + " | ".join(f"{n:,} steps" for n in steps) + " |",
              "|---|---|---:|" + "---|" * len(steps)]
     for r in d["runs"]:
@@ -140,6 +142,13 @@ def drift_section(d: dict | None) -> list[str]:
         lr = f"{r['lr']:.0e}".replace("e-0", "e-")    # 1e-4, 2e-5
         lines.append(f"| {r['name']} | {change} | {lr} | " + " | ".join(cells.get(n, "–") for n in steps) + " |")
     return lines
+
+
+def _ruler_note(results: dict) -> str:
+    """Which features scored an ablation script's FIDs, where they are not the feature network's."""
+    name = features_of(results)
+    return (f"; scored on `{name}`'s features, before the feature network: comparable within this table, not with "
+            f"the one above") if name == OLD_FEATURES else f"; FID on `{name}`"
 
 
 def _read(path: Path) -> dict | None:
