@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from test_serve import close_images
 
 from fewstep.models.folders import load_model, pipeline_of, shipped_models_dir
 from fewstep.models.loras import apply_loras
@@ -84,13 +85,6 @@ def test_a_refuse_writes_nothing_a_request_holds(served):
         assert {w.data_ptr() for w in sliders.base} == unfused     # θ_pre shared with the unfused UNet, not copied
     finally:
         sliders.close()
-
-
-def close_images(a: list[str], b: list[str]) -> bool:
-    """Same PNGs within one 8-bit level (fused against unfused or batched: float rounding only)."""
-    from test_serve import pixels
-
-    return (pixels(a) - pixels(b)).abs().max().item() <= 1
 
 
 FUSED: dict = {}

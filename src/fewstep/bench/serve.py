@@ -68,7 +68,7 @@ def measure(models_dir: Path, settings, command: str = "", teacher_rows: dict | 
     """The section's numbers (empty when the emoji models are not there)."""
     if not all((models_dir / name).is_dir() for name in (TEACHER, LCM, TINY)):
         return {}
-    threads = max(1, (os.cpu_count() or 2) // 2)
+    threads = _threads()
     out = {"command": command, "features": dataset_ruler_name(models_dir, "emoji"), "threads": threads,
            "guidance_scale": 3.0, "steps": 4,
            "tiny_vae": json.loads((models_dir / TINY / "fewstep.json").read_text())}
@@ -85,14 +85,19 @@ def measure_sliders(models_dir: Path, settings, command: str, previous: dict) ->
     section (the rest of it kept as it was measured)."""
     if not all((models_dir / name).is_dir() for name in (TEACHER, TINY, LCM_LORA, STYLE_LORA)):
         return previous
-    threads = max(1, (os.cpu_count() or 2) // 2)
+    threads = _threads()
     return {**previous, **serving(models_dir, threads, *_duration(settings), parts=("sliders",), command=command)}
 
 
 def measure_backends(models_dir: Path, command: str, previous: dict) -> dict:
     """``fewstep bench --only serve-backends``: the backends' side-by-side calls alone, into the ``previous`` section."""
-    threads = max(1, (os.cpu_count() or 2) // 2)
+    threads = _threads()
     return {**previous, "backends": serve_backends.measure(models_dir, threads, command=command) or previous.get("backends")}
+
+
+def _threads() -> int:
+    """Torch threads per server (and for the backends' calls): half the CPUs, so clients and servers share them."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def _duration(settings) -> tuple[float, int]:

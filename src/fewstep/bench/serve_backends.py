@@ -80,8 +80,10 @@ def _measure(models_dir: Path, threads: int, rounds: int, command: str) -> dict:
         else:
             calls["openvino", net] = _openvino(exported.model, threads)
         calls["torch.compile", net] = _compiled(fn, inputs)
-    diffs = {key: max((call(*nets[key[1]][1](b)) - nets[key[1]][0](*nets[key[1]][1](b))).abs().max().item()
-                      for b in BATCHES) for key, call in calls.items()}
+    probes = {(net, b): inputs(b) for net, (_, inputs) in nets.items() for b in BATCHES}
+    want = {key: nets[key[0]][0](*args) for key, args in probes.items()}      # eager, once per network and batch
+    diffs = {(backend, net): max((call(*probes[net, b]) - want[net, b]).abs().max().item() for b in BATCHES)
+             for (backend, net), call in calls.items()}
     times: dict[tuple[str, str, int], list[float]] = {}
     for _ in range(rounds):
         for b in BATCHES:

@@ -174,17 +174,28 @@ def _run(batch: list[_Call]) -> list[Tensor]:
     return list(first.fn(*args, **kwargs).split([c.size for c in batch]))
 
 
-class Batched:
+class Standin:
+    """A network's stand-in (a denoiser, a decoder): calls go to ``fn``, :meth:`parameters` are ``module``'s."""
+
+    def __init__(self, fn: Callable[..., Tensor], module: Any = None) -> None:
+        self.fn, self.module = fn, module
+
+    def __call__(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        return self.fn(*args, **kwargs)
+
+    def parameters(self):
+        """The wrapped module's parameters (what :attr:`fewstep.models.handle.Model.device` reads)."""
+        return self.module.parameters() if self.module is not None else iter(())
+
+
+class Batched(Standin):
     """A stand-in for a function of batch-first tensors (a denoiser, a decoder) whose calls go through a
     :class:`MicroBatcher` under ``key`` for the request holding ``ticket``."""
 
     def __init__(self, batcher: MicroBatcher, ticket: Ticket, key: Hashable, fn: Callable[..., Tensor],
                  module: Any = None) -> None:
-        self.batcher, self.ticket, self.key, self.fn, self.module = batcher, ticket, key, fn, module
+        super().__init__(fn, module)
+        self.batcher, self.ticket, self.key = batcher, ticket, key
 
     def __call__(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
         return self.batcher.call(self.ticket, self.key, self.fn, *args, **kwargs)
-
-    def parameters(self):
-        """The wrapped module's parameters (what :attr:`fewstep.models.handle.Model.device` reads)."""
-        return self.module.parameters() if self.module is not None else iter(())

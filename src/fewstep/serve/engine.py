@@ -43,7 +43,7 @@ from ..io.data_urls import png_data_urls
 from ..models.folders import serving
 from ..models.handle import Model
 from ..sampling.generate import generate
-from .batching import Batched, Cancelled, MicroBatcher, Ticket
+from .batching import Batched, Cancelled, MicroBatcher, Standin, Ticket
 from .protocol import MAX_NUM, Request, limits
 from .sliders import FusedSliders, Unsupported
 from .traced import Traced, backend_chain
@@ -102,28 +102,15 @@ class PromptCache:
         return {"encoder_hidden_states": torch.stack([found[p] for p in prompts]).to(device)}
 
 
-class BatchedCodec:
-    """A codec whose ``decode`` goes through the micro-batcher (everything else is the codec's own)."""
+class CodecWith:
+    """A codec whose ``decode`` is another function (the micro-batcher's, or a compiled trace); everything else is
+    the codec's own."""
 
-    def __init__(self, codec, decode: Batched) -> None:
+    def __init__(self, codec, decode) -> None:
         self._codec, self.decode = codec, decode
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._codec, name)
-
-
-class Standin:
-    """A network's stand-in: calls go to ``fn``, :meth:`parameters` are ``module``'s (what
-    :attr:`fewstep.models.handle.Model.device` reads)."""
-
-    def __init__(self, fn, module: Any) -> None:
-        self.fn, self.module = fn, module
-
-    def __call__(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
-        return self.fn(*args, **kwargs)
-
-    def parameters(self):
-        return self.module.parameters()
 
 
 def compiled(model: Model, backend: str = "auto") -> Model:
@@ -132,7 +119,7 @@ def compiled(model: Model, backend: str = "auto") -> Model:
     view = copy.copy(model)
     view.denoiser = Standin(Traced(model.denoiser, "denoise", backend=backend), model.denoiser)
     if not model.codec.pixels:
-        view.codec = BatchedCodec(model.codec, Traced(model.codec.decode, "decode", backend=backend))
+        view.codec = CodecWith(model.codec, Traced(model.codec.decode, "decode", backend=backend))
     return view
 
 
@@ -269,7 +256,7 @@ class Engine:
         view.denoiser = Batched(self.batcher, ticket, ("denoise", id(model), weights, how), denoise, model.denoiser)
         if not model.codec.pixels:       # a decoder worth batching across requests (a pixel codec is the identity)
             decode = self.network("decode", model.codec, model.codec.decode)
-            view.codec = BatchedCodec(model.codec, Batched(self.batcher, ticket, ("decode", id(model.codec)), decode))
+            view.codec = CodecWith(model.codec, Batched(self.batcher, ticket, ("decode", id(model.codec)), decode))
         if self.prompts is not None:
             view.conditioner = self.prompts
         return view
